@@ -1,0 +1,183 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Argument checking and conversion shared by the public entry points.
+
+Every function here returns a *new* tensor (or a read-only view that is never written to), so
+nothing the user passed in is modified, and raises ``ValueError``/``TypeError`` naming the
+argument when the input is unusable.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def as_tensor(x: Any, name: str) -> torch.Tensor:
+    """Convert a tensor or array-like to a tensor without copying when possible."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, np.ndarray | list | tuple | numbers.Number):
+        arr = np.asarray(x)
+        if arr.dtype == object:
+            raise TypeError(f"{name} must be numeric, got an array of Python objects")
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def resolve_dtype(dtype: Any, like: torch.Tensor) -> torch.dtype:
+    """The floating dtype to compute in: ``dtype`` if given, else ``like``'s if floating."""
+    if dtype is None:
+        return like.dtype if like.is_floating_point() else torch.get_default_dtype()
+    if isinstance(dtype, str):
+        table = {"float32": torch.float32, "float64": torch.float64,
+                 "float": torch.float32, "double": torch.float64}
+        if dtype not in table:
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        dtype = table[dtype]
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+def resolve_device(device: Any, like: torch.Tensor) -> torch.device:
+    """The device to compute on: ``device`` if given, else ``like``'s."""
+    if device is None:
+        return like.device
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a valid torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available")
+    return device
+
+
+def check_features(features: Any) -> torch.Tensor:
+    """Features as a finite floating (p, L) tensor with p >= 2."""
+    x = as_tensor(features, "features")
+    if x.dim() != 2:
+        raise ValueError(
+            f"features must be 2-D with shape (num_points, num_features), got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] < 2:
+        raise ValueError(f"features must have at least 2 rows (support points), got {x.shape[0]}")
+    if x.shape[1] < 1:
+        raise ValueError("features must have at least one column")
+    if not x.is_floating_point():
+        x = x.to(torch.get_default_dtype())
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"features contains NaN or infinite values (first bad row: {bad})")
+    return x
+
+
+def check_counts(counts: Any, tokens: Any, num_points: int) -> torch.Tensor:
+    """Counts (p,) from exactly one of ``counts`` or ``tokens``; nonnegative, finite, not all 0."""
+    if (counts is None) == (tokens is None):
+        raise ValueError("pass exactly one of counts= (shape (num_points,)) or tokens= (shape (N,))")
+    if tokens is not None:
+        t = as_tensor(tokens, "tokens")
+        if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"tokens must be integers, got dtype {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"tokens must be 1-D with shape (N,), got shape {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError("tokens is empty: need at least one observation")
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= num_points:
+            raise ValueError(
+                f"tokens must lie in [0, {num_points - 1}] (one per row of features), "
+                f"got values in [{lo}, {hi}]"
+            )
+        return torch.bincount(t.to(torch.int64).cpu(), minlength=num_points).to(t.device)
+    n = as_tensor(counts, "counts")
+    if n.dtype == torch.bool or n.is_complex():
+        raise TypeError(f"counts must be a real numeric array, got dtype {n.dtype}")
+    if n.dim() != 1 or n.shape[0] != num_points:
+        raise ValueError(
+            f"counts must have shape ({num_points},) (one per row of features), "
+            f"got shape {tuple(n.shape)}"
+        )
+    if n.is_floating_point() and not bool(torch.isfinite(n).all()):
+        raise ValueError("counts contains NaN or infinite values")
+    if bool((n < 0).any()):
+        raise ValueError(f"counts must be nonnegative, got minimum {float(n.min())}")
+    if not bool((n > 0).any()):
+        raise ValueError("counts are all zero: there is nothing to fit")
+    return n
+
+
+def check_num_components(num_components: Any, num_points: int) -> int:
+    if isinstance(num_components, bool) or not isinstance(num_components, numbers.Integral):
+        raise TypeError(f"num_components must be an int, got {type(num_components).__name__}")
+    k = int(num_components)
+    if k < 1 or k > num_points:
+        raise ValueError(f"num_components must be in [1, num_points={num_points}], got {k}")
+    return k
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_positive_float(value: Any, name: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+    return v
+
+
+def check_mixing(weights: Any, atoms: Any, num_components: int | None, num_features: int,
+                 name: str = "init") -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (K,) on the simplex and atoms (K, L), both finite."""
+    w = as_tensor(weights, f"{name} weights")
+    a = as_tensor(atoms, f"{name} atoms")
+    if a.dim() != 2 or a.shape[1] != num_features:
+        raise ValueError(f"{name} atoms must have shape (K, {num_features}), got {tuple(a.shape)}")
+    k = a.shape[0] if num_components is None else num_components
+    if a.shape[0] != k:
+        raise ValueError(f"{name} atoms must have {k} rows (num_components), got {a.shape[0]}")
+    if w.dim() != 1 or w.shape[0] != k:
+        raise ValueError(f"{name} weights must have shape ({k},), got {tuple(w.shape)}")
+    w = w.to(torch.float64)
+    a = a.to(torch.float64)
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError(f"{name} atoms contains NaN or infinite values")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"{name} weights must be finite and nonnegative")
+    if abs(float(w.sum()) - 1.0) > 1e-5:
+        raise ValueError(f"{name} weights must sum to 1, got {float(w.sum()):.6g}")
+    return w / w.sum(), a
+
+
+def make_generator(seed: Any) -> torch.Generator:
+    """A CPU generator from an int seed, an existing generator, or None (fresh entropy)."""
+    if isinstance(seed, torch.Generator):
+        return seed
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    elif isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        g.manual_seed(int(seed))
+    else:
+        raise TypeError(f"seed must be an int, a torch.Generator or None, got {type(seed).__name__}")
+    return g
+
+
+def default_chunk_size(num_points: int, width: int, itemsize: int,
+                       budget_bytes: int = 256 * 2**20) -> int:
+    """Rows per chunk so that a (chunk, width) temporary stays within ``budget_bytes``."""
+    return int(max(1024, min(num_points, budget_bytes // max(1, width * itemsize))))

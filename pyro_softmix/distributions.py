@@ -1,0 +1,103 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The softmax mixture as a Pyro distribution over the support points {0, ..., p-1}."""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import Categorical
+from torch.distributions import constraints
+
+from ._checks import as_tensor, check_features
+
+__all__ = ["SoftmaxMixture"]
+
+
+class SoftmaxMixture(Categorical):
+    r"""Mixture of K softmax (multinomial-logit) distributions over p support points.
+
+    .. math::
+        P(Y = j) = \sum_k w_k \, \mathrm{softmax}(X \theta_k)_j, \qquad j = 0, \dots, p - 1.
+
+    The component assignment is marginalised, so :meth:`log_prob` is the marginal log-probability
+    and the distribution is a :class:`pyro.distributions.Categorical` over the support points:
+    sampling, ``enumerate_support`` and Pyro's enumeration machinery work unchanged, and
+    gradients flow to ``atoms`` and ``weights``.
+
+    Args:
+        features: (p, L) support-point features X (shared by every batch member).
+        atoms: (..., K, L) component atoms theta.
+        weights: (..., K) mixture weights on the simplex.
+        validate_args: check the arguments (Pyro's/torch's global default if None).
+
+    Shapes: ``batch_shape`` is the broadcast of ``atoms.shape[:-2]`` and ``weights.shape[:-1]``;
+    ``event_shape`` is ``()``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(10, 2)
+        >>> d = SoftmaxMixture(x, torch.randn(3, 2), torch.tensor([0.2, 0.3, 0.5]))
+        >>> d.log_prob(torch.tensor([0, 9])).shape
+        torch.Size([2])
+    """
+
+    arg_constraints = {"atoms": constraints.real, "weights": constraints.simplex}
+    has_enumerate_support = True
+
+    def __init__(self, features, atoms, weights, validate_args=None):
+        if not isinstance(features, torch.Tensor):
+            features = check_features(features)
+        elif validate_args is not False:
+            check_features(features)  # raises on bad shape or values; keeps the autograd graph
+        atoms = atoms if isinstance(atoms, torch.Tensor) else as_tensor(atoms, "atoms")
+        weights = weights if isinstance(weights, torch.Tensor) else as_tensor(weights, "weights")
+        if atoms.dim() < 2 or atoms.shape[-1] != features.shape[-1]:
+            raise ValueError(f"atoms must have shape (..., K, {features.shape[-1]}) to match "
+                             f"features, got {tuple(atoms.shape)}")
+        if weights.dim() < 1 or weights.shape[-1] != atoms.shape[-2]:
+            raise ValueError(f"weights must have shape (..., {atoms.shape[-2]}) to match atoms' "
+                             f"K={atoms.shape[-2]}, got {tuple(weights.shape)}")
+        dtype = torch.promote_types(atoms.dtype, weights.dtype)
+        if not dtype.is_floating_point:
+            dtype = torch.get_default_dtype()
+        self.features = features.to(dtype)
+        batch_shape = torch.broadcast_shapes(atoms.shape[:-2], weights.shape[:-1])
+        k = atoms.shape[-2]
+        self.atoms = atoms.to(dtype).expand(batch_shape + atoms.shape[-2:])
+        self.weights = weights.to(dtype).expand(batch_shape + (k,))
+        super().__init__(logits=self._mixture_logits(), validate_args=validate_args)
+
+    @property
+    def num_components(self) -> int:
+        return self.atoms.shape[-2]
+
+    def component_logits(self) -> torch.Tensor:
+        """(..., K, p) normalised log-probabilities log q_k(j) of each component."""
+        return torch.log_softmax(self.atoms @ self.features.T, dim=-1)
+
+    def _mixture_logits(self) -> torch.Tensor:
+        return torch.logsumexp(self.component_logits() + self.weights.log().unsqueeze(-1), -2)
+
+    def component_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log q_k(value) for every component: shape ``value.shape + (K,)``.
+
+        ``value`` must broadcast with ``batch_shape`` like an argument of :meth:`log_prob`.
+        """
+        if self._validate_args:
+            self._validate_sample(value)
+        comp = self.component_logits().movedim(-2, -1)  # (..., p, K)
+        value = value.long()
+        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
+        comp = comp.expand(shape + comp.shape[-2:])
+        idx = value.expand(shape)[..., None, None].expand(shape + (1, comp.shape[-1]))
+        return comp.gather(-2, idx).squeeze(-2)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(SoftmaxMixture, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.features = self.features
+        new.atoms = self.atoms.expand(batch_shape + self.atoms.shape[-2:])
+        new.weights = self.weights.expand(batch_shape + self.weights.shape[-1:])
+        Categorical.__init__(new, logits=self.logits.expand(batch_shape + self.logits.shape[-1:]),
+                             validate_args=False)
+        new._validate_args = self._validate_args
+        return new

@@ -1,0 +1,457 @@
+# SPDX-License-Identifier: Apache-2.0
+"""EM for softmax mixtures on counts.
+
+With counts n (p,), N = sum n, components q_k = softmax(Z t_k) and weights alpha, one iteration is
+
+    E-step   r_jk = alpha_k q_k(j) / pi_j,      w_jk = n_j r_jk,      W_k = sum_j w_jk
+    M-step   alpha_k = W_k / N;   t_k <- one damped Newton step on sum_j w_jk log q_k(j)
+
+The Newton step increases every component's M-step objective (Armijo), so the log-likelihood
+sum_j n_j log pi_j never decreases (a generalised EM). Everything runs on the standardised design
+z (see :mod:`pyro_softmix.design`) and is reported in the user's feature coordinates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._checks import (
+    as_tensor,
+    check_counts,
+    check_features,
+    check_mixing,
+    check_num_components,
+    check_positive_float,
+    check_positive_int,
+    make_generator,
+    resolve_device,
+    resolve_dtype,
+)
+from .design import Design, standardize
+from .solvers import softmax_regression_step
+
+__all__ = ["ConvergenceWarning", "SoftmaxMixtureFit", "fit_em", "load_fit"]
+
+#: EM iterations given to each candidate start under ``init="auto"`` before the best is kept.
+AUTO_SHORT_ITER = 20
+#: Number of candidate starts under ``init="auto"`` when ``num_inits`` is not given.
+AUTO_NUM_INITS = 5
+
+
+class ConvergenceWarning(UserWarning):
+    """EM stopped at ``max_iter`` before its stopping rule was met."""
+
+
+def _default_tol(dtype: torch.dtype) -> float:
+    return 1e-10 if dtype == torch.float64 else 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine: works on standardised features z (p, r) and counts n (p,), both on one device.
+# ----------------------------------------------------------------------------------------------
+class _EMProblem:
+    def __init__(self, z: torch.Tensor, counts: torch.Tensor, chunk_size: int | None = None):
+        self.z = z
+        self.counts = counts.to(z)
+        self.counts64 = counts.to(device=z.device, dtype=torch.float64)
+        self.total = float(self.counts64.sum())
+        self.chunk_size = chunk_size
+
+    def e_step(self, logits: torch.Tensor, log_weights: torch.Tensor
+               ) -> tuple[float, torch.Tensor]:
+        """Log-likelihood at (atoms, weights) and the weights w (p, K) for the M-step."""
+        log_q = logits - torch.logsumexp(logits, 0)
+        joint = log_q + log_weights
+        log_pi = torch.logsumexp(joint, 1, keepdim=True)
+        w = self.counts[:, None] * torch.exp(joint - log_pi)
+        loglik = float(self.counts64 @ log_pi.squeeze(1).to(torch.float64))
+        return loglik, w
+
+    def m_step(self, w: torch.Tensor, atoms: torch.Tensor, log_weights: torch.Tensor,
+               logits: torch.Tensor):
+        """New (atoms, log_weights, logits) and the increase of the EM surrogate Q it makes.
+
+        The increase is N KL(alpha_new || alpha_old) for the weights plus the quadratic-model
+        gain (s - s^2/2) g^T H^{-1} g of each component's Newton step. Both come from gradients,
+        not from differences of large sums, so they stay accurate in float32 where the
+        log-likelihood itself is resolved only to about 1e-7 relative.
+        """
+        new_log_weights = torch.log(w.sum(0) / self.total)
+        atoms, logits, info = softmax_regression_step(self.z, w, atoms, logits,
+                                                      chunk_size=self.chunk_size)
+        # KL(a || b) to second order, 0.5 sum (a - b)^2 / b: no first-order cancellation.
+        a, b = new_log_weights.double().exp(), log_weights.double().exp()
+        kl = (0.5 * (a - b) ** 2 / b.clamp_min(1e-300)).sum()
+        newton = ((info.step - 0.5 * info.step**2) * info.gain).double().sum()
+        return atoms, new_log_weights, logits, float(self.total * kl + newton)
+
+    def run(self, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
+            bar=None) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
+        """Iterate from (atoms, log_weights) until the estimated relative gap is <= tol."""
+        logits = self.z @ atoms.T
+        loglik, w = self.e_step(logits, log_weights)
+        history, gains = [loglik], []
+        converged = False
+        for _ in range(max_iter):
+            atoms, log_weights, logits, gain = self.m_step(w, atoms, log_weights, logits)
+            loglik, w = self.e_step(logits, log_weights)
+            history.append(loglik)
+            gains.append(gain)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loglik=f"{loglik:.8g}", refresh=False)
+            if _remaining_gap(gains) <= tol * abs(loglik):
+                converged = True
+                break
+        self.last_gap = _remaining_gap(gains)
+        return atoms, log_weights, history, converged
+
+
+#: Largest linear rate assumed by the stopping rule (so the gap estimate is at most 1e4 steps).
+_MAX_RATE = 1 - 1e-4
+
+
+def _remaining_gap(gains: list[float]) -> float:
+    """Estimated distance l* - l_t from the last two EM increments (Aitken's extrapolation).
+
+    EM converges linearly, l* - l_t ~ Delta_t / (1 - rho) with rho = Delta_t / Delta_{t-1}, so a
+    small step at a slow rate (a stall, rho near 1) does not count as convergence.
+    """
+    if len(gains) < 2:
+        return math.inf
+    d1, d0 = gains[-1], gains[-2]
+    if d1 <= 0:
+        return 0.0
+    rate = min(max(d1 / d0, 0.0), _MAX_RATE) if d0 > 0 else _MAX_RATE
+    return d1 / (1 - rate)
+
+
+def _random_start(z: torch.Tensor, counts: torch.Tensor, num_components: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Random atoms (K, r) in z-coordinates around the first latent moment.
+
+    For a Gaussian design E_pi[z] ~ sum_k alpha_k t_k and E_pi[|z|^2] - r ~ sum_k alpha_k |t_k|^2,
+    so the atoms' spread about their mean is about E|z|^2 - r - |E z|^2; starts are drawn at that
+    scale (floored at 0.5) around E_pi[z].
+    """
+    pihat = (counts / counts.sum()).to(torch.float64)
+    z64 = z.to(torch.float64)
+    m1 = pihat @ z64
+    spread2 = float(pihat @ (z64 * z64).sum(1)) - z.shape[1] - float(m1 @ m1)
+    scale = math.sqrt(max(spread2, 0.25) / z.shape[1])
+    noise = torch.randn(num_components, z.shape[1], generator=generator, dtype=torch.float64)
+    return (m1.cpu() + scale * noise).to(device=z.device, dtype=z.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The result
+# ----------------------------------------------------------------------------------------------
+@dataclass(repr=False)
+class SoftmaxMixtureFit:
+    """A fitted softmax mixture (maximum-likelihood point estimate).
+
+    Attributes:
+        weights: (K,) mixture weights, summing to 1.
+        atoms: (K, L) atoms in the user's feature coordinates (minimum-norm representative when
+            the features are rank-deficient).
+        loglik: sum_j n_j log pi_j at the solution.
+        n_iter: EM iterations of the final run.
+        converged: whether the stopping rule was met before ``max_iter``.
+        history: log-likelihood at the start and after every iteration of the final run.
+        num_obs: N, the total count.
+        num_points: p.  rank: number of identified directions r (= L for full-rank features).
+        init: how the final run was started.  seconds: wall time of the whole fit.
+        features: the (p, L) features the fit was made on (a reference, not a copy), or None
+            after :func:`load_fit` of a file saved without features.
+    """
+
+    weights: torch.Tensor
+    atoms: torch.Tensor
+    loglik: float
+    n_iter: int
+    converged: bool
+    history: list[float]
+    num_obs: float
+    num_points: int
+    rank: int
+    init: str = "random"
+    seconds: float = 0.0
+    features: torch.Tensor | None = field(default=None)
+
+    @property
+    def num_components(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def num_features(self) -> int:
+        return int(self.atoms.shape[1])
+
+    @property
+    def num_params(self) -> int:
+        """Free parameters: K - 1 weights and K r identified atom coordinates."""
+        return self.num_components - 1 + self.num_components * self.rank
+
+    @property
+    def bic(self) -> float:
+        return -2.0 * self.loglik + self.num_params * math.log(self.num_obs)
+
+    @property
+    def aic(self) -> float:
+        return -2.0 * self.loglik + 2.0 * self.num_params
+
+    def _features(self, features) -> torch.Tensor:
+        x = self.features if features is None else check_features(features)
+        if x is None:
+            raise ValueError("this fit holds no features (it was loaded from a file saved "
+                             "without them): pass features=")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"features must have {self.num_features} columns, got {x.shape[1]}")
+        return x.to(device=self.atoms.device, dtype=self.atoms.dtype)
+
+    def component_log_probs(self, features=None) -> torch.Tensor:
+        """(K, p) log q_k(j) = log softmax(X theta_k)_j."""
+        x = self._features(features)
+        return torch.log_softmax(self.atoms @ x.T, dim=-1)
+
+    def log_probs(self, features=None) -> torch.Tensor:
+        """(p,) log pi_j of the fitted mixture."""
+        comp = self.component_log_probs(features)
+        return torch.logsumexp(comp + self.weights.log()[:, None], 0)
+
+    def probs(self, features=None) -> torch.Tensor:
+        """(p,) mixture probabilities pi_j (sum to 1)."""
+        return self.log_probs(features).exp()
+
+    def responsibilities(self, features=None) -> torch.Tensor:
+        """(p, K) posterior P(component k | Y = j) for every support point."""
+        joint = self.component_log_probs(features) + self.weights.log()[:, None]
+        return torch.softmax(joint, 0).T
+
+    def distribution(self, features=None):
+        """The fitted :class:`~pyro_softmix.SoftmaxMixture` distribution."""
+        from .distributions import SoftmaxMixture
+
+        return SoftmaxMixture(self._features(features), self.atoms, self.weights)
+
+    # -- reporting -------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"SoftmaxMixtureFit(K={self.num_components}, p={self.num_points}, "
+                f"L={self.num_features}, loglik={self.loglik:.6g}, n_iter={self.n_iter}, "
+                f"converged={self.converged})")
+
+    def summary(self, max_coords: int = 4) -> str:
+        """A short table of the fit."""
+        lines = [
+            f"Softmax mixture: K={self.num_components}, p={self.num_points}, "
+            f"L={self.num_features} (rank {self.rank}), N={self.num_obs:,.0f}",
+            f"log-likelihood {self.loglik:.8g}   BIC {self.bic:.6g}   AIC {self.aic:.6g}",
+            f"{'converged' if self.converged else 'NOT converged'} after {self.n_iter} EM "
+            f"iterations ({self.seconds:.2f} s, init={self.init})",
+            f"{'k':>3} {'weight':>8} {'|atom|':>9}  atom[:{max_coords}]",
+        ]
+        w = self.weights.detach().cpu().double()
+        a = self.atoms.detach().cpu().double()
+        for k in range(self.num_components):
+            coords = " ".join(f"{v:8.3f}" for v in a[k, :max_coords].tolist())
+            lines.append(f"{k:>3} {float(w[k]):8.4f} {float(a[k].norm()):9.4f}  {coords}")
+        return "\n".join(lines)
+
+    # -- persistence (no pickle) -----------------------------------------------------------
+    def save(self, path: str | os.PathLike, include_features: bool = False) -> None:
+        """Save to a ``.npz`` file (arrays plus a JSON header; loadable without pickle).
+
+        Args:
+            path: file name; ``.npz`` is appended by NumPy if missing.
+            include_features: also store the (p, L) features, so :meth:`probs` works after
+                :func:`load_fit` without passing them.
+        """
+        meta = {
+            "format": "pyro-softmix-fit", "version": 1, "loglik": self.loglik,
+            "n_iter": self.n_iter, "converged": self.converged, "num_obs": self.num_obs,
+            "num_points": self.num_points, "rank": self.rank, "init": self.init,
+            "seconds": self.seconds, "dtype": str(self.atoms.dtype).replace("torch.", ""),
+        }
+        arrays = {
+            "weights": self.weights.detach().cpu().numpy(),
+            "atoms": self.atoms.detach().cpu().numpy(),
+            "history": np.asarray(self.history, dtype=np.float64),
+            "meta": np.array(json.dumps(meta)),
+        }
+        if include_features:
+            if self.features is None:
+                raise ValueError("include_features=True but this fit holds no features")
+            arrays["features"] = self.features.detach().cpu().numpy()
+        np.savez(path, **arrays)
+
+
+def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
+    """Load a fit written by :meth:`SoftmaxMixtureFit.save` (no pickle involved).
+
+    Example:
+        >>> fit.save("fit.npz"); again = load_fit("fit.npz")  # doctest: +SKIP
+    """
+    with np.load(path, allow_pickle=False) as data:
+        try:
+            meta = json.loads(str(data["meta"]))
+        except KeyError:
+            raise ValueError(f"{os.fspath(path)!r} is not a pyro-softmix fit file") from None
+        if meta.get("format") != "pyro-softmix-fit":
+            raise ValueError(f"{os.fspath(path)!r} is not a pyro-softmix fit file")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        feats = torch.from_numpy(data["features"]).to(dev) if "features" in data else None
+        return SoftmaxMixtureFit(
+            weights=torch.from_numpy(data["weights"]).to(dev),
+            atoms=torch.from_numpy(data["atoms"]).to(dev),
+            loglik=float(meta["loglik"]), n_iter=int(meta["n_iter"]),
+            converged=bool(meta["converged"]), history=data["history"].tolist(),
+            num_obs=float(meta["num_obs"]), num_points=int(meta["num_points"]),
+            rank=int(meta["rank"]), init=str(meta["init"]), seconds=float(meta["seconds"]),
+            features=feats,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The public entry point
+# ----------------------------------------------------------------------------------------------
+def _progress_bar(progress: bool | None, total: int, desc: str):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _user_start(init: Any, num_components: int, design: Design, z: torch.Tensor):
+    if isinstance(init, Mapping):
+        if set(init) < {"weights", "atoms"}:
+            raise ValueError("init as a mapping must have keys 'weights' and 'atoms'")
+        weights, atoms = init["weights"], init["atoms"]
+    else:
+        weights, atoms = init.weights, init.atoms
+    w, a = check_mixing(weights, atoms, num_components, design.num_features, name="init")
+    atoms_z = design.atoms_to_z(a.to(design.from_atoms.device)).to(device=z.device, dtype=z.dtype)
+    return atoms_z, w.log().to(device=z.device, dtype=z.dtype)
+
+
+def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: Any = "auto",
+           num_inits: int | None = None, max_iter: int = 1000, tol: float | None = None,
+           device=None, dtype=None, seed=None, progress: bool | None = None,
+           chunk_size: int | None = None) -> SoftmaxMixtureFit:
+    """Maximum-likelihood fit of a softmax mixture by EM on counts.
+
+    The model: P(Y = j) = sum_k alpha_k softmax(X theta_k)_j for support points j = 0..p-1.
+
+    Args:
+        features: (p, L) features X of the support points (tensor or array; not modified).
+        counts: (p,) nonnegative counts n_j (may be fractional weights). Or:
+        tokens: (N,) integer draws in [0, p). Exactly one of ``counts``/``tokens``.
+        num_components: K >= 1.
+        init: ``"auto"`` (best of ``num_inits`` random starts after a short EM, default 5),
+            ``"random"`` (``num_inits`` random starts, default 1, the best kept), or a start:
+            a mapping with ``"weights"`` (K,) and ``"atoms"`` (K, L), or any object with
+            ``.weights`` and ``.atoms`` (e.g. a previous fit).
+        num_inits: number of random starts (see ``init``).
+        max_iter: EM iterations of the final run at most.
+        tol: stop when the estimated distance to the limit, (l* - l_t) / |l_t|, is at most
+            ``tol`` (default 1e-10 in float64, 1e-9 in float32). The distance is extrapolated
+            (Aitken) from the last two increases of the EM surrogate, which are computed from
+            gradients and so stay accurate in float32; a slow stretch does not stop EM early.
+        device: where to compute (default: the features' device).
+        dtype: ``torch.float32`` or ``torch.float64`` (default: the features' floating dtype).
+        seed: int or ``torch.Generator`` for the random starts (same seed, same result).
+        progress: show a progress bar (default: only when stderr is a terminal).
+        chunk_size: rows per chunk for the Hessian products (default: memory-bounded).
+
+    Returns:
+        :class:`SoftmaxMixtureFit` with ``weights`` (K,), ``atoms`` (K, L), ``loglik`` and more.
+
+    Warns:
+        ConvergenceWarning: if ``max_iter`` was reached first.
+        IdentifiabilityWarning: if the centred features have rank below L.
+
+    Example:
+        >>> import pyro_softmix as psm
+        >>> data = psm.simulate(num_points=500, num_features=3, num_components=2,
+        ...                     num_obs=20_000, seed=0)
+        >>> fit = psm.fit_em(data.features, counts=data.counts, num_components=2, seed=0)
+        >>> fit.weights.shape, fit.atoms.shape
+        ((2,), (2, 3))
+    """
+    start_time = time.perf_counter()
+    x = check_features(features)
+    p = x.shape[0]
+    n = check_counts(counts, tokens, p)
+    k = check_num_components(num_components, p)
+    max_iter = check_positive_int(max_iter, "max_iter")
+    dtype = resolve_dtype(dtype, as_tensor(features, "features"))
+    device = resolve_device(device, x)
+    tol = _default_tol(dtype) if tol is None else check_positive_float(tol, "tol", True)
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    is_start = not isinstance(init, str)
+    if not is_start and init not in ("auto", "random"):
+        raise ValueError(f"init must be 'auto', 'random' or a start with weights and atoms, "
+                         f"got {init!r}")
+    if num_inits is not None:
+        num_inits = check_positive_int(num_inits, "num_inits")
+
+    design = standardize(x, chunk_size=chunk_size)
+    z = design.transform(x, dtype=dtype, device=device, chunk_size=chunk_size)
+    problem = _EMProblem(z, n.to(device), chunk_size)
+
+    if is_start:
+        atoms_z, log_w = _user_start(init, k, design, z)
+        label = "given"
+    else:
+        gen = make_generator(seed)
+        n_starts = num_inits or (AUTO_NUM_INITS if init == "auto" else 1)
+        uniform = torch.full((k,), -math.log(k), dtype=dtype, device=device)
+        starts = [_random_start(z, problem.counts, k, gen) for _ in range(n_starts)]
+        label = f"{init} (best of {n_starts})" if n_starts > 1 else init
+        if n_starts == 1:
+            atoms_z, log_w = starts[0], uniform
+        else:
+            bar = _progress_bar(progress, n_starts * AUTO_SHORT_ITER, "EM starts")
+            best = None
+            for s in starts:
+                a, lw, hist, _ = problem.run(s, uniform, min(AUTO_SHORT_ITER, max_iter), tol, bar)
+                if best is None or hist[-1] > best[0]:
+                    best = (hist[-1], a, lw)
+            if bar is not None:
+                bar.close()
+            _, atoms_z, log_w = best
+
+    bar = _progress_bar(progress, max_iter, "EM")
+    try:
+        atoms_z, log_w, history, converged = problem.run(atoms_z, log_w, max_iter, tol, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not converged:
+        warnings.warn(
+            f"EM did not converge in max_iter={max_iter} iterations (estimated relative gap "
+            f"{problem.last_gap / abs(history[-1]):.2e} > tol={tol:.1e}); "
+            "increase max_iter or continue with init=fit",
+            ConvergenceWarning, stacklevel=2,
+        )
+    atoms = design.atoms_from_z(atoms_z.to(torch.float64).to(design.to_atoms.device))
+    return SoftmaxMixtureFit(
+        weights=log_w.exp().to(device=device, dtype=dtype),
+        atoms=atoms.to(device=device, dtype=dtype),
+        loglik=history[-1], n_iter=len(history) - 1, converged=converged, history=history,
+        num_obs=problem.total, num_points=p, rank=design.rank, init=label,
+        seconds=time.perf_counter() - start_time, features=x,
+    )

@@ -1,0 +1,99 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Plots of a fit, saved to files (matplotlib, imported lazily, no display needed)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+__all__ = ["match_components", "plot_convergence", "plot_recovery"]
+
+
+def match_components(atoms: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """Permutation ``perm`` so that ``atoms[perm[k]]`` is the estimate of ``reference[k]``.
+
+    Minimises the total Euclidean distance (Hungarian algorithm).
+
+    Args:
+        atoms: (K, L) estimated atoms.  reference: (K, L) atoms to match against.
+    Returns:
+        (K,) int array.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    a = torch.as_tensor(atoms).detach().cpu().double()
+    b = torch.as_tensor(reference).detach().cpu().double()
+    if a.shape != b.shape:
+        raise ValueError(f"atoms {tuple(a.shape)} and reference {tuple(b.shape)} must match")
+    cost = torch.cdist(b, a).numpy()
+    _, cols = linear_sum_assignment(cost)
+    return cols
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_convergence(fit, path: str | os.PathLike) -> str:
+    """Save the log-likelihood gap l* - l_t (log scale) against EM iteration.
+
+    ``l*`` is the final log-likelihood; the last point (gap 0) is not shown.
+    Returns the path written.
+    """
+    plt = _pyplot()
+    h = np.asarray(fit.history, dtype=np.float64)
+    gap = np.maximum(h.max() - h, 0.0)[:-1]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
+    it = np.arange(gap.size)
+    positive = gap > 0
+    ax.semilogy(it[positive], gap[positive], marker="o", ms=2.5, lw=1)
+    ax.set_xlabel("EM iteration")
+    ax.set_ylabel("log-likelihood gap to final")
+    status = "converged" if fit.converged else "not converged"
+    ax.set_title(f"EM convergence ({status}, {fit.n_iter} iterations)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return os.fspath(path)
+
+
+def plot_recovery(fit, true_weights, true_atoms, path: str | os.PathLike) -> str:
+    """Save a two-panel recovery plot: estimated vs true atom coordinates, and weights.
+
+    Components are matched to the truth by :func:`match_components`. Returns the path written.
+    """
+    plt = _pyplot()
+    tw = torch.as_tensor(true_weights).detach().cpu().double().numpy()
+    ta = torch.as_tensor(true_atoms).detach().cpu().double()
+    perm = match_components(fit.atoms, ta)
+    ea = fit.atoms.detach().cpu().double()[perm].numpy()
+    ew = fit.weights.detach().cpu().double()[perm].numpy()
+    ta = ta.numpy()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
+    for k in range(ta.shape[0]):
+        ax1.scatter(ta[k], ea[k], s=12, label=f"component {k}")
+    lo, hi = float(min(ta.min(), ea.min())), float(max(ta.max(), ea.max()))
+    ax1.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+    ax1.set_xlabel("true atom coordinate")
+    ax1.set_ylabel("estimated atom coordinate")
+    ax1.set_title("atoms", fontsize=10)
+    if ta.shape[0] <= 10:
+        ax1.legend(fontsize=7)
+    idx = np.arange(tw.size)
+    ax2.bar(idx - 0.2, tw, width=0.4, label="true")
+    ax2.bar(idx + 0.2, ew, width=0.4, label="estimated")
+    ax2.set_xticks(idx)
+    ax2.set_xlabel("component")
+    ax2.set_ylabel("weight")
+    ax2.set_title("weights", fontsize=10)
+    ax2.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return os.fspath(path)

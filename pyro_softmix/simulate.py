@@ -1,0 +1,162 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Seeded synthetic softmax-mixture data with the truth kept for comparison."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import (
+    check_features,
+    check_mixing,
+    check_num_components,
+    check_positive_float,
+    check_positive_int,
+    make_generator,
+    resolve_dtype,
+)
+from .design import standardize
+
+__all__ = ["SimulatedData", "simulate"]
+
+
+@dataclass
+class SimulatedData:
+    """A synthetic data set and the truth that generated it.
+
+    Attributes:
+        features: (p, L) design.  weights: (K,) true weights.  atoms: (K, L) true atoms.
+        probs: (p,) true mixture probabilities.  counts: (p,) int64 counts, summing to N.
+        tokens: (N,) int64 draws, or None when not requested.
+        assignments: (N,) int64 true components of the draws, or None.
+    """
+
+    features: torch.Tensor
+    weights: torch.Tensor
+    atoms: torch.Tensor
+    probs: torch.Tensor
+    counts: torch.Tensor
+    tokens: torch.Tensor | None = None
+    assignments: torch.Tensor | None = None
+
+    @property
+    def num_obs(self) -> int:
+        return int(self.counts.sum())
+
+
+def simulate(num_points: int = 2000, num_features: int = 5, num_components: int = 3,
+             num_obs: int = 100_000, *, atom_norm: float = 2.0, concentration: float = 5.0,
+             features=None, weights=None, atoms=None, return_tokens: bool = False,
+             seed=0, dtype=None) -> SimulatedData:
+    """Simulate draws from a softmax mixture.
+
+    By default the design is Gaussian (rows i.i.d. N(0, I_L)), the weights are drawn from a
+    symmetric Dirichlet(``concentration``), and each atom is a uniformly random direction whose
+    length in *standardised* coordinates is ``atom_norm`` (so the separation of the components
+    does not depend on the scale of the features).
+
+    Args:
+        num_points: p (ignored when ``features`` is given).
+        num_features: L (ignored when ``features`` is given).
+        num_components: K (ignored when ``atoms`` is given).
+        num_obs: N, the number of draws.
+        atom_norm: length of the random atoms in standardised coordinates.
+        concentration: Dirichlet concentration of the random weights (large = near uniform).
+        features: (p, L) design to use instead of a Gaussian one.
+        weights: (K,) true weights to use.  atoms: (K, L) true atoms to use.
+        return_tokens: also return the (N,) draws and their true components.
+        seed: int or ``torch.Generator``; the same seed gives the same data.
+        dtype: floating dtype of the returned tensors (default ``torch.get_default_dtype()``).
+
+    Returns:
+        :class:`SimulatedData`.
+
+    Example:
+        >>> data = simulate(num_points=100, num_features=2, num_components=2, num_obs=1000)
+        >>> int(data.counts.sum()), tuple(data.atoms.shape)
+        (1000, (2, 2))
+    """
+    gen = make_generator(seed)
+    num_obs = check_positive_int(num_obs, "num_obs")
+    atom_norm = check_positive_float(atom_norm, "atom_norm", allow_zero=True)
+    concentration = check_positive_float(concentration, "concentration")
+    if features is None:
+        p = check_positive_int(num_points, "num_points", minimum=2)
+        L = check_positive_int(num_features, "num_features")
+        x = torch.randn(p, L, generator=gen, dtype=torch.float64)
+        dtype = dtype or torch.get_default_dtype()
+    else:
+        x = check_features(features)
+        dtype = dtype or resolve_dtype(None, x)
+        x = x.to(torch.float64).cpu()
+        p, L = x.shape
+    if atoms is None:
+        k = check_num_components(num_components, p)
+        design = standardize(x)
+        dirs = torch.randn(k, design.rank, generator=gen, dtype=torch.float64)
+        dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        atoms64 = design.atoms_from_z(atom_norm * dirs)
+    else:
+        atoms64 = None
+    if weights is None:
+        k = num_components if atoms is None else torch.as_tensor(atoms).shape[0]
+        k = check_num_components(k, p)
+        # Dirichlet via normalised Gamma variates (torch's samplers take no generator).
+        g = _gamma(torch.full((k,), concentration, dtype=torch.float64), gen)
+        weights = g / g.sum()
+    w64, a64 = check_mixing(weights, atoms64 if atoms is None else atoms, None, L, name="true")
+    logits = torch.log_softmax(a64 @ x.T, dim=-1)  # (K, p)
+    probs = (w64[:, None] * logits.exp()).sum(0)
+    out = SimulatedData(features=x.to(dtype), weights=w64.to(dtype), atoms=a64.to(dtype),
+                        probs=probs.to(dtype), counts=torch.zeros(p, dtype=torch.int64))
+    if return_tokens:
+        z = torch.multinomial(w64, num_obs, replacement=True, generator=gen)
+        # Draw, per component, the tokens of the draws assigned to it.
+        tokens = torch.empty(num_obs, dtype=torch.int64)
+        for k in range(w64.shape[0]):
+            idx = (z == k).nonzero().flatten()
+            if idx.numel():
+                tokens[idx] = torch.multinomial(logits[k].exp(), idx.numel(), replacement=True,
+                                                generator=gen)
+        out.tokens, out.assignments = tokens, z
+        out.counts = torch.bincount(tokens, minlength=p)
+    else:
+        out.counts = _multinomial_counts(probs, num_obs, gen)
+    return out
+
+
+def _gamma(concentration: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Gamma(a, 1) variates from a generator (Marsaglia and Tsang 2000; boosted for a < 1)."""
+    out = torch.empty_like(concentration)
+    for i, a in enumerate(concentration.tolist()):
+        boost = 1.0
+        if a < 1:
+            boost = float(torch.rand((), generator=gen, dtype=torch.float64)) ** (1 / a)
+            a = a + 1
+        d = a - 1 / 3
+        c = 1 / math.sqrt(9 * d)
+        while True:
+            x = float(torch.randn((), generator=gen, dtype=torch.float64))
+            v = (1 + c * x) ** 3
+            if v <= 0:
+                continue
+            u = float(torch.rand((), generator=gen, dtype=torch.float64))
+            if u > 0 and math.log(u) < 0.5 * x * x + d * (1 - v + math.log(v)):
+                out[i] = d * v * boost
+                break
+    return out
+
+
+def _multinomial_counts(probs: torch.Tensor, num_obs: int, gen: torch.Generator,
+                        block: int = 2**24) -> torch.Tensor:
+    """Multinomial(num_obs, probs) counts, drawing in blocks to bound memory."""
+    counts = torch.zeros(probs.shape[0], dtype=torch.int64)
+    left = num_obs
+    while left > 0:
+        m = min(left, block)
+        draws = torch.multinomial(probs, m, replacement=True, generator=gen)
+        counts += torch.bincount(draws, minlength=probs.shape[0])
+        left -= m
+    return counts

@@ -1,0 +1,301 @@
+# SPDX-License-Identifier: Apache-2.0
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pyro_softmix as psm
+from pyro_softmix.em import _EMProblem
+from pyro_softmix.solvers import softmax_regression_step
+
+from .conftest import DEVICES
+from .helpers import best_permutation, brute_loglik
+
+
+def _data(p=300, L=4, K=3, N=50_000, seed=0, norm=3.0, tokens=False):
+    return psm.simulate(num_points=p, num_features=L, num_components=K, num_obs=N,
+                        atom_norm=norm, seed=seed, return_tokens=tokens)
+
+
+@pytest.mark.filterwarnings("ignore::pyro_softmix.ConvergenceWarning")
+def test_loglik_and_responsibilities_match_brute_force():
+    d = _data(p=12, L=2, K=3, N=500)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=1, max_iter=30)
+    assert fit.loglik == pytest.approx(brute_loglik(d.features, d.counts, fit.atoms,
+                                                    fit.weights), rel=1e-12)
+    # Responsibilities: alpha_k q_k(j) / pi_j by explicit sums.
+    comp = torch.stack([torch.softmax(d.features @ a, 0) for a in fit.atoms], 1)
+    joint = comp * fit.weights
+    assert torch.allclose(fit.responsibilities(), joint / joint.sum(1, keepdim=True), atol=1e-12)
+    assert torch.allclose(fit.probs(), joint.sum(1), atol=1e-14)
+
+
+def test_em_gradient_is_the_loglik_gradient():
+    """Fisher's identity: the M-step gradient at the current point is grad of the loglik."""
+    d = _data(p=40, L=3, K=2, N=2000)
+    design = psm.standardize(d.features)
+    z = design.transform(d.features)
+    atoms = torch.randn(2, 3)
+    log_w = torch.tensor([0.3, 0.7]).log()
+    problem = _EMProblem(z, d.counts)
+    ll, w = problem.e_step(z @ atoms.T, log_w)
+    _, _, info = softmax_regression_step(z, w, atoms)
+    a = atoms.clone().requires_grad_(True)
+    lw = log_w.clone().requires_grad_(True)
+    mix = psm.SoftmaxMixture(z, a, torch.softmax(lw, 0))
+    loglik = (d.counts * mix.logits).sum()
+    ga, gw = torch.autograd.grad(loglik, [a, lw])
+    assert ll == pytest.approx(float(loglik.detach()), rel=1e-12)
+    assert torch.allclose(info.grad, ga, atol=1e-8)
+    # For softmax weight logits: d l / d lw_k = W_k - N alpha_k.
+    assert torch.allclose(w.sum(0) - problem.total * log_w.exp(), gw, atol=1e-8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("K", [2, 4])
+def test_loglik_never_decreases(seed, K):
+    d = _data(p=400, L=4, K=K, N=20_000, seed=seed, norm=3.0)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=K, init="random", seed=seed,
+                     max_iter=2000)
+    h = np.asarray(fit.history)
+    assert np.all(np.diff(h) >= -1e-12 * np.abs(h[1:]))
+    assert fit.converged and fit.n_iter == len(h) - 1
+
+
+def test_m_step_moment_matching_at_convergence():
+    d = _data(p=300, L=3, K=3, N=30_000)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0)
+    # At a fixed point of EM: X^T w_k = W_k X^T q_k, with w = n r in feature coordinates.
+    x = d.features
+    resp = fit.responsibilities()
+    w = d.counts[:, None] * resp
+    q = torch.softmax(x @ fit.atoms.T, 0)
+    lhs = x.T @ w
+    rhs = (x.T @ q) * w.sum(0)
+    # The score's sampling s.d. is of order sqrt(N); at convergence the imbalance must be a tiny
+    # fraction of it (a wrong M-step leaves an imbalance of order N).
+    assert torch.allclose(lhs, rhs, rtol=0, atol=1e-2 * math.sqrt(float(d.counts.sum())))
+    assert torch.allclose(fit.weights, w.sum(0) / d.counts.sum(), atol=1e-8)
+
+
+def test_counts_and_tokens_give_identical_fits():
+    d = _data(N=5000, tokens=True)
+    a = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=4)
+    b = psm.fit_em(d.features, tokens=d.tokens, num_components=3, seed=4)
+    assert torch.equal(a.atoms, b.atoms) and torch.equal(a.weights, b.weights)
+    assert a.loglik == b.loglik and a.num_obs == b.num_obs == 5000
+
+
+def test_affine_change_of_features_transforms_atoms():
+    d = _data(p=300, L=3, K=3, N=30_000)
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(3, 3, generator=g) + 3 * torch.eye(3)
+    c = torch.tensor([10.0, -4.0, 0.5])
+    x2 = d.features @ A + c
+    start = {"weights": torch.tensor([0.3, 0.3, 0.4]), "atoms": 0.8 * d.atoms.flip(0)}
+    start2 = {"weights": start["weights"], "atoms": start["atoms"] @ torch.linalg.inv(A).T}
+    f1 = psm.fit_em(d.features, counts=d.counts, num_components=3, init=start)
+    f2 = psm.fit_em(x2, counts=d.counts, num_components=3, init=start2)
+    assert f2.loglik == pytest.approx(f1.loglik, rel=1e-11)
+    assert torch.allclose(f2.atoms, f1.atoms @ torch.linalg.inv(A).T, atol=1e-6)
+    assert torch.allclose(f2.weights, f1.weights, atol=1e-8)
+
+
+def test_float32_and_float64_agree():
+    d = _data(p=1000, L=4, K=3, N=200_000, seed=2)
+    start = {"weights": torch.full((3,), 1 / 3), "atoms": d.atoms * 0.7}
+    f64 = psm.fit_em(d.features, counts=d.counts, num_components=3, init=start)
+    f32 = psm.fit_em(d.features.float(), counts=d.counts, num_components=3, init=start)
+    assert f32.atoms.dtype == torch.float32 and f64.atoms.dtype == torch.float64
+    assert f32.loglik == pytest.approx(f64.loglik, rel=1e-6)
+    assert torch.allclose(f32.atoms.double(), f64.atoms, atol=2e-3)
+    assert torch.allclose(f32.weights.double(), f64.weights, atol=1e-3)
+    f32b = psm.fit_em(d.features, counts=d.counts, num_components=3, init=start,
+                      dtype=torch.float32)
+    assert f32b.atoms.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_follows_request_and_matches_cpu(device):
+    d = _data(p=500, L=3, K=2, N=20_000)
+    f = psm.fit_em(d.features, counts=d.counts, num_components=2, seed=0, device=device)
+    assert f.atoms.device.type == device and f.weights.device.type == device
+    ref = psm.fit_em(d.features, counts=d.counts, num_components=2, seed=0)
+    assert torch.allclose(f.atoms.cpu(), ref.atoms, atol=1e-6)
+
+
+def test_chunked_fit_equals_unchunked():
+    d = _data()
+    a = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0)
+    b = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0, chunk_size=64)
+    assert torch.allclose(a.atoms, b.atoms, atol=1e-8) and a.n_iter == b.n_iter
+
+
+def test_seeded_starts_are_reproducible_and_auto_picks_best():
+    d = _data()
+    a = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=11)
+    b = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=11)
+    assert torch.equal(a.atoms, b.atoms)
+    singles = [psm.fit_em(d.features, counts=d.counts, num_components=3, init="random",
+                          seed=s).loglik for s in range(3)]
+    auto = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0).loglik
+    assert auto >= min(singles) - 1e-6 * abs(auto)
+    assert a.init == "auto (best of 5)"
+
+
+def test_em_from_truth_lands_within_standard_errors():
+    """p=2000, L=5, K=3, N=10^6: the MLE is within chi-square bounds of the truth."""
+    d = psm.simulate(num_points=2000, num_features=5, num_components=3, num_obs=1_000_000,
+                     seed=3)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=3,
+                     init={"weights": d.weights, "atoms": d.atoms})
+    assert fit.converged
+
+    def log_pi(params):
+        logits_w = torch.cat([params[:2], torch.zeros(1)])
+        atoms = params[2:].reshape(3, 5)
+        comp = torch.log_softmax(atoms @ d.features.T, -1)
+        return torch.logsumexp(comp + torch.log_softmax(logits_w, 0)[:, None], 0)
+
+    def pack(weights, atoms):
+        lw = weights.log()
+        return torch.cat([lw[:2] - lw[2], atoms.reshape(-1)])
+
+    truth = pack(d.weights, d.atoms)
+    perm = list(best_permutation(fit.atoms, d.atoms))
+    est = pack(fit.weights[perm], fit.atoms[perm])
+    jac = torch.autograd.functional.jacobian(log_pi, truth)  # (p, 17)
+    pi = log_pi(truth).exp()
+    fisher = float(d.counts.sum()) * (jac.T * pi) @ jac
+    delta = est - truth
+    se = torch.linalg.inv(fisher).diagonal().sqrt()
+    assert float((delta.abs() / se).max()) < 4.5
+    assert float(delta @ fisher @ delta) < 40.8  # chi-square(17) 0.999 quantile
+
+
+def test_not_converged_warns():
+    d = _data()
+    with pytest.warns(psm.ConvergenceWarning, match="did not converge in max_iter=2"):
+        fit = psm.fit_em(d.features, counts=d.counts, num_components=3, max_iter=2, seed=0)
+    assert not fit.converged and fit.n_iter == 2
+
+
+def test_rank_deficient_features_fit_the_identifiable_part():
+    d = _data(p=300, L=3, K=2, N=20_000)
+    x = torch.cat([d.features, torch.full((300, 1), 2.0), d.features[:, :1] - d.features[:, 1:2]],
+                  1)
+    start = {"weights": torch.tensor([0.5, 0.5]), "atoms": d.atoms}
+    start_big = {"weights": start["weights"], "atoms": torch.cat([d.atoms, torch.zeros(2, 2)], 1)}
+    with pytest.warns(psm.IdentifiabilityWarning):
+        big = psm.fit_em(x, counts=d.counts, num_components=2, init=start_big)
+    small = psm.fit_em(d.features, counts=d.counts, num_components=2, init=start)
+    assert big.rank == 3 and big.num_params == 1 + 2 * 3
+    assert big.loglik == pytest.approx(small.loglik, rel=1e-10)
+    assert torch.allclose(big.probs(), small.probs(), atol=1e-10)
+    xc = x - x.mean(0)
+    assert torch.allclose(big.atoms, (torch.linalg.pinv(xc) @ xc @ big.atoms.T).T, atol=1e-8)
+
+
+def test_save_and_load_round_trip_without_pickle(tmp_path):
+    d = _data()
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0)
+    fit.save(tmp_path / "a.npz")
+    fit.save(tmp_path / "b.npz", include_features=True)
+    a = psm.load_fit(tmp_path / "a.npz")
+    b = psm.load_fit(tmp_path / "b.npz")
+    for loaded in (a, b):
+        assert torch.equal(loaded.atoms, fit.atoms) and torch.equal(loaded.weights, fit.weights)
+        assert loaded.loglik == fit.loglik and loaded.history == fit.history
+        assert loaded.bic == fit.bic and loaded.converged == fit.converged
+    assert torch.allclose(b.probs(), fit.probs())
+    with pytest.raises(ValueError, match="pass features="):
+        a.probs()
+    assert torch.allclose(a.probs(d.features), fit.probs())
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(ValueError, match="not a pyro-softmix fit"):
+        psm.load_fit(tmp_path / "other.npz")
+
+
+def test_summary_and_information_criteria():
+    d = _data()
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0)
+    k = 2 + 3 * 4
+    assert fit.bic == pytest.approx(-2 * fit.loglik + k * math.log(50_000))
+    assert fit.aic == pytest.approx(-2 * fit.loglik + 2 * k)
+    text = fit.summary()
+    assert "K=3" in text and "converged" in text and f"{fit.loglik:.8g}" in text
+    assert repr(fit).startswith("SoftmaxMixtureFit(K=3, p=300, L=4")
+
+
+# --- bad input -------------------------------------------------------------------------------
+def _bad_cases():
+    x = torch.randn(20, 2)
+    n = torch.ones(20)
+    nan_x = x.clone()
+    nan_x[3, 1] = float("nan")
+    inf_n = n.clone()
+    inf_n[0] = float("inf")
+    return [
+        (dict(features=x[0], counts=n), ValueError, "features must be 2-D"),
+        (dict(features=nan_x, counts=n), ValueError, "features contains NaN"),
+        (dict(features=x, counts=-n), ValueError, "counts must be nonnegative"),
+        (dict(features=x, counts=torch.full((20,), float("nan"))), ValueError, "counts contains"),
+        (dict(features=x, counts=inf_n), ValueError, "counts contains NaN or inf"),
+        (dict(features=x, counts=n[:5]), ValueError, r"counts must have shape \(20,\)"),
+        (dict(features=x, counts=torch.zeros(20)), ValueError, "counts are all zero"),
+        (dict(features=x), ValueError, "exactly one of counts"),
+        (dict(features=x, counts=n, tokens=torch.arange(3)), ValueError, "exactly one of"),
+        (dict(features=x, tokens=torch.tensor([0, 20])), ValueError, r"tokens must lie in \[0, 19\]"),
+        (dict(features=x, tokens=torch.tensor([-1, 2])), ValueError, "tokens must lie in"),
+        (dict(features=x, tokens=torch.tensor([0.0, 1.5])), TypeError, "tokens must be integers"),
+        (dict(features=x, tokens=torch.zeros(2, 2, dtype=torch.long)), ValueError, "tokens must be 1-D"),
+        (dict(features=x, counts=n, num_components=0), ValueError, "num_components must be in"),
+        (dict(features=x, counts=n, num_components=21), ValueError, "num_components must be in"),
+        (dict(features=x, counts=n, num_components=2.5), TypeError, "num_components must be an int"),
+        (dict(features=x, counts=n, init="kmeans"), ValueError, "init must be"),
+        (dict(features=x, counts=n, max_iter=0), ValueError, "max_iter must be"),
+        (dict(features=x, counts=n, tol=-1.0), ValueError, "tol must be"),
+        (dict(features=x, counts=n, dtype=torch.int32), ValueError, "dtype must be"),
+        (dict(features=x, counts=n, device="tpu9"), ValueError, "device"),
+        (dict(features="x.npy", counts=n), TypeError, "features must be a torch.Tensor"),
+        (dict(features=x, counts=n, num_components=2,
+              init={"weights": torch.tensor([0.5, 0.6]), "atoms": torch.zeros(2, 2)}),
+         ValueError, "init weights must sum to 1"),
+        (dict(features=x, counts=n, num_components=2,
+              init={"weights": torch.tensor([0.5, 0.5]), "atoms": torch.zeros(3, 2)}),
+         ValueError, "init atoms must have 2 rows"),
+        (dict(features=x, counts=n, seed="abc"), TypeError, "seed must be"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs,error,match", _bad_cases())
+def test_bad_input_is_rejected_with_the_argument_named(kwargs, error, match):
+    kwargs = {"num_components": 2} | kwargs
+    with pytest.raises(error, match=match):
+        psm.fit_em(**kwargs)
+
+
+def test_inputs_are_not_modified():
+    d = _data(tokens=True)
+    x_np = d.features.numpy().copy()
+    x_keep, n_keep, t_keep = x_np.copy(), d.counts.clone(), d.tokens.clone()
+    start = {"weights": d.weights.clone(), "atoms": d.atoms.clone()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", psm.ConvergenceWarning)
+        psm.fit_em(x_np, counts=d.counts, num_components=3, init=start, max_iter=5)
+        psm.fit_em(x_np, tokens=d.tokens, num_components=3, max_iter=5, dtype=torch.float32)
+    assert np.array_equal(x_np, x_keep)
+    assert torch.equal(d.counts, n_keep) and torch.equal(d.tokens, t_keep)
+    assert torch.equal(start["weights"], d.weights) and torch.equal(start["atoms"], d.atoms)
+
+
+def test_numpy_and_integer_inputs_are_accepted():
+    d = _data()
+    fit = psm.fit_em(d.features.numpy(), counts=d.counts.numpy(), num_components=3, seed=0)
+    ref = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0)
+    assert torch.equal(fit.atoms, ref.atoms)
+    xi = torch.randint(-3, 4, (200, 2))
+    fi = psm.fit_em(xi, counts=torch.ones(200), num_components=1)
+    assert fi.atoms.dtype == torch.get_default_dtype()

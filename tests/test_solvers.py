@@ -1,0 +1,106 @@
+# SPDX-License-Identifier: Apache-2.0
+import pytest
+import torch
+
+from pyro_softmix import fit_softmax_regression, softmax_regression_step
+from pyro_softmix.solvers import _weighted_gram
+
+
+def _problem(p=120, r=3, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(p, r, generator=g)
+    w = torch.rand(p, k, generator=g) * 4
+    return z, w
+
+
+def _objective(z, w, t, l2=0.0):
+    return (w * torch.log_softmax(z @ t.T, 0)).sum(0) - 0.5 * l2 * (t * t).sum(1)
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.7])
+def test_gradient_and_hessian_match_autograd(l2):
+    z, w = _problem()
+    t = torch.randn(3, 3) * 0.5
+    _, _, info = softmax_regression_step(z, w, t, l2=l2)
+    tt = t.clone().requires_grad_(True)
+    grad = torch.autograd.grad(_objective(z, w, tt, l2).sum(), tt)[0]
+    assert torch.allclose(info.grad, grad, atol=1e-10)
+    for k in range(3):
+        hess = torch.autograd.functional.hessian(
+            lambda v, k=k: _objective(z, w[:, k:k + 1], v[None], l2).sum(), t[k])
+        q = torch.softmax(z @ t[k], 0)
+        ours = w[:, k].sum() * _weighted_gram(z, q[:, None], (z.T @ q)[None])[0] + l2 * torch.eye(3)
+        assert torch.allclose(ours, -hess, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_solution_matches_moments_and_lbfgs(dtype):
+    z, w = _problem()
+    res = fit_softmax_regression(z.to(dtype), w.to(dtype))
+    assert res.converged
+    q = torch.softmax(z @ res.atoms.double().T, 0)
+    # Moment matching: the q-weighted mean of z equals the w-weighted mean, per component.
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(z.T @ q, (z.T @ w) / w.sum(0), atol=tol)
+    t = torch.zeros(3, 3, requires_grad=True)
+    opt = torch.optim.LBFGS([t], max_iter=500, tolerance_grad=1e-12, tolerance_change=0,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -_objective(z, w, t).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert torch.allclose(res.atoms.double(), t.detach(), atol=1e-6 if dtype == torch.float64
+                          else 1e-3)
+
+
+def test_each_step_increases_every_objective_and_batches_independently():
+    z, w = _problem(k=4, seed=3)
+    t = torch.randn(4, 3) * 3  # far from the optimum: backtracking is needed
+    f_prev = _objective(z, w, t)
+    for _ in range(6):
+        t, logits, info = softmax_regression_step(z, w, t)
+        assert torch.allclose(logits, z @ t.T)
+        f = _objective(z, w, t)
+        assert bool((f >= f_prev - 1e-12).all())
+        f_prev = f
+    single = fit_softmax_regression(z, w[:, 2:3]).atoms
+    assert torch.allclose(fit_softmax_regression(z, w).atoms[2:3], single, atol=1e-9)
+
+
+def test_zero_weight_component_stays_put_and_l2_gives_finite_solution():
+    z, w = _problem()
+    w[:, 1] = 0
+    t0 = torch.randn(3, 3)
+    t, _, info = softmax_regression_step(z, w, t0)
+    assert torch.equal(t[1], t0[1]) and torch.isfinite(t).all()
+    # All weight on the single most extreme point: no finite MLE without a ridge.
+    w2 = torch.zeros(120, 1)
+    w2[int(z[:, 0].argmax()), 0] = 10.0
+    res = fit_softmax_regression(z, w2, l2=1.0)
+    assert res.converged and torch.isfinite(res.atoms).all()
+    q = torch.softmax(z @ res.atoms[0], 0)
+    assert torch.allclose(10.0 * (z[int(z[:, 0].argmax())] - z.T @ q), res.atoms[0], atol=1e-8)
+
+
+def test_chunked_hessian_equals_unchunked():
+    z, w = _problem(p=500)
+    q = torch.softmax(z @ torch.randn(3, 3).T, 0)
+    c = torch.randn(3, 3)
+    assert torch.allclose(_weighted_gram(z, q, c, chunk_size=7), _weighted_gram(z, q, c),
+                          atol=1e-12)
+
+
+def test_bad_arguments_name_themselves():
+    z, w = _problem()
+    with pytest.raises(ValueError, match="weights must have shape"):
+        fit_softmax_regression(z, w[:10])
+    with pytest.raises(ValueError, match="nonnegative"):
+        fit_softmax_regression(z, -w)
+    with pytest.raises(ValueError, match="l2"):
+        fit_softmax_regression(z, w, l2=-1.0)
+    with pytest.raises(ValueError, match="init must have shape"):
+        fit_softmax_regression(z, w, init=torch.zeros(2, 3))
