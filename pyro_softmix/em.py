@@ -39,7 +39,7 @@ from ._checks import (
     resolve_dtype,
 )
 from .design import Design, standardize
-from .solvers import softmax_regression_step
+from .solvers import _column_logsumexp, _newton_step, _Workspace
 
 __all__ = ["ConvergenceWarning", "SoftmaxMixtureFit", "fit_em", "load_fit"]
 
@@ -61,20 +61,31 @@ def _default_tol(dtype: torch.dtype) -> float:
 # The engine: works on standardised features z (p, r) and counts n (p,), both on one device.
 # ----------------------------------------------------------------------------------------------
 class _EMProblem:
-    def __init__(self, z: torch.Tensor, counts: torch.Tensor, chunk_size: int | None = None):
+    def __init__(self, z: torch.Tensor, counts: torch.Tensor, num_components: int,
+                 chunk_size: int | None = None):
         self.z = z
         self.counts = counts.to(z)
         self.counts64 = counts.to(device=z.device, dtype=torch.float64)
         self.total = float(self.counts64.sum())
-        self.chunk_size = chunk_size
+        # Persistent buffers: the loop then makes no allocation of size p x K.
+        self.workspace = _Workspace(z, num_components, chunk_size)
+        self.w = z.new_empty(z.shape[0], num_components)
+        self.rows = z.new_empty(z.shape[0], 2)
 
     def e_step(self, logits: torch.Tensor, log_weights: torch.Tensor
                ) -> tuple[float, torch.Tensor]:
-        """Log-likelihood at (atoms, weights) and the weights w (p, K) for the M-step."""
-        log_q = logits - torch.logsumexp(logits, 0)
-        joint = log_q + log_weights
-        log_pi = torch.logsumexp(joint, 1, keepdim=True)
-        w = self.counts[:, None] * torch.exp(joint - log_pi)
+        """Log-likelihood at (atoms, weights) and the weights w = n r (p, K) for the M-step.
+
+        The returned w is a buffer of this problem, overwritten by the next call.
+        """
+        lse = _column_logsumexp(logits, self.w)
+        joint = torch.sub(logits, lse - log_weights, out=self.w)  # log alpha_k q_k(j)
+        top, total = self.rows[:, :1], self.rows[:, 1:]
+        torch.amax(joint, 1, keepdim=True, out=top)
+        joint.sub_(top).exp_()
+        torch.sum(joint, 1, keepdim=True, out=total)
+        w = joint.mul_(self.counts[:, None] / total)  # n_j alpha_k q_k(j) / pi_j
+        log_pi = top.add_(total.log_())
         loglik = float(self.counts64 @ log_pi.squeeze(1).to(torch.float64))
         return loglik, w
 
@@ -88,8 +99,7 @@ class _EMProblem:
         log-likelihood itself is resolved only to about 1e-7 relative.
         """
         new_log_weights = torch.log(w.sum(0) / self.total)
-        atoms, logits, info = softmax_regression_step(self.z, w, atoms, logits,
-                                                      chunk_size=self.chunk_size)
+        atoms, logits, info = _newton_step(self.z, w, atoms, logits, self.workspace)
         # KL(a || b) to second order, 0.5 sum (a - b)^2 / b: no first-order cancellation.
         a, b = new_log_weights.double().exp(), log_weights.double().exp()
         kl = (0.5 * (a - b) ** 2 / b.clamp_min(1e-300)).sum()
@@ -410,7 +420,7 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
 
     design = standardize(x, chunk_size=chunk_size)
     z = design.transform(x, dtype=dtype, device=device, chunk_size=chunk_size)
-    problem = _EMProblem(z, n.to(device), chunk_size)
+    problem = _EMProblem(z, n.to(device), k, chunk_size)
 
     if is_start:
         atoms_z, log_w = _user_start(init, k, design, z)

@@ -16,7 +16,7 @@ w-weighted one (moment matching). This is the M-step of EM for softmax mixtures,
 
 The Newton direction is computed by a batched Cholesky solve with a ridge that grows until the
 factorisation succeeds; steps are damped by Armijo backtracking, per component, so each accepted
-step increases f_k. Memory is O(pK) plus a (chunk, K, r) temporary for the Hessian.
+step increases f_k. Memory is O(pK) plus a (K, chunk, r) temporary for the Hessian.
 """
 
 from __future__ import annotations
@@ -25,29 +25,78 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import as_tensor, check_positive_float, check_positive_int, default_chunk_size
+from ._checks import as_tensor, check_positive_float, check_positive_int
 
 _ARMIJO = 1e-4
 
 
-def _weighted_gram(features: torch.Tensor, probs: torch.Tensor, centres: torch.Tensor,
-                   chunk_size: int | None = None) -> torch.Tensor:
-    """sum_j probs_jk (z_j - c_k)(z_j - c_k)^T for every k, chunked over j.
+#: Bytes of the (K, chunk, r) temporary of the Hessian products: small enough to stay in cache on
+#: a CPU (larger chunks are slower there: allocation and memory traffic dominate), large on a GPU.
+_GRAM_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 256 * 2**20}
+
+
+def _gram_chunk_rows(features: torch.Tensor, num_components: int) -> int:
+    budget = _GRAM_CHUNK_BYTES.get(features.device.type, _GRAM_CHUNK_BYTES["cuda"])
+    return max(64, budget // (num_components * features.shape[1] * features.element_size()))
+
+
+def _weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int | None = None,
+                   buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j probs_jk z_j z_j^T for every k, chunked over j.
+
+    Each chunk is one (r x c)(c x K r) matrix product into a single accumulator, with the
+    (c, K, r) product of weights and features written into ``buffer`` when given, so a call
+    makes no large allocation.
 
     Args:
-        features: (p, r).  probs: (p, K) nonnegative.  centres: (K, r).
+        features: (p, r).  probs: (p, K) nonnegative.
+        buffer: optional (chunk, K, r) scratch tensor (its length sets the chunk).
     Returns:
         (K, r, r) symmetric positive semidefinite matrices.
     """
     p, r = features.shape
     k = probs.shape[1]
-    chunk = chunk_size or default_chunk_size(p, k * r, features.element_size())
-    out = features.new_zeros(k, r, r)
+    chunk = buffer.shape[0] if buffer is not None else (chunk_size or _gram_chunk_rows(features, k))
+    acc = features.new_zeros(r, k * r)
     for s in range(0, p, chunk):
         zc = features[s:s + chunk]
-        y = (zc.unsqueeze(0) - centres.unsqueeze(1)) * probs[s:s + chunk].T.sqrt().unsqueeze(-1)
-        out += y.transpose(1, 2) @ y
-    return out
+        c = zc.shape[0]
+        out = buffer[:c] if buffer is not None else None
+        weighted = torch.mul(zc.unsqueeze(1), probs[s:s + chunk].unsqueeze(-1), out=out)
+        acc.addmm_(zc.T, weighted.view(c, k * r))
+    return acc.view(r, k, r).transpose(0, 1).contiguous()
+
+
+def _column_logsumexp(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """logsumexp over dim 0 of (p, K) logits; leaves softmax(logits, 0) in ``scratch``."""
+    top = logits.amax(0)
+    torch.sub(logits, top, out=scratch).exp_()
+    total = scratch.sum(0)
+    scratch.div_(total)
+    return top + total.log()
+
+
+class _Workspace:
+    """Persistent buffers for repeated Newton steps on one (p, K, r) problem.
+
+    Repeated multi-megabyte allocations are costly on CPUs (the allocator hands the memory back
+    to the system and page-faults it in again), so the EM loop reuses these.
+    """
+
+    def __init__(self, features: torch.Tensor, num_components: int,
+                 chunk_size: int | None = None):
+        p, r = features.shape
+        new = features.new_empty
+        self.q = new(p, num_components)
+        self.scratch = new(p, num_components)
+        self.logits = (new(p, num_components), new(p, num_components))
+        chunk = min(p, chunk_size or _gram_chunk_rows(features, num_components))
+        self.gram = new(chunk, num_components, r)
+
+    def trial_buffer(self, logits: torch.Tensor) -> torch.Tensor:
+        """A logits buffer that is not ``logits`` (so the current logits stay intact)."""
+        a, b = self.logits
+        return b if logits.data_ptr() == a.data_ptr() else a
 
 
 def _newton_direction(grad: torch.Tensor, hess: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
@@ -77,10 +126,10 @@ def _newton_direction(grad: torch.Tensor, hess: torch.Tensor, max_tries: int = 8
     return d
 
 
-def _objective(lin: torch.Tensor, total: torch.Tensor, logits: torch.Tensor,
+def _objective(lin: torch.Tensor, total: torch.Tensor, lse: torch.Tensor,
                atoms: torch.Tensor, l2: float) -> torch.Tensor:
-    """f_k = lin_k . t_k - W_k logsumexp_j(logits_jk) - l2/2 |t_k|^2, shape (K,)."""
-    f = (lin * atoms).sum(-1) - total * torch.logsumexp(logits, 0)
+    """f_k = lin_k . t_k - W_k lse_k - l2/2 |t_k|^2, shape (K,)."""
+    f = (lin * atoms).sum(-1) - total * lse
     if l2:
         f = f - 0.5 * l2 * (atoms * atoms).sum(-1)
     return f
@@ -130,33 +179,44 @@ def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms
     """
     if logits is None:
         logits = features @ atoms.T
+    ws = _Workspace(features, atoms.shape[0], chunk_size)
+    return _newton_step(features, weights, atoms, logits, ws, l2=l2,
+                        max_backtracks=max_backtracks)
+
+
+def _newton_step(features, weights, atoms, logits, ws: _Workspace, *, l2: float = 0.0,
+                 max_backtracks: int = 30):
+    """:func:`softmax_regression_step` on preallocated buffers; the returned logits live in
+    one of ``ws.logits`` (never in the ``logits`` passed in)."""
     total = weights.sum(0)  # (K,)
-    lse = torch.logsumexp(logits, 0)
-    q = torch.exp(logits - lse)
-    # One product gives both weighted means: Z^T w and Z^T q.
-    both = features.T @ torch.cat([weights, q], 1)  # (r, 2K)
-    k = atoms.shape[0]
-    lin, mean_q = both[:, :k].T, both[:, k:].T  # (K, r)
+    lse = _column_logsumexp(logits, ws.q)
+    q = ws.q
+    # (K, p) @ (p, r): much faster than features.T @ weights through a transposed view.
+    lin = weights.T @ features  # (K, r): w-weighted sums of z
+    mean_q = q.T @ features  # (K, r): q-weighted means of z
     grad = lin - total[:, None] * mean_q
     if l2:
         grad = grad - l2 * atoms
-    hess = total[:, None, None] * _weighted_gram(features, q, mean_q, chunk_size)
+    # Covariance of z under q_k: sum_j q_j z_j z_j^T - m m^T (the columns of q sum to 1).
+    cov = _weighted_gram(features, q, buffer=ws.gram) - mean_q[:, :, None] * mean_q[:, None, :]
+    hess = total[:, None, None] * cov
     if l2:
         hess = hess + l2 * torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device)
     direction = _newton_direction(grad, hess)
     gain = (grad * direction).sum(-1)
-    f0 = _objective(lin, total, logits, atoms, l2)
+    f0 = _objective(lin, total, lse, atoms, l2)
     # Below this predicted gain the objective cannot resolve the change in this dtype: a full
     # Newton step on a concave function is then taken without a test.
     noise = 64 * torch.finfo(features.dtype).eps * (
         (lin * atoms).sum(-1).abs() + total * lse.abs() + 1)
     step = torch.ones_like(total)
     done = torch.zeros_like(total, dtype=torch.bool)
-    new_atoms, new_logits, f1 = atoms, logits, f0
+    trial = ws.trial_buffer(logits)
+    new_atoms, f1 = atoms, f0
     for _ in range(max_backtracks + 1):
         new_atoms = atoms + step[:, None] * direction
-        new_logits = features @ new_atoms.T
-        f1 = _objective(lin, total, new_logits, new_atoms, l2)
+        torch.mm(features, new_atoms.T, out=trial)
+        f1 = _objective(lin, total, _column_logsumexp(trial, ws.scratch), new_atoms, l2)
         ok = (f1 >= f0 + _ARMIJO * step * gain) | (gain <= noise)
         done = done | ok
         if bool(done.all()):
@@ -166,9 +226,9 @@ def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms
         # No ascent step found for some components (at a maximum up to rounding): keep them.
         step = torch.where(done, step, torch.zeros_like(step))
         new_atoms = atoms + step[:, None] * direction
-        new_logits = torch.where(done[None, :], new_logits, logits)
+        trial.copy_(torch.where(done[None, :], trial, logits))
         f1 = torch.where(done, f1, f0)
-    return new_atoms, new_logits, NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1)
+    return new_atoms, trial, NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1)
 
 
 @dataclass
@@ -230,17 +290,17 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
     tol = 1e3 * torch.finfo(z.dtype).eps if tol is None else tol
     scale = w.sum(0) + 1
     logits = z @ t.T
+    ws = _Workspace(z, k, chunk_size)
     converged, steps = False, 0
     info = None
     for steps in range(1, max_steps + 1):  # noqa: B007
-        t, logits, info = softmax_regression_step(z, w, t, logits, l2=l2, chunk_size=chunk_size)
+        t, logits, info = _newton_step(z, w, t, logits, ws, l2=l2)
         if bool((info.grad.norm(dim=-1) <= tol * scale).all()) or bool((info.step == 0).all()):
             converged = bool((info.grad.norm(dim=-1) <= tol * scale).all())
             break
     # Report the gradient at the returned atoms.
     q = torch.softmax(logits, 0)
-    grad = z.T @ w - (z.T @ q) * w.sum(0)
-    grad = grad.T - l2 * t
+    grad = w.T @ z - w.sum(0)[:, None] * (q.T @ z) - l2 * t
     converged = converged or bool((grad.norm(dim=-1) <= tol * scale).all())
     return SoftmaxRegressionResult(atoms=t, objective=info.objective, grad_norm=grad.norm(dim=-1),
                                    num_steps=steps, converged=converged)

@@ -39,7 +39,7 @@ def test_em_gradient_is_the_loglik_gradient():
     z = design.transform(d.features)
     atoms = torch.randn(2, 3)
     log_w = torch.tensor([0.3, 0.7]).log()
-    problem = _EMProblem(z, d.counts)
+    problem = _EMProblem(z, d.counts, 2)
     ll, w = problem.e_step(z @ atoms.T, log_w)
     _, _, info = softmax_regression_step(z, w, atoms)
     a = atoms.clone().requires_grad_(True)

@@ -1,0 +1,170 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Cost of one EM iteration against the matrix products it cannot avoid, and of a full fit.
+
+For each (p, L, K) on the device it runs on, in one run:
+  - ``bare``: the logits product Z @ T^T (p x L x K) plus the Hessian products, K batched
+    (L x p)(p x L) products on precomputed operands (p x L^2 x K flops);
+  - ``iter``: one full EM iteration (E-step, weights, one damped Newton M-step);
+  - ``ratio`` = iter / bare;
+  - ``fit``: a full fit from one random start (skipped for the largest problems).
+
+Usage:
+    python benchmarks/bench_em.py                 # the sweep (a few minutes on 2 CPU cores)
+    python benchmarks/bench_em.py --quick         # a small smoke run
+    python benchmarks/bench_em.py --device cuda --dtype float32 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+import pyro_softmix as psm
+from pyro_softmix.em import _EMProblem, _random_start
+
+BASE = (100_000, 64, 8)
+SWEEP = [(1_000, 64, 8), (10_000, 64, 8), BASE, (1_000_000, 64, 8),
+         (100_000, 8, 8), (100_000, 256, 8), (100_000, 64, 2), (100_000, 64, 16)]
+QUICK = [(1_000, 8, 2), (10_000, 32, 4)]
+DEMO = (20_000, 32, 4)
+#: Skip the full fit above this many flops per iteration (p L^2 K).
+FIT_FLOP_LIMIT = 2e10
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timeit(fn, device, repeats):
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def machine(device) -> str:
+    cpu = platform.processor() or platform.machine()
+    text = (f"{platform.system()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def bench_one(p, L, K, device, dtype, repeats, seed=0):
+    data = psm.simulate(num_points=p, num_features=L, num_components=K,
+                        num_obs=max(10 * p, 1_000_000), atom_norm=2.0, seed=seed,
+                        dtype=torch.float32)
+    design = psm.standardize(data.features, warn=False)
+    z = design.transform(data.features, dtype=dtype, device=device)
+    problem = _EMProblem(z, data.counts.to(device), K)
+    gen = torch.Generator().manual_seed(seed)
+    atoms = _random_start(z, problem.counts, K, gen)
+    log_w = torch.full((K,), -float(torch.log(torch.tensor(K))), dtype=dtype, device=device)
+    logits = z @ atoms.T
+    _, w = problem.e_step(logits, log_w)
+    w = w.clone()  # e_step returns a buffer that one_iter's own E-step overwrites
+
+    # Bare products: the logits product and the Hessian products (K batched (L x p)(p x L)
+    # products on precomputed operands, in one piece: no chunking, no weighting).
+    y = torch.randn(K, p, L, dtype=dtype, device=device)
+
+    def bare_logits():
+        return z @ atoms.T
+
+    def bare_hessian():
+        return y.transpose(1, 2) @ y
+
+    def one_iter():
+        a, lw, lg, _ = problem.m_step(w, atoms, log_w, logits)
+        problem.e_step(lg, lw)
+
+    t_logits = _timeit(bare_logits, device, repeats)
+    t_hess = _timeit(bare_hessian, device, repeats)
+    t_iter = _timeit(one_iter, device, repeats)
+    row = {"p": p, "L": L, "K": K, "logits_s": t_logits, "hessian_s": t_hess,
+           "bare_s": t_logits + t_hess, "iter_s": t_iter, "ratio": t_iter / (t_logits + t_hess)}
+    if p * L * L * K <= FIT_FLOP_LIMIT:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", psm.ConvergenceWarning)
+            t = time.perf_counter()
+            fit = psm.fit_em(data.features, counts=data.counts, num_components=K, init="random",
+                             seed=seed, device=device, dtype=dtype, max_iter=300, progress=False)
+            _sync(device)
+            row |= {"fit_s": time.perf_counter() - t, "fit_iter": fit.n_iter,
+                    "fit_converged": fit.converged}
+    return row
+
+
+def bench_demo(device, repeats):
+    """The `softmix demo` problem, as the command runs it (float64, init='auto')."""
+    p, L, K = DEMO
+    data = psm.simulate(num_points=p, num_features=L, num_components=K, num_obs=1_000_000,
+                        atom_norm=2.0, seed=0, dtype=torch.float64)
+    times, fit = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fit = psm.fit_em(data.features, counts=data.counts, num_components=K, seed=0,
+                         device=device, progress=False)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return {"p": p, "L": L, "K": K, "fit_s": statistics.median(times), "fit_iter": fit.n_iter,
+            "fit_converged": fit.converged}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="two small problems only")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None, help="output file (default: "
+                    "benchmarks/results/bench_em-DEVICE-DTYPE.json)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    configs = QUICK if args.quick else SWEEP
+    info = machine(device)
+    print(f"# bench_em on {info}; {args.dtype}, median of {args.repeats}")
+    header = (f"{'p':>9} {'L':>4} {'K':>3} {'logits ms':>10} {'hessian ms':>11} {'bare ms':>9} "
+              f"{'iter ms':>9} {'ratio':>6} {'fit s':>7} {'iters':>6}")
+    print(header)
+    rows = []
+    for p, L, K in configs:
+        row = bench_one(p, L, K, device, dtype, args.repeats)
+        rows.append(row)
+        fit_s = f"{row['fit_s']:7.2f}" if "fit_s" in row else f"{'-':>7}"
+        iters = f"{row['fit_iter']:6d}" if "fit_iter" in row else f"{'-':>6}"
+        print(f"{p:>9} {L:>4} {K:>3} {1e3 * row['logits_s']:10.2f} {1e3 * row['hessian_s']:11.2f} "
+              f"{1e3 * row['bare_s']:9.2f} {1e3 * row['iter_s']:9.2f} {row['ratio']:6.2f} "
+              f"{fit_s} {iters}", flush=True)
+    demo = None if args.quick else bench_demo(device, 1)
+    if demo:
+        print(f"demo problem (p={demo['p']}, L={demo['L']}, K={demo['K']}, N=1e6, float64, "
+              f"init='auto'): {demo['fit_s']:.2f} s, {demo['fit_iter']} iterations")
+    path = args.json or os.path.join(os.path.dirname(__file__), "results",
+                                     f"bench_em-{device.type}-{args.dtype}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"machine": info, "dtype": args.dtype, "device": str(device), "rows": rows,
+                   "demo": demo}, f, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
