@@ -299,3 +299,12 @@ def test_numpy_and_integer_inputs_are_accepted():
     xi = torch.randint(-3, 4, (200, 2))
     fi = psm.fit_em(xi, counts=torch.ones(200), num_components=1)
     assert fi.atoms.dtype == torch.get_default_dtype()
+
+
+def test_progress_bar_is_shown_on_request_and_off_otherwise(capsys):
+    d = _data()
+    psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0, progress=True)
+    err = capsys.readouterr().err
+    assert "EM starts:" in err and "EM:" in err and "/1000" in err
+    psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0)  # stderr is not a tty
+    assert capsys.readouterr().err == ""
