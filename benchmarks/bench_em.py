@@ -28,7 +28,7 @@ import warnings
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix.em import _EMProblem, _random_start
+from pyro_softmix.em import _EMProblem, _random_starts
 
 BASE = (100_000, 64, 8)
 SWEEP = [(1_000, 64, 8), (10_000, 64, 8), BASE, (1_000_000, 64, 8),
@@ -73,7 +73,7 @@ def bench_one(p, L, K, device, dtype, repeats, seed=0):
     z = design.transform(data.features, dtype=dtype, device=device)
     problem = _EMProblem(z, data.counts.to(device), K)
     gen = torch.Generator().manual_seed(seed)
-    atoms = _random_start(z, problem.counts, K, gen)
+    atoms = _random_starts(z, problem.counts, K, 1, gen)[0]
     log_w = torch.full((K,), -float(torch.log(torch.tensor(K))), dtype=dtype, device=device)
     logits = z @ atoms.T
     _, w = problem.e_step(logits, log_w)

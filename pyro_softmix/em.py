@@ -147,21 +147,23 @@ def _remaining_gap(gains: list[float]) -> float:
     return d1 / (1 - rate)
 
 
-def _random_start(z: torch.Tensor, counts: torch.Tensor, num_components: int,
-                  generator: torch.Generator) -> torch.Tensor:
+def _random_starts(z: torch.Tensor, counts: torch.Tensor, num_components: int,
+                   num_starts: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Random atoms (K, r) in z-coordinates around the first latent moment.
 
     For a Gaussian design E_pi[z] ~ sum_k alpha_k t_k and E_pi[|z|^2] - r ~ sum_k alpha_k |t_k|^2,
     so the atoms' spread about their mean is about E|z|^2 - r - |E z|^2; starts are drawn at that
-    scale (floored at 0.5) around E_pi[z].
+    spread (at least 0.5) around E_pi[z]. The draws are made on the CPU in float64, so a seed
+    gives the same starts on every device.
     """
-    pihat = (counts / counts.sum()).to(torch.float64)
-    z64 = z.to(torch.float64)
-    m1 = pihat @ z64
-    spread2 = float(pihat @ (z64 * z64).sum(1)) - z.shape[1] - float(m1 @ m1)
-    scale = math.sqrt(max(spread2, 0.25) / z.shape[1])
-    noise = torch.randn(num_components, z.shape[1], generator=generator, dtype=torch.float64)
-    return (m1.cpu() + scale * noise).to(device=z.device, dtype=z.dtype)
+    pihat = (counts / counts.sum()).to(z.dtype)
+    m1 = (pihat @ z).to(torch.float64).cpu()
+    second = float((pihat * torch.linalg.vector_norm(z, dim=1) ** 2).sum())
+    r = z.shape[1]
+    scale = math.sqrt(max(second - r - float(m1 @ m1), 0.25) / r)
+    return [(m1 + scale * torch.randn(num_components, r, generator=generator,
+                                      dtype=torch.float64)).to(device=z.device, dtype=z.dtype)
+            for _ in range(num_starts)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,7 +385,8 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
         dtype: ``torch.float32`` or ``torch.float64`` (default: the features' floating dtype).
         seed: int or ``torch.Generator`` for the random starts (same seed, same result).
         progress: show a progress bar (default: only when stderr is a terminal).
-        chunk_size: rows per chunk for the Hessian products (default: memory-bounded).
+        chunk_size: rows per chunk for the Hessian products and the standardisation pass
+            (default: about 4 MB of temporaries per chunk on a CPU, 256 MB on a GPU).
 
     Returns:
         :class:`SoftmaxMixtureFit` with ``weights`` (K,), ``atoms`` (K, L), ``loglik`` and more.
@@ -429,7 +432,7 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
         gen = make_generator(seed)
         n_starts = num_inits or (AUTO_NUM_INITS if init == "auto" else 1)
         uniform = torch.full((k,), -math.log(k), dtype=dtype, device=device)
-        starts = [_random_start(z, problem.counts, k, gen) for _ in range(n_starts)]
+        starts = _random_starts(z, problem.counts, k, n_starts, gen)
         label = f"{init} (best of {n_starts})" if n_starts > 1 else init
         if n_starts == 1:
             atoms_z, log_w = starts[0], uniform

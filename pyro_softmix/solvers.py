@@ -16,7 +16,7 @@ w-weighted one (moment matching). This is the M-step of EM for softmax mixtures,
 
 The Newton direction is computed by a batched Cholesky solve with a ridge that grows until the
 factorisation succeeds; steps are damped by Armijo backtracking, per component, so each accepted
-step increases f_k. Memory is O(pK) plus a (K, chunk, r) temporary for the Hessian.
+step increases f_k. Memory is O(pK) plus a (chunk, K, r) temporary for the Hessian.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ._checks import as_tensor, check_positive_float, check_positive_int
 _ARMIJO = 1e-4
 
 
-#: Bytes of the (K, chunk, r) temporary of the Hessian products: small enough to stay in cache on
+#: Bytes of the (chunk, K, r) temporary of the Hessian products: small enough to stay in cache on
 #: a CPU (larger chunks are slower there: allocation and memory traffic dominate), large on a GPU.
 _GRAM_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 256 * 2**20}
 
