@@ -11,8 +11,9 @@ It is concave; with W_k = sum_j w_jk and q = softmax(Z t) its gradient and negat
     H_k = W_k Z^T (diag q - q q^T) Z + l2 I = W_k sum_j q_j (z_j - m)(z_j - m)^T + l2 I,
 
 with m = Z^T q. At the maximiser g_k = 0: the q-weighted mean of the features matches the
-w-weighted one (moment matching). This is the M-step of EM for softmax mixtures, and with one
-"support point" per class it is the gate of a mixture of experts.
+w-weighted one (moment matching). This is the M-step of EM for softmax mixtures (and of any
+conditional logit with one shared choice set). The batched Newton machinery here (Cholesky with a
+growing ridge, per-problem Armijo backtracking) is shared by the other regression M-steps.
 
 The Newton direction is computed by a batched Cholesky solve with a ridge that grows until the
 factorisation succeeds; steps are damped by Armijo backtracking, per component, so each accepted
