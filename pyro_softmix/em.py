@@ -178,9 +178,10 @@ class SoftmaxMixtureFit:
         atoms: (K, L) atoms in the user's feature coordinates (minimum-norm representative when
             the features are rank-deficient).
         loglik: sum_j n_j log pi_j at the solution.
-        n_iter: EM iterations of the final run.
-        converged: whether the stopping rule was met before ``max_iter``.
-        history: log-likelihood at the start and after every iteration of the final run.
+        n_iter: EM iterations from the chosen start to the solution (under ``init="auto"``
+            this includes the short run that selected the start).
+        converged: whether the stopping rule was met.
+        history: log-likelihood at the chosen start and after every iteration since.
         num_obs: N, the total count.
         num_points: p.  rank: number of identified directions r (= L for full-rank features).
         init: how the final run was started.  seconds: wall time of the whole fit.
@@ -376,7 +377,7 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
             a mapping with ``"weights"`` (K,) and ``"atoms"`` (K, L), or any object with
             ``.weights`` and ``.atoms`` (e.g. a previous fit).
         num_inits: number of random starts (see ``init``).
-        max_iter: EM iterations of the final run at most.
+        max_iter: EM iterations at most after the start is chosen.
         tol: stop when the estimated distance to the limit, (l* - l_t) / |l_t|, is at most
             ``tol`` (default 1e-10 in float64, 1e-9 in float32). The distance is extrapolated
             (Aitken) from the last two increases of the EM surrogate, which are computed from
@@ -425,6 +426,7 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
     z = design.transform(x, dtype=dtype, device=device, chunk_size=chunk_size)
     problem = _EMProblem(z, n.to(device), k, chunk_size)
 
+    prefix: list[float] = []  # the log-likelihood path of the chosen start before the final run
     if is_start:
         atoms_z, log_w = _user_start(init, k, design, z)
         label = "given"
@@ -441,15 +443,16 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
             best = None
             for s in starts:
                 a, lw, hist, _ = problem.run(s, uniform, min(AUTO_SHORT_ITER, max_iter), tol, bar)
-                if best is None or hist[-1] > best[0]:
-                    best = (hist[-1], a, lw)
+                if best is None or hist[-1] > best[0][-1]:
+                    best = (hist, a, lw)
             if bar is not None:
                 bar.close()
-            _, atoms_z, log_w = best
+            prefix, atoms_z, log_w = best[0][:-1], best[1], best[2]
 
     bar = _progress_bar(progress, max_iter, "EM")
     try:
         atoms_z, log_w, history, converged = problem.run(atoms_z, log_w, max_iter, tol, bar)
+        history = prefix + history
     finally:
         if bar is not None:
             bar.close()

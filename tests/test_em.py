@@ -178,8 +178,13 @@ def test_em_from_truth_lands_within_standard_errors():
 def test_not_converged_warns():
     d = _data()
     with pytest.warns(psm.ConvergenceWarning, match="did not converge in max_iter=2"):
-        fit = psm.fit_em(d.features, counts=d.counts, num_components=3, max_iter=2, seed=0)
-    assert not fit.converged and fit.n_iter == 2
+        fit = psm.fit_em(d.features, counts=d.counts, num_components=3, max_iter=2, seed=0,
+                         init="random")
+    assert not fit.converged and fit.n_iter == 2 and len(fit.history) == 3
+    # Under "auto" the path of the chosen start counts: its short run (here 2) plus the final 2.
+    with pytest.warns(psm.ConvergenceWarning):
+        auto = psm.fit_em(d.features, counts=d.counts, num_components=3, max_iter=2, seed=0)
+    assert auto.n_iter == 4 and np.all(np.diff(auto.history) >= 0)
 
 
 def test_rank_deficient_features_fit_the_identifiable_part():
