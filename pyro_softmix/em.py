@@ -378,7 +378,7 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
             ``.weights`` and ``.atoms`` (e.g. a previous fit).
         num_inits: number of random starts (see ``init``).
         max_iter: EM iterations at most after the start is chosen.
-        tol: stop when the estimated distance to the limit, (l* - l_t) / |l_t|, is at most
+        tol: stop when the estimated distance to the limit, (l* - l_t) / abs(l_t), is at most
             ``tol`` (default 1e-10 in float64, 1e-9 in float32). The distance is extrapolated
             (Aitken) from the last two increases of the EM surrogate, which are computed from
             gradients and so stay accurate in float32; a slow stretch does not stop EM early.

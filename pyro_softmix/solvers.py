@@ -237,8 +237,8 @@ class SoftmaxRegressionResult:
     """Result of :func:`fit_softmax_regression`.
 
     Attributes:
-        atoms: (K, r) maximisers.  objective: (K,) f_k at them.  grad_norm: (K,) |g_k| there.
-        num_steps: Newton steps taken.  converged: whether every |g_k| fell below tolerance.
+        atoms: (K, r) maximisers.  objective: (K,) f_k at them.  grad_norm: (K,) norm of g_k there.
+        num_steps: Newton steps taken.  converged: whether every norm of g_k fell below tolerance.
     """
 
     atoms: torch.Tensor
@@ -260,7 +260,7 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
         l2: ridge penalty; needed for a finite maximiser when some w_k is concentrated on the
             points that are extreme in some direction.
         max_steps: Newton steps at most.
-        tol: stop when |g_k| <= tol * (W_k + 1) for every k (default: 1e3 * eps of the dtype).
+        tol: stop when ``norm(g_k) <= tol * (W_k + 1)`` for every k (default: 1e3 * eps of the dtype).
         chunk_size: rows per chunk for the Hessian.
 
     Returns:
