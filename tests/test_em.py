@@ -313,3 +313,30 @@ def test_progress_bar_is_shown_on_request_and_off_otherwise(capsys):
     assert "EM starts:" in err and "EM:" in err and "/1000" in err
     psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0)  # stderr is not a tty
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.9, 0.999])
+def test_remaining_gap_is_exact_for_linear_convergence(rate):
+    from pyro_softmix.em import _remaining_gap
+
+    # Increments of a linearly converging sequence: Delta_t = c rate^t; the remaining gap after
+    # step t is sum_{s > t} Delta_s = Delta_t rate / (1 - rate); the rule adds the last step.
+    gains = [5.0 * rate**t for t in range(30)]
+    expected = gains[-1] / (1 - rate)
+    assert _remaining_gap(gains) == pytest.approx(expected, rel=1e-9)
+    assert _remaining_gap(gains[:1]) == math.inf
+    assert _remaining_gap(gains + [0.0]) == 0.0
+
+
+def test_slow_em_is_not_stopped_at_a_stall():
+    """Weak separation: EM's rate is ~0.985. A rule on the last step alone stops ~300
+    iterations early with the weights visibly away from the EM fixed point."""
+    d = psm.simulate(num_points=300, num_features=3, num_components=3, num_obs=30_000,
+                     atom_norm=2.0, seed=0)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0, max_iter=3000)
+    assert fit.converged
+    h = np.asarray(fit.history)
+    rates = np.diff(h)[-5:] / np.diff(h)[-6:-1]
+    assert rates.min() > 0.95  # it is a slow problem
+    w = d.counts[:, None] * fit.responsibilities()
+    assert torch.allclose(fit.weights, w.sum(0) / d.counts.sum(), atol=1e-7)
