@@ -32,9 +32,12 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
 
 
 def resolve_dtype(dtype: Any, like: torch.Tensor) -> torch.dtype:
-    """The floating dtype to compute in: ``dtype`` if given, else ``like``'s if floating."""
+    """The dtype to compute in: ``dtype`` if given, else ``like``'s when it is float32 or float64,
+    float32 for half-precision inputs, and the default dtype for integer inputs."""
     if dtype is None:
-        return like.dtype if like.is_floating_point() else torch.get_default_dtype()
+        if like.dtype in (torch.float32, torch.float64):
+            return like.dtype
+        return torch.float32 if like.is_floating_point() else torch.get_default_dtype()
     if isinstance(dtype, str):
         table = {"float32": torch.float32, "float64": torch.float64,
                  "float": torch.float32, "double": torch.float64}

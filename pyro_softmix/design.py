@@ -130,11 +130,12 @@ def standardize(features, *, warn: bool = True, chunk_size: int | None = None) -
     cov /= p
     std = cov.diagonal().clamp_min(0).sqrt()
     rms = (std**2 + mean**2).sqrt()
-    # A column is constant when its spread is at rounding level relative to its size.
-    eps = torch.finfo(x.dtype).eps
-    constant = std <= 100 * eps * rms
+    # A column is constant when its spread is at rounding level relative to its size. Half
+    # precision inputs are computed in float32, so they get float32's tolerances.
+    work_dtype = torch.promote_types(x.dtype, torch.float32)
+    constant = std <= 100 * torch.finfo(work_dtype).eps * rms
     scale = torch.where(constant, torch.ones_like(std), std)
-    tol = _rank_tolerance(x.dtype, L)
+    tol = _rank_tolerance(work_dtype, L)
     corr = cov / scale[:, None] / scale[None, :]
     corr[constant, :] = 0
     corr[:, constant] = 0

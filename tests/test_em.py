@@ -304,6 +304,10 @@ def test_numpy_and_integer_inputs_are_accepted():
     xi = torch.randint(-3, 4, (200, 2))
     fi = psm.fit_em(xi, counts=torch.ones(200), num_components=1)
     assert fi.atoms.dtype == torch.get_default_dtype()
+    # Half-precision features are computed in float32, never in half precision.
+    for half in (torch.float16, torch.bfloat16):
+        fh = psm.fit_em(d.features.to(half), counts=d.counts, num_components=3, seed=0)
+        assert fh.atoms.dtype == torch.float32 and fh.converged
 
 
 def test_progress_bar_is_shown_on_request_and_off_otherwise(capsys):
