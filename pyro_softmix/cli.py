@@ -125,6 +125,9 @@ def _cmd_fit(args) -> int:
     tokens = load_array(args.tokens, "tokens") if args.tokens else None
     init = args.init
     if init not in ("auto", "random"):
+        if not Path(init).is_file():
+            raise ValueError(f"--init must be 'auto', 'random' or a fit file, got {init!r} "
+                             "(no such file)")
         init = load_fit(init)
     fit = fit_em(features, counts=counts, tokens=tokens, num_components=args.num_components,
                  init=init, num_inits=args.num_inits, max_iter=args.max_iter, tol=args.tol,

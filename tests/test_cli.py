@@ -57,6 +57,13 @@ def test_fit_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     code = main(["fit", str(tmp_path / "missing.npy"), "--counts", str(tmp_path / "n.npy"),
                  "-k", "2"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+    np.save(tmp_path / "n.npy", np.ones(10))
+    code = main(["fit", str(tmp_path / "x.npy"), "--counts", str(tmp_path / "n.npy"), "-k", "2",
+                 "--init", str(tmp_path / "nofit.npz"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "--init must be" in capsys.readouterr().err
+    code = main(["fit", str(tmp_path / "x.npy"), "--counts", str(tmp_path / "n.npy"), "-k", "0",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2 and "num_components" in capsys.readouterr().err
 
 
 def test_demo_quick_writes_results(tmp_path, capsys):
