@@ -76,8 +76,10 @@ def bench_one(p, L, K, device, dtype, repeats, seed=0):
     atoms = _random_starts(z, problem.counts, K, 1, gen)[0]
     log_w = torch.full((K,), -float(torch.log(torch.tensor(K))), dtype=dtype, device=device)
     logits = z @ atoms.T
-    _, w = problem.e_step(logits, log_w)
+    lse = problem.normalise(logits)
+    _, w = problem.e_step(logits, lse, log_w)
     w = w.clone()  # e_step returns a buffer that one_iter's own E-step overwrites
+    q0 = problem.workspace.q.clone()  # the softmax of `logits`, restored before each repeat
 
     # Bare products: the logits product and the Hessian products (K batched (L x p)(p x L)
     # products on precomputed operands, in one piece: no chunking, no weighting).
@@ -90,8 +92,9 @@ def bench_one(p, L, K, device, dtype, repeats, seed=0):
         return y.transpose(1, 2) @ y
 
     def one_iter():
-        a, lw, lg, _ = problem.m_step(w, atoms, log_w, logits)
-        problem.e_step(lg, lw)
+        problem.workspace.q.copy_(q0)  # a p x K copy: an upper bound on the bookkeeping
+        a, lw, lg, lse_new, _ = problem.m_step(w, atoms, log_w, logits, lse)
+        problem.e_step(lg, lse_new, lw)
 
     t_logits = _timeit(bare_logits, device, repeats)
     t_hess = _timeit(bare_hessian, device, repeats)

@@ -72,26 +72,30 @@ class _EMProblem:
         self.w = z.new_empty(z.shape[0], num_components)
         self.rows = z.new_empty(z.shape[0], 2)
 
-    def e_step(self, logits: torch.Tensor, log_weights: torch.Tensor
+    def normalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """Column log-normalisers of fresh logits (and their softmax into the workspace)."""
+        return _column_logsumexp(logits, self.workspace.q)
+
+    def e_step(self, logits: torch.Tensor, lse: torch.Tensor, log_weights: torch.Tensor
                ) -> tuple[float, torch.Tensor]:
         """Log-likelihood at (atoms, weights) and the weights w = n r (p, K) for the M-step.
 
-        The returned w is a buffer of this problem, overwritten by the next call.
+        ``lse`` are the column log-normalisers of ``logits``. The returned w is a buffer of
+        this problem, overwritten by the next call.
         """
-        lse = _column_logsumexp(logits, self.w)
         joint = torch.sub(logits, lse - log_weights, out=self.w)  # log alpha_k q_k(j)
         top, total = self.rows[:, :1], self.rows[:, 1:]
         torch.amax(joint, 1, keepdim=True, out=top)
         joint.sub_(top).exp_()
         torch.sum(joint, 1, keepdim=True, out=total)
-        w = joint.mul_(self.counts[:, None] / total)  # n_j alpha_k q_k(j) / pi_j
-        log_pi = top.add_(total.log_())
+        log_pi = top.add_(total.log())
+        w = joint.mul_(total.reciprocal_().mul_(self.counts[:, None]))  # n_j alpha_k q_k(j)/pi_j
         loglik = float(self.counts64 @ log_pi.squeeze(1).to(torch.float64))
         return loglik, w
 
     def m_step(self, w: torch.Tensor, atoms: torch.Tensor, log_weights: torch.Tensor,
-               logits: torch.Tensor):
-        """New (atoms, log_weights, logits) and the increase of the EM surrogate Q it makes.
+               logits: torch.Tensor, lse: torch.Tensor):
+        """New (atoms, log_weights, logits, lse) and the increase of the EM surrogate Q.
 
         The increase is N KL(alpha_new || alpha_old) for the weights plus the quadratic-model
         gain (s - s^2/2) g^T H^{-1} g of each component's Newton step. Both come from gradients,
@@ -99,23 +103,25 @@ class _EMProblem:
         log-likelihood itself is resolved only to about 1e-7 relative.
         """
         new_log_weights = torch.log(w.sum(0) / self.total)
-        atoms, logits, info = _newton_step(self.z, w, atoms, logits, self.workspace)
+        atoms, logits, lse, info = _newton_step(self.z, w, atoms, logits, self.workspace, lse)
         # KL(a || b) to second order, 0.5 sum (a - b)^2 / b: no first-order cancellation.
         a, b = new_log_weights.double().exp(), log_weights.double().exp()
         kl = (0.5 * (a - b) ** 2 / b.clamp_min(1e-300)).sum()
         newton = ((info.step - 0.5 * info.step**2) * info.gain).double().sum()
-        return atoms, new_log_weights, logits, float(self.total * kl + newton)
+        return atoms, new_log_weights, logits, lse, float(self.total * kl + newton)
 
     def run(self, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
             bar=None) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
         """Iterate from (atoms, log_weights) until the estimated relative gap is <= tol."""
         logits = self.z @ atoms.T
-        loglik, w = self.e_step(logits, log_weights)
+        lse = self.normalise(logits)
+        loglik, w = self.e_step(logits, lse, log_weights)
         history, gains = [loglik], []
         converged = False
         for _ in range(max_iter):
-            atoms, log_weights, logits, gain = self.m_step(w, atoms, log_weights, logits)
-            loglik, w = self.e_step(logits, log_weights)
+            atoms, log_weights, logits, lse, gain = self.m_step(w, atoms, log_weights, logits,
+                                                                lse)
+            loglik, w = self.e_step(logits, lse, log_weights)
             history.append(loglik)
             gains.append(gain)
             if bar is not None:

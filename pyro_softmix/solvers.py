@@ -81,7 +81,9 @@ class _Workspace:
     """Persistent buffers for repeated Newton steps on one (p, K, r) problem.
 
     Repeated multi-megabyte allocations are costly on CPUs (the allocator hands the memory back
-    to the system and page-faults it in again), so the EM loop reuses these.
+    to the system and page-faults it in again), so the EM loop reuses these. Between steps,
+    ``q`` holds softmax(logits, 0) of the current logits, whose log-normaliser the step returns,
+    so neither the E-step nor the next step recomputes it.
     """
 
     def __init__(self, features: torch.Tensor, num_components: int,
@@ -181,16 +183,23 @@ def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms
     if logits is None:
         logits = features @ atoms.T
     ws = _Workspace(features, atoms.shape[0], chunk_size)
-    return _newton_step(features, weights, atoms, logits, ws, l2=l2,
-                        max_backtracks=max_backtracks)
+    new_atoms, new_logits, _, info = _newton_step(features, weights, atoms, logits, ws, l2=l2,
+                                                  max_backtracks=max_backtracks)
+    return new_atoms, new_logits, info
 
 
-def _newton_step(features, weights, atoms, logits, ws: _Workspace, *, l2: float = 0.0,
-                 max_backtracks: int = 30):
-    """:func:`softmax_regression_step` on preallocated buffers; the returned logits live in
-    one of ``ws.logits`` (never in the ``logits`` passed in)."""
+def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
+                 l2: float = 0.0, max_backtracks: int = 30):
+    """:func:`softmax_regression_step` on preallocated buffers.
+
+    ``lse`` is the column log-normaliser of ``logits`` when ``ws.q`` already holds their
+    softmax (as after a previous step); if None both are computed. Returns ``(new_atoms,
+    new_logits, new_lse, info)``; ``new_logits`` lives in one of ``ws.logits`` (never in the
+    ``logits`` passed in) and ``ws.q`` then holds its softmax.
+    """
     total = weights.sum(0)  # (K,)
-    lse = _column_logsumexp(logits, ws.q)
+    if lse is None:
+        lse = _column_logsumexp(logits, ws.q)
     q = ws.q
     # (K, p) @ (p, r): much faster than features.T @ weights through a transposed view.
     lin = weights.T @ features  # (K, r): w-weighted sums of z
@@ -217,19 +226,25 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, *, l2: float 
     for _ in range(max_backtracks + 1):
         new_atoms = atoms + step[:, None] * direction
         torch.mm(features, new_atoms.T, out=trial)
-        f1 = _objective(lin, total, _column_logsumexp(trial, ws.scratch), new_atoms, l2)
+        new_lse = _column_logsumexp(trial, ws.scratch)  # softmax of the trial in ws.scratch
+        f1 = _objective(lin, total, new_lse, new_atoms, l2)
         ok = (f1 >= f0 + _ARMIJO * step * gain) | (gain <= noise)
         done = done | ok
         if bool(done.all()):
             break
         step = torch.where(done, step, step / 2)
-    if not bool(done.all()):
+    if bool(done.all()):
+        # The last trial is the accepted one: its softmax becomes the current q.
+        ws.q, ws.scratch = ws.scratch, ws.q
+    else:
         # No ascent step found for some components (at a maximum up to rounding): keep them.
         step = torch.where(done, step, torch.zeros_like(step))
         new_atoms = atoms + step[:, None] * direction
         trial.copy_(torch.where(done[None, :], trial, logits))
+        new_lse = _column_logsumexp(trial, ws.q)
         f1 = torch.where(done, f1, f0)
-    return new_atoms, trial, NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1)
+    info = NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1)
+    return new_atoms, trial, new_lse, info
 
 
 @dataclass
@@ -290,18 +305,16 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
         raise ValueError(f"init must have shape ({k}, {r}), got {tuple(t.shape)}")
     tol = 1e3 * torch.finfo(z.dtype).eps if tol is None else tol
     scale = w.sum(0) + 1
-    logits = z @ t.T
+    logits, lse = z @ t.T, None
     ws = _Workspace(z, k, chunk_size)
-    converged, steps = False, 0
-    info = None
+    steps, info, converged = 0, None, False
     for steps in range(1, max_steps + 1):  # noqa: B007
-        t, logits, info = _newton_step(z, w, t, logits, ws, l2=l2)
-        if bool((info.grad.norm(dim=-1) <= tol * scale).all()) or bool((info.step == 0).all()):
-            converged = bool((info.grad.norm(dim=-1) <= tol * scale).all())
+        t, logits, lse, info = _newton_step(z, w, t, logits, ws, lse, l2=l2)
+        converged = bool((info.grad.norm(dim=-1) <= tol * scale).all())
+        if converged or bool((info.step == 0).all()):
             break
-    # Report the gradient at the returned atoms.
-    q = torch.softmax(logits, 0)
-    grad = w.T @ z - w.sum(0)[:, None] * (q.T @ z) - l2 * t
+    # Report the gradient at the returned atoms (ws.q holds their softmax).
+    grad = w.T @ z - w.sum(0)[:, None] * (ws.q.T @ z) - l2 * t
     converged = converged or bool((grad.norm(dim=-1) <= tol * scale).all())
     return SoftmaxRegressionResult(atoms=t, objective=info.objective, grad_norm=grad.norm(dim=-1),
                                    num_steps=steps, converged=converged)

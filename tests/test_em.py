@@ -40,7 +40,8 @@ def test_em_gradient_is_the_loglik_gradient():
     atoms = torch.randn(2, 3)
     log_w = torch.tensor([0.3, 0.7]).log()
     problem = _EMProblem(z, d.counts, 2)
-    ll, w = problem.e_step(z @ atoms.T, log_w)
+    logits = z @ atoms.T
+    ll, w = problem.e_step(logits, problem.normalise(logits), log_w)
     _, _, info = softmax_regression_step(z, w, atoms)
     a = atoms.clone().requires_grad_(True)
     lw = log_w.clone().requires_grad_(True)
