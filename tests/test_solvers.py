@@ -21,7 +21,7 @@ def _objective(z, w, t, l2=0.0):
 def test_gradient_and_hessian_match_autograd(l2):
     z, w = _problem()
     t = torch.randn(3, 3) * 0.5
-    _, _, info = softmax_regression_step(z, w, t, l2=l2)
+    new_t, _, info = softmax_regression_step(z, w, t, l2=l2)
     tt = t.clone().requires_grad_(True)
     grad = torch.autograd.grad(_objective(z, w, tt, l2).sum(), tt)[0]
     assert torch.allclose(info.grad, grad, atol=1e-10)
@@ -33,6 +33,11 @@ def test_gradient_and_hessian_match_autograd(l2):
         cov = _weighted_gram(z, q[:, None])[0] - torch.outer(m, m)
         ours = w[:, k].sum() * cov + l2 * torch.eye(3)
         assert torch.allclose(ours, -hess, atol=1e-10)
+        # The solver's own Newton step uses that Hessian: d = H^{-1} g and gain = g^T H^{-1} g.
+        d = torch.linalg.solve(-hess, grad[k])
+        assert info.gain[k] == pytest.approx(float(grad[k] @ d), rel=1e-8)
+        assert float(info.step[k]) > 0
+        assert torch.allclose((new_t[k] - t[k]) / info.step[k], d, atol=1e-8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
