@@ -184,3 +184,53 @@ def default_chunk_size(num_points: int, width: int, itemsize: int,
                        budget_bytes: int = 256 * 2**20) -> int:
     """Rows per chunk so that a (chunk, width) temporary stays within ``budget_bytes``."""
     return int(max(1024, min(num_points, budget_bytes // max(1, width * itemsize))))
+
+
+def check_groups(groups: Any, counts: Any, tokens: Any, num_points: int):
+    """Grouped data as sparse triplets (group, point, count).
+
+    ``groups`` is either a (N,) integer group id per token (with ``tokens``), or a (G, p) count
+    matrix (then ``counts`` and ``tokens`` must be None). Returns ``(group_index, point_index,
+    values, labels)``: int64 (nnz,), int64 (nnz,), float64 (nnz,) on the CPU, and the (G,) sorted
+    distinct group ids (``arange(G)`` for a count matrix). Empty groups are impossible by
+    construction for ids and are rejected for a matrix.
+    """
+    g = as_tensor(groups, "groups")
+    if g.dim() == 2:
+        if counts is not None or tokens is not None:
+            raise ValueError("groups given as a (G, num_points) count matrix takes no counts= or "
+                             "tokens=; pass group ids per token with tokens= instead")
+        if g.shape[1] != num_points:
+            raise ValueError(f"groups as a count matrix must have shape (G, {num_points}), "
+                             f"got {tuple(g.shape)}")
+        if g.dtype == torch.bool or g.is_complex():
+            raise TypeError(f"groups as a count matrix must be real numeric, got dtype {g.dtype}")
+        g = g.to(torch.float64).cpu()
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError("groups (count matrix) contains NaN or infinite values")
+        if bool((g < 0).any()):
+            raise ValueError(f"groups (count matrix) must be nonnegative, got minimum {float(g.min())}")
+        empty = (g.sum(1) <= 0).nonzero()
+        if empty.numel():
+            raise ValueError(f"groups (count matrix) has {empty.numel()} empty rows (first: row "
+                             f"{int(empty[0, 0])}): every group needs at least one observation")
+        gi, pi = g.nonzero(as_tuple=True)
+        return gi, pi, g[gi, pi], torch.arange(g.shape[0])
+    if g.dim() != 1:
+        raise ValueError(f"groups must be a (N,) id per token or a (G, num_points) count matrix, "
+                         f"got shape {tuple(g.shape)}")
+    if tokens is None:
+        raise ValueError("groups given as ids per observation needs tokens= (shape (N,)), "
+                         "not counts=")
+    if g.is_floating_point() or g.dtype == torch.bool or g.is_complex():
+        raise TypeError(f"groups ids must be integers, got dtype {g.dtype}")
+    t = check_counts(None, tokens, num_points)  # validates tokens
+    del t
+    tok = as_tensor(tokens, "tokens").to(torch.int64).cpu()
+    if g.shape[0] != tok.shape[0]:
+        raise ValueError(f"groups must have one id per token: got {g.shape[0]} ids for "
+                         f"{tok.shape[0]} tokens")
+    labels, inverse = torch.unique(g.to(torch.int64).cpu(), return_inverse=True)
+    pair = inverse * num_points + tok
+    keys, values = torch.unique(pair, return_counts=True)
+    return keys // num_points, keys % num_points, values.to(torch.float64), labels

@@ -30,6 +30,7 @@ from ._checks import (
     as_tensor,
     check_counts,
     check_features,
+    check_groups,
     check_mixing,
     check_num_components,
     check_positive_float,
@@ -71,6 +72,9 @@ class _EMProblem:
         self.workspace = _Workspace(z, num_components, chunk_size)
         self.w = z.new_empty(z.shape[0], num_components)
         self.rows = z.new_empty(z.shape[0], 2)
+        #: The weights' M-step is alpha_k = weight_sums_k / weight_total (N here; G when grouped).
+        self.weight_total = self.total
+        self.weight_sums: torch.Tensor | None = None
 
     def normalise(self, logits: torch.Tensor) -> torch.Tensor:
         """Column log-normalisers of fresh logits (and their softmax into the workspace)."""
@@ -91,6 +95,7 @@ class _EMProblem:
         log_pi = top.add_(total.log())
         w = joint.mul_(total.reciprocal_().mul_(self.counts[:, None]))  # n_j alpha_k q_k(j)/pi_j
         loglik = float(self.counts64 @ log_pi.squeeze(1).to(torch.float64))
+        self.weight_sums = w.sum(0)
         return loglik, w
 
     def m_step(self, w: torch.Tensor, atoms: torch.Tensor, log_weights: torch.Tensor,
@@ -102,13 +107,13 @@ class _EMProblem:
         not from differences of large sums, so they stay accurate in float32 where the
         log-likelihood itself is resolved only to about 1e-7 relative.
         """
-        new_log_weights = torch.log(w.sum(0) / self.total)
+        new_log_weights = torch.log(self.weight_sums / self.weight_total)
         atoms, logits, lse, info = _newton_step(self.z, w, atoms, logits, self.workspace, lse)
         # KL(a || b) to second order, 0.5 sum (a - b)^2 / b: no first-order cancellation.
         a, b = new_log_weights.double().exp(), log_weights.double().exp()
         kl = (0.5 * (a - b) ** 2 / b.clamp_min(1e-300)).sum()
         newton = ((info.step - 0.5 * info.step**2) * info.gain).double().sum()
-        return atoms, new_log_weights, logits, lse, float(self.total * kl + newton)
+        return atoms, new_log_weights, logits, lse, float(self.weight_total * kl + newton)
 
     def run(self, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
             bar=None) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
@@ -132,6 +137,50 @@ class _EMProblem:
                 break
         self.last_gap = _remaining_gap(gains)
         return atoms, log_weights, history, converged
+
+
+class _GroupedEMProblem(_EMProblem):
+    """EM when all draws of a group share one component.
+
+    Group g has counts n_gj (stored sparsely as triplets). Its log-likelihood is
+    log sum_k alpha_k prod_j q_k(j)^{n_gj}; the E-step gives r_gk = P(component k | group g), the
+    M-step weights are alpha_k = sum_g r_gk / G and the atoms' weighted softmax regression uses
+    w_jk = sum_g n_gj r_gk, so the M-step for the atoms is the ungrouped one with these weights.
+    """
+
+    def __init__(self, z: torch.Tensor, group_index: torch.Tensor, point_index: torch.Tensor,
+                 values: torch.Tensor, num_groups: int, num_components: int,
+                 chunk_size: int | None = None):
+        counts = torch.zeros(z.shape[0], dtype=torch.float64).index_add_(0, point_index, values)
+        super().__init__(z, counts, num_components, chunk_size)
+        dev = z.device
+        self.group_index = group_index.to(dev)
+        self.point_index = point_index.to(dev)
+        self.values = values.to(device=dev, dtype=z.dtype)[:, None]
+        self.num_groups = num_groups
+        self.weight_total = float(num_groups)
+        self.group_log_lik: torch.Tensor | None = None
+
+    def e_step(self, logits, lse, log_weights):
+        log_q = torch.sub(logits, lse, out=self.w)
+        per_entry = log_q[self.point_index].mul_(self.values)
+        joint = log_q.new_zeros(self.num_groups, log_q.shape[1]).index_add_(
+            0, self.group_index, per_entry).add_(log_weights)
+        group_ll = torch.logsumexp(joint, 1)
+        self.group_log_lik = group_ll
+        r = joint.sub_(group_ll[:, None]).exp_()  # (G, K) responsibilities
+        self.weight_sums = r.sum(0)
+        w = self.w.zero_().index_add_(0, self.point_index, r[self.group_index].mul_(self.values))
+        return float(group_ll.to(torch.float64).sum()), w
+
+    def responsibilities(self, atoms, log_weights) -> torch.Tensor:
+        logits = self.z @ atoms.T
+        lse = torch.logsumexp(logits, 0)
+        log_q = logits - lse
+        per_entry = log_q[self.point_index] * self.values
+        joint = log_q.new_zeros(self.num_groups, log_q.shape[1]).index_add_(
+            0, self.group_index, per_entry) + log_weights
+        return torch.softmax(joint, 1)
 
 
 #: Largest linear rate assumed by the stopping rule (so the gap estimate is at most 1e4 steps).
@@ -193,6 +242,8 @@ class SoftmaxMixtureFit:
         init: how the final run was started.  seconds: wall time of the whole fit.
         features: the (p, L) features the fit was made on (a reference, not a copy), or None
             after :func:`load_fit` of a file saved without features.
+        num_groups, group_labels, group_responsibilities: for grouped data only (else None):
+            G, the (G,) group ids in the order used, and (G, K) P(component k | group g).
     """
 
     weights: torch.Tensor
@@ -207,6 +258,9 @@ class SoftmaxMixtureFit:
     init: str = "random"
     seconds: float = 0.0
     features: torch.Tensor | None = field(default=None)
+    num_groups: int | None = None
+    group_labels: torch.Tensor | None = None
+    group_responsibilities: torch.Tensor | None = None
 
     @property
     def num_components(self) -> int:
@@ -223,7 +277,9 @@ class SoftmaxMixtureFit:
 
     @property
     def bic(self) -> float:
-        return -2.0 * self.loglik + self.num_params * math.log(self.num_obs)
+        """-2 loglik + num_params log(n), with n the independent units: N draws, or G groups."""
+        units = self.num_obs if self.num_groups is None else self.num_groups
+        return -2.0 * self.loglik + self.num_params * math.log(units)
 
     @property
     def aic(self) -> float:
@@ -273,7 +329,8 @@ class SoftmaxMixtureFit:
         """A short table of the fit."""
         lines = [
             f"Softmax mixture: K={self.num_components}, p={self.num_points}, "
-            f"L={self.num_features} (rank {self.rank}), N={self.num_obs:,.0f}",
+            f"L={self.num_features} (rank {self.rank}), N={self.num_obs:,.0f}"
+            + ("" if self.num_groups is None else f" in G={self.num_groups:,} groups"),
             f"log-likelihood {self.loglik:.8g}   BIC {self.bic:.6g}   AIC {self.aic:.6g}",
             f"{'converged' if self.converged else 'NOT converged'} after {self.n_iter} EM "
             f"iterations ({self.seconds:.2f} s, init={self.init})",
@@ -300,6 +357,7 @@ class SoftmaxMixtureFit:
             "n_iter": self.n_iter, "converged": self.converged, "num_obs": self.num_obs,
             "num_points": self.num_points, "rank": self.rank, "init": self.init,
             "seconds": self.seconds, "dtype": str(self.atoms.dtype).replace("torch.", ""),
+            "num_groups": self.num_groups,
         }
         arrays = {
             "weights": self.weights.detach().cpu().numpy(),
@@ -307,6 +365,9 @@ class SoftmaxMixtureFit:
             "history": np.asarray(self.history, dtype=np.float64),
             "meta": np.array(json.dumps(meta)),
         }
+        if self.num_groups is not None:
+            arrays["group_labels"] = self.group_labels.detach().cpu().numpy()
+            arrays["group_responsibilities"] = self.group_responsibilities.detach().cpu().numpy()
         if include_features:
             if self.features is None:
                 raise ValueError("include_features=True but this fit holds no features")
@@ -329,6 +390,7 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
             raise ValueError(f"{os.fspath(path)!r} is not a pyro-softmix fit file")
         dev = torch.device(device) if device is not None else torch.device("cpu")
         feats = torch.from_numpy(data["features"]).to(dev) if "features" in data else None
+        grouped = meta.get("num_groups") is not None
         return SoftmaxMixtureFit(
             weights=torch.from_numpy(data["weights"]).to(dev),
             atoms=torch.from_numpy(data["atoms"]).to(dev),
@@ -336,7 +398,10 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
             converged=bool(meta["converged"]), history=data["history"].tolist(),
             num_obs=float(meta["num_obs"]), num_points=int(meta["num_points"]),
             rank=int(meta["rank"]), init=str(meta["init"]), seconds=float(meta["seconds"]),
-            features=feats,
+            features=feats, num_groups=meta.get("num_groups"),
+            group_labels=torch.from_numpy(data["group_labels"]).to(dev) if grouped else None,
+            group_responsibilities=(torch.from_numpy(data["group_responsibilities"]).to(dev)
+                                    if grouped else None),
         )
 
 
@@ -365,10 +430,85 @@ def _user_start(init: Any, num_components: int, design: Design, z: torch.Tensor)
     return atoms_z, w.log().to(device=z.device, dtype=z.dtype)
 
 
+def _prepare(features, counts, tokens, groups, num_components, dtype, device, chunk_size):
+    """Validate the data and build the standardised design and the EM engine."""
+    x = check_features(features)
+    p = x.shape[0]
+    k = check_num_components(num_components, p)
+    dtype = resolve_dtype(dtype, as_tensor(features, "features"))
+    device = resolve_device(device, x)
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    if groups is None:
+        n = check_counts(counts, tokens, p)
+        grouped = None
+    else:
+        grouped = check_groups(groups, counts, tokens, p)
+    design = standardize(x, chunk_size=chunk_size)
+    z = design.transform(x, dtype=dtype, device=device, chunk_size=chunk_size)
+    if grouped is None:
+        problem = _EMProblem(z, n.to(device), k, chunk_size)
+        labels = None
+    else:
+        gi, pi, values, labels = grouped
+        problem = _GroupedEMProblem(z, gi, pi, values, int(labels.shape[0]), k, chunk_size)
+    return x, design, z, problem, k, dtype, device, labels
+
+
+def _check_init(init, num_inits):
+    is_start = not isinstance(init, str)
+    if not is_start and init not in ("auto", "random"):
+        raise ValueError(f"init must be 'auto', 'random' or a start with weights and atoms, "
+                         f"got {init!r}")
+    if num_inits is not None:
+        num_inits = check_positive_int(num_inits, "num_inits")
+    return num_inits
+
+
+def _choose_start(problem, design, z, k, init, num_inits, max_iter, tol, seed, progress):
+    """(atoms_z, log_weights, label, prefix): the start of the final EM run."""
+    if not isinstance(init, str):
+        atoms_z, log_w = _user_start(init, k, design, z)
+        return atoms_z, log_w, "given", []
+    gen = make_generator(seed)
+    n_starts = num_inits or (AUTO_NUM_INITS if init == "auto" else 1)
+    uniform = torch.full((k,), -math.log(k), dtype=z.dtype, device=z.device)
+    starts = _random_starts(z, problem.counts, k, n_starts, gen)
+    label = f"{init} (best of {n_starts})" if n_starts > 1 else init
+    if n_starts == 1:
+        return starts[0], uniform, label, []
+    bar = _progress_bar(progress, n_starts * AUTO_SHORT_ITER, "EM starts")
+    best = None
+    for s in starts:
+        a, lw, hist, _ = problem.run(s, uniform, min(AUTO_SHORT_ITER, max_iter), tol, bar)
+        if best is None or hist[-1] > best[0][-1]:
+            best = (hist, a, lw)
+    if bar is not None:
+        bar.close()
+    return best[1], best[2], label, best[0][:-1]
+
+
+def _make_fit(problem, design, x, atoms_z, log_w, history, converged, label, labels,
+              start_time, dtype, device) -> SoftmaxMixtureFit:
+    atoms = design.atoms_from_z(atoms_z.to(torch.float64).to(design.to_atoms.device))
+    group_resp = None
+    if isinstance(problem, _GroupedEMProblem):
+        group_resp = problem.responsibilities(atoms_z, log_w).to(device=device, dtype=dtype)
+    return SoftmaxMixtureFit(
+        weights=log_w.exp().to(device=device, dtype=dtype),
+        atoms=atoms.to(device=device, dtype=dtype),
+        loglik=history[-1], n_iter=len(history) - 1, converged=converged, history=history,
+        num_obs=problem.total, num_points=x.shape[0], rank=design.rank, init=label,
+        seconds=time.perf_counter() - start_time, features=x,
+        num_groups=None if labels is None else int(labels.shape[0]),
+        group_labels=labels, group_responsibilities=group_resp,
+    )
+
+
 def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: Any = "auto",
            num_inits: int | None = None, max_iter: int = 1000, tol: float | None = None,
            device=None, dtype=None, seed=None, progress: bool | None = None,
-           chunk_size: int | None = None) -> SoftmaxMixtureFit:
+           chunk_size: int | None = None, groups=None) -> SoftmaxMixtureFit:
     """Maximum-likelihood fit of a softmax mixture by EM on counts.
 
     The model: P(Y = j) = sum_k alpha_k softmax(X theta_k)_j for support points j = 0..p-1.
@@ -376,7 +516,8 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
     Args:
         features: (p, L) features X of the support points (tensor or array; not modified).
         counts: (p,) nonnegative counts n_j (may be fractional weights). Or:
-        tokens: (N,) integer draws in [0, p). Exactly one of ``counts``/``tokens``.
+        tokens: (N,) integer draws in [0, p). Exactly one of ``counts``/``tokens`` (or neither
+            when ``groups`` is a count matrix).
         num_components: K >= 1.
         init: ``"auto"`` (best of ``num_inits`` random starts after a short EM, default 5),
             ``"random"`` (``num_inits`` random starts, default 1, the best kept), or a start:
@@ -394,9 +535,14 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
         progress: show a progress bar (default: only when stderr is a terminal).
         chunk_size: rows per chunk for the Hessian products and the standardisation pass
             (default: about 4 MB of temporaries per chunk on a CPU, 256 MB on a GPU).
+        groups: grouped data, where all draws of one group come from one component (a panel of
+            choices by one person, a document from one topic): either a (N,) integer group id
+            per token (with ``tokens``), or a (G, p) count matrix (alone). The log-likelihood is
+            then sum_g log sum_k alpha_k prod_j q_k(j)^{n_gj}.
 
     Returns:
-        :class:`SoftmaxMixtureFit` with ``weights`` (K,), ``atoms`` (K, L), ``loglik`` and more.
+        :class:`SoftmaxMixtureFit` with ``weights`` (K,), ``atoms`` (K, L), ``loglik`` and more
+        (with ``groups``: ``num_groups``, ``group_labels`` and ``group_responsibilities``).
 
     Warns:
         ConvergenceWarning: if ``max_iter`` was reached first.
@@ -411,50 +557,14 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
         ((2,), (2, 3))
     """
     start_time = time.perf_counter()
-    x = check_features(features)
-    p = x.shape[0]
-    n = check_counts(counts, tokens, p)
-    k = check_num_components(num_components, p)
     max_iter = check_positive_int(max_iter, "max_iter")
-    dtype = resolve_dtype(dtype, as_tensor(features, "features"))
-    device = resolve_device(device, x)
+    num_inits = _check_init(init, num_inits)
+    x, design, z, problem, k, dtype, device, labels = _prepare(
+        features, counts, tokens, groups, num_components, dtype, device, chunk_size)
     tol = _default_tol(dtype) if tol is None else check_positive_float(tol, "tol", True)
-    if chunk_size is not None:
-        chunk_size = check_positive_int(chunk_size, "chunk_size")
-    is_start = not isinstance(init, str)
-    if not is_start and init not in ("auto", "random"):
-        raise ValueError(f"init must be 'auto', 'random' or a start with weights and atoms, "
-                         f"got {init!r}")
-    if num_inits is not None:
-        num_inits = check_positive_int(num_inits, "num_inits")
 
-    design = standardize(x, chunk_size=chunk_size)
-    z = design.transform(x, dtype=dtype, device=device, chunk_size=chunk_size)
-    problem = _EMProblem(z, n.to(device), k, chunk_size)
-
-    prefix: list[float] = []  # the log-likelihood path of the chosen start before the final run
-    if is_start:
-        atoms_z, log_w = _user_start(init, k, design, z)
-        label = "given"
-    else:
-        gen = make_generator(seed)
-        n_starts = num_inits or (AUTO_NUM_INITS if init == "auto" else 1)
-        uniform = torch.full((k,), -math.log(k), dtype=dtype, device=device)
-        starts = _random_starts(z, problem.counts, k, n_starts, gen)
-        label = f"{init} (best of {n_starts})" if n_starts > 1 else init
-        if n_starts == 1:
-            atoms_z, log_w = starts[0], uniform
-        else:
-            bar = _progress_bar(progress, n_starts * AUTO_SHORT_ITER, "EM starts")
-            best = None
-            for s in starts:
-                a, lw, hist, _ = problem.run(s, uniform, min(AUTO_SHORT_ITER, max_iter), tol, bar)
-                if best is None or hist[-1] > best[0][-1]:
-                    best = (hist, a, lw)
-            if bar is not None:
-                bar.close()
-            prefix, atoms_z, log_w = best[0][:-1], best[1], best[2]
-
+    atoms_z, log_w, label, prefix = _choose_start(problem, design, z, k, init, num_inits,
+                                                  max_iter, tol, seed, progress)
     bar = _progress_bar(progress, max_iter, "EM")
     try:
         atoms_z, log_w, history, converged = problem.run(atoms_z, log_w, max_iter, tol, bar)
@@ -469,11 +579,5 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
             "increase max_iter or continue with init=fit",
             ConvergenceWarning, stacklevel=2,
         )
-    atoms = design.atoms_from_z(atoms_z.to(torch.float64).to(design.to_atoms.device))
-    return SoftmaxMixtureFit(
-        weights=log_w.exp().to(device=device, dtype=dtype),
-        atoms=atoms.to(device=device, dtype=dtype),
-        loglik=history[-1], n_iter=len(history) - 1, converged=converged, history=history,
-        num_obs=problem.total, num_points=p, rank=design.rank, init=label,
-        seconds=time.perf_counter() - start_time, features=x,
-    )
+    return _make_fit(problem, design, x, atoms_z, log_w, history, converged, label, labels,
+                     start_time, dtype, device)

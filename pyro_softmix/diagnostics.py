@@ -1,0 +1,593 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Posterior diagnostics: relabelling, ArviZ conversion, intervals, plots, EM-vs-SVI-vs-NUTS.
+
+The mixture's likelihood is invariant to permuting the components, so draws from different
+chains (or from one chain that switched labels) must be aligned before any per-component
+summary: :func:`relabel_samples` matches each draw's atoms to a reference (usually the EM fit).
+
+ArviZ is imported lazily; :func:`to_arviz` works with ArviZ 0.x (``InferenceData``) and 1.x
+(``DataTree``). Summaries and plots here use only NumPy, Pyro and matplotlib, so they do not
+depend on the ArviZ version.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["FitComparison", "compare_fits", "fisher_intervals", "plot_diagnostics",
+           "posterior_summary", "relabel_samples", "to_arviz"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Relabelling
+# ----------------------------------------------------------------------------------------------
+def _reference_atoms(reference) -> torch.Tensor:
+    if isinstance(reference, torch.Tensor | np.ndarray):
+        return torch.as_tensor(reference, dtype=torch.float64)
+    if isinstance(reference, Mapping):
+        return torch.as_tensor(reference["atoms"], dtype=torch.float64)
+    if hasattr(reference, "atoms"):
+        return reference.atoms.detach().cpu().to(torch.float64)
+    raise TypeError(f"reference must be a fit, a mapping with 'atoms' or a (K, L) tensor, got "
+                    f"{type(reference).__name__}")
+
+
+def relabel_samples(samples: Mapping[str, Any], reference, *, return_permutations: bool = False):
+    """Undo label switching: permute each draw's components to match ``reference``.
+
+    For every draw, the permutation minimising sum_k |atoms[perm[k]] - ref_k|^2 is found
+    (Hungarian algorithm) and applied to ``"atoms"`` (..., K, L), ``"weights"`` (..., K) and,
+    when present, to the labels in ``"assignment"`` (..., N). Other sites are copied unchanged;
+    the input is not modified.
+
+    Args:
+        samples: dict of draws with any leading shape (draws,) or (chains, draws).
+        reference: a fit, a mapping with ``"atoms"``, or a (K, L) tensor of atoms.
+        return_permutations: also return the (..., K) permutations applied
+            (``new[..., k, :] = old[..., perm[k], :]``).
+
+    Example:
+        >>> aligned = relabel_samples(mcmc.get_samples(), fit)  # doctest: +SKIP
+    """
+    if "atoms" not in samples:
+        raise ValueError("samples must contain 'atoms' (..., K, L)")
+    atoms = torch.as_tensor(samples["atoms"])
+    ref = _reference_atoms(reference)
+    if atoms.dim() < 2 or atoms.shape[-2:] != ref.shape:
+        raise ValueError(f"samples['atoms'] must have shape (..., {ref.shape[0]}, {ref.shape[1]})"
+                         f" to match the reference, got {tuple(atoms.shape)}")
+    lead = atoms.shape[:-2]
+    k = ref.shape[0]
+    flat = atoms.detach().cpu().to(torch.float64).reshape(-1, k, ref.shape[1])
+    cost = ((flat[:, :, None, :] - ref[None, None, :, :]) ** 2).sum(-1)  # (S, K_draw, K_ref)
+    perms = np.empty((flat.shape[0], k), dtype=np.int64)
+    for s, c in enumerate(cost.numpy()):
+        rows, cols = linear_sum_assignment(c)
+        perms[s, cols] = rows  # reference slot cols[i] takes draw component rows[i]
+    perm = torch.from_numpy(perms).reshape(lead + (k,))
+    out = dict(samples)
+    dev = atoms.device
+    p_dev = perm.to(dev)
+    out["atoms"] = torch.gather(atoms, -2, p_dev[..., None].expand(atoms.shape))
+    if "weights" in samples:
+        w = torch.as_tensor(samples["weights"])
+        out["weights"] = torch.gather(w, -1, p_dev.to(w.device).expand(w.shape))
+    if "assignment" in samples:
+        z = torch.as_tensor(samples["assignment"])
+        inverse = torch.argsort(p_dev, dim=-1)  # old label c -> new label inverse[c]
+        zl = z.long()
+        inv = inverse.to(z.device)
+        inv = inv.reshape(inv.shape[:-1] + (1,) * (zl.dim() - len(lead)) + (k,))
+        out["assignment"] = torch.gather(inv.expand(zl.shape + (k,)), -1, zl[..., None])[..., 0]
+    return (out, perm) if return_permutations else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Pointwise log-likelihood and ArviZ
+# ----------------------------------------------------------------------------------------------
+def _log_mixture(features, atoms, weights, chunk: int = 256) -> torch.Tensor:
+    """(S, p) log pi for S draws, chunked over draws."""
+    out = []
+    for i in range(0, atoms.shape[0], chunk):
+        a, w = atoms[i:i + chunk], weights[i:i + chunk]
+        comp = torch.log_softmax(a @ features.T, -1)
+        out.append(torch.logsumexp(comp + w.clamp_min(1e-300).log()[..., None], -2))
+    return torch.cat(out)
+
+
+def pointwise_log_likelihood(features, atoms, weights, *, tokens=None, counts=None, groups=None,
+                             max_size: int = 50_000_000) -> torch.Tensor:
+    """Marginal log-likelihood of each observation unit for S draws: (S, N) or (S, G).
+
+    Units are the draws (``tokens``, or ``counts`` expanded to draws) or, for grouped data,
+    the groups: log sum_k w_k prod_j q_k(j)^{n_gj}. Summed over units it is the log-likelihood
+    that EM maximises; this is what ``arviz.loo`` needs.
+
+    Raises:
+        ValueError: if S x units exceeds ``max_size`` (thin the draws or raise the limit).
+    """
+    from ._checks import check_counts, check_groups
+
+    x = torch.as_tensor(features, dtype=torch.float64)
+    atoms = torch.as_tensor(atoms).to(torch.float64).reshape(-1, *atoms.shape[-2:])
+    weights = torch.as_tensor(weights).to(torch.float64).reshape(-1, weights.shape[-1])
+    p = x.shape[0]
+    if groups is not None:
+        gi, pi, values, labels = check_groups(groups, counts, tokens, p)
+        units = int(labels.shape[0])
+    else:
+        n = check_counts(counts, tokens, p)
+        if tokens is not None:
+            tok = torch.as_tensor(tokens).long().cpu()
+        else:
+            if n.is_floating_point() and not bool((n == n.round()).all()):
+                raise ValueError("pointwise log-likelihood needs whole counts (one unit per draw)")
+            tok = torch.repeat_interleave(torch.arange(p), n.long().cpu())
+        units = tok.shape[0]
+    if atoms.shape[0] * units > max_size:
+        raise ValueError(f"{atoms.shape[0]} draws x {units} units exceeds max_size={max_size}: "
+                         "thin the draws or raise max_size")
+    if groups is None:
+        return _log_mixture(x, atoms, weights)[:, tok]
+    out = []
+    for i in range(atoms.shape[0]):
+        comp = torch.log_softmax(atoms[i] @ x.T, -1)  # (K, p)
+        joint = torch.zeros(units, comp.shape[0], dtype=torch.float64).index_add_(
+            0, gi, comp[:, pi].T * values[:, None])
+        out.append(torch.logsumexp(joint + weights[i].clamp_min(1e-300).log(), -1))
+    return torch.stack(out)
+
+
+def _arviz_major() -> int:
+    import arviz as az
+
+    return int(az.__version__.split(".")[0])
+
+
+def _by_chain(samples: Mapping[str, Any], num_chains: int | None) -> dict[str, np.ndarray]:
+    out = {}
+    for name, v in samples.items():
+        a = torch.as_tensor(v).detach().cpu().numpy()
+        if num_chains is not None:
+            a = a.reshape((num_chains, a.shape[0] // num_chains) + a.shape[1:])
+        out[name] = a
+    return out
+
+
+def to_arviz(samples, *, features=None, tokens=None, counts=None, groups=None,
+             num_chains: int | None = None, reference=None, log_likelihood: bool = True,
+             var_names=("weights", "atoms")):
+    """Posterior draws as ArviZ data (``InferenceData`` in ArviZ 0.x, ``DataTree`` in 1.x).
+
+    Args:
+        samples: a Pyro ``MCMC`` (draws grouped by chain) or a dict of draws, either
+            (chains, draws, ...) or, with ``num_chains``, flat (chains * draws, ...).
+        features, tokens / counts / groups: the data, to add the marginal pointwise
+            ``log_likelihood`` (per draw, or per group; see :func:`pointwise_log_likelihood`),
+            so ``arviz.loo`` and ``arviz.waic`` work. Omit ``features`` or pass
+            ``log_likelihood=False`` to skip it.
+        num_chains: see ``samples``; for a dict without it, a single chain is assumed.
+        reference: relabel the draws against this fit first (see :func:`relabel_samples`).
+        var_names: the sites to convert.
+
+    Returns:
+        ArviZ data with groups ``posterior`` (dims ``component``, ``feature``) and, when
+        requested, ``log_likelihood`` (variable ``obs``, dim ``obs_id``).
+    """
+    import arviz as az
+
+    if hasattr(samples, "get_samples"):
+        samples = samples.get_samples(group_by_chain=True)
+        num_chains = None
+    elif not isinstance(samples, Mapping):
+        raise TypeError(f"samples must be an MCMC object or a dict, got {type(samples).__name__}")
+    samples = {k: torch.as_tensor(v) for k, v in samples.items() if k in var_names}
+    missing = {"weights", "atoms"} - set(samples)
+    if missing:
+        raise ValueError(f"samples lacks the sites {sorted(missing)}")
+    if num_chains is None and samples["weights"].dim() == 1:
+        raise ValueError("samples['weights'] must be (chains, draws, K) or (draws, K)")
+    if num_chains is None and samples["atoms"].dim() == 3:  # (draws, K, L): one chain
+        samples = {k: v.unsqueeze(0) for k, v in samples.items()}
+    if num_chains is not None:
+        samples = {k: v.reshape((num_chains, v.shape[0] // num_chains) + v.shape[1:])
+                   for k, v in samples.items()}
+    if reference is not None:
+        samples = relabel_samples(samples, reference)
+    posterior = _by_chain(samples, None)
+    dims = {"weights": ["component"], "atoms": ["component", "feature"]}
+    groups_out: dict[str, dict[str, np.ndarray]] = {"posterior": posterior}
+    if log_likelihood and features is not None:
+        c, d = posterior["weights"].shape[:2]
+        ll = pointwise_log_likelihood(features, samples["atoms"].reshape(c * d, *samples[
+            "atoms"].shape[-2:]), samples["weights"].reshape(c * d, -1), tokens=tokens,
+            counts=counts, groups=groups)
+        groups_out["log_likelihood"] = {"obs": ll.reshape(c, d, -1).numpy()}
+        dims["obs"] = ["obs_id"]
+    if _arviz_major() >= 1:
+        return az.from_dict(groups_out, dims=dims)
+    return az.from_dict(**groups_out, dims=dims)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries and plots (ArviZ-independent)
+# ----------------------------------------------------------------------------------------------
+def _flat_params(samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """(chains, draws) scalars named like weights[0], atoms[1,2]."""
+    out = {}
+    for name in ("weights", "atoms"):
+        v = torch.as_tensor(samples[name]).detach().cpu().to(torch.float64)
+        tail = v.shape[2:]
+        flat = v.reshape(v.shape[:2] + (-1,))
+        for i, idx in enumerate(np.ndindex(*tail)):
+            out[f"{name}[{','.join(map(str, idx))}]"] = flat[..., i]
+    return out
+
+
+def posterior_summary(samples: Mapping[str, Any], *, num_chains: int | None = None,
+                      level: float = 0.9, reference=None) -> list[dict[str, float]]:
+    """Mean, sd, central ``level`` interval, split R-hat and ESS of every scalar parameter.
+
+    Args:
+        samples: dict of (chains, draws, ...) draws, or flat with ``num_chains``, or an MCMC.
+        reference: relabel first against this fit.
+
+    Returns:
+        One dict per scalar (``name``, ``mean``, ``sd``, ``lo``, ``hi``, ``r_hat``, ``ess``).
+    """
+    if hasattr(samples, "get_samples"):
+        samples = samples.get_samples(group_by_chain=True)
+    samples = {k: torch.as_tensor(samples[k]) for k in ("weights", "atoms")}
+    if num_chains is not None:
+        samples = {k: v.reshape((num_chains, v.shape[0] // num_chains) + v.shape[1:])
+                   for k, v in samples.items()}
+    elif samples["atoms"].dim() == 3:
+        samples = {k: v.unsqueeze(0) for k, v in samples.items()}
+    if reference is not None:
+        samples = relabel_samples(samples, reference)
+    rows = []
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    for name, v in _flat_params(samples).items():
+        lo, hi = torch.quantile(v.reshape(-1), q).tolist()
+        ok = v.shape[1] >= 4
+        rows.append(dict(
+            name=name, mean=float(v.mean()), sd=float(v.std()), lo=lo, hi=hi,
+            r_hat=float(split_gelman_rubin(v, 0, 1)) if ok else math.nan,
+            ess=float(effective_sample_size(v, 0, 1)) if ok else math.nan))
+    return rows
+
+
+def format_summary(rows: list[dict[str, float]], level: float = 0.9) -> str:
+    """A text table of :func:`posterior_summary` rows."""
+    pct = f"{100 * level:g}%"
+    lines = [f"{'param':<12} {'mean':>9} {'sd':>8} {pct + ' lo':>9} {pct + ' hi':>9} "
+             f"{'r_hat':>7} {'ess':>8}"]
+    for r in rows:
+        lines.append(f"{r['name']:<12} {r['mean']:9.4f} {r['sd']:8.4f} {r['lo']:9.4f} "
+                     f"{r['hi']:9.4f} {r['r_hat']:7.4f} {r['ess']:8.1f}")
+    return "\n".join(lines)
+
+
+def plot_diagnostics(samples, out_dir: str | os.PathLike, *, num_chains: int | None = None,
+                     reference=None, level: float = 0.9, max_pairs: int = 4) -> dict[str, str]:
+    """Trace, forest and pair plots of the weights and atoms, saved as PNG files.
+
+    Args:
+        samples: as for :func:`posterior_summary`.
+        out_dir: folder for ``trace.png``, ``forest.png``, ``pair.png`` (created if needed).
+        reference: relabel first, and mark these values (e.g. the EM fit) on the forest plot.
+        max_pairs: at most this many parameters in the pair plot.
+
+    Returns:
+        ``{"trace": path, "forest": path, "pair": path}``.
+    """
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if hasattr(samples, "get_samples"):
+        samples = samples.get_samples(group_by_chain=True)
+    samples = {k: torch.as_tensor(samples[k]) for k in ("weights", "atoms")}
+    if num_chains is not None:
+        samples = {k: v.reshape((num_chains, v.shape[0] // num_chains) + v.shape[1:])
+                   for k, v in samples.items()}
+    elif samples["atoms"].dim() == 3:
+        samples = {k: v.unsqueeze(0) for k, v in samples.items()}
+    if reference is not None:
+        samples = relabel_samples(samples, reference)
+    flat = _flat_params(samples)
+    names = list(flat)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+
+    fig, axes = plt.subplots(len(names), 2, figsize=(9, 1.4 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        v = flat[name].numpy()
+        for c in range(v.shape[0]):
+            axes[row, 0].plot(v[c], lw=0.6)
+            axes[row, 1].hist(v[c], bins=30, histtype="step", density=True)
+        axes[row, 0].set_ylabel(name, fontsize=8)
+    axes[0, 0].set_title("trace (one line per chain)")
+    axes[0, 1].set_title("marginal density")
+    fig.tight_layout()
+    paths["trace"] = os.path.join(out_dir, "trace.png")
+    fig.savefig(paths["trace"], dpi=90)
+    plt.close(fig)
+
+    ref_values = None
+    if reference is not None and hasattr(reference, "weights"):
+        ref_values = _flat_params({"weights": reference.weights.detach().cpu()[None, None],
+                                   "atoms": reference.atoms.detach().cpu()[None, None]})
+    q = torch.tensor([(1 - level) / 2, 0.5, (1 + level) / 2], dtype=torch.float64)
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1))
+    for i, name in enumerate(names):
+        lo, mid, hi = torch.quantile(flat[name].reshape(-1), q).tolist()
+        ax.plot([lo, hi], [i, i], color="C0")
+        ax.plot(mid, i, "o", color="C0", ms=4)
+        if ref_values is not None:
+            ax.plot(float(ref_values[name].reshape(-1)[0]), i, "x", color="C3", ms=6)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title(f"{100 * level:g}% intervals" + ("  (x: reference)" if ref_values else ""))
+    fig.tight_layout()
+    paths["forest"] = os.path.join(out_dir, "forest.png")
+    fig.savefig(paths["forest"], dpi=90)
+    plt.close(fig)
+
+    chosen = names[:max_pairs]
+    m = len(chosen)
+    fig, axes = plt.subplots(m, m, figsize=(2 * m, 2 * m), squeeze=False)
+    for i, a in enumerate(chosen):
+        for j, b in enumerate(chosen):
+            ax = axes[i, j]
+            if i == j:
+                ax.hist(flat[a].reshape(-1).numpy(), bins=30)
+            else:
+                ax.plot(flat[b].reshape(-1).numpy(), flat[a].reshape(-1).numpy(), ".", ms=1,
+                        alpha=0.4)
+            if i == m - 1:
+                ax.set_xlabel(b, fontsize=7)
+            if j == 0:
+                ax.set_ylabel(a, fontsize=7)
+    fig.tight_layout()
+    paths["pair"] = os.path.join(out_dir, "pair.png")
+    fig.savefig(paths["pair"], dpi=90)
+    plt.close(fig)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Intervals for the EM estimate and the comparison
+# ----------------------------------------------------------------------------------------------
+def _loglik_fn(features, counts=None, tokens=None, groups=None):
+    from ._checks import check_counts, check_groups
+
+    x = torch.as_tensor(features, dtype=torch.float64)
+    p = x.shape[0]
+    if groups is not None:
+        gi, pi, values, labels = check_groups(groups, counts, tokens, p)
+        g = int(labels.shape[0])
+
+        def loglik(atoms, weights):
+            comp = torch.log_softmax(atoms @ x.T, -1)
+            joint = torch.zeros(g, comp.shape[0], dtype=comp.dtype).index_add(
+                0, gi, comp[:, pi].T * values[:, None])
+            return torch.logsumexp(joint + weights.log(), -1).sum()
+    else:
+        n = check_counts(counts, tokens, p).to(torch.float64)
+
+        def loglik(atoms, weights):
+            comp = torch.log_softmax(atoms @ x.T, -1)
+            return (n * torch.logsumexp(comp + weights.log()[:, None], 0)).sum()
+    return loglik
+
+
+def fisher_intervals(fit, *, counts=None, tokens=None, groups=None, features=None,
+                     level: float = 0.9) -> dict[str, torch.Tensor]:
+    """Wald intervals for an EM fit from the observed information (exact Hessian by autograd).
+
+    The free parameters are the atoms and the first K - 1 weights (the last is 1 minus their
+    sum); the covariance is the pseudo-inverse of minus the Hessian of the log-likelihood, so
+    non-identified directions (rank-deficient features) get no spurious variance.
+
+    Returns:
+        ``{"weights": (K, 2), "atoms": (K, L, 2), "weights_se": (K,), "atoms_se": (K, L)}``
+        with interval columns (lo, hi), in float64 on the CPU.
+    """
+    x = fit.features if features is None else features
+    if x is None:
+        raise ValueError("this fit holds no features: pass features=")
+    x = torch.as_tensor(x).detach().cpu().to(torch.float64)
+    loglik = _loglik_fn(x, counts, tokens, groups)
+    a0 = fit.atoms.detach().cpu().to(torch.float64)
+    w0 = fit.weights.detach().cpu().to(torch.float64)
+    k, dim = a0.shape
+    size = k * dim + k - 1
+    if size > 3000:
+        raise ValueError(f"{size} free parameters: the dense Hessian would be too large")
+
+    def f(theta):
+        atoms = theta[:k * dim].reshape(k, dim)
+        head = theta[k * dim:]
+        weights = torch.cat([head, 1 - head.sum(0, keepdim=True)])
+        return loglik(atoms, weights)
+
+    theta0 = torch.cat([a0.reshape(-1), w0[:-1]])
+    hess = torch.autograd.functional.hessian(f, theta0)
+    cov = torch.linalg.pinv(-hess, hermitian=True)
+    var = cov.diagonal().clamp_min(0)
+    w_var = torch.cat([var[k * dim:], cov[k * dim:, k * dim:].sum().reshape(1).clamp_min(0)])
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor((1 + level) / 2)))
+    a_se = var[:k * dim].sqrt().reshape(k, dim)
+    w_se = w_var.sqrt()
+    return {"atoms": torch.stack([a0 - z * a_se, a0 + z * a_se], -1),
+            "weights": torch.stack([w0 - z * w_se, w0 + z * w_se], -1),
+            "atoms_se": a_se, "weights_se": w_se}
+
+
+@dataclass
+class FitComparison:
+    """Side-by-side results of several fits of one softmax mixture.
+
+    Attributes:
+        methods: method names in order (e.g. ``["EM", "SVI (AutoNormal)", "NUTS"]``).
+        metrics: per method: ``loglik`` at its point estimate, ``elbo`` (SVI) and ``seconds``.
+        params: per method, per scalar parameter name: (estimate, lo, hi).
+        level: the interval level.
+    """
+
+    methods: list[str]
+    metrics: dict[str, dict[str, float]]
+    params: dict[str, dict[str, tuple[float, float, float]]]
+    level: float = 0.9
+    truth: dict[str, float] | None = field(default=None)
+
+    def table(self) -> str:
+        """Metrics and parameter estimates with intervals, as text."""
+        lines = [f"{'method':<22} {'loglik':>14} {'ELBO':>14} {'seconds':>9}"]
+        for m in self.methods:
+            r = self.metrics[m]
+            elbo = r.get("elbo", math.nan)
+            lines.append(f"{m:<22} {r['loglik']:14.4f} {elbo:14.4f} {r['seconds']:9.2f}")
+        lines.append("")
+        head = f"{'param':<12}" + "".join(f" {m[:24]:>26}" for m in self.methods)
+        if self.truth:
+            head += f" {'truth':>9}"
+        lines.append(head + f"   ({100 * self.level:g}% intervals)")
+        for name in self.params[self.methods[0]]:
+            row = f"{name:<12}"
+            for m in self.methods:
+                est, lo, hi = self.params[m][name]
+                row += f" {est:8.3f} [{lo:7.3f},{hi:7.3f}]"
+            if self.truth:
+                row += f" {self.truth.get(name, math.nan):9.3f}"
+            lines.append(row)
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike) -> str:
+        """Forest plot: each parameter's estimate and interval per method (and the truth)."""
+        import matplotlib
+
+        if matplotlib.get_backend().lower() not in ("agg",
+                                                     "module://matplotlib_inline.backend_inline"):
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(self.params[self.methods[0]])
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+        offsets = np.linspace(-0.25, 0.25, len(self.methods))
+        for off, m in zip(offsets, self.methods, strict=True):
+            est = [self.params[m][n][0] for n in names]
+            lo = [self.params[m][n][1] for n in names]
+            hi = [self.params[m][n][2] for n in names]
+            ys = np.arange(len(names)) + off
+            ax.errorbar(est, ys, xerr=[np.subtract(est, lo), np.subtract(hi, est)], fmt="o",
+                        ms=3, lw=1, label=m)
+        if self.truth:
+            ax.plot([self.truth.get(n, np.nan) for n in names], np.arange(len(names)), "k|",
+                    ms=12, label="truth")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.legend(fontsize=7)
+        ax.set_title(f"estimates with {100 * self.level:g}% intervals")
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return os.fspath(path)
+
+
+def _point_params(weights, atoms) -> dict[str, float]:
+    flat = _flat_params({"weights": weights[None, None], "atoms": atoms[None, None]})
+    return {k: float(v.reshape(-1)[0]) for k, v in flat.items()}
+
+
+def _draw_params(weights, atoms, level) -> dict[str, tuple[float, float, float]]:
+    flat = _flat_params({"weights": weights[None], "atoms": atoms[None]})
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    out = {}
+    for name, v in flat.items():
+        lo, hi = torch.quantile(v.reshape(-1), q).tolist()
+        out[name] = (float(v.mean()), lo, hi)
+    return out
+
+
+def compare_fits(model, *, level: float = 0.9, num_samples: int = 1000, truth=None,
+                 seed: int = 0) -> FitComparison:
+    """EM vs SVI vs NUTS on the same data, from a :class:`~pyro_softmix.SoftmaxMixtureModel`.
+
+    Uses whatever the model has fitted (``fit_em``, ``fit_svi``, ``fit_mcmc``): EM's estimate with
+    Wald intervals (:func:`fisher_intervals`); SVI's guide median with intervals from
+    ``num_samples`` guide draws and its final ELBO (mean of the last 10% of steps); NUTS's
+    posterior mean and central intervals. All are relabelled against EM. ``loglik`` is the
+    log-likelihood at each point estimate.
+
+    Args:
+        model: a SoftmaxMixtureModel with at least one fit.
+        truth: optional simulated truth (with ``.weights``, ``.atoms``) to show alongside.
+
+    Returns:
+        :class:`FitComparison` (``.table()``, ``.plot(path)``).
+    """
+    if model.em_fit is None:
+        raise ValueError("compare_fits needs the model's EM fit: call model.fit_em(...) first")
+    data = model.data_kwargs()
+    em = model.em_fit
+    loglik = _loglik_fn(model.features.detach().cpu().to(torch.float64), **data)
+    methods, metrics, params = [], {}, {}
+
+    ci = fisher_intervals(em, level=level, **data)
+    name = "EM"
+    methods.append(name)
+    metrics[name] = {"loglik": em.loglik, "seconds": em.seconds}
+    est = _point_params(em.weights.cpu().double(), em.atoms.cpu().double())
+    lo = _point_params(ci["weights"][:, 0], ci["atoms"][..., 0])
+    hi = _point_params(ci["weights"][:, 1], ci["atoms"][..., 1])
+    params[name] = {k: (est[k], lo[k], hi[k]) for k in est}
+
+    if model.guide is not None:
+        import pyro
+
+        with torch.no_grad():
+            pyro.set_rng_seed(seed)
+            draws = [model.guide(**model.model_kwargs()) for _ in range(num_samples)]
+        w = torch.stack([d["weights"] for d in draws]).cpu().double()
+        a = torch.stack([d["atoms"] for d in draws]).cpu().double()
+        aligned = relabel_samples({"weights": w, "atoms": a}, em)
+        med = model.guide.median(**model.model_kwargs())
+        med = relabel_samples({"weights": med["weights"][None].cpu().double(),
+                               "atoms": med["atoms"][None].cpu().double()}, em)
+        name = f"SVI ({type(model.guide).__name__})"
+        methods.append(name)
+        losses = model.svi_losses or [math.nan]
+        tail = losses[-max(1, len(losses) // 10):]
+        metrics[name] = {"loglik": float(loglik(med["atoms"][0], med["weights"][0])),
+                         "elbo": -float(np.mean(tail)), "seconds": model.svi_seconds}
+        params[name] = _draw_params(aligned["weights"], aligned["atoms"], level)
+
+    if model.mcmc is not None:
+        s = model.mcmc.get_samples()
+        aligned = relabel_samples({"weights": s["weights"].cpu().double(),
+                                   "atoms": s["atoms"].cpu().double()}, em)
+        name = "NUTS"
+        methods.append(name)
+        w_mean, a_mean = aligned["weights"].mean(0), aligned["atoms"].mean(0)
+        metrics[name] = {"loglik": float(loglik(a_mean, w_mean)), "seconds": model.mcmc_seconds}
+        params[name] = _draw_params(aligned["weights"], aligned["atoms"], level)
+
+    truth_params = None
+    if truth is not None:
+        t = relabel_samples({"weights": torch.as_tensor(truth.weights).double()[None],
+                             "atoms": torch.as_tensor(truth.atoms).double()[None]}, em)
+        truth_params = _point_params(t["weights"][0], t["atoms"][0])
+    return FitComparison(methods, metrics, params, level, truth_params)

@@ -1,0 +1,230 @@
+# SPDX-License-Identifier: Apache-2.0
+"""EM inside Pyro: an inference object shaped like ``pyro.infer.SVI``, and init strategies.
+
+:class:`EM` runs the EM of :func:`~pyro_softmix.fit_em` one iteration per :meth:`EM.step` and
+keeps its point estimate in Pyro's param store through an :class:`~pyro.infer.autoguide.AutoDelta`
+guide, so ``Predictive(model, guide=em.guide)`` and ``em.guide.median()`` work as after SVI.
+
+:func:`init_to_em` starts autoguides and ``NUTS`` at an EM solution. ``MCMC`` also accepts
+starting points directly through ``initial_params``, which must be *unconstrained*: see
+:func:`em_initial_params`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import constraints
+from pyro.infer.autoguide import AutoDelta, init_to_median
+
+from .em import (
+    SoftmaxMixtureFit,
+    _check_init,
+    _choose_start,
+    _default_tol,
+    _make_fit,
+    _prepare,
+    _remaining_gap,
+)
+
+__all__ = ["EM", "em_initial_params", "init_to_em"]
+
+
+def _em_values(fit) -> dict[str, torch.Tensor]:
+    if isinstance(fit, Mapping):
+        if not {"weights", "atoms"} <= set(fit):
+            raise ValueError("init_to_em: a mapping needs keys 'weights' and 'atoms'")
+        return {"weights": torch.as_tensor(fit["weights"]), "atoms": torch.as_tensor(fit["atoms"])}
+    if not (hasattr(fit, "weights") and hasattr(fit, "atoms")):
+        raise TypeError(f"init_to_em needs a fit (with .weights and .atoms) or a mapping, got "
+                        f"{type(fit).__name__}")
+    return {"weights": fit.weights.detach(), "atoms": fit.atoms.detach()}
+
+
+def _init_to_em(site, values, fallback):
+    ref = fallback(site)
+    value = values.get(site["name"])
+    if value is None:
+        return ref
+    if value.shape != ref.shape:
+        raise ValueError(f"init_to_em: site {site['name']!r} has shape {tuple(ref.shape)} in the "
+                         f"model but {tuple(value.shape)} in the fit")
+    return value.to(ref)
+
+
+def init_to_em(fit, *, fallback=init_to_median):
+    """Init strategy that sets ``"weights"`` and ``"atoms"`` to an EM solution.
+
+    For autoguides (``init_loc_fn=``) and ``NUTS``/``HMC`` (``init_strategy=``). Values are
+    *constrained* (weights on the simplex), cast to the model's dtype and device; other latent
+    sites use ``fallback``.
+
+    Args:
+        fit: a :class:`~pyro_softmix.SoftmaxMixtureFit` (or anything with ``.weights`` (K,)
+            and ``.atoms`` (K, L)), or a mapping with those keys.
+        fallback: strategy for the other sites (default ``init_to_median``).
+
+    Example:
+        >>> kernel = NUTS(sm.model, init_strategy=init_to_em(fit))  # doctest: +SKIP
+    """
+    return functools.partial(_init_to_em, values=_em_values(fit), fallback=fallback)
+
+
+def em_initial_params(fit, num_chains: int = 1) -> dict[str, torch.Tensor]:
+    """The EM solution as *unconstrained* ``MCMC(initial_params=...)``.
+
+    ``MCMC`` works on the unconstrained space, so the weights go through the inverse of
+    ``biject_to(simplex)`` (stick-breaking); atoms are unconstrained already. With
+    ``num_chains > 1`` a leading chain dimension is added (same start for every chain).
+    """
+    values = _em_values(fit)
+    w = torch.distributions.biject_to(constraints.simplex).inv(values["weights"])
+    out = {"weights": w, "atoms": values["atoms"]}
+    if num_chains > 1:
+        out = {k: v.expand((num_chains,) + v.shape).clone() for k, v in out.items()}
+    return out
+
+
+def _mixture_object(model):
+    """The SoftmaxMixtureModel behind ``model`` (the object or its bound ``.model``)."""
+    obj = model if hasattr(model, "num_components") else getattr(model, "__self__", None)
+    if obj is None or not hasattr(obj, "features") or not hasattr(obj, "num_components"):
+        raise TypeError("EM needs a SoftmaxMixtureModel or its .model method, got "
+                        f"{type(model).__name__}")
+    return obj
+
+
+class EM:
+    """Expectation-maximisation with the loop shape of :class:`pyro.infer.SVI`.
+
+    Each :meth:`step` runs one EM iteration (the first also chooses the start, see ``init``)
+    and returns the loss, the negative log-likelihood -sum_j n_j log pi_j after the step; the
+    loss never increases from one step to the next. The current estimate lives in the param
+    store through :attr:`guide`, an :class:`~pyro.infer.autoguide.AutoDelta` over the
+    ``"weights"`` and ``"atoms"`` sites, so code written for SVI keeps working::
+
+        em = EM(sm.model)                     # instead of SVI(sm.model, guide, Adam(...), ELBO)
+        for _ in range(200):
+            loss = em.step(counts=counts)
+        pred = Predictive(sm.model, guide=em.guide, num_samples=10)(num_obs=1000)
+
+    EM maximises the likelihood; the model's priors are not used. Subsampling arguments are
+    ignored (EM uses all the data, which costs O(p K L) per step on counts).
+
+    Args:
+        model: a :class:`~pyro_softmix.SoftmaxMixtureModel` or its ``.model`` method.
+        guide: an ``AutoDelta`` to write the estimates into (default: a new one).
+        init, num_inits, seed: how the first step starts (as in :func:`~pyro_softmix.fit_em`).
+        tol: the stopping rule's tolerance, exposed as :attr:`converged`.
+        dtype, device, chunk_size: as in :func:`~pyro_softmix.fit_em`.
+    """
+
+    def __init__(self, model, guide: AutoDelta | None = None, *, init: Any = "auto",
+                 num_inits: int | None = None, seed=None, tol: float | None = None, dtype=None,
+                 device=None, chunk_size: int | None = None):
+        self.mixture = _mixture_object(model)
+        if guide is not None and not isinstance(guide, AutoDelta):
+            raise TypeError(f"guide must be an AutoDelta (EM gives point estimates), got "
+                            f"{type(guide).__name__}")
+        self.guide = guide
+        self._options = dict(init=init, num_inits=_check_init(init, num_inits), seed=seed,
+                             tol=tol, dtype=dtype, device=device, chunk_size=chunk_size)
+        self._state = None
+        self._data_key = None
+        self.history: list[float] = []
+        self.gains: list[float] = []
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _setup(self, tokens, counts, groups):
+        o = self._options
+        start = time.perf_counter()
+        x, design, z, problem, k, dtype, device, labels = _prepare(
+            self.mixture.features, counts, tokens, groups, self.mixture.num_components,
+            o["dtype"], o["device"], o["chunk_size"])
+        tol = _default_tol(dtype) if o["tol"] is None else float(o["tol"])
+        init = o["init"] if self._state is None else self.fit  # new data: continue from here
+        atoms_z, log_w, label, prefix = _choose_start(problem, design, z, k, init, o["num_inits"],
+                                                      1000, tol, o["seed"], False)
+        logits = z @ atoms_z.T
+        lse = problem.normalise(logits)
+        loglik, w = problem.e_step(logits, lse, log_w)
+        self._state = dict(x=x, design=design, problem=problem, atoms_z=atoms_z, log_w=log_w,
+                           logits=logits, lse=lse, w=w, label=label, labels=labels, tol=tol,
+                           dtype=dtype, device=device, start=start)
+        self.history = prefix + [loglik]
+        self.gains = []
+        self._write_guide(tokens, counts, groups)
+
+    def _write_guide(self, tokens, counts, groups):
+        s = self._state
+        atoms = s["design"].atoms_from_z(s["atoms_z"].to(torch.float64).to(
+            s["design"].to_atoms.device))
+        values = {"weights": s["log_w"].exp(), "atoms": atoms}
+        if self.guide is None:
+            model = poutine.block(self.mixture.model, hide=["assignment"])
+            self.guide = AutoDelta(model, init_loc_fn=init_to_em(values))
+        if self.guide.prototype_trace is None:
+            self.guide(tokens=tokens, counts=counts, groups=groups)
+        store = pyro.get_param_store()
+        for name, value in values.items():
+            full = self.guide._pyro_get_fullname(name)
+            if full not in store:
+                raise ValueError(f"the guide has no parameter for site {name!r}")
+            store[full] = value.to(store[full])
+
+    @staticmethod
+    def _key(tokens, counts, groups):
+        return tuple(None if v is None else (id(v), tuple(getattr(v, "shape", ())))
+                     for v in (tokens, counts, groups))
+
+    # -- the SVI-shaped interface ----------------------------------------------------------
+    def step(self, tokens=None, counts=None, groups=None, **kwargs) -> float:
+        """One EM iteration on the data; returns the negative log-likelihood after it.
+
+        The data are given as to :meth:`SoftmaxMixtureModel.model`; the same objects should be
+        passed every step (new data restart the engine from the current estimate).
+        """
+        key = self._key(tokens, counts, groups)
+        if self._state is None or key != self._data_key:
+            self._setup(tokens, counts, groups)
+            self._data_key = key
+        s = self._state
+        problem = s["problem"]
+        atoms_z, log_w, logits, lse, gain = problem.m_step(s["w"], s["atoms_z"], s["log_w"],
+                                                           s["logits"], s["lse"])
+        loglik, w = problem.e_step(logits, lse, log_w)
+        s.update(atoms_z=atoms_z, log_w=log_w, logits=logits, lse=lse, w=w)
+        self.history.append(loglik)
+        self.gains.append(gain)
+        self._write_guide(tokens, counts, groups)
+        return -loglik
+
+    def evaluate_loss(self, tokens=None, counts=None, groups=None, **kwargs) -> float:
+        """The current negative log-likelihood (sets up on first use, no iteration)."""
+        if self._state is None or self._key(tokens, counts, groups) != self._data_key:
+            self._setup(tokens, counts, groups)
+            self._data_key = self._key(tokens, counts, groups)
+        return -self.history[-1]
+
+    @property
+    def converged(self) -> bool:
+        """Whether the stopping rule of :func:`~pyro_softmix.fit_em` is met."""
+        if self._state is None:
+            return False
+        return _remaining_gap(self.gains) <= self._state["tol"] * abs(self.history[-1])
+
+    @property
+    def fit(self) -> SoftmaxMixtureFit:
+        """The current estimate as a :class:`~pyro_softmix.SoftmaxMixtureFit`."""
+        if self._state is None:
+            raise RuntimeError("EM has not been stepped yet: call step(...) first")
+        s = self._state
+        return _make_fit(s["problem"], s["design"], s["x"], s["atoms_z"], s["log_w"],
+                         list(self.history), self.converged, s["label"], s["labels"],
+                         s["start"], s["dtype"], s["device"])

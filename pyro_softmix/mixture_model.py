@@ -1,0 +1,411 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``SoftmaxMixtureModel``: the Pyro model object that owns its inference (EM, SVI, NUTS)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, TraceEnum_ELBO, infer_discrete
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoGuide,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
+
+from ._checks import (
+    as_tensor,
+    check_counts,
+    check_features,
+    check_groups,
+    check_num_components,
+    check_positive_float,
+    check_positive_int,
+)
+from .em import SoftmaxMixtureFit, _progress_bar, fit_em
+from .infer import init_to_em
+from .models import collapsed_model, enumerated_model, pad_groups
+
+__all__ = ["SoftmaxMixtureModel"]
+
+_GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal,
+           "mvn": AutoMultivariateNormal, "delta": AutoDelta}
+
+
+class SoftmaxMixtureModel:
+    """A softmax mixture as a Pyro model, with EM, SVI and NUTS fitting (one data set at a time).
+
+    The model (site names ``"weights"``, ``"atoms"``, ``"assignment"``, ``"obs"``)::
+
+        weights ~ Dirichlet(concentration * ones(K));   atoms ~ atoms_prior  (K, L)
+        obs: draws from sum_k weights_k softmax(X atoms_k)     (assignment enumerated or summed)
+
+    In the style of ``pyro.contrib.epidemiology.CompartmentalModel``: the fit methods take the
+    data once, remember it, and keep their results as attributes (:attr:`em_fit`,
+    :attr:`guide` and :attr:`svi_losses`, :attr:`mcmc`), which :meth:`predictive`,
+    :meth:`to_arviz` and :func:`~pyro_softmix.compare_fits` then use.
+
+    Args:
+        features: (p, L) support-point features X.
+        num_components: K.
+        concentration: Dirichlet concentration of the weights prior (1: uniform on the simplex).
+        prior_scale: scale of the default Normal prior on the atoms, per unit standard
+            deviation of each feature (see :func:`~pyro_softmix.models.default_atoms_prior`).
+        atoms_prior, weights_prior: distributions replacing the defaults.
+        dtype: float dtype of the model (default: the features' dtype if float64/float32).
+
+    Example:
+        >>> data = psm.simulate(num_points=500, num_features=4, num_components=3,
+        ...                     num_obs=20_000, seed=0)                 # doctest: +SKIP
+        >>> sm = psm.SoftmaxMixtureModel(data.features, num_components=3)
+        >>> fit = sm.fit_em(counts=data.counts)                         # point estimate
+        >>> mcmc = sm.fit_mcmc(num_samples=200, warmup_steps=200)       # NUTS from EM
+        >>> idata = sm.to_arviz()                                       # ArviZ diagnostics
+    """
+
+    def __init__(self, features, num_components: int, *, concentration: float = 1.0,
+                 prior_scale: float = 5.0, atoms_prior=None, weights_prior=None, dtype=None):
+        x = check_features(features)
+        if dtype is not None:
+            x = x.to(dtype)
+        elif x.dtype not in (torch.float32, torch.float64):
+            x = x.to(torch.get_default_dtype())
+        self.features = x
+        self.num_components = check_num_components(num_components, x.shape[0])
+        self.concentration = check_positive_float(concentration, "concentration")
+        self.prior_scale = check_positive_float(prior_scale, "prior_scale")
+        self.atoms_prior = atoms_prior
+        self.weights_prior = weights_prior
+        self.em_fit: SoftmaxMixtureFit | None = None
+        self.guide: AutoGuide | None = None
+        self.svi_losses: list[float] | None = None
+        self.svi_seconds = 0.0
+        self.mcmc: MCMC | None = None
+        self.mcmc_seconds = 0.0
+        self._data: dict[str, Any] | None = None
+        self._collapsed = True
+
+    # -- the model -------------------------------------------------------------------------
+    def _priors(self) -> dict[str, Any]:
+        return dict(weights_prior=self.weights_prior, atoms_prior=self.atoms_prior,
+                    concentration=self.concentration, prior_scale=self.prior_scale)
+
+    def model(self, tokens=None, counts=None, groups=None, *, num_obs=None,
+              subsample_size: int | None = None, collapsed: bool | None = None,
+              validate: bool = True):
+        """The Pyro model on the given data (composable; see :mod:`pyro_softmix.models`).
+
+        Args:
+            tokens: (N,) draws, or (G, T) padded groups; counts: (p,) counts; groups: (N,) ids
+                with ``tokens`` or a (G, p) count matrix. None of them: generate ``num_obs``.
+            collapsed: use :func:`~pyro_softmix.models.collapsed_model` (default when the data
+                are counts) or :func:`~pyro_softmix.models.enumerated_model` (default for
+                tokens and for generation).
+            subsample_size: minibatch size of the data plate (enumerated) or groups plate.
+        """
+        if collapsed is None:
+            collapsed = tokens is None and (counts is not None or groups is not None)
+        if collapsed:
+            return collapsed_model(self.features, self.num_components, counts, tokens=tokens,
+                                   groups=groups, num_obs=num_obs, subsample_size=subsample_size,
+                                   validate=validate, **self._priors())
+        if counts is not None or (groups is not None and as_tensor(groups, "groups").dim() == 2):
+            tokens, groups = _expand_counts(counts, groups, self.features.shape[0])
+        return enumerated_model(self.features, self.num_components, tokens, groups=groups,
+                                num_obs=num_obs, subsample_size=subsample_size,
+                                validate=validate, **self._priors())
+
+    # -- data ------------------------------------------------------------------------------
+    def _set_data(self, tokens, counts, groups) -> None:
+        if tokens is None and counts is None and groups is None:
+            if self._data is None:
+                raise ValueError("no data: pass tokens=, counts= or groups=")
+            return
+        p = self.features.shape[0]
+        if groups is not None:
+            gi, pi, values, labels = check_groups(groups, counts, tokens, p)
+            matrix = torch.zeros(int(labels.shape[0]), p, dtype=self.features.dtype)
+            matrix[gi, pi] = values.to(self.features.dtype)
+            padded = None
+            if tokens is not None:
+                padded, _ = pad_groups(tokens, groups)
+            self._data = dict(given=dict(tokens=tokens, counts=counts, groups=groups),
+                              collapsed={"groups": matrix.to(self.features.device)},
+                              enumerated=None if padded is None else {"tokens": padded})
+        else:
+            n = check_counts(counts, tokens, p)
+            tok = None if tokens is None else as_tensor(tokens, "tokens").long()
+            self._data = dict(given=dict(tokens=tokens, counts=counts, groups=None),
+                              collapsed={"counts": n.to(device=self.features.device,
+                                                        dtype=self.features.dtype)},
+                              enumerated=None if tok is None else {"tokens": tok})
+        self.em_fit = None  # new data: earlier fits no longer apply
+        self.guide, self.svi_losses, self.mcmc = None, None, None
+
+    def data_kwargs(self) -> dict[str, Any]:
+        """The current data as ``tokens``/``counts``/``groups`` keywords (as given)."""
+        if self._data is None:
+            raise ValueError("no data yet: call a fit method with data first")
+        return {k: v for k, v in self._data["given"].items() if v is not None}
+
+    def model_kwargs(self, collapsed: bool | None = None) -> dict[str, Any]:
+        """Keywords for :meth:`model` on the current (checked) data."""
+        if self._data is None:
+            raise ValueError("no data yet: call a fit method with data first")
+        collapsed = self._collapsed if collapsed is None else collapsed
+        if collapsed:
+            return dict(self._data["collapsed"], collapsed=True, validate=False)
+        enum = self._data["enumerated"]
+        if enum is None:  # counts only: expand them into draws
+            c = self._data["collapsed"]
+            tokens, groups = _expand_counts(c.get("counts"), c.get("groups"),
+                                            self.features.shape[0])
+            enum = {"tokens": tokens if groups is None else pad_groups(tokens, groups)[0]}
+            self._data["enumerated"] = enum
+        return dict(enum, collapsed=False, validate=False)
+
+    def _bound_model(self, collapsed: bool, subsample_size=None):
+        kwargs = self.model_kwargs(collapsed)
+        if subsample_size is not None:
+            kwargs["subsample_size"] = subsample_size
+
+        def bound():
+            return self.model(**kwargs)
+        return bound
+
+    # -- inference -------------------------------------------------------------------------
+    def fit_em(self, tokens=None, counts=None, groups=None, **options) -> SoftmaxMixtureFit:
+        """Maximum-likelihood fit by EM (:func:`~pyro_softmix.fit_em`); stored as :attr:`em_fit`.
+
+        ``options`` go to :func:`~pyro_softmix.fit_em` (``init``, ``seed``, ``max_iter``, ...).
+        """
+        self._set_data(tokens, counts, groups)
+        self.em_fit = fit_em(self.features, num_components=self.num_components,
+                             **self.data_kwargs(), **options)
+        return self.em_fit
+
+    def _init_strategy(self, init, em_options):
+        if isinstance(init, str):
+            if init != "em":
+                raise ValueError(f"init must be 'em' or a fit/mapping with weights and atoms, "
+                                 f"got {init!r}")
+            if self.em_fit is None:
+                self.fit_em(**(em_options or {}))
+            return init_to_em(self.em_fit)
+        return init_to_em(init)
+
+    def fit_svi(self, tokens=None, counts=None, groups=None, *, init: Any = "em",
+                guide: str | AutoGuide = "normal", num_steps: int = 1000, lr: float = 0.01,
+                collapsed: bool = True, subsample_size: int | None = None,
+                num_particles: int = 1, init_scale: float = 0.01, seed: int | None = 0,
+                progress: bool | None = None, em_options: dict | None = None) -> list[float]:
+        """Variational fit by SVI, started at the EM solution; returns the losses (-ELBO).
+
+        Args:
+            init: ``"em"`` (the stored EM fit, fitted first if missing) or a fit/mapping.
+            guide: ``"normal"`` (AutoNormal), ``"lowrank"`` (AutoLowRankMultivariateNormal),
+                ``"mvn"`` (AutoMultivariateNormal), ``"delta"`` (AutoDelta, MAP), or an autoguide
+                built over ``poutine.block(model, hide=["assignment"])``.
+            num_steps, lr: Adam steps and learning rate.
+            collapsed: the collapsed model (exact, O(p K L) per step; default) or the enumerated
+                one with ``TraceEnum_ELBO`` (O(N K), minibatches by ``subsample_size``).
+            init_scale: initial scale of the Normal guides around the EM solution.
+            seed: for Pyro's RNG (guide draws); None leaves it alone.
+
+        The guide and the losses are stored as :attr:`guide` and :attr:`svi_losses`.
+        """
+        self._set_data(tokens, counts, groups)
+        num_steps = check_positive_int(num_steps, "num_steps")
+        check_positive_float(lr, "lr")
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        start = time.perf_counter()
+        strategy = self._init_strategy(init, em_options)
+        self._collapsed = bool(collapsed)
+        model = self._bound_model(self._collapsed, subsample_size)
+        hidden = poutine.block(model, hide=["assignment"])
+        if isinstance(guide, str):
+            if guide not in _GUIDES:
+                raise ValueError(f"guide must be one of {sorted(_GUIDES)} or an AutoGuide, got "
+                                 f"{guide!r}")
+            cls = _GUIDES[guide]
+            kw = {} if cls is AutoDelta else {"init_scale": init_scale}
+            guide = cls(hidden, init_loc_fn=strategy, **kw)
+        elif not callable(guide):
+            raise TypeError(f"guide must be a name or a guide, got {type(guide).__name__}")
+        loss = (Trace_ELBO(num_particles=num_particles) if self._collapsed
+                else TraceEnum_ELBO(max_plate_nesting=1, num_particles=num_particles))
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss)
+        losses = []
+        bar = _progress_bar(progress, num_steps, "SVI")
+        for _ in range(num_steps):
+            losses.append(float(svi.step()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.6g}", refresh=False)
+        if bar is not None:
+            bar.close()
+        self.guide, self.svi_losses = guide, losses
+        self.svi_seconds = time.perf_counter() - start
+        return losses
+
+    def fit_mcmc(self, tokens=None, counts=None, groups=None, *, init: Any = "em",
+                 num_samples: int = 500, warmup_steps: int = 500, num_chains: int = 1,
+                 collapsed: bool = True, seed: int | None = 0, progress: bool | None = None,
+                 em_options: dict | None = None, **nuts_options) -> MCMC:
+        """NUTS started at the EM solution; returns (and stores as :attr:`mcmc`) the ``MCMC``.
+
+        Args:
+            init: ``"em"`` or a fit/mapping (see :meth:`fit_svi`).
+            collapsed: sample the collapsed model (default; cost independent of N) or the
+                enumerated one (the assignment summed out by Pyro's enumeration).
+            num_chains: chains; Pyro runs them in parallel processes when CPUs allow.
+            nuts_options: passed to ``NUTS`` (``target_accept_prob``, ``max_tree_depth``, ...).
+        """
+        self._set_data(tokens, counts, groups)
+        num_samples = check_positive_int(num_samples, "num_samples")
+        warmup_steps = check_positive_int(warmup_steps, "warmup_steps", minimum=0)
+        num_chains = check_positive_int(num_chains, "num_chains")
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        start = time.perf_counter()
+        strategy = self._init_strategy(init, em_options)
+        self._collapsed = bool(collapsed)
+        model = self._bound_model(self._collapsed)
+        nuts_options.setdefault("max_plate_nesting", 1)
+        kernel = NUTS(model, init_strategy=strategy, **nuts_options)
+        if progress is None:
+            progress = False
+        mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
+                    num_chains=num_chains, disable_progbar=not progress)
+        mcmc.run()
+        self.mcmc = mcmc
+        self.mcmc_seconds = time.perf_counter() - start
+        return mcmc
+
+    # -- after fitting ---------------------------------------------------------------------
+    def _params(self, params) -> dict[str, torch.Tensor]:
+        if params is None:
+            if self.em_fit is None:
+                raise ValueError("no EM fit: call fit_em(...) or pass params=")
+            params = self.em_fit
+        if hasattr(params, "weights"):
+            params = {"weights": params.weights, "atoms": params.atoms}
+        return {k: torch.as_tensor(params[k]).to(self.features) for k in ("weights", "atoms")}
+
+    def infer_assignments(self, tokens=None, groups=None, *, params=None, sample: bool = False,
+                          temperature: int = 1):
+        """Posterior component of each observation (or group) at given parameter values.
+
+        Args:
+            tokens, groups: the observations (default: the stored data, which must be tokens).
+            params: a fit or mapping with ``weights`` and ``atoms`` (default: :attr:`em_fit`).
+            sample: False: return (N, K) (or (G, K)) responsibilities P(assignment | obs).
+                True: return assignments drawn by Pyro's ``infer_discrete`` (temperature 1) or
+                the MAP assignment (``temperature=0``).
+        """
+        if tokens is None:
+            enum = self.model_kwargs(collapsed=False)
+            tok = enum["tokens"]
+        else:
+            tok = as_tensor(tokens, "tokens").long()
+            if groups is not None:
+                tok = pad_groups(tok, groups)[0]
+            elif tok.dim() == 1:
+                check_counts(None, tok, self.features.shape[0])
+        values = self._params(params)
+        if not sample:
+            comp = torch.log_softmax(values["atoms"] @ self.features.T, -1)  # (K, p)
+            log_w = values["weights"].log()
+            if tok.dim() == 2:
+                per = torch.where(tok[..., None] >= 0, comp.T[tok.clamp_min(0)], 0.0).sum(1)
+                return torch.softmax(per + log_w, -1)
+            return torch.softmax(comp.T[tok] + log_w, -1)
+        conditioned = poutine.condition(self.model, data=values)
+        discrete = infer_discrete(conditioned, first_available_dim=-2, temperature=temperature)
+        trace = poutine.trace(discrete).get_trace(tokens=tok, collapsed=False, validate=False)
+        return trace.nodes["assignment"]["value"]
+
+    def posterior_samples(self, source: str = "auto", num_samples: int = 1000,
+                          relabel: bool = True) -> dict[str, torch.Tensor]:
+        """Draws of ``weights`` and ``atoms`` from NUTS, the SVI guide or (repeated) EM.
+
+        ``source="auto"`` prefers NUTS, then SVI, then EM. Draws are relabelled against the
+        EM fit when there is one.
+        """
+        if source == "auto":
+            source = "mcmc" if self.mcmc is not None else "svi" if self.guide is not None else "em"
+        if source == "mcmc":
+            if self.mcmc is None:
+                raise ValueError("no MCMC run: call fit_mcmc(...) first")
+            s = self.mcmc.get_samples()
+            out = {"weights": s["weights"], "atoms": s["atoms"]}
+        elif source == "svi":
+            if self.guide is None:
+                raise ValueError("no SVI guide: call fit_svi(...) first")
+            with torch.no_grad():
+                draws = [self.guide(**self.model_kwargs()) for _ in range(num_samples)]
+            out = {k: torch.stack([d[k] for d in draws]) for k in ("weights", "atoms")}
+        elif source == "em":
+            v = self._params(None)
+            out = {k: v[k].expand((num_samples,) + v[k].shape) for k in v}
+        else:
+            raise ValueError(f"source must be 'auto', 'mcmc', 'svi' or 'em', got {source!r}")
+        if relabel and self.em_fit is not None and source != "em":
+            from .diagnostics import relabel_samples
+
+            out = relabel_samples(out, self.em_fit)
+        return out
+
+    def predictive(self, num_samples: int = 100, *, source: str = "auto",
+                   num_obs: float | None = None, collapsed: bool = True) -> dict[str, torch.Tensor]:
+        """Posterior predictive draws: ``obs`` (counts, or tokens with ``collapsed=False``).
+
+        Parameter draws come from :meth:`posterior_samples` (``source``); ``num_obs`` defaults
+        to the size of the stored data (N).
+        """
+        draws = self.posterior_samples(source, num_samples)
+        n = draws["weights"].shape[0]
+        if num_obs is None:
+            if self._data is None:
+                raise ValueError("pass num_obs= (no stored data)")
+            c = self._data["collapsed"]
+            num_obs = float((c["counts"] if "counts" in c else c["groups"]).sum())
+        pred = Predictive(self.model, posterior_samples=draws, num_samples=n,
+                          return_sites=["weights", "atoms", "obs"])
+        kw = {"num_obs": num_obs, "collapsed": collapsed}
+        if not collapsed:
+            kw["num_obs"] = int(round(num_obs))
+        return pred(**kw)
+
+    def to_arviz(self, *, log_likelihood: bool = True):
+        """The NUTS draws as ArviZ data, relabelled against EM, with the pointwise
+        log-likelihood (see :func:`pyro_softmix.to_arviz`)."""
+        from .diagnostics import to_arviz
+
+        if self.mcmc is None:
+            raise ValueError("no MCMC run: call fit_mcmc(...) first")
+        data = self.data_kwargs() if log_likelihood else {}
+        return to_arviz(self.mcmc, features=self.features if log_likelihood else None,
+                        reference=self.em_fit, log_likelihood=log_likelihood, **data)
+
+
+def _expand_counts(counts, groups, p: int):
+    """Whole counts (p,) or a (G, p) count matrix -> tokens (N,) and group ids (or None)."""
+    if groups is not None:
+        m = as_tensor(groups, "groups")
+        if m.is_floating_point() and not bool((m == m.round()).all()):
+            raise ValueError("the enumerated model needs whole counts in groups")
+        m = m.long().cpu()
+        gi, pi = m.nonzero(as_tuple=True)
+        reps = m[gi, pi]
+        return torch.repeat_interleave(pi, reps), torch.repeat_interleave(gi, reps)
+    n = check_counts(counts, None, p)
+    if n.is_floating_point() and not bool((n == n.round()).all()):
+        raise ValueError("the enumerated model needs whole counts (one draw per count)")
+    return torch.repeat_interleave(torch.arange(p), n.long().cpu()), None

@@ -1,0 +1,363 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The softmax mixture as Pyro models.
+
+Two model functions share the sample sites ``"weights"`` (K,), ``"atoms"`` (K, L) and ``"obs"``:
+
+* :func:`enumerated_model`: one ``"assignment"`` per observation (or per group), marked for
+  parallel enumeration inside a data plate, so ``TraceEnum_ELBO``, ``infer_discrete`` and
+  ``NUTS`` sum it out exactly (``max_plate_nesting=1``);
+* :func:`collapsed_model`: the assignment already summed out and the data reduced to counts,
+  so its cost is O(p K L) whatever N is.
+
+On the same values both give the same log joint density: sum_j n_j log pi_j (ungrouped) or
+sum_g log sum_k alpha_k prod_j q_k(j)^{n_gj} (grouped), plus the priors. Neither includes the
+multinomial coefficient, which does not depend on the parameters.
+
+Both compose inside a user's model: pass ``weights=`` / ``atoms=`` values computed there (e.g.
+atoms that are a regression on covariates) or ``atoms_prior=`` a distribution whose parameters
+were sampled there (a hierarchical prior).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.torch_distribution import TorchDistribution
+from pyro.ops.indexing import Vindex
+from torch.distributions import constraints
+
+from ._checks import as_tensor, check_counts, check_features, check_groups, check_num_components
+
+__all__ = ["MixtureCounts", "collapsed_model", "default_atoms_prior", "enumerated_model",
+           "pad_groups"]
+
+
+class MixtureCounts(TorchDistribution):
+    r"""Likelihood of a count vector (or of G count vectors) under a softmax mixture.
+
+    Ungrouped (``grouped=False``): counts n (..., p) with
+    :math:`\log p(n) = \sum_j n_j \log \pi_j`, :math:`\pi = \sum_k w_k q_k`.
+    Grouped: each of G count vectors comes from one component,
+    :math:`\log p(n_g) = \log \sum_k w_k \prod_j q_k(j)^{n_{gj}}`.
+
+    The multinomial coefficient is left out (it does not depend on the parameters), so the value
+    equals the marginal log-likelihood of the underlying draws and matches
+    :func:`enumerated_model` exactly. :meth:`sample` draws multinomial counts with
+    ``total_count`` draws (rounded to an integer).
+
+    Args:
+        component_logits: (K, p) normalised log q_k(j) (leading batch dims allowed: (..., K, p)).
+        weights: (..., K) mixture weights.
+        total_count: N (ungrouped) or (G,) draws per group (grouped).
+        grouped: see above.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.independent(constraints.nonnegative, 1)
+
+    def __init__(self, component_logits: torch.Tensor, weights: torch.Tensor, total_count,
+                 grouped: bool = False, validate_args=None):
+        self.component_logits = component_logits
+        self.weights = weights
+        self.grouped = grouped
+        self.total_count = torch.as_tensor(total_count, dtype=component_logits.dtype,
+                                           device=component_logits.device)
+        p = component_logits.shape[-1]
+        batch = torch.broadcast_shapes(component_logits.shape[:-2], weights.shape[:-1])
+        if grouped:
+            batch = torch.broadcast_shapes(batch + (1,), self.total_count.shape)
+        super().__init__(batch, torch.Size([p]), validate_args=validate_args)
+
+    def _log_weights(self):
+        return self.weights.clamp_min(torch.finfo(self.weights.dtype).tiny).log()
+
+    def mixture_logits(self) -> torch.Tensor:
+        """(..., p) log pi_j."""
+        return torch.logsumexp(self.component_logits + self._log_weights()[..., None], -2)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        if not self.grouped:
+            return (value * self.mixture_logits()).sum(-1)
+        # (..., G, p) x (..., K, p) -> (..., G, K)
+        per_comp = value @ self.component_logits.transpose(-1, -2)
+        return torch.logsumexp(per_comp + self._log_weights()[..., None, :], -1)
+
+    def sample(self, sample_shape=()):
+        shape = torch.Size(sample_shape) + self.batch_shape
+        with torch.no_grad():
+            if self.grouped:
+                k = dist.Categorical(self.weights[..., None, :].expand(shape + self.weights.shape[-1:])
+                                     ).sample()
+                logits = Vindex(self.component_logits.unsqueeze(-3))[..., k, :]
+            else:
+                logits = self.mixture_logits().expand(shape + self.event_shape)
+            total = self.total_count.expand(shape).round().long()
+            out = torch.zeros(shape + self.event_shape, dtype=logits.dtype, device=logits.device)
+            flat_logits = logits.reshape(-1, logits.shape[-1])
+            flat_out = out.reshape(-1, out.shape[-1])
+            for i, n in enumerate(total.reshape(-1).tolist()):
+                draws = torch.multinomial(flat_logits[i].softmax(-1), int(n), replacement=True)
+                flat_out[i] = torch.bincount(draws, minlength=out.shape[-1]).to(out.dtype)
+            return flat_out.reshape(out.shape)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(MixtureCounts, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.component_logits = self.component_logits
+        new.weights = self.weights
+        new.grouped = self.grouped
+        new.total_count = self.total_count.expand(batch_shape) if self.grouped else self.total_count
+        super(MixtureCounts, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+
+# ----------------------------------------------------------------------------------------------
+# Priors
+# ----------------------------------------------------------------------------------------------
+def _feature_scales(features: torch.Tensor) -> torch.Tensor:
+    sd = features.std(0)
+    return torch.where(sd > 0, sd, torch.ones_like(sd))
+
+
+def default_atoms_prior(features: torch.Tensor, num_components: int, prior_scale: float = 5.0):
+    """Normal(0, prior_scale / sd(X[:, l])) on every atom coordinate, event shape (K, L).
+
+    The scale is per feature so that ``prior_scale`` is in units of the logit change per
+    standard deviation of that feature: invariant to rescaling a column of X.
+    """
+    scale = prior_scale / _feature_scales(features)
+    return dist.Normal(torch.zeros_like(scale), scale).expand(
+        (num_components, features.shape[1])).to_event(2)
+
+
+def _as_atoms_prior(prior, k: int, l_dim: int):
+    if not isinstance(prior, torch.distributions.Distribution):
+        raise TypeError(f"atoms_prior must be a distribution, got {type(prior).__name__}")
+    d = prior
+    try:
+        if d.event_dim == 0:
+            d = d.expand(torch.broadcast_shapes(d.batch_shape, (k, l_dim))).to_event(2)
+        elif d.event_dim == 1:
+            d = d.expand(torch.broadcast_shapes(d.batch_shape, (k,))).to_event(1)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"atoms_prior must broadcast to shape ({k}, {l_dim}): {e}") from None
+    if d.batch_shape != () or d.event_shape != (k, l_dim):
+        raise ValueError(f"atoms_prior must have batch_shape + event_shape ({k}, {l_dim}), got "
+                         f"{tuple(d.batch_shape)} + {tuple(d.event_shape)}")
+    return d
+
+
+def _global_sites(features, k, weights, atoms, weights_prior, atoms_prior, concentration,
+                  prior_scale):
+    """Sample (or take) the weights and atoms; returns them."""
+    if weights is None:
+        if weights_prior is None:
+            conc = torch.full((k,), float(concentration), dtype=features.dtype,
+                              device=features.device)
+            weights_prior = dist.Dirichlet(conc)
+        weights = pyro.sample("weights", weights_prior)
+    if atoms is None:
+        prior = (default_atoms_prior(features, k, prior_scale) if atoms_prior is None
+                 else _as_atoms_prior(atoms_prior, k, features.shape[1]))
+        atoms = pyro.sample("atoms", prior)
+    if atoms.shape[-2:] != (k, features.shape[1]):
+        raise ValueError(f"atoms must have shape (..., {k}, {features.shape[1]}), "
+                         f"got {tuple(atoms.shape)}")
+    if weights.shape[-1] != k:
+        raise ValueError(f"weights must have shape (..., {k}), got {tuple(weights.shape)}")
+    return weights, atoms
+
+
+def _component_logits(features, atoms):
+    return torch.log_softmax(atoms @ features.T, dim=-1)  # (..., K, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data preparation (done once by SoftmaxMixtureModel; by the functions on every call)
+# ----------------------------------------------------------------------------------------------
+def pad_groups(tokens, groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens with a group id each -> a (G, T) matrix padded with -1, and the (G,) group ids.
+
+    Row g holds the tokens of the g-th smallest group id in their original order; T is the size
+    of the largest group. This is the grouped input of :func:`enumerated_model`.
+
+    Example:
+        >>> pad_groups(torch.tensor([3, 1, 2]), torch.tensor([7, 5, 7]))[0]
+        tensor([[ 1, -1],
+                [ 3,  2]])
+    """
+    t = as_tensor(tokens, "tokens").to(torch.int64)
+    g = as_tensor(groups, "groups")
+    if g.dim() != 1 or g.shape != t.shape:
+        raise ValueError(f"groups must be a (N,) id per token like tokens {tuple(t.shape)}, got "
+                         f"shape {tuple(g.shape)}")
+    if g.is_floating_point() or g.dtype == torch.bool:
+        raise TypeError(f"groups ids must be integers, got dtype {g.dtype}")
+    labels, inverse, sizes = torch.unique(g.to(torch.int64), return_inverse=True,
+                                          return_counts=True)
+    order = torch.sort(inverse, stable=True).indices
+    starts = torch.cumsum(sizes, 0) - sizes
+    position = torch.arange(t.shape[0], device=t.device) - starts[inverse[order]]
+    out = torch.full((labels.shape[0], int(sizes.max())), -1, dtype=torch.int64, device=t.device)
+    out[inverse[order], position] = t[order]
+    return out, labels
+
+
+def _check_tokens(tokens, p: int) -> torch.Tensor:
+    t = as_tensor(tokens, "tokens")
+    if t.dim() == 2:  # padded groups
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"tokens must be integers, got dtype {t.dtype}")
+        if bool((t >= p).any()) or bool((t < -1).any()):
+            raise ValueError(f"padded tokens must lie in [0, {p - 1}] or be -1 (padding)")
+        if not bool((t >= 0).any(1).all()):
+            raise ValueError("padded tokens have an empty group (a row of only -1)")
+        return t.long()
+    check_counts(None, t, p)
+    return t.long()
+
+
+# ----------------------------------------------------------------------------------------------
+# The models
+# ----------------------------------------------------------------------------------------------
+def enumerated_model(features, num_components: int, tokens=None, *, groups=None,
+                     num_obs: int | None = None, weights=None, atoms=None, weights_prior=None,
+                     atoms_prior=None, concentration: float = 1.0, prior_scale: float = 5.0,
+                     subsample_size: int | None = None, validate: bool = True) -> torch.Tensor:
+    """The per-observation softmax mixture with an enumerated ``"assignment"`` site.
+
+    ::
+
+        weights ~ Dirichlet(concentration)                      (K,)
+        atoms   ~ atoms_prior (default: default_atoms_prior)     (K, L)
+        for i in plate("data", N, subsample_size):
+            assignment[i] ~ Categorical(weights)                 enumerated in parallel
+            obs[i] ~ Categorical(log_softmax(X atoms[assignment[i]]))
+
+    Grouped data (``groups=`` ids per token, or ``tokens`` already padded to (G, T) with -1 by
+    :func:`pad_groups`): the plate is ``"groups"`` over G, one assignment per group, and
+    ``"obs"`` holds each group's (T,) tokens as one event (padding masked out).
+
+    Run it with ``TraceEnum_ELBO(max_plate_nesting=1)``, ``infer_discrete(first_available_dim=-2)``
+    or ``NUTS(..., max_plate_nesting=1)``; guides must hide ``"assignment"``
+    (e.g. ``AutoNormal(poutine.block(model, hide=["assignment"]))``).
+
+    Args:
+        features: (p, L) tensor X.
+        num_components: K.
+        tokens: (N,) observed draws in [0, p), or (G, T) padded groups, or None (then
+            ``num_obs`` draws are generated).
+        groups: (N,) group id per token (optional).
+        num_obs: N when ``tokens`` is None (prior predictive).
+        weights, atoms: values to use instead of sampling these sites (composition).
+        weights_prior, atoms_prior: distributions replacing the defaults; ``atoms_prior`` may
+            have any batch shape that broadcasts to (K, L).
+        concentration: Dirichlet concentration of the default weights prior.
+        prior_scale: scale of the default atoms prior (see :func:`default_atoms_prior`).
+        subsample_size: minibatch size of the data plate (for SVI).
+        validate: check the data (turn off inside tight loops once checked).
+
+    Returns:
+        The observed (or generated) ``"obs"`` values of the plate's (sub)sample.
+
+    Example:
+        >>> x = torch.randn(50, 2)
+        >>> elbo = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)
+        >>> def model(): enumerated_model(x, 2, torch.tensor([0, 3, 3]))
+        >>> def guide(): pass
+        >>> loss = elbo.loss(model, guide)  # doctest: +SKIP
+    """
+    features = check_features(features) if validate else features
+    k = check_num_components(num_components, features.shape[0]) if validate else num_components
+    p = features.shape[0]
+    if groups is not None:
+        if tokens is None:
+            raise ValueError("groups= needs tokens= (one group id per token)")
+        tokens, _ = pad_groups(tokens, groups)
+    elif tokens is not None and validate:
+        tokens = _check_tokens(tokens, p)
+    weights, atoms = _global_sites(features, k, weights, atoms, weights_prior, atoms_prior,
+                                   concentration, prior_scale)
+    comp = _component_logits(features, atoms)  # (..., K, p)
+    if tokens is not None and tokens.dim() == 2:
+        num_groups, width = tokens.shape
+        with pyro.plate("groups", num_groups, subsample_size=subsample_size) as idx:
+            z = pyro.sample("assignment", dist.Categorical(weights),
+                            infer={"enumerate": "parallel"})
+            logits = Vindex(comp)[..., z, :]  # (..., Gs or 1, p)
+            toks = tokens[idx]
+            batch = torch.broadcast_shapes(logits.shape[:-1], toks.shape[:1])
+            obs_dist = (dist.Categorical(logits=logits.unsqueeze(-2))
+                        .expand(batch + (width,)).mask(toks >= 0).to_event(1))
+            return pyro.sample("obs", obs_dist, obs=toks.clamp_min(0))
+    if tokens is None and num_obs is None:
+        raise ValueError("pass tokens= (observed data) or num_obs= (to generate data)")
+    size = tokens.shape[0] if tokens is not None else int(num_obs)
+    with pyro.plate("data", size, subsample_size=subsample_size) as idx:
+        z = pyro.sample("assignment", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        obs = None if tokens is None else tokens[idx]
+        return pyro.sample("obs", dist.Categorical(logits=Vindex(comp)[..., z, :]), obs=obs)
+
+
+def collapsed_model(features, num_components: int, counts=None, *, tokens=None, groups=None,
+                    num_obs: float | None = None, weights=None, atoms=None, weights_prior=None,
+                    atoms_prior=None, concentration: float = 1.0, prior_scale: float = 5.0,
+                    subsample_size: int | None = None, validate: bool = True) -> torch.Tensor:
+    """The softmax mixture on counts, with the assignment summed out (no discrete site).
+
+    ::
+
+        weights ~ Dirichlet(concentration);  atoms ~ atoms_prior
+        obs ~ MixtureCounts(q(atoms), weights, N)                       counts (p,)
+
+    or, for grouped data, ``obs[g] ~ MixtureCounts(..., grouped=True)`` in plate ``"groups"``
+    over the rows of a (G, p) count matrix. Same posterior as :func:`enumerated_model` on the
+    same data; the cost per evaluation is O(p K L) (plus O(G p K) grouped) instead of O(N K).
+
+    Args:
+        features: (p, L) tensor X.
+        num_components: K.
+        counts: (p,) counts; or ``tokens`` (N,) (counted here); or ``groups``: a (G, p) count
+            matrix alone, or (N,) group ids with ``tokens``. None of them: generate ``num_obs``
+            draws.
+        Other arguments as in :func:`enumerated_model`; ``subsample_size`` applies to groups.
+
+    Returns:
+        The observed (or generated) counts.
+    """
+    features = check_features(features) if validate else features
+    k = check_num_components(num_components, features.shape[0]) if validate else num_components
+    p = features.shape[0]
+    matrix = None
+    if groups is not None and not validate and groups.dim() == 2:
+        matrix = groups  # a checked (G, p) count matrix
+    elif groups is not None:
+        gi, pi, values, labels = check_groups(groups, counts, tokens, p)
+        matrix = torch.zeros(int(labels.shape[0]), p, dtype=features.dtype)
+        matrix[gi, pi] = values.to(features.dtype)
+        matrix = matrix.to(features.device)
+    elif counts is not None or tokens is not None:
+        counts = check_counts(counts, tokens, p) if validate else counts
+        counts = counts.to(device=features.device, dtype=features.dtype)
+    elif num_obs is None:
+        raise ValueError("pass counts=, tokens= or groups= (observed data) or num_obs= "
+                         "(to generate data)")
+    weights, atoms = _global_sites(features, k, weights, atoms, weights_prior, atoms_prior,
+                                   concentration, prior_scale)
+    comp = _component_logits(features, atoms)
+    if matrix is not None:
+        with pyro.plate("groups", matrix.shape[0], subsample_size=subsample_size) as idx:
+            rows = matrix[idx]
+            return pyro.sample("obs", MixtureCounts(comp, weights, rows.sum(-1), grouped=True),
+                               obs=rows)
+    total = float(counts.sum()) if counts is not None else float(num_obs)
+    if not math.isfinite(total) or total <= 0:
+        raise ValueError(f"num_obs must be positive, got {num_obs}")
+    return pyro.sample("obs", MixtureCounts(comp, weights, total), obs=counts)
+
