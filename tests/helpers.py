@@ -30,3 +30,16 @@ def best_permutation(est, ref):
     k = ref.shape[0]
     return min(itertools.permutations(range(k)),
                key=lambda perm: float((est[list(perm)] - ref).norm()))
+
+
+def brute_grouped_loglik(features, tokens, groups, atoms, weights):
+    """sum_g log sum_k w_k prod_{i in g} q_k(y_i), by explicit loops over groups and draws."""
+    total = 0.0
+    for g in sorted(set(groups.tolist())):
+        members = [int(t) for t, h in zip(tokens.tolist(), groups.tolist(), strict=True) if h == g]
+        terms = []
+        for c in range(atoms.shape[0]):
+            q = torch.softmax(features @ atoms[c], 0)
+            terms.append(float(weights[c]) * float(torch.prod(q[members])))
+        total += float(torch.tensor(sum(terms)).log())
+    return total

@@ -1,0 +1,155 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Relabelling, ArviZ conversion, summaries, intervals, plots and the comparison."""
+
+import math
+
+import pytest
+import torch
+
+import pyro_softmix as psm
+from pyro_softmix import diagnostics
+from pyro_softmix.diagnostics import pointwise_log_likelihood
+
+from .helpers import brute_grouped_loglik, brute_loglik
+
+
+def _draws(chains=2, draws=30, K=3, L=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, -3.0]])[:K, :L]
+    atoms = ref + 0.1 * torch.randn(chains, draws, K, L, generator=g)
+    weights = torch.softmax(torch.randn(chains, draws, K, generator=g) * 0.1, -1)
+    return ref, atoms, weights
+
+
+def test_relabel_recovers_known_permutations():
+    ref, atoms, weights = _draws()
+    g = torch.Generator().manual_seed(1)
+    perms = torch.stack([torch.randperm(3, generator=g) for _ in range(60)]).reshape(2, 30, 3)
+    shuffled_atoms = torch.gather(atoms, -2, perms[..., None].expand(atoms.shape))
+    shuffled_w = torch.gather(weights, -1, perms)
+    z = torch.randint(0, 3, (2, 30, 5), generator=g)
+    # Under the shuffle, component perms[k] became label k: old label c -> argsort(perm)[c].
+    shuffled_z = torch.gather(torch.argsort(perms, -1), -1, z)
+    samples = {"atoms": shuffled_atoms, "weights": shuffled_w, "assignment": shuffled_z,
+               "other": torch.ones(2)}
+    out, applied = psm.relabel_samples(samples, ref, return_permutations=True)
+    assert torch.equal(out["atoms"], atoms) and torch.equal(out["weights"], weights)
+    assert torch.equal(out["assignment"], z)
+    assert torch.equal(torch.gather(perms, -1, applied), torch.arange(3).expand(2, 30, 3))
+    assert out["other"] is samples["other"] and samples["atoms"] is shuffled_atoms  # untouched
+    with pytest.raises(ValueError, match="shape"):
+        psm.relabel_samples({"atoms": atoms[..., :1]}, ref)
+
+
+def test_pointwise_log_likelihood_sums_to_the_brute_force_loglik():
+    d = psm.simulate(num_points=10, num_features=2, num_components=2, num_obs=40, seed=0,
+                     return_tokens=True)
+    atoms = torch.stack([d.atoms, d.atoms.flip(0)])
+    weights = torch.stack([d.weights, d.weights.flip(0)])
+    ll = pointwise_log_likelihood(d.features, atoms, weights, tokens=d.tokens)
+    assert ll.shape == (2, 40)
+    for s in range(2):
+        assert float(ll[s].sum()) == pytest.approx(brute_loglik(d.features, d.counts, atoms[s],
+                                                                weights[s]), rel=1e-12)
+    assert torch.allclose(pointwise_log_likelihood(d.features, atoms, weights, counts=d.counts)
+                          .sum(1), ll.sum(1))
+    groups = torch.arange(40) % 7
+    llg = pointwise_log_likelihood(d.features, atoms, weights, tokens=d.tokens, groups=groups)
+    assert llg.shape == (2, 7)
+    assert float(llg[0].sum()) == pytest.approx(brute_grouped_loglik(
+        d.features, d.tokens, groups, atoms[0], weights[0]), rel=1e-12)
+    with pytest.raises(ValueError, match="max_size"):
+        pointwise_log_likelihood(d.features, atoms, weights, tokens=d.tokens, max_size=10)
+
+
+def test_to_arviz_round_trips_shapes_and_log_likelihood():
+    import arviz as az
+
+    d = psm.simulate(num_points=10, num_features=2, num_components=3, num_obs=50, seed=0,
+                     return_tokens=True)
+    ref, atoms, weights = _draws()
+    idata = psm.to_arviz({"atoms": atoms, "weights": weights}, features=d.features,
+                         tokens=d.tokens, reference=ref)
+    post = idata.posterior if hasattr(idata, "posterior") else idata["posterior"]
+    assert tuple(post["atoms"].shape) == (2, 30, 3, 2)
+    assert tuple(post["weights"].shape) == (2, 30, 3)
+    ll = idata.log_likelihood["obs"].values
+    assert ll.shape == (2, 30, 50)
+    expected = brute_loglik(d.features, d.counts, atoms[1, 7], weights[1, 7])
+    assert float(ll[1, 7].sum()) == pytest.approx(expected, rel=1e-12)
+    # Flat draws with num_chains, and ArviZ's own diagnostics run on the result.
+    flat = psm.to_arviz({"atoms": atoms.reshape(60, 3, 2), "weights": weights.reshape(60, 3)},
+                        num_chains=2, log_likelihood=False)
+    assert tuple(flat.posterior["atoms"].shape) == (2, 30, 3, 2)
+    assert float(az.rhat(flat)["weights"].max()) < 1.2
+
+
+def test_to_arviz_uses_the_v1_signature(monkeypatch):
+    """ArviZ 1.x takes one dict of groups; the call is built for it when 1.x is installed."""
+    import arviz as az
+
+    calls = {}
+
+    def fake_from_dict(data=None, **kwargs):
+        calls["data"], calls["kwargs"] = data, kwargs
+        return "tree"
+    monkeypatch.setattr(diagnostics, "_arviz_major", lambda: 1)
+    monkeypatch.setattr(az, "from_dict", fake_from_dict)
+    ref, atoms, weights = _draws()
+    assert psm.to_arviz({"atoms": atoms, "weights": weights}) == "tree"
+    assert set(calls["data"]) == {"posterior"}
+    assert calls["data"]["posterior"]["atoms"].shape == (2, 30, 3, 2)
+    assert calls["kwargs"]["dims"]["atoms"] == ["component", "feature"]
+
+
+def test_posterior_summary_rhat_and_ess():
+    ref, atoms, weights = _draws(chains=4, draws=200)
+    rows = psm.posterior_summary({"atoms": atoms, "weights": weights})
+    assert len(rows) == 3 + 6
+    assert all(abs(r["r_hat"] - 1) < 0.05 for r in rows)  # i.i.d. draws
+    assert all(r["ess"] > 400 for r in rows)
+    atom = next(r for r in rows if r["name"] == "atoms[0,0]")
+    assert atom["lo"] < 3.0 < atom["hi"] and atom["sd"] == pytest.approx(0.1, rel=0.15)
+    shifted = atoms.clone()
+    shifted[0] += 1.0  # one chain elsewhere: R-hat must flag it
+    bad = psm.posterior_summary({"atoms": shifted, "weights": weights})
+    assert max(r["r_hat"] for r in bad) > 1.5
+    text = diagnostics.format_summary(rows)
+    assert "atoms[2,1]" in text and "r_hat" in text
+
+
+def test_fisher_intervals_match_the_closed_form_for_one_component():
+    """K = 1 is a softmax regression: information N Cov_q(x), covariance its inverse."""
+    d = psm.simulate(num_points=200, num_features=3, num_components=1, num_obs=20_000, seed=0)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=1)
+    ci = psm.fisher_intervals(fit, counts=d.counts, level=0.9)
+    q = torch.softmax(d.features @ fit.atoms[0], 0)
+    xc = d.features - q @ d.features
+    info = d.counts.sum() * (xc.T * q) @ xc
+    se = torch.linalg.inv(info).diagonal().sqrt()
+    assert torch.allclose(ci["atoms_se"][0], se, rtol=1e-6)
+    assert torch.allclose(ci["atoms"][0, :, 1] - ci["atoms"][0, :, 0], 2 * 1.6448536 * se,
+                          rtol=1e-6)
+    assert float(ci["weights_se"][0]) < 1e-6  # the single weight is fixed at 1
+
+
+def test_plots_and_compare_fits(tmp_path):
+    d = psm.simulate(num_points=80, num_features=2, num_components=2, num_obs=4000, seed=0)
+    sm = psm.SoftmaxMixtureModel(d.features, 2)
+    fit = sm.fit_em(counts=d.counts, seed=0)
+    sm.fit_svi(num_steps=30)
+    sm.fit_mcmc(num_samples=8, warmup_steps=8, max_tree_depth=3)
+    paths = psm.plot_diagnostics(sm.mcmc, tmp_path / "diag", reference=fit)
+    for p in paths.values():
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    cmp = psm.compare_fits(sm, truth=d)
+    assert cmp.methods == ["EM", "SVI (AutoNormal)", "NUTS"]
+    assert cmp.metrics["EM"]["loglik"] == fit.loglik
+    est, lo, hi = cmp.params["EM"]["weights[0]"]
+    assert est == pytest.approx(float(fit.weights[0])) and lo < est < hi
+    assert math.isfinite(cmp.metrics["SVI (AutoNormal)"]["elbo"])
+    assert "NUTS" in cmp.table() and "truth" in cmp.table()
+    assert cmp.plot(tmp_path / "cmp.png").endswith("cmp.png")
+    idata = sm.to_arviz()
+    assert idata.log_likelihood["obs"].shape == (1, 8, 4000)
