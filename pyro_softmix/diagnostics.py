@@ -44,7 +44,7 @@ def _reference_atoms(reference) -> torch.Tensor:
 def relabel_samples(samples: Mapping[str, Any], reference, *, return_permutations: bool = False):
     """Undo label switching: permute each draw's components to match ``reference``.
 
-    For every draw, the permutation minimising sum_k |atoms[perm[k]] - ref_k|^2 is found
+    For every draw, the permutation minimising ``sum_k ||atoms[perm[k]] - ref_k||^2`` is found
     (Hungarian algorithm) and applied to ``"atoms"`` (..., K, L), ``"weights"`` (..., K) and,
     when present, to the labels in ``"assignment"`` (..., N). Other sites are copied unchanged;
     the input is not modified.

@@ -326,7 +326,7 @@ def collapsed_model(features, num_components: int, counts=None, *, tokens=None, 
         counts: (p,) counts; or ``tokens`` (N,) (counted here); or ``groups``: a (G, p) count
             matrix alone, or (N,) group ids with ``tokens``. None of them: generate ``num_obs``
             draws.
-        Other arguments as in :func:`enumerated_model`; ``subsample_size`` applies to groups.
+        others: as in :func:`enumerated_model`; ``subsample_size`` applies to groups.
 
     Returns:
         The observed (or generated) counts.
