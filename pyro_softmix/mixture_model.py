@@ -121,7 +121,13 @@ class SoftmaxMixtureModel:
                                 validate=validate, **self._priors())
 
     # -- data ------------------------------------------------------------------------------
-    def _set_data(self, tokens, counts, groups) -> None:
+    def set_data(self, tokens=None, counts=None, groups=None) -> None:
+        """Give the model its data (done by the fit methods); drops results of earlier data.
+
+        Validates once, and keeps the forms each model needs (counts or a count matrix for
+        the collapsed model, tokens or padded groups for the enumerated one; see
+        :meth:`model_kwargs`). With no arguments, keeps the current data.
+        """
         if tokens is None and counts is None and groups is None:
             if self._data is None:
                 raise ValueError("no data: pass tokens=, counts= or groups=")
@@ -184,7 +190,7 @@ class SoftmaxMixtureModel:
 
         ``options`` go to :func:`~pyro_softmix.fit_em` (``init``, ``seed``, ``max_iter``, ...).
         """
-        self._set_data(tokens, counts, groups)
+        self.set_data(tokens, counts, groups)
         self.em_fit = fit_em(self.features, num_components=self.num_components,
                              **self.data_kwargs(), **options)
         return self.em_fit
@@ -219,7 +225,7 @@ class SoftmaxMixtureModel:
 
         The guide and the losses are stored as :attr:`guide` and :attr:`svi_losses`.
         """
-        self._set_data(tokens, counts, groups)
+        self.set_data(tokens, counts, groups)
         num_steps = check_positive_int(num_steps, "num_steps")
         check_positive_float(lr, "lr")
         if seed is not None:
@@ -267,7 +273,7 @@ class SoftmaxMixtureModel:
             num_chains: chains; Pyro runs them in parallel processes when CPUs allow.
             nuts_options: passed to ``NUTS`` (``target_accept_prob``, ``max_tree_depth``, ...).
         """
-        self._set_data(tokens, counts, groups)
+        self.set_data(tokens, counts, groups)
         num_samples = check_positive_int(num_samples, "num_samples")
         warmup_steps = check_positive_int(warmup_steps, "warmup_steps", minimum=0)
         num_chains = check_positive_int(num_chains, "num_chains")
