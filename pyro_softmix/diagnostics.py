@@ -233,6 +233,30 @@ def _flat_params(samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _chain_samples(samples, num_chains, reference) -> dict[str, torch.Tensor]:
+    """Weights and atoms as (chains, draws, ...) tensors, relabelled against ``reference``."""
+    if hasattr(samples, "get_samples"):
+        samples = samples.get_samples(group_by_chain=True)
+    samples = {k: torch.as_tensor(samples[k]) for k in ("weights", "atoms")}
+    if num_chains is not None:
+        samples = {k: v.reshape((num_chains, v.shape[0] // num_chains) + v.shape[1:])
+                   for k, v in samples.items()}
+    elif samples["atoms"].dim() == 3:
+        samples = {k: v.unsqueeze(0) for k, v in samples.items()}
+    if reference is not None:
+        samples = relabel_samples(samples, reference)
+    return samples
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, **kwargs):
+    """A figure for a file, without pyplot (so the user's backend and figures are untouched)."""
+    from matplotlib.figure import Figure
+
+    figsize = kwargs.pop("figsize", None)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
 def posterior_summary(samples: Mapping[str, Any], *, num_chains: int | None = None,
                       level: float = 0.9, reference=None) -> list[dict[str, float]]:
     """Mean, sd, central ``level`` interval, split R-hat and ESS of every scalar parameter.
@@ -244,16 +268,7 @@ def posterior_summary(samples: Mapping[str, Any], *, num_chains: int | None = No
     Returns:
         One dict per scalar (``name``, ``mean``, ``sd``, ``lo``, ``hi``, ``r_hat``, ``ess``).
     """
-    if hasattr(samples, "get_samples"):
-        samples = samples.get_samples(group_by_chain=True)
-    samples = {k: torch.as_tensor(samples[k]) for k in ("weights", "atoms")}
-    if num_chains is not None:
-        samples = {k: v.reshape((num_chains, v.shape[0] // num_chains) + v.shape[1:])
-                   for k, v in samples.items()}
-    elif samples["atoms"].dim() == 3:
-        samples = {k: v.unsqueeze(0) for k, v in samples.items()}
-    if reference is not None:
-        samples = relabel_samples(samples, reference)
+    samples = _chain_samples(samples, num_chains, reference)
     rows = []
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     for name, v in _flat_params(samples).items():
@@ -290,28 +305,13 @@ def plot_diagnostics(samples, out_dir: str | os.PathLike, *, num_chains: int | N
     Returns:
         ``{"trace": path, "forest": path, "pair": path}``.
     """
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if hasattr(samples, "get_samples"):
-        samples = samples.get_samples(group_by_chain=True)
-    samples = {k: torch.as_tensor(samples[k]) for k in ("weights", "atoms")}
-    if num_chains is not None:
-        samples = {k: v.reshape((num_chains, v.shape[0] // num_chains) + v.shape[1:])
-                   for k, v in samples.items()}
-    elif samples["atoms"].dim() == 3:
-        samples = {k: v.unsqueeze(0) for k, v in samples.items()}
-    if reference is not None:
-        samples = relabel_samples(samples, reference)
+    samples = _chain_samples(samples, num_chains, reference)
     flat = _flat_params(samples)
     names = list(flat)
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
 
-    fig, axes = plt.subplots(len(names), 2, figsize=(9, 1.4 * len(names)), squeeze=False)
+    fig, axes = _subplots(len(names), 2, figsize=(9, 1.4 * len(names)), squeeze=False)
     for row, name in enumerate(names):
         v = flat[name].numpy()
         for c in range(v.shape[0]):
@@ -323,14 +323,13 @@ def plot_diagnostics(samples, out_dir: str | os.PathLike, *, num_chains: int | N
     fig.tight_layout()
     paths["trace"] = os.path.join(out_dir, "trace.png")
     fig.savefig(paths["trace"], dpi=90)
-    plt.close(fig)
 
     ref_values = None
     if reference is not None and hasattr(reference, "weights"):
         ref_values = _flat_params({"weights": reference.weights.detach().cpu()[None, None],
                                    "atoms": reference.atoms.detach().cpu()[None, None]})
     q = torch.tensor([(1 - level) / 2, 0.5, (1 + level) / 2], dtype=torch.float64)
-    fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1))
+    fig, ax = _subplots(figsize=(6, 0.3 * len(names) + 1))
     for i, name in enumerate(names):
         lo, mid, hi = torch.quantile(flat[name].reshape(-1), q).tolist()
         ax.plot([lo, hi], [i, i], color="C0")
@@ -343,11 +342,10 @@ def plot_diagnostics(samples, out_dir: str | os.PathLike, *, num_chains: int | N
     fig.tight_layout()
     paths["forest"] = os.path.join(out_dir, "forest.png")
     fig.savefig(paths["forest"], dpi=90)
-    plt.close(fig)
 
     chosen = names[:max_pairs]
     m = len(chosen)
-    fig, axes = plt.subplots(m, m, figsize=(2 * m, 2 * m), squeeze=False)
+    fig, axes = _subplots(m, m, figsize=(2 * m, 2 * m), squeeze=False)
     for i, a in enumerate(chosen):
         for j, b in enumerate(chosen):
             ax = axes[i, j]
@@ -363,7 +361,6 @@ def plot_diagnostics(samples, out_dir: str | os.PathLike, *, num_chains: int | N
     fig.tight_layout()
     paths["pair"] = os.path.join(out_dir, "pair.png")
     fig.savefig(paths["pair"], dpi=90)
-    plt.close(fig)
     return paths
 
 
@@ -477,15 +474,8 @@ class FitComparison:
 
     def plot(self, path: str | os.PathLike) -> str:
         """Forest plot: each parameter's estimate and interval per method (and the truth)."""
-        import matplotlib
-
-        if matplotlib.get_backend().lower() not in ("agg",
-                                                     "module://matplotlib_inline.backend_inline"):
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         names = list(self.params[self.methods[0]])
-        fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+        fig, ax = _subplots(figsize=(7, 0.35 * len(names) + 1.2))
         offsets = np.linspace(-0.25, 0.25, len(self.methods))
         for off, m in zip(offsets, self.methods, strict=True):
             est = [self.params[m][n][0] for n in names]
@@ -503,7 +493,6 @@ class FitComparison:
         ax.set_title(f"estimates with {100 * self.level:g}% intervals")
         fig.tight_layout()
         fig.savefig(path, dpi=90)
-        plt.close(fig)
         return os.fspath(path)
 
 
