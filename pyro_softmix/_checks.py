@@ -224,8 +224,7 @@ def check_groups(groups: Any, counts: Any, tokens: Any, num_points: int):
                          "not counts=")
     if g.is_floating_point() or g.dtype == torch.bool or g.is_complex():
         raise TypeError(f"groups ids must be integers, got dtype {g.dtype}")
-    t = check_counts(None, tokens, num_points)  # validates tokens
-    del t
+    check_counts(None, tokens, num_points)  # validates the tokens
     tok = as_tensor(tokens, "tokens").to(torch.int64).cpu()
     if g.shape[0] != tok.shape[0]:
         raise ValueError(f"groups must have one id per token: got {g.shape[0]} ids for "

@@ -23,6 +23,10 @@ import torch
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from scipy.optimize import linear_sum_assignment
 
+from ._checks import check_counts, check_groups
+from .em import _group_log_joint
+from .models import _expand_counts
+
 __all__ = ["FitComparison", "compare_fits", "fisher_intervals", "plot_diagnostics",
            "posterior_summary", "relabel_samples", "to_arviz"]
 
@@ -94,16 +98,6 @@ def relabel_samples(samples: Mapping[str, Any], reference, *, return_permutation
 # ----------------------------------------------------------------------------------------------
 # Pointwise log-likelihood and ArviZ
 # ----------------------------------------------------------------------------------------------
-def _log_mixture(features, atoms, weights, chunk: int = 256) -> torch.Tensor:
-    """(S, p) log pi for S draws, chunked over draws."""
-    out = []
-    for i in range(0, atoms.shape[0], chunk):
-        a, w = atoms[i:i + chunk], weights[i:i + chunk]
-        comp = torch.log_softmax(a @ features.T, -1)
-        out.append(torch.logsumexp(comp + w.clamp_min(1e-300).log()[..., None], -2))
-    return torch.cat(out)
-
-
 def pointwise_log_likelihood(features, atoms, weights, *, tokens=None, counts=None, groups=None,
                              max_size: int = 50_000_000) -> torch.Tensor:
     """Marginal log-likelihood of each observation unit for S draws: (S, N) or (S, G).
@@ -115,52 +109,20 @@ def pointwise_log_likelihood(features, atoms, weights, *, tokens=None, counts=No
     Raises:
         ValueError: if S x units exceeds ``max_size`` (thin the draws or raise the limit).
     """
-    from ._checks import check_counts, check_groups
-
     x = torch.as_tensor(features, dtype=torch.float64)
     atoms = torch.as_tensor(atoms).to(torch.float64).reshape(-1, *atoms.shape[-2:])
     weights = torch.as_tensor(weights).to(torch.float64).reshape(-1, weights.shape[-1])
-    p = x.shape[0]
-    if groups is not None:
-        gi, pi, values, labels = check_groups(groups, counts, tokens, p)
-        units = int(labels.shape[0])
-    else:
-        n = check_counts(counts, tokens, p)
-        if tokens is not None:
-            tok = torch.as_tensor(tokens).long().cpu()
-        else:
-            if n.is_floating_point() and not bool((n == n.round()).all()):
-                raise ValueError("pointwise log-likelihood needs whole counts (one unit per draw)")
-            tok = torch.repeat_interleave(torch.arange(p), n.long().cpu())
-        units = tok.shape[0]
+    unit_loglik, units = _unit_loglik(x, counts, tokens, groups, per_draw=True)
     if atoms.shape[0] * units > max_size:
         raise ValueError(f"{atoms.shape[0]} draws x {units} units exceeds max_size={max_size}: "
                          "thin the draws or raise max_size")
-    if groups is None:
-        return _log_mixture(x, atoms, weights)[:, tok]
-    out = []
-    for i in range(atoms.shape[0]):
-        comp = torch.log_softmax(atoms[i] @ x.T, -1)  # (K, p)
-        joint = torch.zeros(units, comp.shape[0], dtype=torch.float64).index_add_(
-            0, gi, comp[:, pi].T * values[:, None])
-        out.append(torch.logsumexp(joint + weights[i].clamp_min(1e-300).log(), -1))
-    return torch.stack(out)
+    return torch.stack([unit_loglik(a, w) for a, w in zip(atoms, weights, strict=True)])
 
 
 def _arviz_major() -> int:
     import arviz as az
 
     return int(az.__version__.split(".")[0])
-
-
-def _by_chain(samples: Mapping[str, Any], num_chains: int | None) -> dict[str, np.ndarray]:
-    out = {}
-    for name, v in samples.items():
-        a = torch.as_tensor(v).detach().cpu().numpy()
-        if num_chains is not None:
-            a = a.reshape((num_chains, a.shape[0] // num_chains) + a.shape[1:])
-        out[name] = a
-    return out
 
 
 def to_arviz(samples, *, features=None, tokens=None, counts=None, groups=None,
@@ -185,25 +147,8 @@ def to_arviz(samples, *, features=None, tokens=None, counts=None, groups=None,
     """
     import arviz as az
 
-    if hasattr(samples, "get_samples"):
-        samples = samples.get_samples(group_by_chain=True)
-        num_chains = None
-    elif not isinstance(samples, Mapping):
-        raise TypeError(f"samples must be an MCMC object or a dict, got {type(samples).__name__}")
-    samples = {k: torch.as_tensor(v) for k, v in samples.items() if k in var_names}
-    missing = {"weights", "atoms"} - set(samples)
-    if missing:
-        raise ValueError(f"samples lacks the sites {sorted(missing)}")
-    if num_chains is None and samples["weights"].dim() == 1:
-        raise ValueError("samples['weights'] must be (chains, draws, K) or (draws, K)")
-    if num_chains is None and samples["atoms"].dim() == 3:  # (draws, K, L): one chain
-        samples = {k: v.unsqueeze(0) for k, v in samples.items()}
-    if num_chains is not None:
-        samples = {k: v.reshape((num_chains, v.shape[0] // num_chains) + v.shape[1:])
-                   for k, v in samples.items()}
-    if reference is not None:
-        samples = relabel_samples(samples, reference)
-    posterior = _by_chain(samples, None)
+    samples = _chain_samples(samples, num_chains, reference, var_names)
+    posterior = {k: v.detach().cpu().numpy() for k, v in samples.items()}
     dims = {"weights": ["component"], "atoms": ["component", "feature"]}
     groups_out: dict[str, dict[str, np.ndarray]] = {"posterior": posterior}
     if log_likelihood and features is not None:
@@ -233,15 +178,27 @@ def _flat_params(samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _chain_samples(samples, num_chains, reference) -> dict[str, torch.Tensor]:
-    """Weights and atoms as (chains, draws, ...) tensors, relabelled against ``reference``."""
+def _chain_samples(samples, num_chains, reference, names=("weights", "atoms")
+                   ) -> dict[str, torch.Tensor]:
+    """Draws of ``names`` as (chains, draws, ...) tensors, relabelled against ``reference``.
+
+    ``samples`` is an MCMC object (grouped by chain), a dict of (chains, draws, ...) draws, a
+    dict of (draws, ...) draws (one chain), or flat (chains * draws, ...) with ``num_chains``.
+    """
     if hasattr(samples, "get_samples"):
-        samples = samples.get_samples(group_by_chain=True)
-    samples = {k: torch.as_tensor(samples[k]) for k in ("weights", "atoms")}
+        samples, num_chains = samples.get_samples(group_by_chain=True), None
+    elif not isinstance(samples, Mapping):
+        raise TypeError(f"samples must be an MCMC object or a dict, got {type(samples).__name__}")
+    missing = {"weights", "atoms"} - set(samples)
+    if missing:
+        raise ValueError(f"samples lacks the sites {sorted(missing)}")
+    samples = {k: torch.as_tensor(v) for k, v in samples.items() if k in names}
     if num_chains is not None:
         samples = {k: v.reshape((num_chains, v.shape[0] // num_chains) + v.shape[1:])
                    for k, v in samples.items()}
-    elif samples["atoms"].dim() == 3:
+    elif samples["weights"].dim() == 1:
+        raise ValueError("samples['weights'] must be (chains, draws, K) or (draws, K)")
+    elif samples["atoms"].dim() == 3:  # (draws, K, L): one chain
         samples = {k: v.unsqueeze(0) for k, v in samples.items()}
     if reference is not None:
         samples = relabel_samples(samples, reference)
@@ -367,27 +324,34 @@ def plot_diagnostics(samples, out_dir: str | os.PathLike, *, num_chains: int | N
 # ----------------------------------------------------------------------------------------------
 # Intervals for the EM estimate and the comparison
 # ----------------------------------------------------------------------------------------------
-def _loglik_fn(features, counts=None, tokens=None, groups=None):
-    from ._checks import check_counts, check_groups
+def _unit_loglik(features, counts=None, tokens=None, groups=None, per_draw: bool = False):
+    """A differentiable ``f(atoms, weights)`` -> log-likelihood per unit, and the unit count.
 
+    Units are groups (grouped data), else draws of Y when ``per_draw`` (counts are expanded),
+    else support points weighted by their counts (the cheap form for the total).
+    """
     x = torch.as_tensor(features, dtype=torch.float64)
     p = x.shape[0]
     if groups is not None:
         gi, pi, values, labels = check_groups(groups, counts, tokens, p)
-        g = int(labels.shape[0])
+        g, values = int(labels.shape[0]), values[:, None]
 
-        def loglik(atoms, weights):
-            comp = torch.log_softmax(atoms @ x.T, -1)
-            joint = torch.zeros(g, comp.shape[0], dtype=comp.dtype).index_add(
-                0, gi, comp[:, pi].T * values[:, None])
-            return torch.logsumexp(joint + weights.log(), -1).sum()
-    else:
-        n = check_counts(counts, tokens, p).to(torch.float64)
+        def grouped(atoms, weights):
+            log_q = torch.log_softmax(x @ atoms.T, 0)  # (p, K)
+            joint = _group_log_joint(log_q, gi, pi, values, g)
+            return torch.logsumexp(joint + weights.clamp_min(1e-300).log(), -1)
+        return grouped, g
 
-        def loglik(atoms, weights):
-            comp = torch.log_softmax(atoms @ x.T, -1)
-            return (n * torch.logsumexp(comp + weights.log()[:, None], 0)).sum()
-    return loglik
+    def log_pi(atoms, weights):
+        comp = torch.log_softmax(atoms @ x.T, -1)
+        return torch.logsumexp(comp + weights.clamp_min(1e-300).log()[:, None], 0)
+    if per_draw:
+        tok = (torch.as_tensor(tokens).long().cpu() if tokens is not None
+               else _expand_counts(counts, None, p)[0])
+        check_counts(None, tok, p)
+        return (lambda atoms, weights: log_pi(atoms, weights)[tok]), int(tok.shape[0])
+    n = check_counts(counts, tokens, p).to(torch.float64)
+    return (lambda atoms, weights: n * log_pi(atoms, weights)), p
 
 
 def fisher_intervals(fit, *, counts=None, tokens=None, groups=None, features=None,
@@ -406,7 +370,7 @@ def fisher_intervals(fit, *, counts=None, tokens=None, groups=None, features=Non
     if x is None:
         raise ValueError("this fit holds no features: pass features=")
     x = torch.as_tensor(x).detach().cpu().to(torch.float64)
-    loglik = _loglik_fn(x, counts, tokens, groups)
+    unit_loglik, _ = _unit_loglik(x, counts, tokens, groups)
     a0 = fit.atoms.detach().cpu().to(torch.float64)
     w0 = fit.weights.detach().cpu().to(torch.float64)
     k, dim = a0.shape
@@ -418,7 +382,7 @@ def fisher_intervals(fit, *, counts=None, tokens=None, groups=None, features=Non
         atoms = theta[:k * dim].reshape(k, dim)
         head = theta[k * dim:]
         weights = torch.cat([head, 1 - head.sum(0, keepdim=True)])
-        return loglik(atoms, weights)
+        return unit_loglik(atoms, weights).sum()
 
     theta0 = torch.cat([a0.reshape(-1), w0[:-1]])
     hess = torch.autograd.functional.hessian(f, theta0)
@@ -532,47 +496,41 @@ def compare_fits(model, *, level: float = 0.9, num_samples: int = 1000, truth=No
         raise ValueError("compare_fits needs the model's EM fit: call model.fit_em(...) first")
     data = model.data_kwargs()
     em = model.em_fit
-    loglik = _loglik_fn(model.features.detach().cpu().to(torch.float64), **data)
-    methods, metrics, params = [], {}, {}
+    unit_loglik, _ = _unit_loglik(model.features.detach().cpu().to(torch.float64), **data)
 
+    def loglik(weights, atoms) -> float:  # permutation invariant: no relabelling needed
+        return float(unit_loglik(atoms.detach().cpu().double(),
+                                 weights.detach().cpu().double()).sum())
+
+    methods, metrics, params = ["EM"], {}, {}
     ci = fisher_intervals(em, level=level, **data)
-    name = "EM"
-    methods.append(name)
-    metrics[name] = {"loglik": em.loglik, "seconds": em.seconds}
+    metrics["EM"] = {"loglik": em.loglik, "seconds": em.seconds}
     est = _point_params(em.weights.cpu().double(), em.atoms.cpu().double())
     lo = _point_params(ci["weights"][:, 0], ci["atoms"][..., 0])
     hi = _point_params(ci["weights"][:, 1], ci["atoms"][..., 1])
-    params[name] = {k: (est[k], lo[k], hi[k]) for k in est}
+    params["EM"] = {k: (est[k], lo[k], hi[k]) for k in est}
 
     if model.guide is not None:
         import pyro
 
-        with torch.no_grad():
-            pyro.set_rng_seed(seed)
-            draws = [model.guide(**model.model_kwargs()) for _ in range(num_samples)]
-        w = torch.stack([d["weights"] for d in draws]).cpu().double()
-        a = torch.stack([d["atoms"] for d in draws]).cpu().double()
-        aligned = relabel_samples({"weights": w, "atoms": a}, em)
+        pyro.set_rng_seed(seed)
+        draws = model.posterior_samples("svi", num_samples)  # relabelled against EM
         med = model.guide.median(**model.model_kwargs())
-        med = relabel_samples({"weights": med["weights"][None].cpu().double(),
-                               "atoms": med["atoms"][None].cpu().double()}, em)
         name = f"SVI ({type(model.guide).__name__})"
         methods.append(name)
         losses = model.svi_losses or [math.nan]
         tail = losses[-max(1, len(losses) // 10):]
-        metrics[name] = {"loglik": float(loglik(med["atoms"][0], med["weights"][0])),
+        metrics[name] = {"loglik": loglik(med["weights"], med["atoms"]),
                          "elbo": -float(np.mean(tail)), "seconds": model.svi_seconds}
-        params[name] = _draw_params(aligned["weights"], aligned["atoms"], level)
+        params[name] = _draw_params(draws["weights"].cpu().double(),
+                                    draws["atoms"].cpu().double(), level)
 
     if model.mcmc is not None:
-        s = model.mcmc.get_samples()
-        aligned = relabel_samples({"weights": s["weights"].cpu().double(),
-                                   "atoms": s["atoms"].cpu().double()}, em)
-        name = "NUTS"
-        methods.append(name)
-        w_mean, a_mean = aligned["weights"].mean(0), aligned["atoms"].mean(0)
-        metrics[name] = {"loglik": float(loglik(a_mean, w_mean)), "seconds": model.mcmc_seconds}
-        params[name] = _draw_params(aligned["weights"], aligned["atoms"], level)
+        draws = model.posterior_samples("mcmc")
+        w, a = draws["weights"].cpu().double(), draws["atoms"].cpu().double()
+        methods.append("NUTS")
+        metrics["NUTS"] = {"loglik": loglik(w.mean(0), a.mean(0)), "seconds": model.mcmc_seconds}
+        params["NUTS"] = _draw_params(w, a, level)
 
     truth_params = None
     if truth is not None:

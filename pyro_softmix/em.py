@@ -139,6 +139,16 @@ class _EMProblem:
         return atoms, log_weights, history, converged
 
 
+def _group_log_joint(log_q: torch.Tensor, group_index: torch.Tensor, point_index: torch.Tensor,
+                     values: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(G, K) sum_j n_gj log q_k(j) from (p, K) log q and sparse (group, point, count) triplets.
+
+    ``values`` has shape (nnz, 1). Differentiable (used for observed information too).
+    """
+    per_entry = log_q[point_index].mul_(values)
+    return log_q.new_zeros(num_groups, log_q.shape[1]).index_add_(0, group_index, per_entry)
+
+
 class _GroupedEMProblem(_EMProblem):
     """EM when all draws of a group share one component.
 
@@ -159,28 +169,23 @@ class _GroupedEMProblem(_EMProblem):
         self.values = values.to(device=dev, dtype=z.dtype)[:, None]
         self.num_groups = num_groups
         self.weight_total = float(num_groups)
-        self.group_log_lik: torch.Tensor | None = None
+
+    def _joint(self, log_q: torch.Tensor) -> torch.Tensor:
+        return _group_log_joint(log_q, self.group_index, self.point_index, self.values,
+                                self.num_groups)
 
     def e_step(self, logits, lse, log_weights):
-        log_q = torch.sub(logits, lse, out=self.w)
-        per_entry = log_q[self.point_index].mul_(self.values)
-        joint = log_q.new_zeros(self.num_groups, log_q.shape[1]).index_add_(
-            0, self.group_index, per_entry).add_(log_weights)
+        joint = self._joint(torch.sub(logits, lse, out=self.w)).add_(log_weights)
         group_ll = torch.logsumexp(joint, 1)
-        self.group_log_lik = group_ll
         r = joint.sub_(group_ll[:, None]).exp_()  # (G, K) responsibilities
         self.weight_sums = r.sum(0)
         w = self.w.zero_().index_add_(0, self.point_index, r[self.group_index].mul_(self.values))
         return float(group_ll.to(torch.float64).sum()), w
 
     def responsibilities(self, atoms, log_weights) -> torch.Tensor:
-        logits = self.z @ atoms.T
-        lse = torch.logsumexp(logits, 0)
-        log_q = logits - lse
-        per_entry = log_q[self.point_index] * self.values
-        joint = log_q.new_zeros(self.num_groups, log_q.shape[1]).index_add_(
-            0, self.group_index, per_entry) + log_weights
-        return torch.softmax(joint, 1)
+        """(G, K) P(component k | group g) at (atoms, log_weights)."""
+        log_q = torch.log_softmax(self.z @ atoms.T, 0)
+        return torch.softmax(self._joint(log_q) + log_weights, 1)
 
 
 #: Largest linear rate assumed by the stopping rule (so the gap estimate is at most 1e4 steps).

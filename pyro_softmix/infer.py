@@ -178,10 +178,13 @@ class EM:
                 raise ValueError(f"the guide has no parameter for site {name!r}")
             store[full] = value.to(store[full])
 
-    @staticmethod
-    def _key(tokens, counts, groups):
-        return tuple(None if v is None else (id(v), tuple(getattr(v, "shape", ())))
-                     for v in (tokens, counts, groups))
+    def _ensure_setup(self, tokens, counts, groups) -> None:
+        """Set up on first use, and again (from the current estimate) when the data change."""
+        key = tuple(None if v is None else (id(v), tuple(getattr(v, "shape", ())))
+                    for v in (tokens, counts, groups))
+        if self._state is None or key != self._data_key:
+            self._setup(tokens, counts, groups)
+            self._data_key = key
 
     # -- the SVI-shaped interface ----------------------------------------------------------
     def step(self, tokens=None, counts=None, groups=None, **kwargs) -> float:
@@ -190,10 +193,7 @@ class EM:
         The data are given as to :meth:`SoftmaxMixtureModel.model`; the same objects should be
         passed every step (new data restart the engine from the current estimate).
         """
-        key = self._key(tokens, counts, groups)
-        if self._state is None or key != self._data_key:
-            self._setup(tokens, counts, groups)
-            self._data_key = key
+        self._ensure_setup(tokens, counts, groups)
         s = self._state
         problem = s["problem"]
         atoms_z, log_w, logits, lse, gain = problem.m_step(s["w"], s["atoms_z"], s["log_w"],
@@ -207,9 +207,7 @@ class EM:
 
     def evaluate_loss(self, tokens=None, counts=None, groups=None, **kwargs) -> float:
         """The current negative log-likelihood (sets up on first use, no iteration)."""
-        if self._state is None or self._key(tokens, counts, groups) != self._data_key:
-            self._setup(tokens, counts, groups)
-            self._data_key = self._key(tokens, counts, groups)
+        self._ensure_setup(tokens, counts, groups)
         return -self.history[-1]
 
     @property

@@ -22,14 +22,13 @@ from ._checks import (
     as_tensor,
     check_counts,
     check_features,
-    check_groups,
     check_num_components,
     check_positive_float,
     check_positive_int,
 )
 from .em import SoftmaxMixtureFit, _progress_bar, fit_em
 from .infer import init_to_em
-from .models import collapsed_model, enumerated_model, pad_groups
+from .models import _count_matrix, _expand_counts, collapsed_model, enumerated_model, pad_groups
 
 __all__ = ["SoftmaxMixtureModel"]
 
@@ -134,14 +133,12 @@ class SoftmaxMixtureModel:
             return
         p = self.features.shape[0]
         if groups is not None:
-            gi, pi, values, labels = check_groups(groups, counts, tokens, p)
-            matrix = torch.zeros(int(labels.shape[0]), p, dtype=self.features.dtype)
-            matrix[gi, pi] = values.to(self.features.dtype)
+            matrix = _count_matrix(groups, counts, tokens, self.features)
             padded = None
             if tokens is not None:
                 padded, _ = pad_groups(tokens, groups)
             self._data = dict(given=dict(tokens=tokens, counts=counts, groups=groups),
-                              collapsed={"groups": matrix.to(self.features.device)},
+                              collapsed={"groups": matrix},
                               enumerated=None if padded is None else {"tokens": padded})
         else:
             n = check_counts(counts, tokens, p)
@@ -400,18 +397,3 @@ class SoftmaxMixtureModel:
         return to_arviz(self.mcmc, features=self.features if log_likelihood else None,
                         reference=self.em_fit, log_likelihood=log_likelihood, **data)
 
-
-def _expand_counts(counts, groups, p: int):
-    """Whole counts (p,) or a (G, p) count matrix -> tokens (N,) and group ids (or None)."""
-    if groups is not None:
-        m = as_tensor(groups, "groups")
-        if m.is_floating_point() and not bool((m == m.round()).all()):
-            raise ValueError("the enumerated model needs whole counts in groups")
-        m = m.long().cpu()
-        gi, pi = m.nonzero(as_tuple=True)
-        reps = m[gi, pi]
-        return torch.repeat_interleave(pi, reps), torch.repeat_interleave(gi, reps)
-    n = check_counts(counts, None, p)
-    if n.is_floating_point() and not bool((n == n.round()).all()):
-        raise ValueError("the enumerated model needs whole counts (one draw per count)")
-    return torch.repeat_interleave(torch.arange(p), n.long().cpu()), None

@@ -209,6 +209,31 @@ def pad_groups(tokens, groups) -> tuple[torch.Tensor, torch.Tensor]:
     return out, labels
 
 
+def _count_matrix(groups, counts, tokens, like: torch.Tensor) -> torch.Tensor:
+    """Checked grouped data as a dense (G, p) count matrix with ``like``'s dtype and device."""
+    p = like.shape[0]
+    gi, pi, values, labels = check_groups(groups, counts, tokens, p)
+    matrix = torch.zeros(int(labels.shape[0]), p, dtype=like.dtype)
+    matrix[gi, pi] = values.to(like.dtype)
+    return matrix.to(like.device)
+
+
+def _expand_counts(counts, groups, p: int):
+    """Whole counts (p,) or a (G, p) count matrix -> tokens (N,) and group ids (or None)."""
+    if groups is not None:
+        m = as_tensor(groups, "groups")
+        if m.is_floating_point() and not bool((m == m.round()).all()):
+            raise ValueError("groups must hold whole counts here (one draw per count)")
+        m = m.long().cpu()
+        gi, pi = m.nonzero(as_tuple=True)
+        reps = m[gi, pi]
+        return torch.repeat_interleave(pi, reps), torch.repeat_interleave(gi, reps)
+    n = check_counts(counts, None, p)
+    if n.is_floating_point() and not bool((n == n.round()).all()):
+        raise ValueError("counts must be whole numbers here (one draw per count)")
+    return torch.repeat_interleave(torch.arange(p), n.long().cpu()), None
+
+
 def _check_tokens(tokens, p: int) -> torch.Tensor:
     t = as_tensor(tokens, "tokens")
     if t.dim() == 2:  # padded groups
@@ -338,10 +363,7 @@ def collapsed_model(features, num_components: int, counts=None, *, tokens=None, 
     if groups is not None and not validate and groups.dim() == 2:
         matrix = groups  # a checked (G, p) count matrix
     elif groups is not None:
-        gi, pi, values, labels = check_groups(groups, counts, tokens, p)
-        matrix = torch.zeros(int(labels.shape[0]), p, dtype=features.dtype)
-        matrix[gi, pi] = values.to(features.dtype)
-        matrix = matrix.to(features.device)
+        matrix = _count_matrix(groups, counts, tokens, features)
     elif counts is not None or tokens is not None:
         counts = check_counts(counts, tokens, p) if validate else counts
         counts = counts.to(device=features.device, dtype=features.dtype)
