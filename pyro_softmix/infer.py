@@ -21,8 +21,16 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
-from pyro.infer.autoguide import AutoDelta, init_to_median
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO, TraceEnum_ELBO
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+    init_to_median,
+)
 
+from ._checks import check_positive_float, check_positive_int
 from .em import (
     SoftmaxMixtureFit,
     _check_init,
@@ -30,6 +38,7 @@ from .em import (
     _default_tol,
     _make_fit,
     _prepare,
+    _progress_bar,
     _remaining_gap,
 )
 
@@ -89,6 +98,63 @@ def em_initial_params(fit, num_chains: int = 1) -> dict[str, torch.Tensor]:
     if num_chains > 1:
         out = {k: v.expand((num_chains,) + v.shape).clone() for k, v in out.items()}
     return out
+
+
+_GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal,
+           "mvn": AutoMultivariateNormal, "delta": AutoDelta}
+
+
+def _run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: bool,
+             num_particles: int = 1, init_scale: float = 0.01, seed: int | None = 0,
+             progress: bool | None = None):
+    """Adam SVI on ``model`` with an autoguide started by ``strategy``; returns (guide, losses).
+
+    ``guide`` is a name in ``_GUIDES`` (built over the model with ``"assignment"`` hidden) or a
+    ready guide; ``enumerated`` selects ``TraceEnum_ELBO`` (the assignment summed out by
+    enumeration) instead of ``Trace_ELBO``.
+    """
+    num_steps = check_positive_int(num_steps, "num_steps")
+    check_positive_float(lr, "lr")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    if isinstance(guide, str):
+        if guide not in _GUIDES:
+            raise ValueError(f"guide must be one of {sorted(_GUIDES)} or an AutoGuide, got "
+                             f"{guide!r}")
+        cls = _GUIDES[guide]
+        kw = {} if cls is AutoDelta else {"init_scale": init_scale}
+        guide = cls(poutine.block(model, hide=["assignment"]), init_loc_fn=strategy, **kw)
+    elif not callable(guide):
+        raise TypeError(f"guide must be a name or a guide, got {type(guide).__name__}")
+    loss = (TraceEnum_ELBO(max_plate_nesting=1, num_particles=num_particles) if enumerated
+            else Trace_ELBO(num_particles=num_particles))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss)
+    losses = []
+    bar = _progress_bar(progress, num_steps, "SVI")
+    for _ in range(num_steps):
+        losses.append(float(svi.step()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.6g}", refresh=False)
+    if bar is not None:
+        bar.close()
+    return guide, losses
+
+
+def _run_nuts(model, strategy, num_samples: int, warmup_steps: int, num_chains: int, *,
+              seed: int | None = 0, progress: bool | None = None, **nuts_options) -> MCMC:
+    """NUTS on ``model`` started by ``strategy``; returns the run ``MCMC`` object."""
+    num_samples = check_positive_int(num_samples, "num_samples")
+    warmup_steps = check_positive_int(warmup_steps, "warmup_steps", minimum=0)
+    num_chains = check_positive_int(num_chains, "num_chains")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    nuts_options.setdefault("max_plate_nesting", 1)
+    kernel = NUTS(model, init_strategy=strategy, **nuts_options)
+    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
+                num_chains=num_chains, disable_progbar=not progress)
+    mcmc.run()
+    return mcmc
 
 
 def _mixture_object(model):

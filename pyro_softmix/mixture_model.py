@@ -6,17 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, TraceEnum_ELBO, infer_discrete
-from pyro.infer.autoguide import (
-    AutoDelta,
-    AutoGuide,
-    AutoLowRankMultivariateNormal,
-    AutoMultivariateNormal,
-    AutoNormal,
-)
+from pyro.infer import MCMC, Predictive, infer_discrete
+from pyro.infer.autoguide import AutoGuide
 
 from ._checks import (
     as_tensor,
@@ -24,16 +17,12 @@ from ._checks import (
     check_features,
     check_num_components,
     check_positive_float,
-    check_positive_int,
 )
-from .em import SoftmaxMixtureFit, _progress_bar, fit_em
-from .infer import init_to_em
+from .em import SoftmaxMixtureFit, fit_em
+from .infer import _run_nuts, _run_svi, init_to_em
 from .models import _count_matrix, _expand_counts, collapsed_model, enumerated_model, pad_groups
 
 __all__ = ["SoftmaxMixtureModel"]
-
-_GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal,
-           "mvn": AutoMultivariateNormal, "delta": AutoDelta}
 
 
 class SoftmaxMixtureModel:
@@ -223,36 +212,13 @@ class SoftmaxMixtureModel:
         The guide and the losses are stored as :attr:`guide` and :attr:`svi_losses`.
         """
         self.set_data(tokens, counts, groups)
-        num_steps = check_positive_int(num_steps, "num_steps")
-        check_positive_float(lr, "lr")
-        if seed is not None:
-            pyro.set_rng_seed(seed)
         start = time.perf_counter()
         strategy = self._init_strategy(init, em_options)
         self._collapsed = bool(collapsed)
         model = self._bound_model(self._collapsed, subsample_size)
-        hidden = poutine.block(model, hide=["assignment"])
-        if isinstance(guide, str):
-            if guide not in _GUIDES:
-                raise ValueError(f"guide must be one of {sorted(_GUIDES)} or an AutoGuide, got "
-                                 f"{guide!r}")
-            cls = _GUIDES[guide]
-            kw = {} if cls is AutoDelta else {"init_scale": init_scale}
-            guide = cls(hidden, init_loc_fn=strategy, **kw)
-        elif not callable(guide):
-            raise TypeError(f"guide must be a name or a guide, got {type(guide).__name__}")
-        loss = (Trace_ELBO(num_particles=num_particles) if self._collapsed
-                else TraceEnum_ELBO(max_plate_nesting=1, num_particles=num_particles))
-        svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss)
-        losses = []
-        bar = _progress_bar(progress, num_steps, "SVI")
-        for _ in range(num_steps):
-            losses.append(float(svi.step()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.6g}", refresh=False)
-        if bar is not None:
-            bar.close()
+        guide, losses = _run_svi(model, strategy, guide, num_steps, lr,
+                                 enumerated=not self._collapsed, num_particles=num_particles,
+                                 init_scale=init_scale, seed=seed, progress=progress)
         self.guide, self.svi_losses = guide, losses
         self.svi_seconds = time.perf_counter() - start
         return losses
@@ -271,22 +237,11 @@ class SoftmaxMixtureModel:
             nuts_options: passed to ``NUTS`` (``target_accept_prob``, ``max_tree_depth``, ...).
         """
         self.set_data(tokens, counts, groups)
-        num_samples = check_positive_int(num_samples, "num_samples")
-        warmup_steps = check_positive_int(warmup_steps, "warmup_steps", minimum=0)
-        num_chains = check_positive_int(num_chains, "num_chains")
-        if seed is not None:
-            pyro.set_rng_seed(seed)
         start = time.perf_counter()
         strategy = self._init_strategy(init, em_options)
         self._collapsed = bool(collapsed)
-        model = self._bound_model(self._collapsed)
-        nuts_options.setdefault("max_plate_nesting", 1)
-        kernel = NUTS(model, init_strategy=strategy, **nuts_options)
-        if progress is None:
-            progress = False
-        mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
-                    num_chains=num_chains, disable_progbar=not progress)
-        mcmc.run()
+        mcmc = _run_nuts(self._bound_model(self._collapsed), strategy, num_samples, warmup_steps,
+                         num_chains, seed=seed, progress=bool(progress), **nuts_options)
         self.mcmc = mcmc
         self.mcmc_seconds = time.perf_counter() - start
         return mcmc

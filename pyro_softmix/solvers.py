@@ -318,3 +318,213 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
     converged = converged or bool((grad.norm(dim=-1) <= tol * scale).all())
     return SoftmaxRegressionResult(atoms=t, objective=info.objective, grad_norm=grad.norm(dim=-1),
                                    num_steps=steps, converged=converged)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-observation regressions (the M-steps of mixtures of experts), batched over experts
+# ----------------------------------------------------------------------------------------------
+def _damped_newton(params: torch.Tensor, evaluate, max_backtracks: int = 30
+                   ) -> tuple[torch.Tensor, NewtonStepInfo]:
+    """One batched damped Newton ascent step on B independent concave problems.
+
+    Args:
+        params: (B, m) current parameters.
+        evaluate: ``evaluate(params, derivatives)`` returning the objectives (B,) and, when
+            ``derivatives`` is true, also the gradients (B, m) and negative Hessians (B, m, m).
+    Returns:
+        ``(new_params, info)``; each accepted step satisfies Armijo's condition, so every
+        objective increases (or stays, where no ascent step exists up to rounding).
+    """
+    f0, grad, hess = evaluate(params, True)
+    direction = _newton_direction(grad, hess)
+    gain = (grad * direction).sum(-1)
+    noise = 64 * torch.finfo(params.dtype).eps * (f0.abs() + 1)
+    step = torch.ones_like(f0)
+    done = torch.zeros_like(f0, dtype=torch.bool)
+    f1 = f0
+    for _ in range(max_backtracks + 1):
+        f1 = evaluate(params + step[:, None] * direction, False)[0]
+        done = done | (f1 >= f0 + _ARMIJO * step * gain) | (gain <= noise)
+        if bool(done.all()):
+            break
+        step = torch.where(done, step, step / 2)
+    step = torch.where(done, step, torch.zeros_like(step))
+    f1 = torch.where(done, f1, f0)
+    new = params + step[:, None] * direction
+    return new, NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1)
+
+
+def _newton_solve(params: torch.Tensor, evaluate, max_steps: int, tol: float,
+                  scale: torch.Tensor) -> tuple[torch.Tensor, NewtonStepInfo, int, bool]:
+    """Damped Newton steps until every gradient norm is <= tol * scale (or no step is taken)."""
+    info, steps = None, 0
+    for steps in range(1, max_steps + 1):  # noqa: B007
+        params, info = _damped_newton(params, evaluate)
+        if bool((info.grad.norm(dim=-1) <= tol * scale).all()) or bool((info.step == 0).all()):
+            break
+    converged = bool((evaluate(params, True)[1].norm(dim=-1) <= tol * scale).all())
+    return params, info, steps, converged
+
+
+def _check_regression(x, weights, name_w="weights"):
+    x = as_tensor(x, "x")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a 2-D floating tensor, got shape {tuple(x.shape)}")
+    w = as_tensor(weights, name_w)
+    if w.dim() != 2 or w.shape[0] != x.shape[0]:
+        raise ValueError(f"{name_w} must have shape ({x.shape[0]}, K), got {tuple(w.shape)}")
+    w = w.to(x)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"{name_w} must be finite and nonnegative")
+    return x, w
+
+
+def _ridge(hess: torch.Tensor, l2: float) -> torch.Tensor:
+    if not l2:
+        return hess
+    return hess + l2 * torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device)
+
+
+def weighted_least_squares(x, y, weights, *, l2: float = 0.0) -> torch.Tensor:
+    """Closed-form weighted (ridge) least squares for K weight vectors at once.
+
+    Solves ``min_b sum_i w_ik (y_i - x_i . b)^2 + l2 |b|^2`` for every k by a batched Cholesky
+    solve of ``(X^T W_k X + l2 I) b_k = X^T W_k y`` (a vanishing ridge is added where the Gram
+    matrix is singular, which gives the minimum-norm-like solution).
+
+    Args:
+        x: (n, d) regressors.  y: (n,) targets.  weights: (n, K) nonnegative.
+    Returns:
+        (K, d) coefficients; a column of zero weights gives zero coefficients.
+
+    Example:
+        >>> x = torch.randn(50, 2, dtype=torch.float64)
+        >>> b = weighted_least_squares(x, x @ torch.tensor([1.0, -2.0]).double(), torch.ones(50, 1))
+        >>> torch.allclose(b, torch.tensor([[1.0, -2.0]]).double())
+        True
+    """
+    x, w = _check_regression(x, weights)
+    y = as_tensor(y, "y").to(x)
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    gram = _ridge(_weighted_gram(x, w), check_positive_float(l2, "l2", allow_zero=True))
+    return _newton_direction((w * y[:, None]).T @ x, gram)
+
+
+def _logistic_evaluate(x, y, w, l2):
+    def evaluate(coef, derivatives):
+        eta = x @ coef.T  # (n, K)
+        f = (w * (y[:, None] * eta - torch.nn.functional.softplus(eta))).sum(0)
+        if l2:
+            f = f - 0.5 * l2 * (coef * coef).sum(-1)
+        if not derivatives:
+            return f, None, None
+        s = torch.sigmoid(eta)
+        grad = (w * (y[:, None] - s)).T @ x - l2 * coef
+        hess = _ridge(_weighted_gram(x, w * s * (1 - s)), l2)
+        return f, grad, hess
+    return evaluate
+
+
+def fit_logistic_regression(x, y, weights, init=None, *, l2: float = 0.0, max_steps: int = 50,
+                            tol: float | None = None) -> SoftmaxRegressionResult:
+    """Weighted (ridge) logistic regressions for K weight vectors at once, by damped Newton (IRLS).
+
+    Maximises ``f_k(b) = sum_i w_ik [y_i x_i.b - log(1 + exp(x_i.b))] - l2/2 |b|^2`` for every k.
+
+    Args:
+        x: (n, d).  y: (n,) in [0, 1] (0/1 labels, or fractions).  weights: (n, K) nonnegative.
+        init: (K, d) starting coefficients (default zeros).
+        tol: stop when every gradient norm is <= tol * (sum_i w_ik + 1) (default 1e3 * eps).
+    Returns:
+        :class:`SoftmaxRegressionResult` with ``atoms`` holding the (K, d) coefficients.
+
+    Example:
+        >>> x = torch.randn(200, 2, dtype=torch.float64)
+        >>> y = (torch.rand(200, dtype=torch.float64) < torch.sigmoid(x[:, 0])).double()
+        >>> fit_logistic_regression(x, y, torch.ones(200, 3)).converged
+        True
+    """
+    x, w = _check_regression(x, weights)
+    y = as_tensor(y, "y").to(x)
+    if y.shape != (x.shape[0],) or bool((y < 0).any()) or bool((y > 1).any()):
+        raise ValueError(f"y must have shape ({x.shape[0]},) with values in [0, 1]")
+    l2 = check_positive_float(l2, "l2", allow_zero=True)
+    coef = x.new_zeros(w.shape[1], x.shape[1]) if init is None else as_tensor(init, "init").to(x)
+    if coef.shape != (w.shape[1], x.shape[1]):
+        raise ValueError(f"init must have shape ({w.shape[1]}, {x.shape[1]}), got "
+                         f"{tuple(coef.shape)}")
+    tol = 1e3 * torch.finfo(x.dtype).eps if tol is None else tol
+    evaluate = _logistic_evaluate(x, y, w, l2)
+    coef, info, steps, ok = _newton_solve(coef, evaluate, check_positive_int(max_steps, "max_steps"),
+                                          tol, w.sum(0) + 1)
+    f, grad, _ = evaluate(coef, True)
+    return SoftmaxRegressionResult(atoms=coef, objective=f, grad_norm=grad.norm(dim=-1),
+                                   num_steps=steps, converged=ok)
+
+
+def _multinomial_evaluate(x, targets, l2):
+    """Objective of a multinomial logit with the last class as reference (logit 0)."""
+    n, d = x.shape
+    k = targets.shape[1]
+    totals = targets.sum(1)
+
+    def evaluate(flat, derivatives):
+        coef = flat.view(k - 1, d)
+        logits = torch.cat([x @ coef.T, x.new_zeros(n, 1)], 1)
+        log_p = torch.log_softmax(logits, 1)
+        f = (targets * log_p).sum().reshape(1)
+        if l2:
+            f = f - 0.5 * l2 * (coef * coef).sum()
+        if not derivatives:
+            return f, None, None
+        p = log_p[:, :-1].exp()  # (n, K-1)
+        grad = (targets[:, :-1] - totals[:, None] * p).T @ x - l2 * coef
+        # -Hessian = sum_i R_i (diag p_i - p_i p_i^T) (x) x_i x_i^T, R_i the row total.
+        rp = totals[:, None] * p
+        hess = torch.block_diag(*_weighted_gram(x, rp))
+        outer = (rp[:, :, None] * x[:, None, :]).reshape(n, -1)
+        hess = hess - outer.T @ (p[:, :, None] * x[:, None, :]).reshape(n, -1)
+        return f, grad.reshape(1, -1), _ridge(hess, l2).unsqueeze(0)
+    return evaluate
+
+
+def fit_multinomial_logit(x, targets, init=None, *, l2: float = 0.0, max_steps: int = 50,
+                          tol: float | None = None) -> SoftmaxRegressionResult:
+    """Multinomial logistic regression on soft labels, by damped Newton on all classes jointly.
+
+    Maximises ``sum_i sum_k R_ik log softmax(W x_i)_k - l2/2 |W|^2`` over W (K, d) whose last
+    row is fixed at 0 (the reference class), for soft labels R (n, K) (any nonnegative rows:
+    responsibilities, one-hot labels, or counts). This is the gate M-step of a mixture of
+    experts. The Hessian is ((K-1) d)^2, so this suits moderate K d.
+
+    Args:
+        x: (n, d).  targets: (n, K) nonnegative.  init: (K, d) or (K-1, d) starting weights.
+    Returns:
+        :class:`SoftmaxRegressionResult`; ``atoms`` is (K, d) with a zero last row and
+        ``objective``/``grad_norm`` have shape (1,).
+
+    Example:
+        >>> x = torch.randn(300, 2, dtype=torch.float64)
+        >>> labels = torch.distributions.Categorical(logits=x @ torch.randn(2, 3).double()).sample()
+        >>> res = fit_multinomial_logit(x, torch.nn.functional.one_hot(labels, 3).double())
+        >>> res.atoms.shape, bool(res.atoms[-1].eq(0).all())
+        (torch.Size([3, 2]), True)
+    """
+    x, r = _check_regression(x, targets, "targets")
+    k, d = r.shape[1], x.shape[1]
+    if k < 2:
+        raise ValueError("targets must have at least 2 columns (classes)")
+    l2 = check_positive_float(l2, "l2", allow_zero=True)
+    coef = x.new_zeros(k - 1, d) if init is None else as_tensor(init, "init").to(x)[: k - 1]
+    if coef.shape != (k - 1, d):
+        raise ValueError(f"init must have shape ({k}, {d}), got {tuple(coef.shape)}")
+    tol = 1e3 * torch.finfo(x.dtype).eps if tol is None else tol
+    evaluate = _multinomial_evaluate(x, r, l2)
+    flat, _, steps, ok = _newton_solve(coef.reshape(1, -1), evaluate,
+                                       check_positive_int(max_steps, "max_steps"), tol,
+                                       r.sum().reshape(1) + 1)
+    f, grad, _ = evaluate(flat, True)
+    full = torch.cat([flat.view(k - 1, d), x.new_zeros(1, d)])
+    return SoftmaxRegressionResult(atoms=full, objective=f, grad_norm=grad.norm(dim=-1),
+                                   num_steps=steps, converged=ok)
