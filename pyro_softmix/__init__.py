@@ -3,10 +3,11 @@
 
 P(Y = j) = sum_k alpha_k softmax(X theta_k)_j over p support points with known features X.
 Fit by EM on counts (:func:`fit_em`), use as a Pyro distribution (:class:`SoftmaxMixture`) or
-as a Pyro model with EM, SVI and NUTS inference (:class:`SoftmaxMixtureModel`).
+as a Pyro model with EM, SVI and NUTS inference (:class:`SoftmaxMixtureModel`). Mixtures of
+experts with a softmax gate, fitted by EM: :class:`MixtureOfExperts`.
 """
 
-from . import models
+from . import models, moe
 from .design import Design, IdentifiabilityWarning, standardize
 from .diagnostics import (
     FitComparison,
@@ -21,18 +22,27 @@ from .distributions import SoftmaxMixture
 from .em import ConvergenceWarning, SoftmaxMixtureFit, fit_em, load_fit
 from .infer import EM, em_initial_params, init_to_em
 from .mixture_model import SoftmaxMixtureModel
-from .simulate import SimulatedData, simulate
-from .solvers import fit_softmax_regression, softmax_regression_step
+from .moe import MixtureOfExperts, load_moe
+from .simulate import SimulatedData, SimulatedMoE, simulate, simulate_moe
+from .solvers import (
+    fit_logistic_regression,
+    fit_multinomial_logit,
+    fit_softmax_regression,
+    softmax_regression_step,
+    weighted_least_squares,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EM",
     "ConvergenceWarning",
     "Design",
+    "EM",
     "FitComparison",
     "IdentifiabilityWarning",
+    "MixtureOfExperts",
     "SimulatedData",
+    "SimulatedMoE",
     "SoftmaxMixture",
     "SoftmaxMixtureFit",
     "SoftmaxMixtureModel",
@@ -40,15 +50,21 @@ __all__ = [
     "em_initial_params",
     "fisher_intervals",
     "fit_em",
+    "fit_logistic_regression",
+    "fit_multinomial_logit",
     "fit_softmax_regression",
     "init_to_em",
     "load_fit",
+    "load_moe",
     "models",
+    "moe",
     "plot_diagnostics",
     "posterior_summary",
     "relabel_samples",
     "simulate",
+    "simulate_moe",
     "softmax_regression_step",
     "standardize",
     "to_arviz",
+    "weighted_least_squares",
 ]

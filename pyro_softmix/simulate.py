@@ -19,7 +19,7 @@ from ._checks import (
 )
 from .design import standardize
 
-__all__ = ["SimulatedData", "simulate"]
+__all__ = ["SimulatedData", "SimulatedMoE", "simulate", "simulate_moe"]
 
 
 @dataclass
@@ -160,3 +160,71 @@ def _multinomial_counts(probs: torch.Tensor, num_obs: int, gen: torch.Generator,
         counts += torch.bincount(draws, minlength=probs.shape[0])
         left -= m
     return counts
+
+
+@dataclass
+class SimulatedMoE:
+    """Synthetic mixture-of-experts data and its truth (see :func:`simulate_moe`).
+
+    Attributes:
+        x: (n, d) features (used by the gate and the experts).  y: (n,) targets.
+        assignments: (n,) true experts.  gate_weights: (K, d + 1) true gate (intercept last,
+        last row 0).  expert_weights: (K, d + 1) true experts (intercept last).
+        noise_scale: (K,) true noise scales (linear experts), else None.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    assignments: torch.Tensor
+    gate_weights: torch.Tensor
+    expert_weights: torch.Tensor
+    noise_scale: torch.Tensor | None
+
+    def truth(self) -> dict[str, torch.Tensor | None]:
+        """The true parameters as a mapping, usable as ``MixtureOfExperts.fit(init=...)``."""
+        return {"gate_weights": self.gate_weights, "expert_weights": self.expert_weights,
+                "noise_scale": self.noise_scale}
+
+
+def simulate_moe(num_obs: int = 2000, num_features: int = 4, num_experts: int = 3, *,
+                 expert: str = "linear", snr: float = 4.0, gate_scale: float = 2.0,
+                 seed=0, dtype=None) -> SimulatedMoE:
+    """Simulate a mixture of experts with x ~ N(0, I_d) and a softmax gate.
+
+    Gate rows are N(0, gate_scale^2 I) (last row 0; intercepts 0). Each expert's coefficient
+    vector is a uniformly random direction scaled to norm ``snr`` (its intercept is 0), so the
+    expert means have standard deviation ``snr``: linear experts add N(0, 1) noise (signal-to-
+    noise ratio ``snr``), logistic experts have logits of scale ``snr``.
+
+    Example:
+        >>> data = simulate_moe(num_obs=500, num_experts=2, expert="logistic", seed=0)
+        >>> data.x.shape, sorted(set(data.y.tolist()))
+        (torch.Size([500, 4]), [0.0, 1.0])
+    """
+    n = check_positive_int(num_obs, "num_obs", minimum=2)
+    d = check_positive_int(num_features, "num_features")
+    k = check_positive_int(num_experts, "num_experts")
+    if expert not in ("linear", "logistic"):
+        raise ValueError(f"expert must be 'linear' or 'logistic', got {expert!r}")
+    snr = check_positive_float(snr, "snr")
+    gate_scale = check_positive_float(gate_scale, "gate_scale", allow_zero=True)
+    gen = make_generator(seed)
+    dtype = resolve_dtype(dtype, torch.empty(0))
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    gate = gate_scale * torch.randn(k, d, generator=gen, dtype=torch.float64)
+    gate = torch.cat([gate - gate[-1:], torch.zeros(k, 1, dtype=torch.float64)], 1)
+    directions = torch.randn(k, d, generator=gen, dtype=torch.float64)
+    experts = snr * directions / directions.norm(dim=1, keepdim=True)
+    experts = torch.cat([experts, torch.zeros(k, 1, dtype=torch.float64)], 1)
+    xi = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
+    z = torch.multinomial(torch.softmax(xi @ gate.T, 1), 1, generator=gen)[:, 0]
+    eta = (xi * experts[z]).sum(1)
+    if expert == "linear":
+        scale = torch.ones(k, dtype=torch.float64)
+        y = eta + torch.randn(n, generator=gen, dtype=torch.float64)
+    else:
+        scale = None
+        y = (torch.rand(n, generator=gen, dtype=torch.float64) < torch.sigmoid(eta)).double()
+    return SimulatedMoE(x=x.to(dtype), y=y.to(dtype), assignments=z, gate_weights=gate.to(dtype),
+                        expert_weights=experts.to(dtype),
+                        noise_scale=None if scale is None else scale.to(dtype))

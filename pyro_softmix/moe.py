@@ -1,0 +1,757 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Mixtures of experts (MoE) fitted by EM, with gradient baselines and a Pyro model.
+
+A softmax gate routes input i to expert k; the expert is a linear-Gaussian or a logistic model::
+
+    P(z_i = k | x_i)  = softmax(V g_i)_k            (V: (K, d_g), last row fixed at 0)
+    y_i | z_i = k     ~ Normal(b_k . x_i, s_k^2)   ("linear")   or
+                        Bernoulli(sigmoid(b_k . x_i))   ("logistic")
+
+with gate features g_i and expert features x_i (the same by default, an intercept column added
+to both). EM alternates responsibilities r_ik = P(z_i = k | x_i, y_i) (log space) with an M-step
+that is a weighted regression per expert (closed-form weighted least squares, or damped-Newton
+IRLS for logistic experts, batched over experts) and a multinomial logit for the gate fitted to
+the soft labels r (damped Newton, :func:`~pyro_softmix.solvers.fit_multinomial_logit`).
+
+Fruytier, Mokhtari and Sanghavi (2024, "Learning mixtures of experts with EM: a mirror descent
+perspective", arXiv:2411.06056) show that this EM is (projected) mirror descent with unit step
+on the log-likelihood, whose mirror map is the log-partition function of the complete-data
+(y, z) exponential family, so its Bregman divergence is a KL divergence; this is why EM needs
+no step size and beats gradient descent. ``tests/test_moe.py`` checks the identity numerically.
+
+``method="gd"`` and ``method="adam"`` fit the same (penalised) log-likelihood by full-batch
+gradient steps, from the same starting points, for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.ops.indexing import Vindex
+
+from ._checks import (
+    as_tensor,
+    check_positive_float,
+    check_positive_int,
+    make_generator,
+    resolve_dtype,
+)
+from .em import ConvergenceWarning, _progress_bar, _remaining_gap
+from .solvers import (
+    _damped_newton,
+    _logistic_evaluate,
+    _multinomial_evaluate,
+    fit_logistic_regression,
+    fit_multinomial_logit,
+    weighted_least_squares,
+)
+
+__all__ = ["MixtureOfExperts", "load_moe"]
+
+EXPERTS = ("linear", "logistic")
+NOISE = ("expert", "shared")
+METHODS = ("em", "gd", "adam")
+#: Default learning rates of the gradient baselines (on the mean log-likelihood).
+DEFAULT_LR = {"gd": 0.5, "adam": 0.05}
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _matrix(value, name: str, rows: int | None = None) -> torch.Tensor:
+    t = as_tensor(value, name)
+    if t.dim() == 1 and rows is not None:
+        t = t[:, None]
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D with shape (num_obs, num_features), got shape "
+                         f"{tuple(t.shape)}")
+    if rows is not None and t.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows (one per observation), got {t.shape[0]}")
+    if t.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one column")
+    if t.dtype == torch.bool:
+        t = t.to(torch.get_default_dtype())
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"{name} contains NaN or infinite values (first bad row: {bad})")
+    return t
+
+
+class MixtureOfExperts:
+    """A mixture of linear or logistic experts with a softmax gate, fitted by EM.
+
+    In the manner of scikit-learn: configure, then :meth:`fit` (which returns ``self``); the
+    estimates are plain attributes. :meth:`model` is the same MoE as a Pyro model (sites
+    ``"gate_weights"``, ``"expert_weights"``, ``"noise_scale"``, ``"assignment"``, ``"obs"``)
+    for SVI or NUTS started at the EM solution (:meth:`fit_svi`, :meth:`fit_mcmc`).
+
+    Args:
+        num_experts: K.
+        expert: ``"linear"`` (Gaussian noise) or ``"logistic"`` (0/1 targets).
+        noise: linear experts only: a noise scale per expert (``"expert"``) or one for all
+            (``"shared"``).
+        intercept: add a column of ones to the expert and gate features.
+        l2: ridge penalty on all coefficients (gate and experts, a Normal(0, 1/l2) prior each);
+            every method then maximises the penalised log-likelihood. Needed when the data
+            are (nearly) separable, where the maximum-likelihood estimate is at infinity.
+        min_noise: linear experts: floor on each noise scale, as a fraction of sd(y); keeps
+            the likelihood bounded when an expert collapses onto a few points.
+        prior_scale: scale of the Pyro model's Normal priors on the coefficients and of its
+            HalfNormal prior on the noise scales (for standardised features and targets).
+
+    Attributes (after :meth:`fit`):
+        gate_weights: (K, d_g) gate coefficients, last row 0 (intercept last when added).
+        expert_weights: (K, d_x) expert coefficients (intercept last when added).
+        noise_scale: (K,) noise standard deviations (linear experts), else None.
+        loglik: log-likelihood sum_i log p(y_i | x_i) at the estimate.
+        objective: loglik minus the ridge penalty (what the methods maximise).
+        history: objective per iteration (index 0: the start).  times: seconds at each entry.
+        n_iter, converged, seconds, method, init: how the fit went.
+
+    Example:
+        >>> data = simulate_moe(num_obs=2000, num_experts=3, seed=0)       # doctest: +SKIP
+        >>> moe = MixtureOfExperts(3).fit(data.x, data.y, seed=0)
+        >>> moe.predict(data.x[:5]), moe.bic
+    """
+
+    def __init__(self, num_experts: int, expert: str = "linear", *, noise: str = "expert",
+                 intercept: bool = True, l2: float = 0.0, min_noise: float = 1e-3,
+                 prior_scale: float = 5.0):
+        self.num_experts = check_positive_int(num_experts, "num_experts")
+        if expert not in EXPERTS:
+            raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
+        if noise not in NOISE:
+            raise ValueError(f"noise must be one of {NOISE}, got {noise!r}")
+        self.expert = expert
+        self.noise = noise
+        self.intercept = bool(intercept)
+        self.l2 = check_positive_float(l2, "l2", allow_zero=True)
+        self.min_noise = check_positive_float(min_noise, "min_noise", allow_zero=True)
+        self.prior_scale = check_positive_float(prior_scale, "prior_scale")
+        self.gate_weights: torch.Tensor | None = None
+        self.expert_weights: torch.Tensor | None = None
+        self.noise_scale: torch.Tensor | None = None
+        self.loglik = self.objective = math.nan
+        self.history: list[float] = []
+        self.times: list[float] = []
+        self.n_iter, self.converged, self.seconds = 0, False, 0.0
+        self.method, self.init, self.num_obs = None, None, 0
+        self.guide = self.svi_losses = self.mcmc = None
+
+    def __repr__(self) -> str:
+        state = (f"loglik={self.loglik:.6g}, n_iter={self.n_iter}, method={self.method!r}"
+                 if self.fitted else "not fitted")
+        return (f"MixtureOfExperts(num_experts={self.num_experts}, expert={self.expert!r}, "
+                f"{state})")
+
+    # -- data ------------------------------------------------------------------------------
+    @property
+    def fitted(self) -> bool:
+        return self.expert_weights is not None
+
+    def _design(self, x, gate_x, dtype=None, device=None, *, new_fit: bool = False):
+        """Expert and gate design matrices (with intercepts), as new tensors; checked against
+        the fitted shapes unless ``new_fit``."""
+        xe = _matrix(x, "x")
+        xg = xe if gate_x is None else _matrix(gate_x, "gate_x", rows=xe.shape[0])
+        fitted = self.fitted and not new_fit
+        if dtype is None and fitted:
+            dtype = self.expert_weights.dtype
+        dtype = resolve_dtype(dtype, xe)
+        device = device or (self.expert_weights.device if fitted else xe.device)
+        out = []
+        for t in (xe, xg):
+            t = t.to(device=device, dtype=dtype)
+            if self.intercept:
+                t = torch.cat([t, t.new_ones(t.shape[0], 1)], 1)
+            out.append(t)
+        if fitted:
+            extra = 1 if self.intercept else 0
+            for t, w, name in ((out[0], self.expert_weights, "x"),
+                               (out[1], self.gate_weights, "gate_x")):
+                if t.shape[1] != w.shape[1]:
+                    raise ValueError(f"{name} must have {w.shape[1] - extra} columns (as when "
+                                     f"fitted), got {t.shape[1] - extra}")
+        return out[0], out[1]
+
+    def _targets(self, y, n: int, like: torch.Tensor) -> torch.Tensor:
+        t = as_tensor(y, "y")
+        if t.dim() == 2 and t.shape[1] == 1:
+            t = t[:, 0]
+        if t.shape != (n,):
+            raise ValueError(f"y must have shape ({n},) (one target per row of x), got "
+                             f"{tuple(t.shape)}")
+        t = t.to(like)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("y contains NaN or infinite values")
+        if self.expert == "logistic" and not bool(((t == 0) | (t == 1)).all()):
+            bad = sorted({float(v) for v in t[(t != 0) & (t != 1)][:5].tolist()})
+            raise ValueError(f"y must contain only 0 and 1 for logistic experts, got values such "
+                             f"as {bad}")
+        return t
+
+    def _data(self, x, y, gate_x, dtype=None, device=None, *, new_fit: bool = False):
+        xe, xg = self._design(x, gate_x, dtype, device, new_fit=new_fit)
+        if xe.shape[0] < 2:
+            raise ValueError(f"x must have at least 2 rows (observations), got {xe.shape[0]}")
+        return xe, xg, self._targets(y, xe.shape[0], xe)
+
+    # -- parameters ------------------------------------------------------------------------
+    def _params(self) -> dict[str, torch.Tensor]:
+        if not self.fitted:
+            raise ValueError("this MixtureOfExperts is not fitted: call fit(...) first")
+        out = {"gate": self.gate_weights, "experts": self.expert_weights}
+        if self.expert == "linear":
+            out["scale"] = self.noise_scale
+        return out
+
+    def _check_start(self, init, xe, xg) -> dict[str, torch.Tensor]:
+        """A user-given start (a fitted MixtureOfExperts or a mapping) as internal parameters."""
+        if isinstance(init, MixtureOfExperts):
+            init = {"gate_weights": init.gate_weights, "expert_weights": init.expert_weights,
+                    "noise_scale": init.noise_scale}
+        if not isinstance(init, Mapping):
+            raise TypeError("init must be 'auto', 'random', 'kmeans', a fitted "
+                            f"MixtureOfExperts or a mapping, got {type(init).__name__}")
+        k = self.num_experts
+        shapes = {"gate_weights": (k, xg.shape[1]), "expert_weights": (k, xe.shape[1])}
+        if self.expert == "linear":
+            shapes["noise_scale"] = (k,)
+        out = {}
+        for name, shape in shapes.items():
+            if init.get(name) is None:
+                raise ValueError(f"init must have key {name!r} with shape {shape}")
+            v = as_tensor(init[name], f"init {name}").to(xe)
+            if name == "gate_weights" and v.shape == (k - 1, shape[1]):
+                v = torch.cat([v, v.new_zeros(1, shape[1])])
+            if name == "noise_scale" and v.numel() == 1:
+                v = v.reshape(1).expand(k)
+            if v.shape != shape:
+                raise ValueError(f"init {name} must have shape {shape}, got {tuple(v.shape)}")
+            if not bool(torch.isfinite(v).all()) or (name == "noise_scale" and
+                                                     bool((v <= 0).any())):
+                raise ValueError(f"init {name} must be finite" +
+                                 (" and positive" if name == "noise_scale" else ""))
+            out[name] = v.clone()
+        gate = out["gate_weights"] - out["gate_weights"][-1:]  # same gate, last row 0
+        params = {"gate": gate, "experts": out["expert_weights"]}
+        if self.expert == "linear":
+            params["scale"] = out["noise_scale"]
+        return params
+
+    @staticmethod
+    def _public(params) -> dict[str, torch.Tensor]:
+        out = {"gate_weights": params["gate"], "expert_weights": params["experts"]}
+        if "scale" in params:
+            out["noise_scale"] = params["scale"]
+        return out
+
+    def initial_params(self, x, y, gate_x=None, *, init: str = "random", seed=None,
+                       dtype=None) -> dict[str, torch.Tensor]:
+        """A starting point (``gate_weights``, ``expert_weights``, ``noise_scale``), to pass as
+        ``fit(init=...)`` so that several methods start from the same place.
+
+        Args:
+            init: ``"random"``: gate near uniform, experts at the pooled regression plus noise
+                at the scale of the data; ``"kmeans"``: k-means on (x, y), then one M-step from
+                the clusters.
+            seed: int, generator or None.
+        """
+        xe, xg, yt = self._data(x, y, gate_x, dtype, new_fit=True)
+        return self._public(self._start(init, xe, xg, yt, make_generator(seed)))
+
+    def _floor(self, y: torch.Tensor) -> float:
+        return self.min_noise * max(float(y.std()), 1e-12) if y.numel() > 1 else self.min_noise
+
+    def _start(self, init: str, xe, xg, y, gen) -> dict[str, torch.Tensor]:
+        k, n = self.num_experts, xe.shape[0]
+        col_sd = xe.std(0)
+        col_sd = torch.where(col_sd > 0, col_sd, torch.ones_like(col_sd))
+        if init == "random":
+            noise = torch.randn(k, xe.shape[1], generator=gen, dtype=torch.float64).to(xe)
+            gate = 0.1 * torch.randn(k, xg.shape[1], generator=gen, dtype=torch.float64).to(xe)
+            gate = gate - gate[-1:]
+            ones = torch.ones(n, 1, dtype=xe.dtype, device=xe.device)
+            if self.expert == "linear":
+                pooled = weighted_least_squares(xe, y, ones, l2=1e-8 * n)
+                sd = max(float(y.std()), 1e-12)
+                experts = pooled + noise * sd / (col_sd * math.sqrt(xe.shape[1]))
+                return {"gate": gate, "experts": experts,
+                        "scale": torch.full((k,), sd, dtype=xe.dtype, device=xe.device)}
+            pooled = fit_logistic_regression(xe, y, ones, l2=max(self.l2, 1e-3)).atoms
+            experts = pooled + 2 * noise / (col_sd * math.sqrt(xe.shape[1]))
+            return {"gate": gate, "experts": experts}
+        if init == "kmeans":
+            labels = _kmeans(torch.cat([xe, y[:, None]], 1), k, gen)
+            soft = 0.8 * torch.nn.functional.one_hot(labels, k).to(xe) + 0.2 / k
+            return self._m_step(xe, xg, y, soft, None, exact=True)
+        raise ValueError(f"init must be 'auto', 'random', 'kmeans', a fitted MixtureOfExperts or "
+                         f"a mapping, got {init!r}")
+
+    # -- likelihood ------------------------------------------------------------------------
+    def _log_joint(self, params, xe, xg, y) -> torch.Tensor:
+        """log P(z = k | x_i) + log p(y_i | x_i, z = k), shape (n, K); differentiable."""
+        log_gate = torch.log_softmax(xg @ params["gate"].T, 1)
+        eta = xe @ params["experts"].T
+        if self.expert == "linear":
+            s = params["scale"]
+            comp = -0.5 * ((y[:, None] - eta) / s) ** 2 - torch.log(s) - 0.5 * _LOG_2PI
+        else:
+            comp = y[:, None] * eta - torch.nn.functional.softplus(eta)
+        return log_gate + comp
+
+    def _penalty(self, params) -> torch.Tensor:
+        if not self.l2:
+            return params["experts"].new_zeros(())
+        return 0.5 * self.l2 * ((params["gate"] ** 2).sum() + (params["experts"] ** 2).sum())
+
+    # -- EM --------------------------------------------------------------------------------
+    def _m_step(self, xe, xg, y, resp, params, *, exact: bool = False, m_steps: int = 3):
+        """New parameters from responsibilities (n, K). Each block increases its part of the
+        EM surrogate Q (exactly maximised with ``exact``, else ``m_steps`` Newton steps)."""
+        k = self.num_experts
+        steps = 100 if exact else m_steps
+        weight = resp.sum(0)
+        empty = weight <= 1e-12 * resp.shape[0]
+        new: dict[str, torch.Tensor] = {}
+        if self.expert == "linear":
+            # Given the current scales, the penalised weighted least squares is exact (an ECM
+            # step); the scales are then exact given the new coefficients.
+            scale = params["scale"] if params is not None and self.l2 else None
+            w = resp if scale is None else resp / scale**2
+            coef = weighted_least_squares(xe, y, w, l2=self.l2)
+            resid2 = (y[:, None] - xe @ coef.T) ** 2
+            if self.noise == "shared":
+                var = (resp * resid2).sum() / resp.sum()
+                var = var.expand(k)
+            else:
+                var = (resp * resid2).sum(0) / weight.clamp_min(1e-300)
+            floor = self._floor(y)
+            new["scale"] = var.clamp_min(floor**2).sqrt()
+            if params is not None:
+                coef = torch.where(empty[:, None], params["experts"], coef)
+                new["scale"] = torch.where(empty, params["scale"], new["scale"])
+            new["experts"] = coef
+        else:
+            start = params["experts"] if params is not None else xe.new_zeros(k, xe.shape[1])
+            if exact:
+                new["experts"] = fit_logistic_regression(xe, y, resp, start, l2=self.l2,
+                                                         max_steps=steps).atoms
+            else:
+                evaluate = _logistic_evaluate(xe, y, resp, self.l2)
+                coef = start
+                for _ in range(steps):
+                    coef, info = _damped_newton(coef, evaluate)
+                    if bool((info.gain <= 1e-12 * (weight + 1)).all()):
+                        break
+                new["experts"] = coef
+        if k == 1:
+            new["gate"] = xg.new_zeros(1, xg.shape[1])
+        else:
+            start = params["gate"] if params is not None else None
+            if exact or start is None:
+                new["gate"] = fit_multinomial_logit(xg, resp, start, l2=self.l2,
+                                                    max_steps=steps).atoms
+            else:
+                evaluate = _multinomial_evaluate(xg, resp, self.l2)
+                flat = start[:-1].reshape(1, -1)
+                for _ in range(steps):
+                    flat, info = _damped_newton(flat, evaluate)
+                    if bool((info.gain <= 1e-12 * (resp.shape[0] + 1)).all()):
+                        break
+                new["gate"] = torch.cat([flat.view(k - 1, -1), xg.new_zeros(1, xg.shape[1])])
+        return new
+
+    def _run_em(self, params, xe, xg, y, max_iter, tol, m_steps, bar):
+        history, times, gains = [], [], []
+        t0 = time.perf_counter()
+        converged = False
+        for it in range(max_iter + 1):
+            with torch.no_grad():
+                lj = self._log_joint(params, xe, xg, y)
+                loglik = float(torch.logsumexp(lj, 1).sum())
+                obj = loglik - float(self._penalty(params))
+            history.append(obj)
+            times.append(time.perf_counter() - t0)
+            if it:
+                gains.append(history[-1] - history[-2])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(objective=f"{obj:.10g}", refresh=False)
+                if _remaining_gap(gains) <= tol * abs(obj) or gains[-1] <= 0:
+                    converged = True
+                    break
+            if it == max_iter:
+                break
+            resp = torch.softmax(lj, 1)
+            params = self._m_step(xe, xg, y, resp, params, m_steps=m_steps)
+        return params, history, times, converged
+
+    # -- gradient baselines ----------------------------------------------------------------
+    def _run_gradient(self, params, xe, xg, y, max_iter, tol, method, lr, bar):
+        k = self.num_experts
+        free = {"gate": params["gate"][:-1].clone().requires_grad_(True),
+                "experts": params["experts"].clone().requires_grad_(True)}
+        if self.expert == "linear":
+            s = params["scale"] if self.noise == "expert" else params["scale"][:1]
+            free["log_scale"] = s.log().clone().requires_grad_(True)
+        opt = (torch.optim.SGD if method == "gd" else torch.optim.Adam)(free.values(), lr=lr)
+        n = xe.shape[0]
+        floor = math.log(self._floor(y)) if self.expert == "linear" else None
+
+        def assemble():
+            out = {"gate": torch.cat([free["gate"], xg.new_zeros(1, xg.shape[1])]),
+                   "experts": free["experts"]}
+            if self.expert == "linear":
+                out["scale"] = free["log_scale"].clamp_min(floor).exp().expand(k)
+            return out
+
+        history, times, gains = [], [], []
+        t0 = time.perf_counter()
+        converged = False
+        for it in range(max_iter + 1):
+            p = assemble()
+            obj_t = torch.logsumexp(self._log_joint(p, xe, xg, y), 1).sum() - self._penalty(p)
+            history.append(float(obj_t.detach()))
+            times.append(time.perf_counter() - t0)
+            if it:
+                gains.append(history[-1] - history[-2])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(objective=f"{history[-1]:.10g}", refresh=False)
+                if 0 < _remaining_gap(gains) <= tol * abs(history[-1]):
+                    converged = True
+                    break
+            if it == max_iter or not math.isfinite(history[-1]):
+                break
+            opt.zero_grad()
+            (-obj_t / n).backward()
+            opt.step()
+        with torch.no_grad():
+            final = {key: v.detach().clone() for key, v in assemble().items()}
+        return final, history, times, converged
+
+    # -- fitting ---------------------------------------------------------------------------
+    def fit(self, x, y, gate_x=None, *, method: str = "em", init: Any = "auto",
+            num_inits: int = 4, max_iter: int | None = None, tol: float | None = None,
+            m_steps: int = 3, lr: float | None = None, seed=0, dtype=None, device=None,
+            progress: bool | None = None, warn: bool = True) -> MixtureOfExperts:
+        """Maximum-likelihood (or ridge-penalised) fit; returns ``self``.
+
+        Args:
+            x: (n, d_x) expert features.  y: (n,) targets (0/1 for logistic experts).
+            gate_x: (n, d_g) gate features (default: ``x``).
+            method: ``"em"`` (default), or the baselines ``"gd"`` / ``"adam"`` (full-batch
+                gradient ascent on the mean log-likelihood with learning rate ``lr``).
+            init: ``"auto"`` (one k-means start and ``num_inits - 1`` random starts, each run
+                to convergence, best objective kept), ``"random"``, ``"kmeans"``, a fitted
+                MixtureOfExperts, or a mapping as returned by :meth:`initial_params`.
+            max_iter: iterations per start (default 1000 for EM, 20000 for gradients).
+            tol: stop when the estimated remaining increase of the objective (Aitken, from the
+                last two increments) is below ``tol * |objective|`` (default 1e-10 in float64,
+                1e-7 in float32).
+            m_steps: Newton steps per EM iteration for the iterative M-step parts (logistic
+                experts, the gate); each increases Q, so EM stays monotone.
+            seed: seeds the random starts (same seed, same result).
+            dtype: ``"float32"``/``"float64"`` (default: x's if floating, else the default).
+            progress: a tqdm bar (default: when stderr is a terminal).
+            warn: warn (``ConvergenceWarning``) when ``max_iter`` is reached.
+
+        Example:
+            >>> moe = MixtureOfExperts(2, "logistic").fit(x, y, seed=0)   # doctest: +SKIP
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        num_inits = check_positive_int(num_inits, "num_inits")
+        m_steps = check_positive_int(m_steps, "m_steps")
+        if max_iter is None:
+            max_iter = 1000 if method == "em" else 20000
+        max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
+        xe, xg, yt = self._data(x, y, gate_x, dtype, device, new_fit=True)
+        if tol is None:
+            tol = 1e-10 if xe.dtype == torch.float64 else 1e-7
+        tol = check_positive_float(tol, "tol", allow_zero=True)
+        if method != "em":
+            lr = check_positive_float(DEFAULT_LR[method] if lr is None else lr, "lr")
+        gen = make_generator(seed)
+        if isinstance(init, str):
+            if init == "auto":
+                labels = ["kmeans"] + ["random"] * (num_inits - 1)
+            elif init in ("random", "kmeans"):
+                labels = [init] * num_inits
+            else:
+                raise ValueError(f"init must be 'auto', 'random', 'kmeans', a fitted "
+                                 f"MixtureOfExperts or a mapping, got {init!r}")
+            starts = [self._start(lab, xe, xg, yt, gen) for lab in labels]
+        else:
+            labels, starts = ["given"], [self._check_start(init, xe, xg)]
+        begin = time.perf_counter()
+        best = None
+        bar = _progress_bar(progress, max_iter * len(starts), f"MoE {method}")
+        for label, start in zip(labels, starts, strict=True):
+            if method == "em":
+                run = self._run_em(start, xe, xg, yt, max_iter, tol, m_steps, bar)
+            else:
+                run = self._run_gradient(start, xe, xg, yt, max_iter, tol, method, lr, bar)
+            if best is None or (math.isfinite(run[1][-1]) and
+                                not run[1][-1] <= best[1][1][-1]):
+                best = (label, run)
+        if bar is not None:
+            bar.close()
+        label, (params, history, times, converged) = best
+        self.gate_weights = params["gate"].detach()
+        self.expert_weights = params["experts"].detach()
+        self.noise_scale = params["scale"].detach() if "scale" in params else None
+        with torch.no_grad():
+            self.loglik = float(torch.logsumexp(self._log_joint(params, xe, xg, yt), 1).sum())
+        self.objective = history[-1]
+        self.history, self.times = history, times
+        self.n_iter, self.converged = len(history) - 1, converged
+        self.seconds = time.perf_counter() - begin
+        self.method, self.init, self.num_obs = method, label, xe.shape[0]
+        if not math.isfinite(self.objective):
+            raise FloatingPointError(f"{method} diverged (objective {self.objective}); "
+                                     "lower lr= or standardise the features")
+        if warn and not converged:
+            warnings.warn(f"MoE {method} stopped at max_iter={max_iter} before converging "
+                          f"(last increase {history[-1] - history[-2]:.3g})",
+                          ConvergenceWarning, stacklevel=2)
+        return self
+
+    # -- using a fit -----------------------------------------------------------------------
+    def gate_probs(self, x, gate_x=None) -> torch.Tensor:
+        """(n, K) gate probabilities P(z = k | x)."""
+        _, xg = self._design(x, gate_x)
+        return torch.softmax(xg @ self._params()["gate"].T, 1)
+
+    def expert_predictions(self, x, gate_x=None) -> torch.Tensor:
+        """(n, K) each expert's mean (linear) or P(y = 1) (logistic)."""
+        xe, _ = self._design(x, gate_x)
+        eta = xe @ self._params()["experts"].T
+        return eta if self.expert == "linear" else torch.sigmoid(eta)
+
+    def predict_proba(self, x, gate_x=None, *, gate: bool = False) -> torch.Tensor:
+        """Class probabilities of the mixture, (n, 2) for y in {0, 1} (logistic experts), or
+        with ``gate=True`` the (n, K) gate probabilities (either kind of expert)."""
+        if gate:
+            return self.gate_probs(x, gate_x)
+        if self.expert != "logistic":
+            raise ValueError("predict_proba needs logistic experts; for linear experts use "
+                             "predict (the mean), log_prob, or predict_proba(gate=True)")
+        xe, xg = self._design(x, gate_x)
+        p = self._params()
+        p1 = (torch.softmax(xg @ p["gate"].T, 1) * torch.sigmoid(xe @ p["experts"].T)).sum(1)
+        return torch.stack([1 - p1, p1], 1)
+
+    def predict(self, x, gate_x=None) -> torch.Tensor:
+        """(n,) mixture mean E[y | x] (linear experts) or the more probable label (logistic)."""
+        if self.expert == "logistic":
+            return (self.predict_proba(x, gate_x)[:, 1] > 0.5).long()
+        xe, xg = self._design(x, gate_x)
+        p = self._params()
+        return (torch.softmax(xg @ p["gate"].T, 1) * (xe @ p["experts"].T)).sum(1)
+
+    def log_prob(self, x, y, gate_x=None) -> torch.Tensor:
+        """(n,) log p(y_i | x_i) at the estimate."""
+        xe, xg, yt = self._data(x, y, gate_x)
+        return torch.logsumexp(self._log_joint(self._params(), xe, xg, yt), 1)
+
+    def log_likelihood(self, x, y, gate_x=None) -> float:
+        """sum_i log p(y_i | x_i) at the estimate (e.g. on held-out data)."""
+        return float(self.log_prob(x, y, gate_x).sum())
+
+    def responsibilities(self, x, y, gate_x=None) -> torch.Tensor:
+        """(n, K) P(z_i = k | x_i, y_i) at the estimate."""
+        xe, xg, yt = self._data(x, y, gate_x)
+        return torch.softmax(self._log_joint(self._params(), xe, xg, yt), 1)
+
+    @property
+    def num_params(self) -> int:
+        self._params()
+        k = self.num_experts
+        count = (k - 1) * self.gate_weights.shape[1] + k * self.expert_weights.shape[1]
+        if self.expert == "linear":
+            count += k if self.noise == "expert" else 1
+        return count
+
+    @property
+    def bic(self) -> float:
+        """-2 loglik + num_params log n (lower is better)."""
+        return -2 * self.loglik + self.num_params * math.log(self.num_obs)
+
+    @property
+    def aic(self) -> float:
+        return -2 * self.loglik + 2 * self.num_params
+
+    # -- persistence (no pickle) -----------------------------------------------------------
+    _CONFIG = ("num_experts", "expert", "noise", "intercept", "l2", "min_noise", "prior_scale")
+    _STATE = ("loglik", "objective", "n_iter", "converged", "seconds", "method", "init",
+              "num_obs")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the configuration and estimates to ``.npz`` (arrays plus a JSON header)."""
+        params = self._params()
+        meta = {"format": "pyro-softmix-moe", "version": 1,
+                **{k: getattr(self, k) for k in self._CONFIG + self._STATE}}
+        arrays = {k: v.detach().cpu().numpy() for k, v in self._public(params).items()}
+        arrays["history"] = np.asarray(self.history, dtype=np.float64)
+        arrays["times"] = np.asarray(self.times, dtype=np.float64)
+        np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MixtureOfExperts:
+        """Load what :meth:`save` wrote."""
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"])) if "meta" in data else {}
+            if meta.get("format") != "pyro-softmix-moe":
+                raise ValueError(f"{os.fspath(path)!r} is not a pyro-softmix MoE file")
+            obj = cls(**{k: meta[k] for k in cls._CONFIG})
+            for k in cls._STATE:
+                setattr(obj, k, meta[k])
+            obj.gate_weights = torch.from_numpy(data["gate_weights"])
+            obj.expert_weights = torch.from_numpy(data["expert_weights"])
+            obj.noise_scale = (torch.from_numpy(data["noise_scale"]) if "noise_scale" in data
+                               else None)
+            obj.history, obj.times = data["history"].tolist(), data["times"].tolist()
+        return obj
+
+    # -- Pyro ------------------------------------------------------------------------------
+    def model(self, x, y=None, gate_x=None, *, collapsed: bool = False,
+              subsample_size: int | None = None):
+        """The MoE as a Pyro model (composable; call inside your own model).
+
+        Sites: ``gate_weights`` (K-1, d_g) ~ Normal(0, prior_scale) (the last gate row is 0),
+        ``expert_weights`` (K, d_x) ~ Normal(0, prior_scale), ``noise_scale`` (K,) or (1,)
+        ~ HalfNormal(prior_scale) for linear experts; in plate ``"data"`` (which takes
+        ``subsample_size``) ``assignment`` ~ Categorical(gate), enumerated in parallel, and
+        ``obs``. With ``collapsed=True`` the assignment is summed out inside ``obs``
+        (``MixtureSameFamily``): no discrete site, the fast choice for NUTS.
+        """
+        xe, xg = self._design(x, gate_x, dtype=self._model_dtype(x))
+        n, k = xe.shape[0], self.num_experts
+        yt = None if y is None else self._targets(y, n, xe)
+        loc = xe.new_zeros(())
+        scale = xe.new_tensor(self.prior_scale)
+        experts = pyro.sample("expert_weights",
+                              dist.Normal(loc, scale).expand([k, xe.shape[1]]).to_event(2))
+        if k > 1:
+            gate = pyro.sample("gate_weights",
+                               dist.Normal(loc, scale).expand([k - 1, xg.shape[1]]).to_event(2))
+            gate = torch.cat([gate, gate.new_zeros(1, xg.shape[1])])
+        else:
+            gate = xg.new_zeros(1, xg.shape[1])
+        noise = None
+        if self.expert == "linear":
+            size = k if self.noise == "expert" else 1
+            noise = pyro.sample("noise_scale", dist.HalfNormal(scale).expand([size]).to_event(1))
+        with pyro.plate("data", n, subsample_size=subsample_size) as idx:
+            logits = xg[idx] @ gate.T
+            eta = xe[idx] @ experts.T
+            obs = None if yt is None else yt[idx]
+            if collapsed:
+                comp = (dist.Normal(eta, noise.expand(k)) if noise is not None
+                        else dist.Bernoulli(logits=eta))
+                return pyro.sample("obs", dist.MixtureSameFamily(dist.Categorical(logits=logits),
+                                                                 comp), obs=obs)
+            z = pyro.sample("assignment", dist.Categorical(logits=logits),
+                            infer={"enumerate": "parallel"})
+            mean = Vindex(eta)[torch.arange(eta.shape[0], device=eta.device), z]
+            if noise is not None:
+                sd = Vindex(noise.expand(k))[z]
+                return pyro.sample("obs", dist.Normal(mean, sd), obs=obs)
+            return pyro.sample("obs", dist.Bernoulli(logits=mean), obs=obs)
+
+    def _model_dtype(self, x):
+        if self.fitted:
+            return self.expert_weights.dtype
+        t = as_tensor(x, "x")
+        return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.get_default_dtype()
+
+    def init_values(self) -> dict[str, torch.Tensor]:
+        """The EM estimate as constrained values of the Pyro model's sites (for
+        ``init_to_value``)."""
+        p = self._params()
+        out = {"expert_weights": p["experts"]}
+        if self.num_experts > 1:
+            out["gate_weights"] = p["gate"][:-1]
+        if self.expert == "linear":
+            out["noise_scale"] = p["scale"] if self.noise == "expert" else p["scale"][:1]
+        return out
+
+    def init_strategy(self):
+        """``init_to_value`` at the EM estimate (other sites: ``init_to_median``)."""
+        from pyro.infer.autoguide import init_to_value
+
+        return init_to_value(values=self.init_values())
+
+    def _bound(self, x, y, gate_x, collapsed, subsample_size=None):
+        def bound():
+            return self.model(x, y, gate_x, collapsed=collapsed, subsample_size=subsample_size)
+        return bound
+
+    def fit_svi(self, x, y, gate_x=None, *, guide: str = "normal", num_steps: int = 1000,
+                lr: float = 0.01, collapsed: bool = True, subsample_size: int | None = None,
+                init_scale: float = 0.01, seed: int | None = 0, progress: bool | None = None
+                ) -> list[float]:
+        """SVI started at the EM estimate (fit first); returns the losses (-ELBO).
+
+        ``guide`` is ``"normal"``, ``"lowrank"``, ``"mvn"`` or ``"delta"`` (see
+        :meth:`pyro_softmix.SoftmaxMixtureModel.fit_svi`); the guide is kept as :attr:`guide`.
+        """
+        from .infer import _run_svi
+
+        self._params()
+        model = self._bound(x, y, gate_x, bool(collapsed), subsample_size)
+        self.guide, self.svi_losses = _run_svi(model, self.init_strategy(), guide, num_steps, lr,
+                                               enumerated=not collapsed, init_scale=init_scale,
+                                               seed=seed, progress=progress)
+        return self.svi_losses
+
+    def fit_mcmc(self, x, y, gate_x=None, *, num_samples: int = 500, warmup_steps: int = 500,
+                 num_chains: int = 1, collapsed: bool = True, seed: int | None = 0,
+                 progress: bool | None = None, **nuts_options):
+        """NUTS started at the EM estimate (fit first); returns (and keeps as :attr:`mcmc`)
+        the ``MCMC`` object. ``nuts_options`` go to ``NUTS``."""
+        from .infer import _run_nuts
+
+        self._params()
+        model = self._bound(x, y, gate_x, bool(collapsed))
+        self.mcmc = _run_nuts(model, self.init_strategy(), num_samples, warmup_steps, num_chains,
+                              seed=seed, progress=progress, **nuts_options)
+        return self.mcmc
+
+
+def load_moe(path: str | os.PathLike) -> MixtureOfExperts:
+    """Load a :class:`MixtureOfExperts` written by :meth:`MixtureOfExperts.save`."""
+    return MixtureOfExperts.load(path)
+
+
+def _kmeans(points: torch.Tensor, k: int, gen: torch.Generator, iters: int = 25) -> torch.Tensor:
+    """Labels (n,) from Lloyd's k-means on standardised columns, k-means++ seeding."""
+    sd = points.std(0)
+    z = (points - points.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
+    n = z.shape[0]
+    centres = [z[int(torch.randint(n, (1,), generator=gen))]]
+    for _ in range(1, k):
+        d2 = torch.cdist(z, torch.stack(centres)).amin(1) ** 2
+        probs = (d2 / d2.sum()).double().cpu() if float(d2.sum()) > 0 else torch.full((n,), 1 / n)
+        centres.append(z[int(torch.multinomial(probs, 1, generator=gen))])
+    c = torch.stack(centres)
+    labels = torch.cdist(z, c).argmin(1)
+    for _ in range(iters):
+        one_hot = torch.nn.functional.one_hot(labels, k).to(z)
+        size = one_hot.sum(0)
+        c = torch.where(size[:, None] > 0, one_hot.T @ z / size.clamp_min(1)[:, None], c)
+        new = torch.cdist(z, c).argmin(1)
+        if bool((new == labels).all()):
+            break
+        labels = new
+    return labels
