@@ -51,8 +51,8 @@ from .solvers import (
     _damped_newton,
     _logistic_evaluate,
     _multinomial_evaluate,
+    _newton_direction,
     fit_logistic_regression,
-    fit_multinomial_logit,
     weighted_least_squares,
 )
 
@@ -314,11 +314,19 @@ class MixtureOfExperts:
         return 0.5 * self.l2 * ((params["gate"] ** 2).sum() + (params["experts"] ** 2).sum())
 
     # -- EM --------------------------------------------------------------------------------
-    def _m_step(self, xe, xg, y, resp, params, *, exact: bool = False, m_steps: int = 3):
-        """New parameters from responsibilities (n, K). Each block increases its part of the
-        EM surrogate Q (exactly maximised with ``exact``, else ``m_steps`` Newton steps)."""
+    def _m_step(self, xe, xg, y, resp, params, *, exact: bool = False, m_steps: int = 1,
+                checked: bool = True):
+        """New parameters from responsibilities (n, K).
+
+        Weighted least squares and the noise scales are exact; the logistic experts and the
+        gate take ``m_steps`` Newton steps from ``params`` (run to convergence with ``exact``).
+        ``checked`` steps are damped by Armijo backtracking, so each increases its block of
+        the EM surrogate Q; unchecked ones are full Newton steps (cheaper; the caller checks the
+        log-likelihood and redoes the step checked if it fell).
+        """
         k = self.num_experts
         steps = 100 if exact else m_steps
+        checked = checked or exact
         weight = resp.sum(0)
         empty = weight <= 1e-12 * resp.shape[0]
         new: dict[str, torch.Tensor] = {}
@@ -330,69 +338,55 @@ class MixtureOfExperts:
             coef = weighted_least_squares(xe, y, w, l2=self.l2)
             resid2 = (y[:, None] - xe @ coef.T) ** 2
             if self.noise == "shared":
-                var = (resp * resid2).sum() / resp.sum()
-                var = var.expand(k)
+                var = ((resp * resid2).sum() / resp.sum()).expand(k)
             else:
                 var = (resp * resid2).sum(0) / weight.clamp_min(1e-300)
-            floor = self._floor(y)
-            new["scale"] = var.clamp_min(floor**2).sqrt()
+            new["scale"] = var.clamp_min(self._floor(y) ** 2).sqrt()
             if params is not None:
                 coef = torch.where(empty[:, None], params["experts"], coef)
                 new["scale"] = torch.where(empty, params["scale"], new["scale"])
             new["experts"] = coef
         else:
             start = params["experts"] if params is not None else xe.new_zeros(k, xe.shape[1])
-            if exact:
-                new["experts"] = fit_logistic_regression(xe, y, resp, start, l2=self.l2,
-                                                         max_steps=steps).atoms
-            else:
-                evaluate = _logistic_evaluate(xe, y, resp, self.l2)
-                coef = start
-                for _ in range(steps):
-                    coef, info = _damped_newton(coef, evaluate)
-                    if bool((info.gain <= 1e-12 * (weight + 1)).all()):
-                        break
-                new["experts"] = coef
+            new["experts"] = _newton_steps(start, _logistic_evaluate(xe, y, resp, self.l2),
+                                           steps, checked, weight + 1)
         if k == 1:
             new["gate"] = xg.new_zeros(1, xg.shape[1])
         else:
-            start = params["gate"] if params is not None else None
-            if exact or start is None:
-                new["gate"] = fit_multinomial_logit(xg, resp, start, l2=self.l2,
-                                                    max_steps=steps).atoms
-            else:
-                evaluate = _multinomial_evaluate(xg, resp, self.l2)
-                flat = start[:-1].reshape(1, -1)
-                for _ in range(steps):
-                    flat, info = _damped_newton(flat, evaluate)
-                    if bool((info.gain <= 1e-12 * (resp.shape[0] + 1)).all()):
-                        break
-                new["gate"] = torch.cat([flat.view(k - 1, -1), xg.new_zeros(1, xg.shape[1])])
+            start = (params["gate"][:-1] if params is not None
+                     else xg.new_zeros(k - 1, xg.shape[1]))
+            flat = _newton_steps(start.reshape(1, -1), _multinomial_evaluate(xg, resp, self.l2),
+                                 steps, checked, xg.new_full((1,), resp.shape[0] + 1.0))
+            new["gate"] = torch.cat([flat.view(k - 1, -1), xg.new_zeros(1, xg.shape[1])])
         return new
 
+    def _objective(self, params, xe, xg, y):
+        with torch.no_grad():
+            lj = self._log_joint(params, xe, xg, y)
+            return lj, float(torch.logsumexp(lj, 1).sum()) - float(self._penalty(params))
+
     def _run_em(self, params, xe, xg, y, max_iter, tol, m_steps, bar):
-        history, times, gains = [], [], []
         t0 = time.perf_counter()
+        lj, obj = self._objective(params, xe, xg, y)
+        history, times, gains = [obj], [0.0], []
         converged = False
-        for it in range(max_iter + 1):
-            with torch.no_grad():
-                lj = self._log_joint(params, xe, xg, y)
-                loglik = float(torch.logsumexp(lj, 1).sum())
-                obj = loglik - float(self._penalty(params))
+        for _ in range(max_iter):
+            resp = torch.softmax(lj, 1)
+            new = self._m_step(xe, xg, y, resp, params, m_steps=m_steps, checked=False)
+            lj_new, obj_new = self._objective(new, xe, xg, y)
+            if not obj_new >= obj:  # a full Newton step overshot (or NaN): redo it damped
+                new = self._m_step(xe, xg, y, resp, params, m_steps=m_steps, checked=True)
+                lj_new, obj_new = self._objective(new, xe, xg, y)
+            params, lj, obj = new, lj_new, obj_new
             history.append(obj)
             times.append(time.perf_counter() - t0)
-            if it:
-                gains.append(history[-1] - history[-2])
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(objective=f"{obj:.10g}", refresh=False)
-                if _remaining_gap(gains) <= tol * abs(obj) or gains[-1] <= 0:
-                    converged = True
-                    break
-            if it == max_iter:
+            gains.append(history[-1] - history[-2])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(objective=f"{obj:.10g}", refresh=False)
+            if _remaining_gap(gains) <= tol * abs(obj) or gains[-1] <= 0:
+                converged = True
                 break
-            resp = torch.softmax(lj, 1)
-            params = self._m_step(xe, xg, y, resp, params, m_steps=m_steps)
         return params, history, times, converged
 
     # -- gradient baselines ----------------------------------------------------------------
@@ -442,7 +436,7 @@ class MixtureOfExperts:
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, x, y, gate_x=None, *, method: str = "em", init: Any = "auto",
             num_inits: int = 4, max_iter: int | None = None, tol: float | None = None,
-            m_steps: int = 3, lr: float | None = None, seed=0, dtype=None, device=None,
+            m_steps: int = 1, lr: float | None = None, seed=0, dtype=None, device=None,
             progress: bool | None = None, warn: bool = True) -> MixtureOfExperts:
         """Maximum-likelihood (or ridge-penalised) fit; returns ``self``.
 
@@ -459,7 +453,9 @@ class MixtureOfExperts:
                 last two increments) is below ``tol * |objective|`` (default 1e-10 in float64,
                 1e-7 in float32).
             m_steps: Newton steps per EM iteration for the iterative M-step parts (logistic
-                experts, the gate); each increases Q, so EM stays monotone.
+                experts, the gate). A full Newton step is tried first; if the log-likelihood
+                falls, the iteration is redone with damped steps that increase Q, so EM is
+                monotone.
             seed: seeds the random starts (same seed, same result).
             dtype: ``"float32"``/``"float64"`` (default: x's if floating, else the default).
             progress: a tqdm bar (default: when stderr is a terminal).
@@ -727,6 +723,23 @@ class MixtureOfExperts:
         self.mcmc = _run_nuts(model, self.init_strategy(), num_samples, warmup_steps, num_chains,
                               seed=seed, progress=progress, **nuts_options)
         return self.mcmc
+
+
+def _newton_steps(params, evaluate, steps: int, checked: bool, scale) -> torch.Tensor:
+    """Up to ``steps`` Newton ascent steps (damped if ``checked``), stopping once the predicted
+    gain is negligible."""
+    for _ in range(steps):
+        if checked:
+            params, info = _damped_newton(params, evaluate)
+            gain = info.gain
+        else:
+            _, grad, hess = evaluate(params, True)
+            direction = _newton_direction(grad, hess)
+            gain = (grad * direction).sum(-1)
+            params = params + direction
+        if bool((gain <= 1e-12 * scale).all()):
+            break
+    return params
 
 
 def load_moe(path: str | os.PathLike) -> MixtureOfExperts:

@@ -479,12 +479,14 @@ def _multinomial_evaluate(x, targets, l2):
         if not derivatives:
             return f, None, None
         p = log_p[:, :-1].exp()  # (n, K-1)
-        grad = (targets[:, :-1] - totals[:, None] * p).T @ x - l2 * coef
-        # -Hessian = sum_i R_i (diag p_i - p_i p_i^T) (x) x_i x_i^T, R_i the row total.
         rp = totals[:, None] * p
-        hess = torch.block_diag(*_weighted_gram(x, rp))
-        outer = (rp[:, :, None] * x[:, None, :]).reshape(n, -1)
-        hess = hess - outer.T @ (p[:, :, None] * x[:, None, :]).reshape(n, -1)
+        grad = (targets[:, :-1] - rp).T @ x - l2 * coef
+        # -Hessian = sum_i R_i (diag p_i - p_i p_i^T) (x) x_i x_i^T, R_i the row total: two
+        # products, the second giving the diagonal blocks.
+        rpx = (rp[:, :, None] * x[:, None, :]).reshape(n, -1)  # (n, (K-1) d)
+        hess = -(rpx.T @ (p[:, :, None] * x[:, None, :]).reshape(n, -1))
+        blocks = torch.arange(k - 1, device=x.device)
+        hess.view(k - 1, d, k - 1, d)[blocks, :, blocks, :] += (rpx.T @ x).view(k - 1, d, d)
         return f, grad.reshape(1, -1), _ridge(hess, l2).unsqueeze(0)
     return evaluate
 
