@@ -3,13 +3,16 @@
 
 Synthetic section: data from :func:`pyro_softmix.simulate_moe` (x ~ N(0, I_4), softmax gate)
 with linear or logistic experts, K in {2, 3, 5} and signal-to-noise ratios high / medium / low
-(expert coefficient norm 8 / 2 / 0.5 for unit noise). Per data set and seed all methods start
-from one random start. EM runs to its stopping rule; full-batch gradient descent and Adam run
-over a learning-rate grid on the mean log-likelihood. The target is EM's final log-likelihood
-l_EM: a method reaches it when l >= l_EM - 1e-6 |l_EM|. Per method, the best-tuned learning
-rate is the one that reaches the target soonest (or, if none does, ends highest). Reported:
-iterations and seconds to the target, final log-likelihood, and parameter errors against the
-truth (relative Frobenius error of the expert coefficients, after matching experts).
+(expert coefficient norm 8 / 2 / 0.5 for unit noise). Logistic experts get a small ridge
+(``--logistic-l2``, default 0.01) for every method: without it an expert that owns a separable
+subset of the data has its maximum-likelihood coefficients at infinity. Per data set and seed
+all methods start from one random start. EM runs to its stopping rule; full-batch gradient
+descent and Adam run over a learning-rate grid on the mean log-likelihood. The target is EM's
+final log-likelihood l_EM: a method reaches it when l >= l_EM - 1e-6 |l_EM|. Per method, the
+best-tuned learning rate is the one that reaches the target soonest (or, if none does, ends
+highest). Reported: iterations and seconds to the target, final log-likelihood, and parameter
+errors against the truth (relative Frobenius error of the expert coefficients, after matching
+experts).
 
 Real section: scikit-learn's bundled breast-cancer data (logistic experts, accuracy) and
 diabetes data (linear experts, RMSE), standardised, split 70/30, a small ridge; held-out
@@ -109,7 +112,7 @@ def compare(x, y, start, make, target=None, grad_iter=5000, truth=None):
     return rows
 
 
-def synthetic(seeds, experts, ks, snrs, num_obs, grad_iter):
+def synthetic(seeds, experts, ks, snrs, num_obs, grad_iter, logistic_l2=0.01):
     out = []
     for expert in experts:
         for k in ks:
@@ -118,8 +121,10 @@ def synthetic(seeds, experts, ks, snrs, num_obs, grad_iter):
                     data = psm.simulate_moe(num_obs=num_obs, num_features=4, num_experts=k,
                                             expert=expert, snr=SNR[snr_name], seed=seed)
 
-                    def make(expert=expert, k=k):
-                        return psm.MixtureOfExperts(k, expert)
+                    l2 = logistic_l2 if expert == "logistic" else 0.0
+
+                    def make(expert=expert, k=k, l2=l2):
+                        return psm.MixtureOfExperts(k, expert, l2=l2)
                     start = make().initial_params(data.x, data.y, init="random", seed=seed)
                     rows = compare(data.x, data.y, start, make, grad_iter=grad_iter,
                                    truth=data.expert_weights)
@@ -151,7 +156,14 @@ def summarise(rows):
     for expert, k, snr in keys:
         group = [r for r in rows if (r["expert"], r["K"], r["snr"]) == (expert, k, snr)]
         em = {r["seed"]: r for r in group if r["method"] == "em"}
+        top = {seed: max(r["final"] for r in group if r["seed"] == seed and not r.get("diverged"))
+               for seed in em}
+
+        def at_best(rows, top=top):
+            return sum(1 for r in rows if not r.get("diverged")
+                       and r["final"] >= top[r["seed"]] - REL * abs(top[r["seed"]]))
         line = {"expert": expert, "K": k, "snr": snr, "seeds": len(em),
+                "em_at_best": f"{at_best(em.values())}/{len(em)}",
                 "em_iters": float(np.median([r["iters"] for r in em.values()])),
                 "em_seconds": float(np.median([r["seconds"] for r in em.values()])),
                 "em_error": float(np.median([r["expert_error"] for r in em.values()]))}
@@ -161,6 +173,7 @@ def summarise(rows):
             it_ratio = [r["iters"] / max(em[r["seed"]]["iters"], 1) for r in reached]
             t_ratio = [r["seconds"] / max(em[r["seed"]]["seconds"], 1e-9) for r in reached]
             line[f"{method}_reached"] = f"{len(reached)}/{len(mine)}"
+            line[f"{method}_at_best"] = f"{at_best(mine)}/{len(mine)}"
             line[f"{method}_iter_ratio"] = float(np.median(it_ratio)) if it_ratio else math.inf
             line[f"{method}_time_ratio"] = float(np.median(t_ratio)) if t_ratio else math.inf
             errs = [r["expert_error"] for r in mine if not r.get("diverged")]
@@ -170,19 +183,22 @@ def summarise(rows):
 
 
 def print_table(table):
-    head = (f"{'expert':8s} {'K':>2s} {'snr':6s} {'EM it':>6s} {'EM s':>7s} {'EM err':>7s} | "
-            f"{'GD hit':>6s} {'it x':>6s} {'time x':>7s} {'err':>6s} | "
-            f"{'Adam hit':>8s} {'it x':>6s} {'time x':>7s} {'err':>6s}")
+    head = (f"{'expert':8s} {'K':>2s} {'snr':6s} {'EM it':>6s} {'EM s':>7s} {'EM err':>7s} "
+            f"{'best':>4s} | {'GD hit':>6s} {'it x':>6s} {'time x':>7s} {'err':>6s} {'best':>4s} | "
+            f"{'Adam hit':>8s} {'it x':>6s} {'time x':>7s} {'err':>6s} {'best':>4s}")
     print(head)
     print("-" * len(head))
     for t in table:
         print(f"{t['expert']:8s} {t['K']:>2d} {t['snr']:6s} {t['em_iters']:>6.0f} "
-              f"{t['em_seconds']:>7.3f} {t['em_error']:>7.3f} | {t['gd_reached']:>6s} "
-              f"{t['gd_iter_ratio']:>6.1f} {t['gd_time_ratio']:>7.1f} {t['gd_error']:>6.3f} | "
-              f"{t['adam_reached']:>8s} {t['adam_iter_ratio']:>6.1f} {t['adam_time_ratio']:>7.1f} "
-              f"{t['adam_error']:>6.3f}")
+              f"{t['em_seconds']:>7.3f} {t['em_error']:>7.3f} {t['em_at_best']:>4s} | "
+              f"{t['gd_reached']:>6s} {t['gd_iter_ratio']:>6.1f} {t['gd_time_ratio']:>7.1f} "
+              f"{t['gd_error']:>6.3f} {t['gd_at_best']:>4s} | {t['adam_reached']:>8s} "
+              f"{t['adam_iter_ratio']:>6.1f} {t['adam_time_ratio']:>7.1f} {t['adam_error']:>6.3f} "
+              f"{t['adam_at_best']:>4s}")
     print("it x / time x: median over seeds of (iterations / seconds to reach within 1e-6 of "
-          "EM's final log-likelihood) divided by EM's; over the runs that reached it (hit).")
+          "EM's final log-likelihood) divided by EM's, over the runs that reached it (hit); "
+          "err: median relative error of the experts; best: runs ending within 1e-6 of the "
+          "best final log-likelihood of the three methods.")
 
 
 def plot(rows, path, expert="linear", k=3, seed=0):
@@ -293,8 +309,26 @@ def main(argv=None):
     ap.add_argument("--experts", nargs="+", default=["linear", "logistic"])
     ap.add_argument("--num-obs", type=int, default=2000)
     ap.add_argument("--grad-iter", type=int, default=5000)
+    ap.add_argument("--logistic-l2", type=float, default=0.01,
+                    help="ridge for logistic experts (their MLE is often at infinity)")
     ap.add_argument("--json", default=os.path.join(RESULTS, "bench_moe.json"))
+    ap.add_argument("--summarise", metavar="JSON", default=None,
+                    help="print the tables and plots of an earlier run's JSON, run nothing")
     args = ap.parse_args(argv)
+    if args.summarise:
+        with open(args.summarise) as fh:
+            old = json.load(fh)
+        if "synthetic" in old:
+            rows = old["synthetic"]["runs"]
+            print_table(summarise(rows))
+            for expert in sorted({r["expert"] for r in rows}):
+                path = os.path.join(os.path.dirname(os.path.abspath(args.summarise)),
+                                    f"bench_moe_{expert}.png")
+                print("plot:", plot(rows, path, expert=expert,
+                                    k=3 if any(r["K"] == 3 for r in rows) else rows[0]["K"]))
+        if old.get("real", {}).get("runs"):
+            summarise_real(old["real"]["runs"])
+        return
     torch.set_default_dtype(torch.float64)
     ks, snrs, seeds, grad_iter = KS, list(SNR), args.seeds, args.grad_iter
     if args.quick:
@@ -303,7 +337,7 @@ def main(argv=None):
     result = {"machine": machine(), "rel": REL, "lr_grid": LR, "snr": SNR}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     if "synthetic" in args.sections:
-        rows = synthetic(seeds, args.experts, ks, snrs, args.num_obs, grad_iter)
+        rows = synthetic(seeds, args.experts, ks, snrs, args.num_obs, grad_iter, args.logistic_l2)
         table = summarise(rows)
         print_table(table)
         for expert in args.experts:
