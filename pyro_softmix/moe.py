@@ -315,14 +315,15 @@ class MixtureOfExperts:
 
     # -- EM --------------------------------------------------------------------------------
     def _m_step(self, xe, xg, y, resp, params, *, exact: bool = False, m_steps: int = 1,
-                checked: bool = True):
+                checked: bool = True, floor: float | None = None):
         """New parameters from responsibilities (n, K).
 
         Weighted least squares and the noise scales are exact; the logistic experts and the
         gate take ``m_steps`` Newton steps from ``params`` (run to convergence with ``exact``).
         ``checked`` steps are damped by Armijo backtracking, so each increases its block of
         the EM surrogate Q; unchecked ones are full Newton steps (cheaper; the caller checks the
-        log-likelihood and redoes the step checked if it fell).
+        log-likelihood and redoes the step checked if it fell). ``floor`` is the noise-scale
+        floor (computed from y when not given).
         """
         k = self.num_experts
         steps = 100 if exact else m_steps
@@ -341,7 +342,8 @@ class MixtureOfExperts:
                 var = ((resp * resid2).sum() / resp.sum()).expand(k)
             else:
                 var = (resp * resid2).sum(0) / weight.clamp_min(1e-300)
-            new["scale"] = var.clamp_min(self._floor(y) ** 2).sqrt()
+            floor = self._floor(y) if floor is None else floor
+            new["scale"] = var.clamp_min(floor**2).sqrt()
             if params is not None:
                 coef = torch.where(empty[:, None], params["experts"], coef)
                 new["scale"] = torch.where(empty, params["scale"], new["scale"])
@@ -361,33 +363,31 @@ class MixtureOfExperts:
         return new
 
     def _objective(self, params, xe, xg, y):
+        """Responsibilities (n, K) and the penalised log-likelihood (one host sync)."""
         with torch.no_grad():
             lj = self._log_joint(params, xe, xg, y)
-            return lj, float(torch.logsumexp(lj, 1).sum()) - float(self._penalty(params))
+            lse = torch.logsumexp(lj, 1, keepdim=True)
+            # Accumulated in float64: a float32 sum over n terms is too coarse for the
+            # stopping rule's increments.
+            obj = float(lse.sum(dtype=torch.float64) - self._penalty(params).double())
+            return (lj - lse).exp_(), obj
 
     def _run_em(self, params, xe, xg, y, max_iter, tol, m_steps, bar):
-        t0 = time.perf_counter()
-        lj, obj = self._objective(params, xe, xg, y)
-        history, times, gains = [obj], [0.0], []
-        converged = False
+        floor = self._floor(y) if self.expert == "linear" else None
+        resp, obj = self._objective(params, xe, xg, y)
+        trace = _Trace(obj, tol, bar, monotone=True)
         for _ in range(max_iter):
-            resp = torch.softmax(lj, 1)
-            new = self._m_step(xe, xg, y, resp, params, m_steps=m_steps, checked=False)
-            lj_new, obj_new = self._objective(new, xe, xg, y)
+            new = self._m_step(xe, xg, y, resp, params, m_steps=m_steps, checked=False,
+                               floor=floor)
+            resp_new, obj_new = self._objective(new, xe, xg, y)
             if not obj_new >= obj:  # a full Newton step overshot (or NaN): redo it damped
-                new = self._m_step(xe, xg, y, resp, params, m_steps=m_steps, checked=True)
-                lj_new, obj_new = self._objective(new, xe, xg, y)
-            params, lj, obj = new, lj_new, obj_new
-            history.append(obj)
-            times.append(time.perf_counter() - t0)
-            gains.append(history[-1] - history[-2])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(objective=f"{obj:.10g}", refresh=False)
-            if _remaining_gap(gains) <= tol * abs(obj) or gains[-1] <= 0:
-                converged = True
+                new = self._m_step(xe, xg, y, resp, params, m_steps=m_steps, checked=True,
+                                   floor=floor)
+                resp_new, obj_new = self._objective(new, xe, xg, y)
+            params, resp, obj = new, resp_new, obj_new
+            if trace.record(obj):
                 break
-        return params, history, times, converged
+        return params, trace.history, trace.times, trace.converged
 
     # -- gradient baselines ----------------------------------------------------------------
     def _run_gradient(self, params, xe, xg, y, max_iter, tol, method, lr, bar):
@@ -408,30 +408,23 @@ class MixtureOfExperts:
                 out["scale"] = free["log_scale"].clamp_min(floor).exp().expand(k)
             return out
 
-        history, times, gains = [], [], []
-        t0 = time.perf_counter()
-        converged = False
-        for it in range(max_iter + 1):
+        trace = None
+        for _ in range(max_iter + 1):
             p = assemble()
             obj_t = torch.logsumexp(self._log_joint(p, xe, xg, y), 1).sum() - self._penalty(p)
-            history.append(float(obj_t.detach()))
-            times.append(time.perf_counter() - t0)
-            if it:
-                gains.append(history[-1] - history[-2])
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(objective=f"{history[-1]:.10g}", refresh=False)
-                if 0 < _remaining_gap(gains) <= tol * abs(history[-1]):
-                    converged = True
-                    break
-            if it == max_iter or not math.isfinite(history[-1]):
+            obj = float(obj_t.detach())
+            if trace is None:
+                trace = _Trace(obj, tol, bar, monotone=False)
+            elif trace.record(obj):
+                break
+            if len(trace.history) > max_iter or not math.isfinite(obj):
                 break
             opt.zero_grad()
             (-obj_t / n).backward()
             opt.step()
         with torch.no_grad():
             final = {key: v.detach().clone() for key, v in assemble().items()}
-        return final, history, times, converged
+        return final, trace.history, trace.times, trace.converged
 
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, x, y, gate_x=None, *, method: str = "em", init: Any = "auto",
@@ -725,10 +718,39 @@ class MixtureOfExperts:
         return self.mcmc
 
 
+class _Trace:
+    """Objective history, timings, progress bar and the stopping rule of one run.
+
+    Stops when the Aitken estimate of the remaining increase is <= tol * |objective|; for a
+    monotone method (EM) also when an iteration gains nothing (rounding level).
+    """
+
+    def __init__(self, start: float, tol: float, bar, *, monotone: bool):
+        self.history, self.times, self.gains = [start], [0.0], []
+        self.tol, self.bar, self.monotone = tol, bar, monotone
+        self.converged = False
+        self._t0 = time.perf_counter()
+
+    def record(self, obj: float) -> bool:
+        """Append one iteration's objective; True when the run should stop."""
+        self.history.append(obj)
+        self.times.append(time.perf_counter() - self._t0)
+        self.gains.append(obj - self.history[-2])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(objective=f"{obj:.10g}", refresh=False)
+        gap = _remaining_gap(self.gains)
+        if self.monotone:
+            self.converged = gap <= self.tol * abs(obj) or self.gains[-1] <= 0
+        else:
+            self.converged = 0 < gap <= self.tol * abs(obj)
+        return self.converged
+
+
 def _newton_steps(params, evaluate, steps: int, checked: bool, scale) -> torch.Tensor:
     """Up to ``steps`` Newton ascent steps (damped if ``checked``), stopping once the predicted
     gain is negligible."""
-    for _ in range(steps):
+    for i in range(steps):
         if checked:
             params, info = _damped_newton(params, evaluate)
             gain = info.gain
@@ -737,7 +759,7 @@ def _newton_steps(params, evaluate, steps: int, checked: bool, scale) -> torch.T
             direction = _newton_direction(grad, hess)
             gain = (grad * direction).sum(-1)
             params = params + direction
-        if bool((gain <= 1e-12 * scale).all()):
+        if i + 1 < steps and bool((gain <= 1e-12 * scale).all()):
             break
     return params
 

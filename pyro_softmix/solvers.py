@@ -354,16 +354,19 @@ def _damped_newton(params: torch.Tensor, evaluate, max_backtracks: int = 30
     return new, NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1)
 
 
-def _newton_solve(params: torch.Tensor, evaluate, max_steps: int, tol: float,
-                  scale: torch.Tensor) -> tuple[torch.Tensor, NewtonStepInfo, int, bool]:
-    """Damped Newton steps until every gradient norm is <= tol * scale (or no step is taken)."""
-    info, steps = None, 0
+def _newton_solve(params: torch.Tensor, evaluate, max_steps: int, tol: float, scale: torch.Tensor):
+    """Damped Newton steps until every gradient norm is <= tol * scale (or no step is taken).
+
+    Returns ``(params, objective, grad, steps, converged)``, the last three at the returned
+    parameters.
+    """
+    steps = 0
     for steps in range(1, max_steps + 1):  # noqa: B007
         params, info = _damped_newton(params, evaluate)
         if bool((info.grad.norm(dim=-1) <= tol * scale).all()) or bool((info.step == 0).all()):
             break
-    converged = bool((evaluate(params, True)[1].norm(dim=-1) <= tol * scale).all())
-    return params, info, steps, converged
+    f, grad, _ = evaluate(params, True)
+    return params, f, grad, steps, bool((grad.norm(dim=-1) <= tol * scale).all())
 
 
 def _check_regression(x, weights, name_w="weights"):
@@ -456,9 +459,9 @@ def fit_logistic_regression(x, y, weights, init=None, *, l2: float = 0.0, max_st
                          f"{tuple(coef.shape)}")
     tol = 1e3 * torch.finfo(x.dtype).eps if tol is None else tol
     evaluate = _logistic_evaluate(x, y, w, l2)
-    coef, info, steps, ok = _newton_solve(coef, evaluate, check_positive_int(max_steps, "max_steps"),
-                                          tol, w.sum(0) + 1)
-    f, grad, _ = evaluate(coef, True)
+    coef, f, grad, steps, ok = _newton_solve(coef, evaluate,
+                                             check_positive_int(max_steps, "max_steps"), tol,
+                                             w.sum(0) + 1)
     return SoftmaxRegressionResult(atoms=coef, objective=f, grad_norm=grad.norm(dim=-1),
                                    num_steps=steps, converged=ok)
 
@@ -523,10 +526,9 @@ def fit_multinomial_logit(x, targets, init=None, *, l2: float = 0.0, max_steps: 
         raise ValueError(f"init must have shape ({k}, {d}), got {tuple(coef.shape)}")
     tol = 1e3 * torch.finfo(x.dtype).eps if tol is None else tol
     evaluate = _multinomial_evaluate(x, r, l2)
-    flat, _, steps, ok = _newton_solve(coef.reshape(1, -1), evaluate,
-                                       check_positive_int(max_steps, "max_steps"), tol,
-                                       r.sum().reshape(1) + 1)
-    f, grad, _ = evaluate(flat, True)
+    flat, f, grad, steps, ok = _newton_solve(coef.reshape(1, -1), evaluate,
+                                             check_positive_int(max_steps, "max_steps"), tol,
+                                             r.sum().reshape(1) + 1)
     full = torch.cat([flat.view(k - 1, d), x.new_zeros(1, d)])
     return SoftmaxRegressionResult(atoms=full, objective=f, grad_norm=grad.norm(dim=-1),
                                    num_steps=steps, converged=ok)
