@@ -7,7 +7,7 @@ as a Pyro model with EM, SVI and NUTS inference (:class:`SoftmaxMixtureModel`). 
 experts with a softmax gate, fitted by EM: :class:`MixtureOfExperts`.
 """
 
-from . import models, moe
+from . import datasets, models, moe
 from .design import Design, IdentifiabilityWarning, standardize
 from .diagnostics import (
     FitComparison,
@@ -19,10 +19,11 @@ from .diagnostics import (
     to_arviz,
 )
 from .distributions import SoftmaxMixture
-from .em import ConvergenceWarning, SoftmaxMixtureFit, fit_em, load_fit
+from .em import ConvergenceWarning, DivergenceWarning, SoftmaxMixtureFit, fit_em, load_fit
 from .infer import EM, em_initial_params, init_to_em
 from .mixture_model import SoftmaxMixtureModel
 from .moe import MixtureOfExperts, load_moe
+from .moments import LatentMoments, latent_moments
 from .simulate import SimulatedData, SimulatedMoE, simulate, simulate_moe
 from .solvers import (
     fit_logistic_regression,
@@ -31,22 +32,27 @@ from .solvers import (
     softmax_regression_step,
     weighted_least_squares,
 )
+from .warmstart import WarmStart, warm_start
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConvergenceWarning",
     "Design",
+    "DivergenceWarning",
     "EM",
     "FitComparison",
     "IdentifiabilityWarning",
+    "LatentMoments",
     "MixtureOfExperts",
     "SimulatedData",
     "SimulatedMoE",
     "SoftmaxMixture",
     "SoftmaxMixtureFit",
     "SoftmaxMixtureModel",
+    "WarmStart",
     "compare_fits",
+    "datasets",
     "em_initial_params",
     "fisher_intervals",
     "fit_em",
@@ -54,6 +60,7 @@ __all__ = [
     "fit_multinomial_logit",
     "fit_softmax_regression",
     "init_to_em",
+    "latent_moments",
     "load_fit",
     "load_moe",
     "models",
@@ -66,5 +73,6 @@ __all__ = [
     "softmax_regression_step",
     "standardize",
     "to_arviz",
+    "warm_start",
     "weighted_least_squares",
 ]

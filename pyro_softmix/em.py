@@ -42,16 +42,49 @@ from ._checks import (
 from .design import Design, standardize
 from .solvers import _column_logsumexp, _newton_step, _Workspace
 
-__all__ = ["ConvergenceWarning", "SoftmaxMixtureFit", "fit_em", "load_fit"]
+__all__ = ["ConvergenceWarning", "DivergenceWarning", "SoftmaxMixtureFit", "fit_em", "load_fit"]
 
-#: EM iterations given to each candidate start under ``init="auto"`` before the best is kept.
-AUTO_SHORT_ITER = 20
+#: Longest Newton step of an atom per EM iteration, in standardised coordinates (a trust region:
+#: a step of length 1 changes a typical logit by about 1).
+EM_MAX_STEP = 2.0
 #: Number of candidate starts under ``init="auto"`` when ``num_inits`` is not given.
-AUTO_NUM_INITS = 5
+AUTO_NUM_INITS = 4
 
 
 class ConvergenceWarning(UserWarning):
     """EM stopped at ``max_iter`` before its stopping rule was met."""
+
+
+class DivergenceWarning(UserWarning):
+    """Some atoms keep growing while the objective barely changes: the MLE may be at infinity."""
+
+
+#: An atom whose norm (standardised coordinates) grew by ``_DIVERGENCE_GROWTH`` (relative) over the
+#: last ``_DIVERGENCE_WINDOW`` iterations while the objective changed by at most
+#: ``_DIVERGENCE_FLAT`` (relative), and which is long (``_DIVERGENCE_NORM``) or whose component
+#: puts at least ``_DIVERGENCE_MASS`` on a single support point, is reported as heading to infinity.
+_DIVERGENCE_NORM = 10.0
+_DIVERGENCE_MASS = 0.5
+_DIVERGENCE_GROWTH = 1e-3
+_DIVERGENCE_WINDOW = 10
+_DIVERGENCE_FLAT = 1e-4
+
+
+def _diverging(norm_history: list[list[float]], history: list[float],
+               top_mass: list[float]) -> tuple[int, ...]:
+    """Components whose atoms run off to infinity along a flat ridge of the objective.
+
+    ``top_mass`` is each component's largest probability max_j q_k(j) at the end.
+    """
+    w = _DIVERGENCE_WINDOW
+    if len(norm_history) <= w or len(history) <= w:
+        return ()
+    if abs(history[-1] - history[-1 - w]) > _DIVERGENCE_FLAT * abs(history[-1]):
+        return ()
+    now, before = norm_history[-1], norm_history[-1 - w]
+    return tuple(k for k, (a, b) in enumerate(zip(now, before, strict=False))
+                 if a >= (1 + _DIVERGENCE_GROWTH) * b
+                 and (a >= _DIVERGENCE_NORM or top_mass[k] >= _DIVERGENCE_MASS))
 
 
 def _default_tol(dtype: torch.dtype) -> float:
@@ -62,45 +95,82 @@ def _default_tol(dtype: torch.dtype) -> float:
 # The engine: works on standardised features z (p, r) and counts n (p,), both on one device.
 # ----------------------------------------------------------------------------------------------
 class _EMProblem:
+    """EM for S independent starts at once: the S K components are the columns of one problem.
+
+    Start s owns columns s K .. s K + K - 1, so the logits of all starts come from one
+    (p x r)(r x S K) product and the Newton steps of all components form one batch. With S = 1
+    this is plain EM. ``penalty`` is None or an (r, r) precision matrix P of a Normal prior
+    N(0, P^-1) on every atom (MAP-EM); the objective is then the log-likelihood minus
+    0.5 sum_k t_k^T P t_k.
+    """
+
     def __init__(self, z: torch.Tensor, counts: torch.Tensor, num_components: int,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, num_starts: int = 1,
+                 penalty: torch.Tensor | None = None):
         self.z = z
         self.counts = counts.to(z)
         self.counts64 = counts.to(device=z.device, dtype=torch.float64)
         self.total = float(self.counts64.sum())
-        # Persistent buffers: the loop then makes no allocation of size p x K.
-        self.workspace = _Workspace(z, num_components, chunk_size)
-        self.w = z.new_empty(z.shape[0], num_components)
-        self.rows = z.new_empty(z.shape[0], 2)
+        self.num_components = num_components
+        self.num_starts = num_starts
+        self.chunk_size = chunk_size
+        self.penalty = penalty
+        cols = num_starts * num_components
+        # Persistent buffers: the loop then makes no allocation of size p x S K.
+        self.workspace = _Workspace(z, cols, chunk_size)
+        self.w = z.new_empty(z.shape[0], cols)
+        self.rows = z.new_empty(z.shape[0], 2 * num_starts)
         #: The weights' M-step is alpha_k = weight_sums_k / weight_total (N here; G when grouped).
         self.weight_total = self.total
         self.weight_sums: torch.Tensor | None = None
+
+    def with_starts(self, num_starts: int) -> _EMProblem:
+        """The same problem for another number of starts (fresh buffers)."""
+        return _EMProblem(self.z, self.counts64, self.num_components, self.chunk_size,
+                          num_starts, self.penalty)
 
     def normalise(self, logits: torch.Tensor) -> torch.Tensor:
         """Column log-normalisers of fresh logits (and their softmax into the workspace)."""
         return _column_logsumexp(logits, self.workspace.q)
 
+    def penalty_value(self, atoms: torch.Tensor) -> torch.Tensor:
+        """(S,) 0.5 sum_k t_k^T P t_k per start (zeros without a prior), in float64."""
+        if self.penalty is None:
+            return torch.zeros(self.num_starts, dtype=torch.float64, device=atoms.device)
+        quad = 0.5 * ((atoms @ self.penalty) * atoms).sum(-1)
+        return quad.double().view(self.num_starts, self.num_components).sum(1)
+
     def e_step(self, logits: torch.Tensor, lse: torch.Tensor, log_weights: torch.Tensor
-               ) -> tuple[float, torch.Tensor]:
-        """Log-likelihood at (atoms, weights) and the weights w = n r (p, K) for the M-step.
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S,) float64 log-likelihoods at (atoms, weights) and the weights w = n r (p, S K).
 
         ``lse`` are the column log-normalisers of ``logits``. The returned w is a buffer of
         this problem, overwritten by the next call.
         """
+        s, k = self.num_starts, self.num_components
         joint = torch.sub(logits, lse - log_weights, out=self.w)  # log alpha_k q_k(j)
-        top, total = self.rows[:, :1], self.rows[:, 1:]
-        torch.amax(joint, 1, keepdim=True, out=top)
-        joint.sub_(top).exp_()
-        torch.sum(joint, 1, keepdim=True, out=total)
-        log_pi = top.add_(total.log())
-        w = joint.mul_(total.reciprocal_().mul_(self.counts[:, None]))  # n_j alpha_k q_k(j)/pi_j
-        loglik = float(self.counts64 @ log_pi.squeeze(1).to(torch.float64))
-        self.weight_sums = w.sum(0)
-        return loglik, w
+        top, total = self.rows[:, :s], self.rows[:, s:]
+        j3 = joint.view(-1, s, k)
+        torch.amax(j3, 2, out=top)
+        j3.sub_(top[:, :, None]).exp_()
+        torch.sum(j3, 2, out=total)
+        log_pi = top.add_(total.log())  # (p, S)
+        # w = n_j alpha_k q_k(j) / pi_j
+        j3.mul_(total.reciprocal_().mul_(self.counts[:, None])[:, :, None])
+        loglik = self.counts64 @ log_pi.to(torch.float64)
+        self.weight_sums = joint.sum(0)
+        return loglik, joint
+
+    def loglik(self, atoms: torch.Tensor, log_weights: torch.Tensor) -> float:
+        """Log-likelihood of one start (S = 1) at (atoms (K, r), log_weights (K,))."""
+        logits = self.z @ atoms.T
+        log_q = logits - torch.logsumexp(logits, 0)
+        log_pi = torch.logsumexp(log_q + log_weights, 1)
+        return float(self.counts64 @ log_pi.to(torch.float64))
 
     def m_step(self, w: torch.Tensor, atoms: torch.Tensor, log_weights: torch.Tensor,
                logits: torch.Tensor, lse: torch.Tensor):
-        """New (atoms, log_weights, logits, lse) and the increase of the EM surrogate Q.
+        """New (atoms, log_weights, logits, lse) and the (S,) increases of the EM surrogate Q.
 
         The increase is N KL(alpha_new || alpha_old) for the weights plus the quadratic-model
         gain (s - s^2/2) g^T H^{-1} g of each component's Newton step. Both come from gradients,
@@ -108,34 +178,63 @@ class _EMProblem:
         log-likelihood itself is resolved only to about 1e-7 relative.
         """
         new_log_weights = torch.log(self.weight_sums / self.weight_total)
-        atoms, logits, lse, info = _newton_step(self.z, w, atoms, logits, self.workspace, lse)
+        l2 = 0.0 if self.penalty is None else self.penalty
+        atoms, logits, lse, info = _newton_step(self.z, w, atoms, logits, self.workspace, lse,
+                                                l2=l2, max_step=EM_MAX_STEP)
         # KL(a || b) to second order, 0.5 sum (a - b)^2 / b: no first-order cancellation.
         a, b = new_log_weights.double().exp(), log_weights.double().exp()
-        kl = (0.5 * (a - b) ** 2 / b.clamp_min(1e-300)).sum()
-        newton = ((info.step - 0.5 * info.step**2) * info.gain).double().sum()
-        return atoms, new_log_weights, logits, lse, float(self.weight_total * kl + newton)
+        kl = 0.5 * (a - b) ** 2 / b.clamp_min(1e-300)
+        newton = ((info.step - 0.5 * info.step**2) * info.gain).double()
+        gain = (self.weight_total * kl + newton).view(self.num_starts, -1).sum(1)
+        return atoms, new_log_weights, logits, lse, gain
 
-    def run(self, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
-            bar=None) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
-        """Iterate from (atoms, log_weights) until the estimated relative gap is <= tol."""
+    def iterate(self, atoms: torch.Tensor, log_weights: torch.Tensor, num_iter: int):
+        """Run exactly ``num_iter`` iterations for all starts, syncing with the host once.
+
+        Returns (atoms, log_weights, objective (S,) float64 at the end).
+        """
         logits = self.z @ atoms.T
         lse = self.normalise(logits)
         loglik, w = self.e_step(logits, lse, log_weights)
-        history, gains = [loglik], []
+        for _ in range(num_iter):
+            atoms, log_weights, logits, lse, _ = self.m_step(w, atoms, log_weights, logits, lse)
+            loglik, w = self.e_step(logits, lse, log_weights)
+        return atoms, log_weights, (loglik - self.penalty_value(atoms)).cpu()
+
+    def run(self, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
+            bar=None) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
+        """Iterate one start from (atoms, log_weights) until the estimated gap is <= tol.
+
+        The history holds the objective (the log-likelihood, minus the prior's penalty under
+        MAP-EM); ``self.last_loglik`` is the final log-likelihood and ``self.norm_history``
+        the atoms' norms (z coordinates) after every iteration.
+        """
+        logits = self.z @ atoms.T
+        lse = self.normalise(logits)
+        loglik, w = self.e_step(logits, lse, log_weights)
+        values = torch.cat([loglik, self.penalty_value(atoms)]).tolist()
+        history, gains = [values[0] - values[1]], []
+        norms = [atoms.norm(dim=1).tolist()]
         converged = False
         for _ in range(max_iter):
             atoms, log_weights, logits, lse, gain = self.m_step(w, atoms, log_weights, logits,
                                                                 lse)
             loglik, w = self.e_step(logits, lse, log_weights)
-            history.append(loglik)
-            gains.append(gain)
+            # One host sync per iteration for everything the loop needs.
+            values = torch.cat([loglik, self.penalty_value(atoms), gain,
+                                atoms.norm(dim=1).double()]).tolist()
+            history.append(values[0] - values[1])
+            gains.append(values[2])
+            norms.append(values[3:])
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loglik=f"{loglik:.8g}", refresh=False)
-            if _remaining_gap(gains) <= tol * abs(loglik):
+                bar.set_postfix(loglik=f"{history[-1]:.8g}", refresh=False)
+            if _remaining_gap(gains) <= tol * abs(history[-1]):
                 converged = True
                 break
         self.last_gap = _remaining_gap(gains)
+        self.last_loglik = values[0]
+        self.norm_history = norms
         return atoms, log_weights, history, converged
 
 
@@ -160,27 +259,40 @@ class _GroupedEMProblem(_EMProblem):
 
     def __init__(self, z: torch.Tensor, group_index: torch.Tensor, point_index: torch.Tensor,
                  values: torch.Tensor, num_groups: int, num_components: int,
-                 chunk_size: int | None = None):
-        counts = torch.zeros(z.shape[0], dtype=torch.float64).index_add_(0, point_index, values)
-        super().__init__(z, counts, num_components, chunk_size)
+                 chunk_size: int | None = None, num_starts: int = 1,
+                 penalty: torch.Tensor | None = None):
+        counts = torch.zeros(z.shape[0], dtype=torch.float64).index_add_(
+            0, point_index.cpu(), values.cpu().double())
+        super().__init__(z, counts, num_components, chunk_size, num_starts, penalty)
         dev = z.device
+        self.triplets = (group_index, point_index, values)
         self.group_index = group_index.to(dev)
         self.point_index = point_index.to(dev)
         self.values = values.to(device=dev, dtype=z.dtype)[:, None]
         self.num_groups = num_groups
         self.weight_total = float(num_groups)
 
+    def with_starts(self, num_starts: int) -> _GroupedEMProblem:
+        return _GroupedEMProblem(self.z, *self.triplets, self.num_groups, self.num_components,
+                                 self.chunk_size, num_starts, self.penalty)
+
     def _joint(self, log_q: torch.Tensor) -> torch.Tensor:
         return _group_log_joint(log_q, self.group_index, self.point_index, self.values,
                                 self.num_groups)
 
     def e_step(self, logits, lse, log_weights):
-        joint = self._joint(torch.sub(logits, lse, out=self.w)).add_(log_weights)
-        group_ll = torch.logsumexp(joint, 1)
-        r = joint.sub_(group_ll[:, None]).exp_()  # (G, K) responsibilities
+        s, k = self.num_starts, self.num_components
+        joint = self._joint(torch.sub(logits, lse, out=self.w)).add_(log_weights)  # (G, S K)
+        j3 = joint.view(-1, s, k)
+        group_ll = torch.logsumexp(j3, 2)  # (G, S)
+        r = j3.sub_(group_ll[:, :, None]).exp_().view(-1, s * k)  # responsibilities
         self.weight_sums = r.sum(0)
         w = self.w.zero_().index_add_(0, self.point_index, r[self.group_index].mul_(self.values))
-        return float(group_ll.to(torch.float64).sum()), w
+        return group_ll.to(torch.float64).sum(0), w
+
+    def loglik(self, atoms: torch.Tensor, log_weights: torch.Tensor) -> float:
+        log_q = torch.log_softmax(self.z @ atoms.T, 0)
+        return float(torch.logsumexp(self._joint(log_q) + log_weights, 1).double().sum())
 
     def responsibilities(self, atoms, log_weights) -> torch.Tensor:
         """(G, K) P(component k | group g) at (atoms, log_weights)."""
@@ -196,34 +308,21 @@ def _remaining_gap(gains: list[float]) -> float:
     """Estimated distance l* - l_t from the last two EM increments (Aitken's extrapolation).
 
     EM converges linearly, l* - l_t ~ Delta_t / (1 - rho) with rho = Delta_t / Delta_{t-1}, so a
-    small step at a slow rate (a stall, rho near 1) does not count as convergence.
+    small step at a slow rate (a stall, rho near 1) does not count as convergence, and neither
+    does a small step after a smaller one (EM speeding up as it leaves a saddle). The increments
+    are Newton decrements of the M-step (gradient-based), not differences of the objective.
     """
     if len(gains) < 2:
         return math.inf
     d1, d0 = gains[-1], gains[-2]
     if d1 <= 0:
         return 0.0
+    if d1 > d0:
+        # Gains that grow mean EM is leaving a slow stretch (a saddle, a plateau), not
+        # converging: never stop there, however small the gain.
+        return math.inf
     rate = min(max(d1 / d0, 0.0), _MAX_RATE) if d0 > 0 else _MAX_RATE
     return d1 / (1 - rate)
-
-
-def _random_starts(z: torch.Tensor, counts: torch.Tensor, num_components: int,
-                   num_starts: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Random atoms (K, r) in z-coordinates around the first latent moment.
-
-    For a Gaussian design E_pi[z] ~ sum_k alpha_k t_k and E_pi[|z|^2] - r ~ sum_k alpha_k |t_k|^2,
-    so the atoms' spread about their mean is about E|z|^2 - r - |E z|^2; starts are drawn at that
-    spread (at least 0.5) around E_pi[z]. The draws are made on the CPU in float64, so a seed
-    gives the same starts on every device.
-    """
-    pihat = (counts / counts.sum()).to(z.dtype)
-    m1 = (pihat @ z).to(torch.float64).cpu()
-    second = float((pihat * torch.linalg.vector_norm(z, dim=1) ** 2).sum())
-    r = z.shape[1]
-    scale = math.sqrt(max(second - r - float(m1 @ m1), 0.25) / r)
-    return [(m1 + scale * torch.randn(num_components, r, generator=generator,
-                                      dtype=torch.float64)).to(device=z.device, dtype=z.dtype)
-            for _ in range(num_starts)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +340,9 @@ class SoftmaxMixtureFit:
         n_iter: EM iterations from the chosen start to the solution (under ``init="auto"``
             this includes the short run that selected the start).
         converged: whether the stopping rule was met.
-        history: log-likelihood at the chosen start and after every iteration since.
+        history: the objective at the chosen start and after every iteration since (the
+            log-likelihood; with ``prior_scale`` the log-likelihood plus the atoms' log prior,
+            up to a constant).
         num_obs: N, the total count.
         num_points: p.  rank: number of identified directions r (= L for full-rank features).
         init: how the final run was started.  seconds: wall time of the whole fit.
@@ -249,6 +350,9 @@ class SoftmaxMixtureFit:
             after :func:`load_fit` of a file saved without features.
         num_groups, group_labels, group_responsibilities: for grouped data only (else None):
             G, the (G,) group ids in the order used, and (G, K) P(component k | group g).
+        prior_scale: the scale of the Normal prior on the atoms for a MAP fit (None: MLE).
+        diverging: components whose atoms were still growing along a flat ridge of the
+            objective when EM stopped (the MLE is then at infinity; refit with ``prior_scale``).
     """
 
     weights: torch.Tensor
@@ -266,6 +370,8 @@ class SoftmaxMixtureFit:
     num_groups: int | None = None
     group_labels: torch.Tensor | None = None
     group_responsibilities: torch.Tensor | None = None
+    prior_scale: float | None = None
+    diverging: tuple[int, ...] = ()
 
     @property
     def num_components(self) -> int:
@@ -362,7 +468,8 @@ class SoftmaxMixtureFit:
             "n_iter": self.n_iter, "converged": self.converged, "num_obs": self.num_obs,
             "num_points": self.num_points, "rank": self.rank, "init": self.init,
             "seconds": self.seconds, "dtype": str(self.atoms.dtype).replace("torch.", ""),
-            "num_groups": self.num_groups,
+            "num_groups": self.num_groups, "prior_scale": self.prior_scale,
+            "diverging": list(self.diverging),
         }
         arrays = {
             "weights": self.weights.detach().cpu().numpy(),
@@ -404,6 +511,7 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
             num_obs=float(meta["num_obs"]), num_points=int(meta["num_points"]),
             rank=int(meta["rank"]), init=str(meta["init"]), seconds=float(meta["seconds"]),
             features=feats, num_groups=meta.get("num_groups"),
+            prior_scale=meta.get("prior_scale"), diverging=tuple(meta.get("diverging", ())),
             group_labels=torch.from_numpy(data["group_labels"]).to(dev) if grouped else None,
             group_responsibilities=(torch.from_numpy(data["group_responsibilities"]).to(dev)
                                     if grouped else None),
@@ -461,40 +569,162 @@ def _prepare(features, counts, tokens, groups, num_components, dtype, device, ch
 
 
 def _check_init(init, num_inits):
-    is_start = not isinstance(init, str)
-    if not is_start and init not in ("auto", "random"):
-        raise ValueError(f"init must be 'auto', 'random' or a start with weights and atoms, "
-                         f"got {init!r}")
+    from .warmstart import WARM_START_METHODS
+
+    if isinstance(init, str) and init not in WARM_START_METHODS:
+        raise ValueError(f"init must be one of {WARM_START_METHODS} or a start with weights and "
+                         f"atoms, got {init!r}")
     if num_inits is not None:
         num_inits = check_positive_int(num_inits, "num_inits")
     return num_inits
 
 
+#: The race behind ``init="auto"``: the starts run as one batch and a start is dropped as soon as
+#: its extrapolated limit (Aitken, with the rate capped at ``RACE_MAX_RATE``) falls below the
+#: leader's current objective; the race ends when one start is left or the leader is within
+#: ``RACE_SETTLE`` (relative) of its own limit.
+RACE_MAX_RATE = 0.995
+RACE_SETTLE = 1e-6
+RACE_CHECK_EVERY = 2
+
+
+def _race(problem: _EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
+          max_iter: int = 1000, bar=None):
+    """Race S starts (atoms (S, K, r), log_weights (S, K)) in one batch; see ``RACE_*``.
+
+    Returns the survivor's (atoms (K, r), log_weights (K,)) and the EM iterations spent (summed
+    over starts).
+    """
+    s, k, r = atoms.shape
+    spent, it = 0, 0
+    while s > 1 and it < max_iter:
+        batch = problem.with_starts(s)
+        flat_atoms, flat_lw = atoms.reshape(s * k, r), log_weights.reshape(s * k)
+        logits = batch.z @ flat_atoms.T
+        lse = batch.normalise(logits)
+        _, w = batch.e_step(logits, lse, flat_lw)
+        gains = []
+        keep = None
+        while keep is None and it < max_iter:
+            for _ in range(RACE_CHECK_EVERY):
+                flat_atoms, flat_lw, logits, lse, gain = batch.m_step(w, flat_atoms, flat_lw,
+                                                                      logits, lse)
+                loglik, w = batch.e_step(logits, lse, flat_lw)
+                gains.append(gain)
+                it += 1
+            spent += s * RACE_CHECK_EVERY
+            if bar is not None:
+                bar.update(s * RACE_CHECK_EVERY)
+            objective = torch.nan_to_num(loglik - batch.penalty_value(flat_atoms), nan=-math.inf)
+            obj, d0, d1 = torch.stack([objective, gains[-2], gains[-1]]).cpu().unbind()
+            rate = torch.where(d0 > 0, d1 / d0, torch.ones_like(d0)).clamp(0, RACE_MAX_RATE)
+            gap = torch.where(d1 > d0, torch.full_like(d1, math.inf), d1.clamp_min(0) / (1 - rate))
+            lead = int(obj.argmax())
+            if float(gap[lead]) <= RACE_SETTLE * abs(float(obj[lead])):
+                keep = torch.tensor([lead])
+            else:
+                alive = (obj + gap >= obj[lead]).nonzero().flatten()
+                if alive.numel() < s:
+                    keep = alive
+        if keep is None:
+            keep = torch.tensor([int(obj.argmax())])
+        keep = keep.to(atoms.device)
+        atoms = flat_atoms.view(s, k, r)[keep]
+        log_weights = flat_lw.view(s, k)[keep]
+        s = atoms.shape[0]
+    best = 0
+    return atoms[best], log_weights[best], spent
+
+
+def _candidate_starts(mom, k: int, num_starts: int, gen: torch.Generator):
+    """(S, K, r) atoms and (S, K) log-weights (float64, CPU): the tensor start (when K <= r)
+    and random starts, half of them within M2's top-K eigenspace."""
+    from .warmstart import _moment_start, _top_eigen, random_atoms
+
+    r = mom.m1.shape[0]
+    atoms, weights = [], []
+    if k <= r and num_starts > 1:
+        w, a = _moment_start(mom, k, "tensor", gen)
+        atoms.append(a[None])
+        weights.append(w[None])
+    rest = num_starts - len(atoms)
+    n_sub = rest // 2 if k < r else 0
+    if n_sub:
+        atoms.append(random_atoms(mom, k, n_sub, gen, _top_eigen(mom.m2, k)[1]))
+    atoms.append(random_atoms(mom, k, rest - n_sub, gen))
+    weights.append(torch.full((rest, k), 1.0 / k, dtype=torch.float64))
+    return torch.cat(atoms), torch.cat(weights).log()
+
+
+def _random_starts(z: torch.Tensor, counts: torch.Tensor, num_components: int,
+                   num_starts: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """``num_starts`` random atoms (K, r) at the scale M2 implies (``init="random"``)."""
+    from .moments import _standardised_moments
+    from .warmstart import random_atoms
+
+    mom = _standardised_moments(z, counts.to(device=z.device, dtype=torch.float64), None)
+    return list(random_atoms(mom, num_components, num_starts, generator).to(z).unbind())
+
+
+def _auto_start(problem: _EMProblem, mom, k: int, num_inits: int | None,
+                gen: torch.Generator, progress: bool | None = False):
+    """The ``"auto"`` start: the tensor start (when K <= r) and design-calibrated random starts
+    in the span of M2's top eigenvectors (all directions when K >= r), ``num_inits`` in all,
+    raced in one batch.
+
+    Returns (atoms (K, r), log_weights (K,), start-iterations spent in the race).
+    """
+    from .warmstart import _moment_start, _top_eigen, calibrated_atoms
+
+    n = num_inits or AUTO_NUM_INITS
+    r = mom.m1.shape[0]
+    basis = _top_eigen(mom.m2, k)[1] if k < r else None
+    use_tensor = n > 1 and k <= r
+    atoms = calibrated_atoms(mom, k, n - use_tensor, gen, basis)
+    log_w = torch.full((n, k), -math.log(k), dtype=torch.float64)
+    if use_tensor:
+        weights, tensor_atoms = _moment_start(mom, k, "tensor", gen)
+        atoms = torch.cat([tensor_atoms[None], atoms])
+        log_w[0] = weights.log()
+    atoms, log_w = atoms.to(problem.z), log_w.to(problem.z)
+    if n == 1:
+        return atoms[0], log_w[0], 0
+    bar = _progress_bar(progress, None, "EM starts")
+    try:
+        return _race(problem, atoms, log_w, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _choose_start(problem, design, z, k, init, num_inits, max_iter, tol, seed, progress):
-    """(atoms_z, log_weights, label, prefix): the start of the final EM run."""
+    """(atoms_z, log_weights, label): the start of the final EM run."""
+    from .moments import _standardised_moments
+    from .warmstart import _moment_start
+
     if not isinstance(init, str):
         atoms_z, log_w = _user_start(init, k, design, z)
-        return atoms_z, log_w, "given", []
+        return atoms_z, log_w, "given"
     gen = make_generator(seed)
-    n_starts = num_inits or (AUTO_NUM_INITS if init == "auto" else 1)
-    uniform = torch.full((k,), -math.log(k), dtype=z.dtype, device=z.device)
-    starts = _random_starts(z, problem.counts, k, n_starts, gen)
-    label = f"{init} (best of {n_starts})" if n_starts > 1 else init
-    if n_starts == 1:
-        return starts[0], uniform, label, []
-    bar = _progress_bar(progress, n_starts * AUTO_SHORT_ITER, "EM starts")
-    best = None
-    for s in starts:
-        a, lw, hist, _ = problem.run(s, uniform, min(AUTO_SHORT_ITER, max_iter), tol, bar)
-        if best is None or hist[-1] > best[0][-1]:
-            best = (hist, a, lw)
-    if bar is not None:
-        bar.close()
-    return best[1], best[2], label, best[0][:-1]
+    mom = _standardised_moments(z, problem.counts64, design)
+    if init == "auto":
+        atoms_z, log_w, spent = _auto_start(problem, mom, k, num_inits, gen, progress)
+        n = num_inits or AUTO_NUM_INITS
+        return atoms_z, log_w, ("auto" if n == 1 else
+                                f"auto (race of {n} starts, {spent} start-iterations)")
+    n = num_inits or 1
+    starts = [_moment_start(mom, k, init, gen) for _ in range(n)]
+    log_w = torch.stack([w for w, _ in starts]).log().to(z)
+    atoms = torch.stack([a for _, a in starts]).to(z)
+    if n == 1:
+        return atoms[0], log_w[0], init
+    atoms_z, log_w, spent = _race(problem, atoms, log_w)
+    return atoms_z, log_w, f"{init} (race of {n} starts, {spent} start-iterations)"
 
 
 def _make_fit(problem, design, x, atoms_z, log_w, history, converged, label, labels,
-              start_time, dtype, device) -> SoftmaxMixtureFit:
+              start_time, dtype, device, loglik=None, prior_scale=None, diverging=()
+              ) -> SoftmaxMixtureFit:
     atoms = design.atoms_from_z(atoms_z.to(torch.float64).to(design.to_atoms.device))
     group_resp = None
     if isinstance(problem, _GroupedEMProblem):
@@ -502,19 +732,22 @@ def _make_fit(problem, design, x, atoms_z, log_w, history, converged, label, lab
     return SoftmaxMixtureFit(
         weights=log_w.exp().to(device=device, dtype=dtype),
         atoms=atoms.to(device=device, dtype=dtype),
-        loglik=history[-1], n_iter=len(history) - 1, converged=converged, history=history,
+        loglik=history[-1] if loglik is None else loglik, n_iter=len(history) - 1,
+        converged=converged, history=history,
         num_obs=problem.total, num_points=x.shape[0], rank=design.rank, init=label,
         seconds=time.perf_counter() - start_time, features=x,
         num_groups=None if labels is None else int(labels.shape[0]),
-        group_labels=labels, group_responsibilities=group_resp,
+        group_labels=labels, group_responsibilities=group_resp, prior_scale=prior_scale,
+        diverging=tuple(diverging),
     )
 
 
 def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: Any = "auto",
            num_inits: int | None = None, max_iter: int = 1000, tol: float | None = None,
            device=None, dtype=None, seed=None, progress: bool | None = None,
-           chunk_size: int | None = None, groups=None) -> SoftmaxMixtureFit:
-    """Maximum-likelihood fit of a softmax mixture by EM on counts.
+           chunk_size: int | None = None, groups=None, prior_scale: float | None = None
+           ) -> SoftmaxMixtureFit:
+    """Maximum-likelihood (or MAP) fit of a softmax mixture by EM on counts.
 
     The model: P(Y = j) = sum_k alpha_k softmax(X theta_k)_j for support points j = 0..p-1.
 
@@ -524,11 +757,13 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
         tokens: (N,) integer draws in [0, p). Exactly one of ``counts``/``tokens`` (or neither
             when ``groups`` is a count matrix).
         num_components: K >= 1.
-        init: ``"auto"`` (best of ``num_inits`` random starts after a short EM, default 5),
-            ``"random"`` (``num_inits`` random starts, default 1, the best kept), or a start:
-            a mapping with ``"weights"`` (K,) and ``"atoms"`` (K, L), or any object with
-            ``.weights`` and ``.atoms`` (e.g. a previous fit).
-        num_inits: number of random starts (see ``init``).
+        init: ``"auto"`` (random starts in the span of the latent second moment at a scale
+            calibrated on the design; see :func:`~pyro_softmix.warm_start`), one of the
+            moment methods ``"projection"``, ``"tensor"``, ``"subspace"``, ``"random"``, or a
+            start: a mapping with ``"weights"`` (K,) and ``"atoms"`` (K, L), or any object with
+            ``.weights`` and ``.atoms`` (a previous fit, a :class:`~pyro_softmix.WarmStart`).
+        num_inits: number of starts (default 1). Several starts run as one batch in a race
+            that drops a start once its extrapolated limit is below the leader's objective.
         max_iter: EM iterations at most after the start is chosen.
         tol: stop when the estimated distance to the limit, (l* - l_t) / abs(l_t), is at most
             ``tol`` (default 1e-10 in float64, 1e-9 in float32). The distance is extrapolated
@@ -544,6 +779,10 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
             choices by one person, a document from one topic): either a (N,) integer group id
             per token (with ``tokens``), or a (G, p) count matrix (alone). The log-likelihood is
             then sum_g log sum_k alpha_k prod_j q_k(j)^{n_gj}.
+        prior_scale: if given, a MAP fit under the Normal prior on the atoms that
+            :class:`~pyro_softmix.SoftmaxMixtureModel` uses, Normal(0, prior_scale / sd(X[:, l]))
+            per coordinate (``prior_scale`` is in logit units per standard deviation of a
+            feature). The remedy when the MLE lies at infinity (see ``diverging``).
 
     Returns:
         :class:`SoftmaxMixtureFit` with ``weights`` (K,), ``atoms`` (K, L), ``loglik`` and more
@@ -552,6 +791,7 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
     Warns:
         ConvergenceWarning: if ``max_iter`` was reached first.
         IdentifiabilityWarning: if the centred features have rank below L.
+        DivergenceWarning: if some atoms were still growing along a flat ridge of the objective.
 
     Example:
         >>> import pyro_softmix as psm
@@ -567,13 +807,15 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
     x, design, z, problem, k, dtype, device, labels = _prepare(
         features, counts, tokens, groups, num_components, dtype, device, chunk_size)
     tol = _default_tol(dtype) if tol is None else check_positive_float(tol, "tol", True)
+    if prior_scale is not None:
+        prior_scale = check_positive_float(prior_scale, "prior_scale")
+        problem.penalty = _prior_precision(x, design, prior_scale).to(z)
 
-    atoms_z, log_w, label, prefix = _choose_start(problem, design, z, k, init, num_inits,
-                                                  max_iter, tol, seed, progress)
+    atoms_z, log_w, label = _choose_start(problem, design, z, k, init, num_inits, max_iter, tol,
+                                          seed, progress)
     bar = _progress_bar(progress, max_iter, "EM")
     try:
         atoms_z, log_w, history, converged = problem.run(atoms_z, log_w, max_iter, tol, bar)
-        history = prefix + history
     finally:
         if bar is not None:
             bar.close()
@@ -584,5 +826,26 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
             "increase max_iter or continue with init=fit",
             ConvergenceWarning, stacklevel=2,
         )
+    top_mass = torch.softmax(z @ atoms_z.T, 0).amax(0).tolist()
+    diverging = _diverging(problem.norm_history, history, top_mass)
+    if diverging:
+        norms = ", ".join(f"{problem.norm_history[-1][k]:.3g}" for k in diverging)
+        warnings.warn(
+            f"the atoms of components {list(diverging)} keep growing (norms {norms} in "
+            "standardised units) while the objective barely changes: EM is heading to infinity, "
+            "with a component concentrating on a few support points. This is a spurious optimum "
+            "(try other starts, num_inits=) or the MLE is at infinity; refit with prior_scale= "
+            "for a MAP estimate", DivergenceWarning, stacklevel=2)
     return _make_fit(problem, design, x, atoms_z, log_w, history, converged, label, labels,
-                     start_time, dtype, device)
+                     start_time, dtype, device, problem.last_loglik, prior_scale, diverging)
+
+
+def _prior_precision(x: torch.Tensor, design: Design, prior_scale: float) -> torch.Tensor:
+    """(r, r) precision in standardised coordinates of the atoms' prior N(0, diag(s / sd_l)^2).
+
+    With theta = A t (``design.to_atoms``), sum_l sd_l^2 theta_l^2 / s^2 = t^T A^T D A t / s^2.
+    """
+    sd = x.to(torch.float64).std(0).to(design.to_atoms.device)
+    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+    a = design.to_atoms.to(torch.float64)
+    return (a.T * sd**2) @ a / prior_scale**2

@@ -215,15 +215,15 @@ class EM:
             o["dtype"], o["device"], o["chunk_size"])
         tol = _default_tol(dtype) if o["tol"] is None else float(o["tol"])
         init = o["init"] if self._state is None else self.fit  # new data: continue from here
-        atoms_z, log_w, label, prefix = _choose_start(problem, design, z, k, init, o["num_inits"],
-                                                      1000, tol, o["seed"], False)
+        atoms_z, log_w, label = _choose_start(problem, design, z, k, init, o["num_inits"], 1000,
+                                              tol, o["seed"], False)
         logits = z @ atoms_z.T
         lse = problem.normalise(logits)
         loglik, w = problem.e_step(logits, lse, log_w)
         self._state = dict(x=x, design=design, problem=problem, atoms_z=atoms_z, log_w=log_w,
                            logits=logits, lse=lse, w=w, label=label, labels=labels, tol=tol,
                            dtype=dtype, device=device, start=start)
-        self.history = prefix + [loglik]
+        self.history = [float(loglik)]
         self.gains = []
         self._write_guide(tokens, counts, groups)
 
@@ -266,6 +266,7 @@ class EM:
                                                            s["logits"], s["lse"])
         loglik, w = problem.e_step(logits, lse, log_w)
         s.update(atoms_z=atoms_z, log_w=log_w, logits=logits, lse=lse, w=w)
+        loglik, gain = torch.cat([loglik, gain]).tolist()
         self.history.append(loglik)
         self.gains.append(gain)
         self._write_guide(tokens, counts, groups)

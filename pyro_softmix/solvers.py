@@ -129,12 +129,21 @@ def _newton_direction(grad: torch.Tensor, hess: torch.Tensor, max_tries: int = 8
     return d
 
 
+def _penalty_grad(atoms: torch.Tensor, l2) -> torch.Tensor:
+    """Gradient P t_k of the penalty 0.5 t_k^T P t_k, P = l2 I (a float) or an (r, r) matrix."""
+    return atoms @ l2 if isinstance(l2, torch.Tensor) else l2 * atoms
+
+
+def _has_penalty(l2) -> bool:
+    return isinstance(l2, torch.Tensor) or l2 != 0
+
+
 def _objective(lin: torch.Tensor, total: torch.Tensor, lse: torch.Tensor,
-               atoms: torch.Tensor, l2: float) -> torch.Tensor:
-    """f_k = lin_k . t_k - W_k lse_k - l2/2 |t_k|^2, shape (K,)."""
+               atoms: torch.Tensor, l2) -> torch.Tensor:
+    """f_k = lin_k . t_k - W_k lse_k - 0.5 t_k^T P t_k, shape (K,)."""
     f = (lin * atoms).sum(-1) - total * lse
-    if l2:
-        f = f - 0.5 * l2 * (atoms * atoms).sum(-1)
+    if _has_penalty(l2):
+        f = f - 0.5 * (atoms * _penalty_grad(atoms, l2)).sum(-1)
     return f
 
 
@@ -189,9 +198,15 @@ def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms
 
 
 def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
-                 l2: float = 0.0, max_backtracks: int = 30):
+                 l2: float | torch.Tensor = 0.0, max_backtracks: int = 30,
+                 max_step: float | None = None):
     """:func:`softmax_regression_step` on preallocated buffers.
 
+    ``l2`` may also be an (r, r) positive semidefinite matrix P (the penalty 0.5 t^T P t, a
+    Normal prior with precision P). ``max_step`` caps the Euclidean length of a step (a trust
+    region): far from the maximiser, where q is concentrated on a few points and the Hessian
+    nearly singular, the full Newton step would be huge and backtracking could stall. The
+    reported ``step`` is then the fraction of the full Newton step taken.
     ``lse`` is the column log-normaliser of ``logits`` when ``ws.q`` already holds their
     softmax (as after a previous step); if None both are computed. Returns ``(new_atoms,
     new_logits, new_lse, info)``; ``new_logits`` lives in one of ``ws.logits`` (never in the
@@ -205,16 +220,23 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
     lin = weights.T @ features  # (K, r): w-weighted sums of z
     mean_q = q.T @ features  # (K, r): q-weighted means of z
     grad = lin - total[:, None] * mean_q
-    if l2:
-        grad = grad - l2 * atoms
+    if _has_penalty(l2):
+        grad = grad - _penalty_grad(atoms, l2)
     # Covariance of z under q_k: sum_j q_j z_j z_j^T - m m^T (the columns of q sum to 1).
     cov = _weighted_gram(features, q, buffer=ws.gram) - mean_q[:, :, None] * mean_q[:, None, :]
     hess = total[:, None, None] * cov
-    if l2:
-        hess = hess + l2 * torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device)
+    if _has_penalty(l2):
+        hess = _ridge(hess, l2)
     direction = _newton_direction(grad, hess)
     gain = (grad * direction).sum(-1)
     f0 = _objective(lin, total, lse, atoms, l2)
+    if max_step is not None:
+        length = torch.linalg.vector_norm(direction, dim=-1)
+        shrink = (max_step / length.clamp_min(1e-300)).clamp(max=1.0)
+        direction = direction * shrink[:, None]
+    else:
+        shrink = None
+    slope = gain if shrink is None else gain * shrink  # derivative along the direction
     # Below this predicted gain the objective cannot resolve the change in this dtype: a full
     # Newton step on a concave function is then taken without a test.
     noise = 64 * torch.finfo(features.dtype).eps * (
@@ -228,7 +250,7 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
         torch.mm(features, new_atoms.T, out=trial)
         new_lse = _column_logsumexp(trial, ws.scratch)  # softmax of the trial in ws.scratch
         f1 = _objective(lin, total, new_lse, new_atoms, l2)
-        ok = (f1 >= f0 + _ARMIJO * step * gain) | (gain <= noise)
+        ok = (f1 >= f0 + _ARMIJO * step * slope) | (gain <= noise)
         done = done | ok
         if bool(done.all()):
             break
@@ -243,6 +265,8 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
         trial.copy_(torch.where(done[None, :], trial, logits))
         new_lse = _column_logsumexp(trial, ws.q)
         f1 = torch.where(done, f1, f0)
+    if shrink is not None:
+        step = step * shrink
     info = NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1)
     return new_atoms, trial, new_lse, info
 
@@ -382,7 +406,9 @@ def _check_regression(x, weights, name_w="weights"):
     return x, w
 
 
-def _ridge(hess: torch.Tensor, l2: float) -> torch.Tensor:
+def _ridge(hess: torch.Tensor, l2) -> torch.Tensor:
+    if isinstance(l2, torch.Tensor):
+        return hess + l2
     if not l2:
         return hess
     return hess + l2 * torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device)

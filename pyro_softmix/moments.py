@@ -1,0 +1,172 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Latent (Hermite) moments of the mixing measure, estimated from counts.
+
+If the standardised design points z_j were draws from N(0, I), tilting them by softmax(z . t)
+would give N(t, I), whose Hermite moments are the powers of t (Bing, Bunea, Niles-Weed and
+Wegkamp, 2024). Hence, with pihat = n / N and the probabilists' Hermite polynomials He_m,
+
+    M1 = sum_j pihat_j z_j                                  ~ sum_k alpha_k t_k
+    M2 = sum_j pihat_j (z_j z_j^T - I)                      ~ sum_k alpha_k t_k t_k^T
+    M3(a, b, c) = sum_j pihat_j [(z.a)(z.b)(z.c) - (z.a)(b.c) - (z.b)(a.c) - (z.c)(a.b)]
+                                                            ~ sum_k alpha_k (t_k.a)(t_k.b)(t_k.c)
+    along a unit v:   sum_j pihat_j He_m(z_j . v)           ~ sum_k alpha_k (t_k . v)^m.
+
+The atoms t_k here are in standardised coordinates (``design.atoms_to_z``). The approximation
+error has a sampling part O(N^-1/2) and a design part that shrinks like p^-1/2 for a Gaussian
+design but grows quickly with ||t_k||; real designs add a bias. Third and higher moments are only
+ever contracted with given vectors, never formed as r^3 tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import as_tensor, check_counts, check_features, resolve_device, resolve_dtype
+from .design import Design, standardize
+
+__all__ = ["LatentMoments", "hermite", "latent_moments"]
+
+
+def hermite(x: torch.Tensor, max_order: int) -> torch.Tensor:
+    """Probabilists' Hermite polynomials He_0..He_max_order at x: shape (max_order + 1, *x.shape).
+
+    He_0 = 1, He_1 = x, He_{m+1} = x He_m - m He_{m-1}; E[He_m(X)] = mu^m for X ~ N(mu, 1).
+    """
+    out = [torch.ones_like(x), x]
+    for m in range(1, max_order):
+        out.append(x * out[m] - m * out[m - 1])
+    return torch.stack(out[:max_order + 1])
+
+
+def _unit_rows(v: torch.Tensor, name: str) -> torch.Tensor:
+    norms = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    if bool((norms == 0).any()) or not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} must be finite and nonzero")
+    return v / norms
+
+
+@dataclass(repr=False)
+class LatentMoments:
+    """Latent moments of a softmax mixture in standardised coordinates.
+
+    Attributes:
+        m1: (r,) first moment, about sum_k alpha_k t_k.
+        m2: (r, r) second Hermite moment, about sum_k alpha_k t_k t_k^T.
+        design: the :class:`~pyro_softmix.design.Design` (maps atoms to and from z coordinates).
+        z: (p, r) standardised features.  pihat: (p,) empirical frequencies.
+
+    Higher moments are contractions: :meth:`m3`, :meth:`m3_basis`, :meth:`along`, :meth:`mixed`.
+    """
+
+    m1: torch.Tensor
+    m2: torch.Tensor
+    design: Design
+    z: torch.Tensor
+    pihat: torch.Tensor
+
+    def __repr__(self) -> str:
+        return (f"LatentMoments(rank={self.m1.shape[0]}, num_points={self.z.shape[0]}, "
+                f"|m1|={float(self.m1.norm()):.3g}, trace(m2)={float(self.m2.trace()):.3g})")
+
+    def _vectors(self, v, name: str) -> torch.Tensor:
+        v = as_tensor(v, name).to(self.z)
+        if v.shape[-1] != self.z.shape[1]:
+            raise ValueError(f"{name} must have last dimension {self.z.shape[1]} (the design's "
+                             f"rank), got shape {tuple(v.shape)}")
+        return v
+
+    def m3(self, a, b, c) -> torch.Tensor:
+        """M3(a, b, c) for batches of vectors a, b, c of shape (..., r) (broadcast): shape (...)."""
+        a, b, c = (self._vectors(v, n) for v, n in ((a, "a"), (b, "b"), (c, "c")))
+        a, b, c = torch.broadcast_tensors(a, b, c)
+        batch = a.shape[:-1]
+        a, b, c = (v.reshape(-1, v.shape[-1]) for v in (a, b, c))
+        za, zb, zc = self.z @ a.T, self.z @ b.T, self.z @ c.T  # (p, B)
+        raw = self.pihat @ (za * zb * zc)
+        m1 = self.m1
+        corr = (a @ m1) * (b * c).sum(-1) + (b @ m1) * (a * c).sum(-1) + (c @ m1) * (a * b).sum(-1)
+        return (raw - corr).reshape(batch)
+
+    def m3_basis(self, basis) -> torch.Tensor:
+        """The third moment in a basis: T_abc = M3(u_a, u_b, u_c) for the k columns of ``basis``.
+
+        Args:
+            basis: (r, k) matrix U.
+        Returns:
+            (k, k, k) symmetric tensor, computed in O(p r k + p k^3) without any r^3 tensor.
+        """
+        u = self._vectors(as_tensor(basis, "basis").T, "basis").T
+        y = self.z @ u  # (p, k)
+        raw = torch.einsum("j,ja,jb,jc->abc", self.pihat, y, y, y)
+        mu, gram = u.T @ self.m1, u.T @ u
+        corr = (mu[:, None, None] * gram[None] + mu[None, :, None] * gram[:, None, :]
+                + mu[None, None, :] * gram[:, :, None])
+        return raw - corr
+
+    def along(self, directions, max_order: int) -> torch.Tensor:
+        """One-dimensional moments sum_j pihat_j He_m(z_j . v), m = 0..max_order.
+
+        Args:
+            directions: (r,) or (B, r) directions (normalised to unit length).
+            max_order: highest order m.
+        Returns:
+            (max_order + 1,) or (B, max_order + 1); about sum_k alpha_k (t_k . v)^m.
+        """
+        v = _unit_rows(self._vectors(directions, "directions"), "directions")
+        s = self.z @ v.mT if v.dim() == 2 else self.z @ v  # (p, B) or (p,)
+        return torch.einsum("j,mj...->...m", self.pihat, hermite(s, max_order))
+
+    def mixed(self, direction, max_order: int) -> torch.Tensor:
+        """Mixed moments B_m = sum_j pihat_j He_m(z_j . v) P z_j, m = 0..max_order.
+
+        P projects onto the complement of the unit direction v; B_m is about
+        sum_k alpha_k (t_k . v)^m P t_k (the Hermite moment of order m along v and 1 across it).
+
+        Returns:
+            (max_order + 1, r).
+        """
+        v = _unit_rows(self._vectors(direction, "direction"), "direction")
+        s = self.z @ v
+        perp = self.z - s[:, None] * v
+        return (hermite(s, max_order) * self.pihat) @ perp
+
+
+def latent_moments(features, counts=None, tokens=None, *, design: Design | None = None,
+                   dtype=None, device=None) -> LatentMoments:
+    """Estimate the latent moments of a softmax mixture's mixing measure from counts.
+
+    Args:
+        features: (p, L) features of the support points (not modified).
+        counts: (p,) nonnegative counts; or ``tokens``: (N,) draws in [0, p).
+        design: a precomputed :func:`~pyro_softmix.standardize` of ``features``.
+        dtype, device: where and in which precision to compute (default: the features').
+
+    Returns:
+        :class:`LatentMoments` in standardised coordinates (rank r <= L).
+
+    Example:
+        >>> import pyro_softmix as psm
+        >>> data = psm.simulate(num_points=20_000, num_features=3, num_components=2, seed=0)
+        >>> mom = psm.latent_moments(data.features, data.counts)
+        >>> mom.m1.shape, mom.m2.shape, mom.along(mom.m1, 3).shape
+        ((3,), (3, 3), (4,))
+    """
+    x = check_features(features)
+    dtype = resolve_dtype(dtype, as_tensor(features, "features"))
+    device = resolve_device(device, x)
+    n = check_counts(counts, tokens, x.shape[0])
+    if design is None:
+        design = standardize(x)
+    z = design.transform(x, dtype=dtype, device=device)
+    return _standardised_moments(z, n.to(device=device, dtype=torch.float64), design)
+
+
+def _standardised_moments(z: torch.Tensor, counts: torch.Tensor, design: Design) -> LatentMoments:
+    """M1 and M2 from standardised features z (p, r) and float64 counts (p,) on z's device."""
+    pihat = (counts / counts.sum()).to(z.dtype)
+    m1 = pihat @ z
+    m2 = (z * pihat[:, None]).T @ z
+    m2 = 0.5 * (m2 + m2.T) - torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    return LatentMoments(m1=m1, m2=m2, design=design, z=z, pihat=pihat)

@@ -1,0 +1,371 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Warm starts for EM from the latent moments (see :mod:`pyro_softmix.moments`).
+
+All methods work in standardised coordinates and return atoms in the user's coordinates.
+
+- ``"projection"``: the method of moments of Bing, Bunea, Niles-Weed and Wegkamp (2024). The 1-D
+  moments of order 1..2K-1 along a direction v are projected onto the set of valid moment
+  sequences of distributions on an interval (denoising, as in Wu and Yang's denoised method of
+  moments), a K-point Gauss quadrature of the projected sequence gives the weights and the atoms'
+  coordinates along v, and a Vandermonde solve on the mixed moments of order <= K-1 along v and 1
+  across it gives the other coordinates. Consistent, and exact on exact moments, but the high
+  orders are noisy: in practice it is useful for K = 2 only.
+- ``"tensor"`` (K <= r): whiten with the top-K eigenpairs of M2, contract M3 into the K x K x K
+  whitened tensor and diagonalise it (Jennrich's simultaneous diagonalisation, with the best
+  separated of several random contractions). Third moments only, so it degrades gradually in K.
+- ``"subspace"``: random atoms in the span of M2's top-K eigenvectors at the scale M2 implies.
+- ``"random"``: random atoms in all r directions at the scale M2 implies.
+- ``"auto"``: see :func:`warm_start`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._checks import check_positive_int, make_generator
+from .moments import LatentMoments, _standardised_moments
+
+__all__ = ["WarmStart", "warm_start", "WARM_START_METHODS"]
+
+WARM_START_METHODS = ("auto", "projection", "tensor", "subspace", "random")
+
+
+@dataclass(repr=False)
+class WarmStart:
+    """A starting point for EM.
+
+    Attributes:
+        weights: (K,) mixture weights (sum to 1).
+        atoms: (K, L) atoms in the user's feature coordinates.
+        method: the method that produced it.
+        atoms_z: (K, r) the atoms in standardised coordinates.
+        loglik: log-likelihood at the start (None when not computed).
+    """
+
+    weights: torch.Tensor
+    atoms: torch.Tensor
+    method: str
+    atoms_z: torch.Tensor
+    loglik: float | None = None
+
+    def __repr__(self) -> str:
+        return (f"WarmStart(method={self.method!r}, K={self.weights.shape[0]}, "
+                f"L={self.atoms.shape[1]})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces shared by the methods (all in float64 on the CPU: the matrices are at most r x r)
+# ----------------------------------------------------------------------------------------------
+def _top_eigen(m2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs (values descending (k,), vectors (r, k)) of a symmetric matrix."""
+    vals, vecs = torch.linalg.eigh(m2.double().cpu())
+    return vals.flip(0)[:k], vecs.flip(1)[:, :k]
+
+
+def _spread(mom: LatentMoments) -> float:
+    """Mean squared distance of the atoms from their mean implied by M2: trace M2 - |M1|^2."""
+    m1 = mom.m1.double()
+    return float(mom.m2.double().trace() - m1 @ m1)
+
+
+def _gaussian_draws(shape, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def random_atoms(mom: LatentMoments, num_components: int, num_starts: int,
+                 gen: torch.Generator, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """(S, K, r) random atoms around M1 at the spread M2 implies, within ``basis`` (r, d) if given.
+
+    Draws are made on the CPU in float64, so a seed gives the same starts on every device.
+    """
+    r = mom.m1.shape[0]
+    m1 = mom.m1.double().cpu()
+    if basis is None:
+        d = r
+        noise = _gaussian_draws((num_starts, num_components, r), gen)
+    else:
+        d = basis.shape[1]
+        noise = _gaussian_draws((num_starts, num_components, d), gen) @ basis.T
+    scale = math.sqrt(max(_spread(mom), 0.25) / d)
+    return m1 + scale * noise
+
+
+# ----------------------------------------------------------------------------------------------
+# Projection MoM (1-D moments, denoising, Gauss quadrature, Vandermonde)
+# ----------------------------------------------------------------------------------------------
+_GRID = 1001
+
+
+def _denoise_moments(moments: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Project m_1..m_d onto the moment sequences of distributions on [-radius, radius].
+
+    The moment set is the convex hull of the curve x -> (x, x^2, ..., x^d); on a fine grid the
+    projection is a least-squares problem over the simplex, solved here as a nonnegative least
+    squares with a heavily weighted sum-to-one row. Moments are rescaled by radius^m first so all
+    orders count alike. Returns the grid and the projected measure's weights on it.
+    """
+    from scipy.optimize import nnls
+
+    d = moments.shape[0]
+    grid = np.linspace(-1.0, 1.0, _GRID)
+    powers = np.arange(1, d + 1)
+    target = moments / radius ** powers
+    design = grid[None, :] ** powers[:, None]
+    penalty = 1e3
+    a = np.vstack([design, penalty * np.ones((1, _GRID))])
+    b = np.concatenate([target, [penalty]])
+    w, _ = nnls(a, b, maxiter=50 * _GRID)
+    w = w / w.sum()
+    return grid * radius, w
+
+
+def _quadrature_from_moments(moments: np.ndarray, k: int, radius: float
+                             ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The K-point measure with moments m_0..m_{2K-1} (Prony / Hankel), or None if there is no
+    valid one (complex or repeated nodes, nodes outside [-radius, radius], weights <= 0)."""
+    hankel = np.array([[moments[i + j] for j in range(k)] for i in range(k)])
+    try:
+        coef = np.linalg.solve(hankel, -moments[k:2 * k])
+    except np.linalg.LinAlgError:
+        return None
+    nodes = np.roots(np.concatenate([[1.0], coef[::-1]]))
+    if np.abs(nodes.imag).max() > 1e-9 * max(1.0, np.abs(nodes).max()):
+        return None
+    nodes = np.sort(nodes.real)
+    if np.abs(nodes).max() > radius or (k > 1 and np.diff(nodes).min() <= 1e-9 * radius):
+        return None
+    vander = nodes[None, :] ** np.arange(k)[:, None]
+    weights = np.linalg.solve(vander, moments[:k])
+    if weights.min() <= 0:
+        return None
+    return nodes, weights
+
+
+def _gauss_quadrature(nodes: np.ndarray, weights: np.ndarray, k: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """K-point Gauss quadrature of a discrete measure (Stieltjes procedure, Golub-Welsch).
+
+    The result matches the measure's moments of order 0..2K-1. If the measure has fewer than K
+    support points, only that many nodes are returned.
+    """
+    keep = weights > 0
+    x, w = nodes[keep], weights[keep]
+    alpha, beta = [], []
+    p_prev, p_cur = np.zeros_like(x), np.ones_like(x)
+    norm_prev = 1.0
+    for j in range(k):
+        norm = float(w @ (p_cur * p_cur))
+        if norm <= 1e-14 * norm_prev or (j > 0 and norm <= 1e-300):
+            break
+        a = float(w @ (x * p_cur * p_cur)) / norm
+        alpha.append(a)
+        if j > 0:
+            beta.append(norm / norm_prev)
+        p_next = (x - a) * p_cur - (beta[-1] if j > 0 else 0.0) * p_prev
+        p_prev, p_cur, norm_prev = p_cur, p_next, norm
+    n = len(alpha)
+    jacobi = np.diag(alpha) + np.diag(np.sqrt(beta[:n - 1]), 1) + np.diag(np.sqrt(beta[:n - 1]), -1)
+    vals, vecs = np.linalg.eigh(jacobi)
+    return vals, vecs[0] ** 2 * float(w.sum())
+
+
+def _projection_start(mom: LatentMoments, k: int, gen: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (K,), atoms_z (K, r)) by the projection method of moments."""
+    r = mom.m1.shape[0]
+    # A random direction in the span of the atoms (M2's top eigenvectors, with M1): the atoms'
+    # projections on it are then distinct with probability one.
+    _, basis = _top_eigen(mom.m2, min(k, r))
+    v = basis @ _gaussian_draws((basis.shape[1],), gen)
+    v = (v / v.norm()).to(mom.z)
+    one_d = mom.along(v, 2 * k - 1).double().cpu().numpy()
+    s = (mom.z @ v).double()
+    radius = float(s.abs().max())
+    direct = _quadrature_from_moments(one_d, k, radius)
+    if direct is not None:  # a valid moment sequence is its own projection
+        nodes, weights = direct
+    else:
+        grid, w = _denoise_moments(one_d[1:], radius)
+        nodes, weights = _gauss_quadrature(grid, w, k)
+    if nodes.shape[0] < k:  # a degenerate projection: split the heaviest node
+        extra = k - nodes.shape[0]
+        nodes = np.concatenate([nodes, nodes[np.argmax(weights)] + 1e-3 * np.arange(1, extra + 1)])
+        weights = np.concatenate([weights, np.full(extra, 1e-3)])
+    weights = np.clip(weights, 1e-6, None)
+    weights = weights / weights.sum()
+    # Coordinates across v: sum_k alpha_k s_k^m P t_k = B_m for m = 0..K-1 (Vandermonde in s).
+    mixed = mom.mixed(v, k - 1).double().cpu().numpy()  # (K, r)
+    vander = weights[None, :] * nodes[None, :] ** np.arange(k)[:, None]  # (K, K)
+    perp, *_ = np.linalg.lstsq(vander, mixed, rcond=None)
+    atoms = torch.from_numpy(perp) + torch.from_numpy(nodes)[:, None] * v.double().cpu()
+    return torch.from_numpy(weights), atoms
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor MoM (whitening, Jennrich)
+# ----------------------------------------------------------------------------------------------
+_JENNRICH_TRIES = 16
+
+
+def _tensor_start(mom: LatentMoments, k: int, gen: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (K,), atoms_z (K, r)) from the whitened third moment."""
+    r = mom.m1.shape[0]
+    if k > r:
+        raise ValueError(f"method='tensor' needs num_components <= rank of the features ({r}), "
+                         f"got {k}; use 'subspace' or 'random'")
+    vals, vecs = _top_eigen(mom.m2, k)
+    vals = vals.clamp_min(1e-3 * max(float(vals[0]), 1e-3))
+    whiten = vecs / vals.sqrt()  # (r, K): W^T M2 W = I
+    tensor = mom.m3_basis(whiten.to(mom.z)).double().cpu()  # sum_k alpha_k^-1/2 v_k^(x)3
+    # Jennrich: T(., ., eta) = V diag(alpha^-1/2 V^T eta) V^T with V orthonormal. Keep the random
+    # contraction whose eigenvalues are best separated (the eigenvectors are then most stable).
+    best, best_gap = None, -1.0
+    for _ in range(_JENNRICH_TRIES):
+        eta = _gaussian_draws((k,), gen)
+        eta = eta / eta.norm()
+        mat = torch.einsum("abc,c->ab", tensor, eta)
+        ev, vec = torch.linalg.eigh(0.5 * (mat + mat.T))
+        gap = float(ev.diff().min()) if k > 1 else 1.0
+        if gap > best_gap:
+            best, best_gap = vec, gap
+    v = best.T  # (K, K) rows v_k
+    scale = torch.einsum("abc,ka,kb,kc->k", tensor, v, v, v)  # alpha_k^-1/2, up to sign
+    sign = torch.where(scale < 0, -1.0, 1.0).to(scale)
+    v, scale = v * sign[:, None], (scale * sign).clamp_min(1e-3)
+    weights = scale ** -2
+    weights = weights / weights.sum()
+    atoms = (v * vals.sqrt()) @ vecs.T * scale[:, None]  # t_k = U Lambda^1/2 v_k alpha_k^-1/2
+    return weights, atoms
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+def _moment_start(mom: LatentMoments, k: int, method: str, gen: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (K,), atoms_z (K, r)) in float64 on the CPU for the moment-based methods."""
+    if method == "projection":
+        return _projection_start(mom, k, gen)
+    if method == "tensor":
+        return _tensor_start(mom, k, gen)
+    basis = None
+    if method == "subspace":
+        _, basis = _top_eigen(mom.m2, min(k, mom.m1.shape[0]))
+    atoms = random_atoms(mom, k, 1, gen, basis)[0]
+    return torch.full((k,), 1.0 / k, dtype=torch.float64), atoms
+
+
+def warm_start(features, counts=None, tokens=None, num_components: int = 3, method: str = "auto",
+               *, seed=None, dtype=None, device=None, **fit_kwargs) -> WarmStart:
+    """A starting point for EM from the latent moments of the counts.
+
+    Args:
+        features: (p, L) features of the support points (not modified).
+        counts: (p,) nonnegative counts; or ``tokens``: (N,) draws in [0, p).
+        num_components: K.
+        method: ``"projection"``, ``"tensor"``, ``"subspace"``, ``"random"`` (see the module
+            docstring) or ``"auto"``: the start that :func:`~pyro_softmix.fit_em` uses by default,
+            found by a short batched EM race over many starts (see :ref:`warm-starts`).
+        seed: int or ``torch.Generator`` (same seed, same start).
+        dtype, device: precision and device of the computation.
+        **fit_kwargs: for ``"auto"``, options of the race (``num_inits``, ``prior_scale``).
+
+    Returns:
+        :class:`WarmStart` with ``weights`` (K,) and ``atoms`` (K, L), usable as
+        ``fit_em(init=start)``.
+
+    Example:
+        >>> import pyro_softmix as psm
+        >>> data = psm.simulate(num_points=5000, num_features=4, num_components=2, seed=0)
+        >>> start = psm.warm_start(data.features, data.counts, num_components=2,
+        ...                        method="tensor", seed=0)
+        >>> start.weights.shape, start.atoms.shape
+        ((2,), (2, 4))
+    """
+    from .em import _auto_start, _prepare
+
+    if not isinstance(method, str) or method not in WARM_START_METHODS:
+        raise ValueError(f"method must be one of {WARM_START_METHODS}, got {method!r}")
+    x, design, z, problem, k, dtype, device, _ = _prepare(
+        features, counts, tokens, None, num_components, dtype, device, None)
+    mom = _standardised_moments(z, problem.counts64, design)
+    gen = make_generator(seed)
+    if method == "auto":
+        num_inits = fit_kwargs.pop("num_inits", None)
+        if num_inits is not None:
+            num_inits = check_positive_int(num_inits, "num_inits")
+        atoms_z, log_w, _ = _auto_start(problem, mom, k, num_inits, gen, **fit_kwargs)
+        weights = log_w.exp().double().cpu()
+        atoms_z = atoms_z.double().cpu()
+    else:
+        if fit_kwargs:
+            raise TypeError(f"unexpected keyword arguments for method={method!r}: "
+                            f"{sorted(fit_kwargs)}")
+        weights, atoms_z = _moment_start(mom, k, method, gen)
+    atoms = design.atoms_from_z(atoms_z.to(design.to_atoms.device))
+    loglik = problem.loglik(atoms_z.to(z), weights.log().to(z))
+    return WarmStart(weights=weights.to(device=device, dtype=dtype),
+                     atoms=atoms.to(device=device, dtype=dtype), method=method,
+                     atoms_z=atoms_z.to(device=device, dtype=dtype), loglik=loglik)
+
+
+# ----------------------------------------------------------------------------------------------
+# Design-aware random starts
+# ----------------------------------------------------------------------------------------------
+def _tilted_centre(mom: LatentMoments) -> torch.Tensor:
+    """The one-component MLE t_1 (r,): the tilt whose softmax mean matches M1 on this design."""
+    from .solvers import fit_softmax_regression
+
+    res = fit_softmax_regression(mom.z, mom.pihat[:, None], max_steps=50)
+    return res.atoms[0]
+
+
+def _mixture_spread(z: torch.Tensor, centre_m1: torch.Tensor, atoms: torch.Tensor
+                    ) -> torch.Tensor:
+    """Mean over starts of sum_j pi(j) |z_j - m1|^2 for equal-weight mixtures (S, K, r)."""
+    s, k, r = atoms.shape
+    log_q = torch.log_softmax(z @ atoms.reshape(s * k, r).T, 0)  # (p, S K)
+    pi = log_q.exp().view(-1, s, k).mean(2)  # (p, S)
+    dist2 = ((z - centre_m1) ** 2).sum(1)  # (p,)
+    return (dist2 @ pi).mean()
+
+
+def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
+                     gen: torch.Generator, basis: torch.Tensor | None = None,
+                     centre: torch.Tensor | None = None) -> torch.Tensor:
+    """(S, K, r) random atoms around the one-component MLE, at a design-aware distance.
+
+    The scale sigma is set so that the equal-weight mixtures of the starts spread their mass
+    over the design as much as the data do: sum_j pi_sigma(j) |z_j - M1|^2 equals
+    sum_j pihat_j |z_j - M1|^2 (bisection on log sigma). Unlike the scale from M2 this uses the
+    design's own tilting (its empirical moment generating function), so it stays right on
+    heavy-tailed, non-Gaussian designs.
+    """
+    z = mom.z
+    r = mom.m1.shape[0]
+    if centre is None:
+        centre = _tilted_centre(mom)
+    d = r if basis is None else basis.shape[1]
+    noise = _gaussian_draws((num_starts, num_components, d), gen)
+    if basis is not None:
+        noise = noise @ basis.T
+    # Unit directions: every atom starts at the same distance sigma from the centre (Gaussian
+    # offsets in few dimensions would put some atoms far out, where a component can lock onto
+    # a single extreme support point).
+    noise = (noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(z)
+    centre = centre.to(z)
+    target = float(mom.pihat @ ((z - mom.m1) ** 2).sum(1))
+    lo, hi = math.log(1e-2), math.log(1e1)
+    for _ in range(12):
+        mid = 0.5 * (lo + hi)
+        value = float(_mixture_spread(z, mom.m1, centre + math.exp(mid) * noise))
+        if value < target:
+            lo = mid
+        else:
+            hi = mid
+    return (centre + math.exp(0.5 * (lo + hi)) * noise).double().cpu()
