@@ -64,7 +64,7 @@ class DivergenceWarning(UserWarning):
 #: ``_DIVERGENCE_FLAT`` (relative), and which is long (``_DIVERGENCE_NORM``) or whose component
 #: puts at least ``_DIVERGENCE_MASS`` on a single support point, is reported as heading to infinity.
 _DIVERGENCE_NORM = 10.0
-_DIVERGENCE_MASS = 0.5
+_DIVERGENCE_MASS = 0.99
 _DIVERGENCE_GROWTH = 1e-3
 _DIVERGENCE_WINDOW = 10
 _DIVERGENCE_FLAT = 1e-4
