@@ -30,7 +30,7 @@ __all__ = ["LatentMoments", "hermite", "latent_moments"]
 
 
 def hermite(x: torch.Tensor, max_order: int) -> torch.Tensor:
-    """Probabilists' Hermite polynomials He_0..He_max_order at x: shape (max_order + 1, *x.shape).
+    """Probabilists' Hermite polynomials He_0..He_max_order at x: shape ``(max_order + 1, *x.shape)``.
 
     He_0 = 1, He_1 = x, He_{m+1} = x He_m - m He_{m-1}; E[He_m(X)] = mu^m for X ~ N(mu, 1).
     """
