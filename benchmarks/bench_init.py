@@ -48,7 +48,7 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
-def _table(name: str, dims: int | None):
+def _table(name: str) -> torch.Tensor:
     if name == "glove":
         return glove_embeddings()
     if name == "minilm":
@@ -60,7 +60,9 @@ def _design(name: str, num_points: int, dims: int, seed: int, tables: dict) -> t
     if name == "gaussian":
         gen = torch.Generator().manual_seed(10_000 + seed)
         return torch.randn(num_points, dims, generator=gen, dtype=torch.float64)
-    table = tables.setdefault(name, _table(name, dims))
+    if name not in tables:  # load each table once per run
+        tables[name] = _table(name)
+    table = tables[name]
     return embedding_subset(table, num_points, None if dims >= table.shape[1] else dims,
                             seed=seed)
 

@@ -89,6 +89,13 @@ class Design:
         return out
 
 
+def _feature_scales(features: torch.Tensor) -> torch.Tensor:
+    """(L,) standard deviation of every column, 1 for constant columns (the unit of the atoms'
+    default prior)."""
+    sd = features.std(0)
+    return torch.where(sd > 0, sd, torch.ones_like(sd))
+
+
 def _rank_tolerance(dtype: torch.dtype, num_features: int) -> float:
     return 100.0 * num_features * torch.finfo(dtype).eps
 

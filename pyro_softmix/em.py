@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import warnings
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,7 @@ from ._checks import (
     resolve_device,
     resolve_dtype,
 )
-from .design import Design, standardize
+from .design import Design, _feature_scales, standardize
 from .solvers import _column_logsumexp, _newton_step, _Workspace
 
 __all__ = ["ConvergenceWarning", "DivergenceWarning", "SoftmaxMixtureFit", "fit_em", "load_fit"]
@@ -70,11 +71,11 @@ _DIVERGENCE_WINDOW = 10
 _DIVERGENCE_FLAT = 1e-4
 
 
-def _diverging(norm_history: list[list[float]], history: list[float],
-               top_mass: list[float]) -> tuple[int, ...]:
+def _diverging(norm_history, history: list[float], probs: torch.Tensor) -> tuple[int, ...]:
     """Components whose atoms run off to infinity along a flat ridge of the objective.
 
-    ``top_mass`` is each component's largest probability max_j q_k(j) at the end.
+    ``probs`` is the (p, K) softmax q_k of the final atoms; its column maxima are read only for
+    components that pass the cheap tests.
     """
     w = _DIVERGENCE_WINDOW
     if len(norm_history) <= w or len(history) <= w:
@@ -82,9 +83,13 @@ def _diverging(norm_history: list[list[float]], history: list[float],
     if abs(history[-1] - history[-1 - w]) > _DIVERGENCE_FLAT * abs(history[-1]):
         return ()
     now, before = norm_history[-1], norm_history[-1 - w]
-    return tuple(k for k, (a, b) in enumerate(zip(now, before, strict=False))
-                 if a >= (1 + _DIVERGENCE_GROWTH) * b
-                 and (a >= _DIVERGENCE_NORM or top_mass[k] >= _DIVERGENCE_MASS))
+    growing = [k for k, (a, b) in enumerate(zip(now, before, strict=True))
+               if a >= (1 + _DIVERGENCE_GROWTH) * b]
+    if not growing:
+        return ()
+    top_mass = probs[:, growing].amax(0).tolist()
+    return tuple(k for k, mass in zip(growing, top_mass, strict=True)
+                 if now[k] >= _DIVERGENCE_NORM or mass >= _DIVERGENCE_MASS)
 
 
 def _default_tol(dtype: torch.dtype) -> float:
@@ -188,33 +193,20 @@ class _EMProblem:
         gain = (self.weight_total * kl + newton).view(self.num_starts, -1).sum(1)
         return atoms, new_log_weights, logits, lse, gain
 
-    def iterate(self, atoms: torch.Tensor, log_weights: torch.Tensor, num_iter: int):
-        """Run exactly ``num_iter`` iterations for all starts, syncing with the host once.
-
-        Returns (atoms, log_weights, objective (S,) float64 at the end).
-        """
-        logits = self.z @ atoms.T
-        lse = self.normalise(logits)
-        loglik, w = self.e_step(logits, lse, log_weights)
-        for _ in range(num_iter):
-            atoms, log_weights, logits, lse, _ = self.m_step(w, atoms, log_weights, logits, lse)
-            loglik, w = self.e_step(logits, lse, log_weights)
-        return atoms, log_weights, (loglik - self.penalty_value(atoms)).cpu()
-
     def run(self, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
             bar=None) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
         """Iterate one start from (atoms, log_weights) until the estimated gap is <= tol.
 
         The history holds the objective (the log-likelihood, minus the prior's penalty under
         MAP-EM); ``self.last_loglik`` is the final log-likelihood and ``self.norm_history``
-        the atoms' norms (z coordinates) after every iteration.
+        the atoms' norms (z coordinates) after each of the last iterations.
         """
         logits = self.z @ atoms.T
         lse = self.normalise(logits)
         loglik, w = self.e_step(logits, lse, log_weights)
         values = torch.cat([loglik, self.penalty_value(atoms)]).tolist()
         history, gains = [values[0] - values[1]], []
-        norms = [atoms.norm(dim=1).tolist()]
+        norms = deque([atoms.norm(dim=1).tolist()], maxlen=_DIVERGENCE_WINDOW + 1)
         converged = False
         for _ in range(max_iter):
             atoms, log_weights, logits, lse, gain = self.m_step(w, atoms, log_weights, logits,
@@ -304,13 +296,14 @@ class _GroupedEMProblem(_EMProblem):
 _MAX_RATE = 1 - 1e-4
 
 
-def _remaining_gap(gains: list[float]) -> float:
+def _remaining_gap(gains, max_rate: float = _MAX_RATE) -> float:
     """Estimated distance l* - l_t from the last two EM increments (Aitken's extrapolation).
 
-    EM converges linearly, l* - l_t ~ Delta_t / (1 - rho) with rho = Delta_t / Delta_{t-1}, so a
-    small step at a slow rate (a stall, rho near 1) does not count as convergence, and neither
-    does a small step after a smaller one (EM speeding up as it leaves a saddle). The increments
-    are Newton decrements of the M-step (gradient-based), not differences of the objective.
+    EM converges linearly, l* - l_t ~ Delta_t / (1 - rho) with rho = Delta_t / Delta_{t-1}
+    (capped at ``max_rate``), so a small step at a slow rate (a stall, rho near 1) does not count
+    as convergence, and neither does a small step after a smaller one (EM speeding up as it
+    leaves a saddle). The increments are Newton decrements of the M-step (gradient-based), not
+    differences of the objective.
     """
     if len(gains) < 2:
         return math.inf
@@ -321,8 +314,7 @@ def _remaining_gap(gains: list[float]) -> float:
         # Gains that grow mean EM is leaving a slow stretch (a saddle, a plateau), not
         # converging: never stop there, however small the gain.
         return math.inf
-    rate = min(max(d1 / d0, 0.0), _MAX_RATE) if d0 > 0 else _MAX_RATE
-    return d1 / (1 - rate)
+    return d1 / (1 - min(d1 / d0, max_rate))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,8 +581,9 @@ RACE_CHECK_EVERY = 2
 
 
 def _race(problem: _EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
-          max_iter: int = 1000, bar=None):
-    """Race S starts (atoms (S, K, r), log_weights (S, K)) in one batch; see ``RACE_*``.
+          max_iter: int, bar=None):
+    """Race S starts (atoms (S, K, r), log_weights (S, K)) in one batch for at most about
+    ``max_iter`` iterations; see ``RACE_*``.
 
     Returns the survivor's (atoms (K, r), log_weights (K,)) and the EM iterations spent (summed
     over starts).
@@ -616,44 +609,22 @@ def _race(problem: _EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
             if bar is not None:
                 bar.update(s * RACE_CHECK_EVERY)
             objective = torch.nan_to_num(loglik - batch.penalty_value(flat_atoms), nan=-math.inf)
-            obj, d0, d1 = torch.stack([objective, gains[-2], gains[-1]]).cpu().unbind()
-            rate = torch.where(d0 > 0, d1 / d0, torch.ones_like(d0)).clamp(0, RACE_MAX_RATE)
-            gap = torch.where(d1 > d0, torch.full_like(d1, math.inf), d1.clamp_min(0) / (1 - rate))
-            lead = int(obj.argmax())
-            if float(gap[lead]) <= RACE_SETTLE * abs(float(obj[lead])):
-                keep = torch.tensor([lead])
+            obj, d0, d1 = torch.stack([objective, gains[-2], gains[-1]]).tolist()
+            gap = [_remaining_gap(g, RACE_MAX_RATE) for g in zip(d0, d1, strict=True)]
+            lead = max(range(s), key=obj.__getitem__)
+            if gap[lead] <= RACE_SETTLE * abs(obj[lead]):
+                keep = [lead]
             else:
-                alive = (obj + gap >= obj[lead]).nonzero().flatten()
-                if alive.numel() < s:
+                alive = [i for i in range(s) if obj[i] + gap[i] >= obj[lead]]
+                if len(alive) < s:
                     keep = alive
         if keep is None:
-            keep = torch.tensor([int(obj.argmax())])
-        keep = keep.to(atoms.device)
+            keep = [lead]
+        keep = torch.tensor(keep, device=atoms.device)
         atoms = flat_atoms.view(s, k, r)[keep]
         log_weights = flat_lw.view(s, k)[keep]
         s = atoms.shape[0]
-    best = 0
-    return atoms[best], log_weights[best], spent
-
-
-def _candidate_starts(mom, k: int, num_starts: int, gen: torch.Generator):
-    """(S, K, r) atoms and (S, K) log-weights (float64, CPU): the tensor start (when K <= r)
-    and random starts, half of them within M2's top-K eigenspace."""
-    from .warmstart import _moment_start, _top_eigen, random_atoms
-
-    r = mom.m1.shape[0]
-    atoms, weights = [], []
-    if k <= r and num_starts > 1:
-        w, a = _moment_start(mom, k, "tensor", gen)
-        atoms.append(a[None])
-        weights.append(w[None])
-    rest = num_starts - len(atoms)
-    n_sub = rest // 2 if k < r else 0
-    if n_sub:
-        atoms.append(random_atoms(mom, k, n_sub, gen, _top_eigen(mom.m2, k)[1]))
-    atoms.append(random_atoms(mom, k, rest - n_sub, gen))
-    weights.append(torch.full((rest, k), 1.0 / k, dtype=torch.float64))
-    return torch.cat(atoms), torch.cat(weights).log()
+    return atoms[0], log_weights[0], spent
 
 
 def _random_starts(z: torch.Tensor, counts: torch.Tensor, num_components: int,
@@ -667,7 +638,7 @@ def _random_starts(z: torch.Tensor, counts: torch.Tensor, num_components: int,
 
 
 def _auto_start(problem: _EMProblem, mom, k: int, num_inits: int | None,
-                gen: torch.Generator, progress: bool | None = False):
+                gen: torch.Generator, max_iter: int = 1000, progress: bool | None = False):
     """The ``"auto"`` start: the tensor start (when K <= r) and design-calibrated random starts
     in the span of M2's top eigenvectors (all directions when K >= r), ``num_inits`` in all,
     raced in one batch.
@@ -691,13 +662,13 @@ def _auto_start(problem: _EMProblem, mom, k: int, num_inits: int | None,
         return atoms[0], log_w[0], 0
     bar = _progress_bar(progress, None, "EM starts")
     try:
-        return _race(problem, atoms, log_w, bar=bar)
+        return _race(problem, atoms, log_w, max_iter, bar)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _choose_start(problem, design, z, k, init, num_inits, max_iter, tol, seed, progress):
+def _choose_start(problem, design, z, k, init, num_inits, max_iter, seed, progress):
     """(atoms_z, log_weights, label): the start of the final EM run."""
     from .moments import _standardised_moments
     from .warmstart import _moment_start
@@ -708,7 +679,7 @@ def _choose_start(problem, design, z, k, init, num_inits, max_iter, tol, seed, p
     gen = make_generator(seed)
     mom = _standardised_moments(z, problem.counts64, design)
     if init == "auto":
-        atoms_z, log_w, spent = _auto_start(problem, mom, k, num_inits, gen, progress)
+        atoms_z, log_w, spent = _auto_start(problem, mom, k, num_inits, gen, max_iter, progress)
         n = num_inits or AUTO_NUM_INITS
         return atoms_z, log_w, ("auto" if n == 1 else
                                 f"auto (race of {n} starts, {spent} start-iterations)")
@@ -718,7 +689,7 @@ def _choose_start(problem, design, z, k, init, num_inits, max_iter, tol, seed, p
     atoms = torch.stack([a for _, a in starts]).to(z)
     if n == 1:
         return atoms[0], log_w[0], init
-    atoms_z, log_w, spent = _race(problem, atoms, log_w)
+    atoms_z, log_w, spent = _race(problem, atoms, log_w, max_iter)
     return atoms_z, log_w, f"{init} (race of {n} starts, {spent} start-iterations)"
 
 
@@ -811,8 +782,8 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
         prior_scale = check_positive_float(prior_scale, "prior_scale")
         problem.penalty = _prior_precision(x, design, prior_scale).to(z)
 
-    atoms_z, log_w, label = _choose_start(problem, design, z, k, init, num_inits, max_iter, tol,
-                                          seed, progress)
+    atoms_z, log_w, label = _choose_start(problem, design, z, k, init, num_inits, max_iter, seed,
+                                          progress)
     bar = _progress_bar(progress, max_iter, "EM")
     try:
         atoms_z, log_w, history, converged = problem.run(atoms_z, log_w, max_iter, tol, bar)
@@ -826,8 +797,8 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
             "increase max_iter or continue with init=fit",
             ConvergenceWarning, stacklevel=2,
         )
-    top_mass = torch.softmax(z @ atoms_z.T, 0).amax(0).tolist()
-    diverging = _diverging(problem.norm_history, history, top_mass)
+    # After EM the workspace holds softmax(z @ atoms_z.T, 0) for the final atoms.
+    diverging = _diverging(problem.norm_history, history, problem.workspace.q)
     if diverging:
         norms = ", ".join(f"{problem.norm_history[-1][k]:.3g}" for k in diverging)
         warnings.warn(
@@ -845,7 +816,6 @@ def _prior_precision(x: torch.Tensor, design: Design, prior_scale: float) -> tor
 
     With theta = A t (``design.to_atoms``), sum_l sd_l^2 theta_l^2 / s^2 = t^T A^T D A t / s^2.
     """
-    sd = x.to(torch.float64).std(0).to(design.to_atoms.device)
-    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+    sd = _feature_scales(x.to(torch.float64)).to(design.to_atoms.device)
     a = design.to_atoms.to(torch.float64)
     return (a.T * sd**2) @ a / prior_scale**2

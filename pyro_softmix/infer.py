@@ -200,7 +200,8 @@ class EM:
                             f"{type(guide).__name__}")
         self.guide = guide
         self._options = dict(init=init, num_inits=_check_init(init, num_inits), seed=seed,
-                             tol=tol, dtype=dtype, device=device, chunk_size=chunk_size)
+                             tol=None if tol is None else check_positive_float(tol, "tol", True),
+                             dtype=dtype, device=device, chunk_size=chunk_size)
         self._state = None
         self._data_key = None
         self.history: list[float] = []
@@ -213,10 +214,10 @@ class EM:
         x, design, z, problem, k, dtype, device, labels = _prepare(
             self.mixture.features, counts, tokens, groups, self.mixture.num_components,
             o["dtype"], o["device"], o["chunk_size"])
-        tol = _default_tol(dtype) if o["tol"] is None else float(o["tol"])
+        tol = _default_tol(dtype) if o["tol"] is None else o["tol"]
         init = o["init"] if self._state is None else self.fit  # new data: continue from here
         atoms_z, log_w, label = _choose_start(problem, design, z, k, init, o["num_inits"], 1000,
-                                              tol, o["seed"], False)
+                                              o["seed"], False)
         logits = z @ atoms_z.T
         lse = problem.normalise(logits)
         loglik, w = problem.e_step(logits, lse, log_w)

@@ -30,6 +30,7 @@ from pyro.ops.indexing import Vindex
 from torch.distributions import constraints
 
 from ._checks import as_tensor, check_counts, check_features, check_groups, check_num_components
+from .design import _feature_scales
 
 __all__ = ["MixtureCounts", "collapsed_model", "default_atoms_prior", "enumerated_model",
            "pad_groups"]
@@ -120,11 +121,6 @@ class MixtureCounts(TorchDistribution):
 # ----------------------------------------------------------------------------------------------
 # Priors
 # ----------------------------------------------------------------------------------------------
-def _feature_scales(features: torch.Tensor) -> torch.Tensor:
-    sd = features.std(0)
-    return torch.where(sd > 0, sd, torch.ones_like(sd))
-
-
 def default_atoms_prior(features: torch.Tensor, num_components: int, prior_scale: float = 5.0):
     """Normal(0, prior_scale / sd(X[:, l])) on every atom coordinate, event shape (K, L).
 

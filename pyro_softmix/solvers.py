@@ -225,8 +225,7 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
     # Covariance of z under q_k: sum_j q_j z_j z_j^T - m m^T (the columns of q sum to 1).
     cov = _weighted_gram(features, q, buffer=ws.gram) - mean_q[:, :, None] * mean_q[:, None, :]
     hess = total[:, None, None] * cov
-    if _has_penalty(l2):
-        hess = _ridge(hess, l2)
+    hess = _ridge(hess, l2)
     direction = _newton_direction(grad, hess)
     gain = (grad * direction).sum(-1)
     f0 = _objective(lin, total, lse, atoms, l2)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import check_positive_int, make_generator
+from ._checks import check_positive_float, check_positive_int, make_generator
 from .moments import LatentMoments, _standardised_moments
 
 __all__ = ["WarmStart", "warm_start", "WARM_START_METHODS"]
@@ -76,22 +76,23 @@ def _gaussian_draws(shape, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
+def _offsets(r: int, num_components: int, num_starts: int, gen: torch.Generator,
+             basis: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(S, K, r) standard Gaussian offsets, within the span of ``basis`` (r, d) if given, and d.
+
+    Drawn on the CPU in float64, so a seed gives the same starts on every device.
+    """
+    if basis is None:
+        return _gaussian_draws((num_starts, num_components, r), gen), r
+    d = basis.shape[1]
+    return _gaussian_draws((num_starts, num_components, d), gen) @ basis.T, d
+
+
 def random_atoms(mom: LatentMoments, num_components: int, num_starts: int,
                  gen: torch.Generator, basis: torch.Tensor | None = None) -> torch.Tensor:
-    """(S, K, r) random atoms around M1 at the spread M2 implies, within ``basis`` (r, d) if given.
-
-    Draws are made on the CPU in float64, so a seed gives the same starts on every device.
-    """
-    r = mom.m1.shape[0]
-    m1 = mom.m1.double().cpu()
-    if basis is None:
-        d = r
-        noise = _gaussian_draws((num_starts, num_components, r), gen)
-    else:
-        d = basis.shape[1]
-        noise = _gaussian_draws((num_starts, num_components, d), gen) @ basis.T
-    scale = math.sqrt(max(_spread(mom), 0.25) / d)
-    return m1 + scale * noise
+    """(S, K, r) random atoms around M1 at the spread M2 implies, within ``basis`` (r, d) if given."""
+    noise, d = _offsets(mom.m1.shape[0], num_components, num_starts, gen, basis)
+    return mom.m1.double().cpu() + math.sqrt(max(_spread(mom), 0.25) / d) * noise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def _gauss_quadrature(nodes: np.ndarray, weights: np.ndarray, k: int
     norm_prev = 1.0
     for j in range(k):
         norm = float(w @ (p_cur * p_cur))
-        if norm <= 1e-14 * norm_prev or (j > 0 and norm <= 1e-300):
+        if norm <= 1e-14 * norm_prev:
             break
         a = float(w @ (x * p_cur * p_cur)) / norm
         alpha.append(a)
@@ -177,7 +178,7 @@ def _projection_start(mom: LatentMoments, k: int, gen: torch.Generator
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights (K,), atoms_z (K, r)) by the projection method of moments."""
     r = mom.m1.shape[0]
-    # A random direction in the span of the atoms (M2's top eigenvectors, with M1): the atoms'
+    # A random direction in the span of the atoms (M2's top eigenvectors): the atoms'
     # projections on it are then distinct with probability one.
     _, basis = _top_eigen(mom.m2, min(k, r))
     v = basis @ _gaussian_draws((basis.shape[1],), gen)
@@ -261,7 +262,8 @@ def _moment_start(mom: LatentMoments, k: int, method: str, gen: torch.Generator
 
 
 def warm_start(features, counts=None, tokens=None, num_components: int = 3, method: str = "auto",
-               *, seed=None, dtype=None, device=None, **fit_kwargs) -> WarmStart:
+               *, seed=None, dtype=None, device=None, num_inits: int | None = None,
+               prior_scale: float | None = None) -> WarmStart:
     """A starting point for EM from the latent moments of the counts.
 
     Args:
@@ -273,7 +275,8 @@ def warm_start(features, counts=None, tokens=None, num_components: int = 3, meth
             found by a short batched EM race over many starts (see :ref:`warm-starts`).
         seed: int or ``torch.Generator`` (same seed, same start).
         dtype, device: precision and device of the computation.
-        **fit_kwargs: for ``"auto"``, options of the race (``num_inits``, ``prior_scale``).
+        num_inits: for ``"auto"``, the number of raced starts (as in :func:`~pyro_softmix.fit_em`).
+        prior_scale: for ``"auto"``, race on the MAP objective of ``fit_em(prior_scale=...)``.
 
     Returns:
         :class:`WarmStart` with ``weights`` (K,) and ``atoms`` (K, L), usable as
@@ -287,25 +290,26 @@ def warm_start(features, counts=None, tokens=None, num_components: int = 3, meth
         >>> start.weights.shape, start.atoms.shape
         ((2,), (2, 4))
     """
-    from .em import _auto_start, _prepare
+    from .em import _auto_start, _prepare, _prior_precision
 
     if not isinstance(method, str) or method not in WARM_START_METHODS:
         raise ValueError(f"method must be one of {WARM_START_METHODS}, got {method!r}")
+    if method != "auto" and (num_inits is not None or prior_scale is not None):
+        raise ValueError(f"num_inits and prior_scale apply to method='auto' only, not {method!r}")
     x, design, z, problem, k, dtype, device, _ = _prepare(
         features, counts, tokens, None, num_components, dtype, device, None)
     mom = _standardised_moments(z, problem.counts64, design)
     gen = make_generator(seed)
     if method == "auto":
-        num_inits = fit_kwargs.pop("num_inits", None)
         if num_inits is not None:
             num_inits = check_positive_int(num_inits, "num_inits")
-        atoms_z, log_w, _ = _auto_start(problem, mom, k, num_inits, gen, **fit_kwargs)
+        if prior_scale is not None:
+            prior_scale = check_positive_float(prior_scale, "prior_scale")
+            problem.penalty = _prior_precision(x, design, prior_scale).to(z)
+        atoms_z, log_w, _ = _auto_start(problem, mom, k, num_inits, gen)
         weights = log_w.exp().double().cpu()
         atoms_z = atoms_z.double().cpu()
     else:
-        if fit_kwargs:
-            raise TypeError(f"unexpected keyword arguments for method={method!r}: "
-                            f"{sorted(fit_kwargs)}")
         weights, atoms_z = _moment_start(mom, k, method, gen)
     atoms = design.atoms_from_z(atoms_z.to(design.to_atoms.device))
     loglik = problem.loglik(atoms_z.to(z), weights.log().to(z))
@@ -325,19 +329,15 @@ def _tilted_centre(mom: LatentMoments) -> torch.Tensor:
     return res.atoms[0]
 
 
-def _mixture_spread(z: torch.Tensor, centre_m1: torch.Tensor, atoms: torch.Tensor
-                    ) -> torch.Tensor:
-    """Mean over starts of sum_j pi(j) |z_j - m1|^2 for equal-weight mixtures (S, K, r)."""
+def _mixture_spread(z: torch.Tensor, dist2: torch.Tensor, atoms: torch.Tensor) -> float:
+    """Mean over starts of sum_j pi(j) dist2_j for the equal-weight mixtures of atoms (S, K, r)."""
     s, k, r = atoms.shape
-    log_q = torch.log_softmax(z @ atoms.reshape(s * k, r).T, 0)  # (p, S K)
-    pi = log_q.exp().view(-1, s, k).mean(2)  # (p, S)
-    dist2 = ((z - centre_m1) ** 2).sum(1)  # (p,)
-    return (dist2 @ pi).mean()
+    pi = torch.softmax(z @ atoms.reshape(s * k, r).T, 0).view(-1, s, k).mean(2)  # (p, S)
+    return float((dist2 @ pi).mean())
 
 
 def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
-                     gen: torch.Generator, basis: torch.Tensor | None = None,
-                     centre: torch.Tensor | None = None) -> torch.Tensor:
+                     gen: torch.Generator, basis: torch.Tensor | None = None) -> torch.Tensor:
     """(S, K, r) random atoms around the one-component MLE, at a design-aware distance.
 
     The scale sigma is set so that the equal-weight mixtures of the starts spread their mass
@@ -347,24 +347,18 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
     heavy-tailed, non-Gaussian designs.
     """
     z = mom.z
-    r = mom.m1.shape[0]
-    if centre is None:
-        centre = _tilted_centre(mom)
-    d = r if basis is None else basis.shape[1]
-    noise = _gaussian_draws((num_starts, num_components, d), gen)
-    if basis is not None:
-        noise = noise @ basis.T
+    noise, _ = _offsets(mom.m1.shape[0], num_components, num_starts, gen, basis)
     # Unit directions: every atom starts at the same distance sigma from the centre (Gaussian
     # offsets in few dimensions would put some atoms far out, where a component can lock onto
     # a single extreme support point).
     noise = (noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(z)
-    centre = centre.to(z)
-    target = float(mom.pihat @ ((z - mom.m1) ** 2).sum(1))
+    centre = _tilted_centre(mom).to(z)
+    dist2 = ((z - mom.m1) ** 2).sum(1)  # (p,)
+    target = float(mom.pihat @ dist2)
     lo, hi = math.log(1e-2), math.log(1e1)
     for _ in range(12):
         mid = 0.5 * (lo + hi)
-        value = float(_mixture_spread(z, mom.m1, centre + math.exp(mid) * noise))
-        if value < target:
+        if _mixture_spread(z, dist2, centre + math.exp(mid) * noise) < target:
             lo = mid
         else:
             hi = mid

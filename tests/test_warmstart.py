@@ -58,10 +58,14 @@ def test_hermite_polynomials_have_gaussian_moments():
 
 
 def test_moment_estimators_are_unbiased_in_the_limit():
-    """With exact pi, the design error falls like p^-1/2: 10x more points, ~3x smaller error."""
+    """With exact pi, the design error falls like p^-1/2: 10x more points, ~3x smaller error.
+
+    Over 6 seeds the measured ratios are 0.32-0.54 (expected 1/sqrt(10) = 0.32); a biased
+    estimator would stay near 1.
+    """
     small = torch.stack([_moment_errors(20_000, s) for s in range(6)]).mean(0)
     large = torch.stack([_moment_errors(200_000, s) for s in range(6)]).mean(0)
-    assert bool((large < 0.7 * small).all()), (small, large)
+    assert bool((large < 0.6 * small).all()), (small, large)
     assert bool((large < 0.05).all())
 
 
@@ -203,7 +207,7 @@ def test_race_keeps_the_start_that_ends_best():
     atoms = torch.cat([bad, truth_z[None]])
     log_w = torch.cat([torch.full((2, 3), -math.log(3), dtype=torch.float64),
                        d.weights.log()[None]])
-    a, lw, spent = _race(problem, atoms, log_w)
+    a, lw, spent = _race(problem, atoms, log_w, max_iter=1000)
     ref = psm.fit_em(d.features, d.counts, num_components=3,
                      init={"weights": d.weights, "atoms": d.atoms})
     fit = psm.fit_em(d.features, d.counts, num_components=3,
@@ -270,7 +274,8 @@ def test_map_em_is_stationary_for_the_models_prior():
     objective = (counts * mix.logits).sum() + prior.log_prob(atoms)
     ga, gl = torch.autograd.grad(objective, [atoms, logits])
     scale = float(counts.sum())
-    assert float(ga.abs().max()) < 1e-5 * scale and float(gl.abs().max()) < 1e-5 * scale
+    # Measured: 4e-7 N (atoms) and 1.4e-7 N (weights) at the default tol.
+    assert float(ga.abs().max()) < 2e-6 * scale and float(gl.abs().max()) < 2e-6 * scale
     assert abs(fit.history[-1] - (fit.loglik + float(prior.log_prob(fit.atoms))
                                   - float(prior.log_prob(torch.zeros_like(fit.atoms))))) < 1e-6
     assert fit.prior_scale == 2.0
