@@ -40,6 +40,7 @@ from ._checks import (
     resolve_device,
     resolve_dtype,
 )
+from ._marginal import MAX_NEWTON_PARAMS, _marginal_gradient, _marginal_hessian
 from .design import Design, _feature_scales, standardize
 from .solvers import _column_logsumexp, _newton_step, _Workspace
 
@@ -50,6 +51,11 @@ __all__ = ["ConvergenceWarning", "DivergenceWarning", "SoftmaxMixtureFit", "fit_
 EM_MAX_STEP = 2.0
 #: Number of candidate starts under ``init="auto"`` when ``num_inits`` is not given.
 AUTO_NUM_INITS = 4
+#: Relative gap (EM's estimate) below which accelerated EM switches to Newton steps on the full
+#: objective.
+NEWTON_SWITCH = 1e-3
+_NEWTON_MAX_STEPS = 10
+_NEWTON_BACKTRACKS = 8
 
 
 class ConvergenceWarning(UserWarning):
@@ -61,13 +67,13 @@ class DivergenceWarning(UserWarning):
 
 
 #: An atom whose norm (standardised coordinates) grew by ``_DIVERGENCE_GROWTH`` (relative) over the
-#: last ``_DIVERGENCE_WINDOW`` iterations while the objective changed by at most
+#: last ``_DIVERGENCE_WINDOW`` updates while the objective changed by at most
 #: ``_DIVERGENCE_FLAT`` (relative), and which is long (``_DIVERGENCE_NORM``) or whose component
 #: puts at least ``_DIVERGENCE_MASS`` on a single support point, is reported as heading to infinity.
 _DIVERGENCE_NORM = 10.0
 _DIVERGENCE_MASS = 0.99
-_DIVERGENCE_GROWTH = 1e-3
-_DIVERGENCE_WINDOW = 10
+_DIVERGENCE_GROWTH = 1e-5
+_DIVERGENCE_WINDOW = 3
 _DIVERGENCE_FLAT = 1e-4
 
 
@@ -77,6 +83,7 @@ def _diverging(norm_history, history: list[float], probs: torch.Tensor) -> tuple
     ``probs`` is the (p, K) softmax q_k of the final atoms; its column maxima are read only for
     components that pass the cheap tests.
     """
+    # Short: an accelerated run may take only a few (large) updates near its end.
     w = _DIVERGENCE_WINDOW
     if len(norm_history) <= w or len(history) <= w:
         return ()
@@ -128,6 +135,10 @@ class _EMProblem:
         #: The weights' M-step is alpha_k = weight_sums_k / weight_total (N here; G when grouped).
         self.weight_total = self.total
         self.weight_sums: torch.Tensor | None = None
+        #: Rows with n_j > 0 (for the full Hessian of the Newton endgame; set on first use).
+        self.support: torch.Tensor | None = None
+        #: Whether the Newton endgame applies (the grouped likelihood has no full Hessian here).
+        self.newton_capable = True
 
     def with_starts(self, num_starts: int) -> _EMProblem:
         """The same problem for another number of starts (fresh buffers)."""
@@ -299,13 +310,93 @@ class _EMProblem:
         loglik, w = self.e_step(logits, lse, log_weights)
         return _EMState(atoms, log_weights, logits, lse, w, loglik), alpha.double()
 
+    def _num_free(self) -> int:
+        """Free coordinates of one start: K r atoms and K - 1 weight logits."""
+        return self.num_components * (self.z.shape[1] + 1) - 1
+
+    def newton(self, st: _EMState, tol: float, max_steps: int):
+        """Newton steps on the full marginal objective from ``st`` (one start, S = 1).
+
+        Each step solves with the exact Hessian (:mod:`pyro_softmix._marginal`) and is damped
+        by Armijo backtracking, so the objective never decreases. It stops when half the Newton
+        decrement g^T (-H)^-1 g, the quadratic model's estimate of the remaining gap, is at
+        most ``tol`` times the objective (converged), after ``max_steps`` steps, or when the
+        Hessian is not negative definite or no step is accepted (failed: EM must go on).
+
+        Returns (state, objectives after each step, atom norms after each step, converged,
+        failed, the final gap estimate).
+        """
+        k, r = self.num_components, self.z.shape[1]
+        if self.support is None:
+            self.support = torch.nonzero(self.counts64 > 0).squeeze(1).to(self.z.device)
+        obj = float(self.objective(st)[0])
+        noise = 64 * torch.finfo(self.z.dtype).eps * abs(obj)
+        objs, norms, gap, chol = [], [], math.inf, None
+        pen = None if self.penalty is None else self.penalty.to(torch.float64)
+        for _ in range(max_steps):
+            grad, pieces = _marginal_gradient(self.z, self.workspace.q, st.w, st.log_weights)
+            if pen is not None:
+                grad[:k * r] -= (st.atoms.double() @ pen).reshape(-1)
+            if chol is not None:
+                # Converged by the previous step's Hessian (it changes little from one step to
+                # the next here): no new Hessian just to confirm.
+                direction = torch.cholesky_solve(grad[:, None], chol).squeeze(1)
+                gap = float(grad @ direction) / 2
+                if gap <= tol * abs(obj):
+                    return st, objs, norms, True, False, gap
+            hess = _marginal_hessian(self.z, self.counts, self.workspace.q, st.w, pieces,
+                                     self.support)
+            if pen is not None:
+                for c in range(k):
+                    hess[c * r:(c + 1) * r, c * r:(c + 1) * r] -= pen
+            chol, info = torch.linalg.cholesky_ex(-hess)
+            if int(info) == 0:
+                direction = torch.cholesky_solve(grad[:, None], chol).squeeze(1)
+                decrement = float(grad @ direction)
+                gap = decrement / 2
+                if gap <= tol * abs(obj):
+                    return st, objs, norms, True, False, gap
+            else:
+                # Not concave here (a saddle region of a weakly separated mixture): shift the
+                # spectrum of -H to twice its most negative eigenvalue, a damped step that
+                # still ascends; no convergence claim from it.
+                chol = None
+                evals, evecs = torch.linalg.eigh(-hess)
+                shift = 2 * max(-float(evals[0]), 0.0) + 1e-8 * float(evals[-1].abs()) + 1e-300
+                direction = evecs @ ((evecs.T @ grad) / (evals + shift))
+                decrement = float(grad @ direction)
+            d_atoms = direction[:k * r].view(k, r).to(st.atoms)
+            d_eta = torch.cat([direction[k * r:], direction.new_zeros(1)]).to(st.atoms)
+            step, accepted = 1.0, None
+            for _ in range(_NEWTON_BACKTRACKS):
+                log_w = torch.log_softmax(st.log_weights + step * d_eta, 0)
+                trial = self.start(st.atoms + step * d_atoms, log_w)
+                values = torch.cat([self.objective(trial),
+                                    trial.atoms.norm(dim=1).double()]).tolist()
+                if values[0] >= obj + 1e-4 * step * decrement or (
+                        decrement <= noise and math.isfinite(values[0])):
+                    accepted = trial
+                    break
+                step /= 2
+            if accepted is None:
+                # The trials overwrote the workspace: restore the state of st.
+                return self.start(st.atoms, st.log_weights), objs, norms, False, True, gap
+            st, obj = accepted, values[0]
+            objs.append(obj)
+            norms.append(values[1:])
+        return st, objs, norms, False, False, gap
+
     def run(self, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
             bar=None, accelerate: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
         """Iterate one start from (atoms, log_weights) until the estimated gap is <= tol.
 
         With ``accelerate``, EM runs in SQUAREM cycles (two EM steps and an extrapolation, see
-        :meth:`cycle`); the stopping rule reads the gains of the cycle's two EM steps.
+        :meth:`cycle`); the stopping rule reads the gains of the cycle's two EM steps. Once the
+        estimated gap is below ``NEWTON_SWITCH`` (relative) it switches to Newton steps on the
+        full objective (:meth:`newton`, when K r + K - 1 <= ``MAX_NEWTON_PARAMS``), which
+        converge quadratically; if they fail (the Hessian is not negative definite there) EM
+        goes on and Newton is tried again later.
         The history holds the objective after every update (the log-likelihood, minus the
         prior's penalty under MAP-EM); ``self.last_loglik`` is the final log-likelihood and
         ``self.norm_history`` the atoms' norms (z coordinates) after each of the last updates.
@@ -317,6 +408,9 @@ class _EMProblem:
         step_max = [1.0] if accelerate else None
         rates, rate = deque(maxlen=_RATE_WINDOW), 0.0
         converged, it = False, 0
+        use_newton = (accelerate and self.newton_capable and self.num_starts == 1
+                      and self._num_free() <= MAX_NEWTON_PARAMS)
+        next_newton, backoff, newton_gap = 0, 1, None
         while it < max_iter:
             num_steps = 2 if accelerate and max_iter - it >= 2 else 1
             st, objs, step_gains, step_norms = self.cycle(st, num_steps, step_max)
@@ -329,10 +423,25 @@ class _EMProblem:
                 bar.set_postfix(loglik=f"{history[-1]:.8g}", refresh=False)
             if num_steps == 2 and accelerate:
                 rate = _cycle_rate(rates, gains)
-            if _remaining_gap(gains, rate=rate) <= tol * abs(history[-1]):
+            gap = _remaining_gap(gains, rate=rate)
+            if gap <= tol * abs(history[-1]):
                 converged = True
                 break
-        self.last_gap = _remaining_gap(gains, rate=rate)
+            if use_newton and it >= next_newton and gap <= NEWTON_SWITCH * abs(history[-1]):
+                st, objs, step_norms, converged, failed, newton_gap = self.newton(
+                    st, tol, min(_NEWTON_MAX_STEPS, max_iter - it))
+                it += len(objs)
+                history.extend(objs)
+                norms.extend(step_norms)
+                if bar is not None and objs:
+                    bar.update(len(objs))
+                if converged:
+                    break
+                if failed:  # EM goes on; try again after a growing number of iterations
+                    next_newton, backoff = it + 2 * backoff, 2 * backoff
+                gains.clear()  # increments from before the Newton steps no longer apply
+        self.last_gap = newton_gap if converged and newton_gap is not None else (
+            _remaining_gap(gains, rate=rate))
         self.last_loglik = float(st.loglik[0])
         self.norm_history = norms
         return st.atoms, st.log_weights, history, converged
@@ -378,6 +487,7 @@ class _GroupedEMProblem(_EMProblem):
         counts = torch.zeros(z.shape[0], dtype=torch.float64).index_add_(
             0, point_index.cpu(), values.cpu().double())
         super().__init__(z, counts, num_components, chunk_size, num_starts, penalty)
+        self.newton_capable = False
         dev = z.device
         self.triplets = (group_index, point_index, values)
         self.group_index = group_index.to(dev)

@@ -400,3 +400,68 @@ def test_accelerated_em_reaches_the_plain_em_mle(seed):
     assert np.all(np.diff(h) >= -1e-12 * np.abs(h[1:]))  # monotone between accepted steps
     assert fast.n_iter < plain.n_iter
     assert torch.equal(fast.atoms, again.atoms) and fast.history == again.history
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_marginal_gradient_and_hessian_match_autograd(dtype):
+    from pyro_softmix._marginal import _marginal_gradient, _marginal_hessian
+
+    d = _data(p=30, L=2, K=3, N=500, seed=1, norm=2.0)
+    counts = d.counts.double()
+    counts[:5] = 0  # rows without draws drop out of the Hessian
+    z = psm.standardize(d.features).transform(d.features)
+    k, r = 3, 2
+    atoms = torch.randn(k, r, generator=torch.Generator().manual_seed(0))
+    eta = torch.tensor([0.3, -0.2, 0.0])
+
+    def loglik(theta):
+        t = theta[:k * r].view(k, r)
+        log_w = torch.log_softmax(torch.cat([theta[k * r:], torch.zeros(1)]), 0)
+        return counts @ torch.logsumexp(torch.log_softmax(z @ t.T, 0) + log_w, 1)
+
+    theta = torch.cat([atoms.reshape(-1), eta[:-1]])
+    grad_ref = torch.autograd.functional.jacobian(loglik, theta)
+    hess_ref = torch.autograd.functional.hessian(loglik, theta)
+    problem = _EMProblem(z.to(dtype), counts, k)
+    st = problem.start(atoms.to(dtype), torch.log_softmax(eta, 0).to(dtype))
+    grad, pieces = _marginal_gradient(problem.z, problem.workspace.q, st.w, st.log_weights)
+    hess = _marginal_hessian(problem.z, problem.counts, problem.workspace.q, st.w, pieces)
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    scale = float(hess_ref.abs().max())
+    assert torch.allclose(grad, grad_ref, atol=tol * scale, rtol=0)
+    assert torch.allclose(hess, hess_ref, atol=tol * scale, rtol=0)
+
+
+def test_newton_endgame_converges_quadratically_and_never_decreases():
+    """From EM's iterate near the optimum, one Newton step cuts the gap by orders of magnitude."""
+    d = _data(p=2000, L=5, K=3, N=200_000, seed=3, norm=2.0)
+    design = psm.standardize(d.features)
+    z = design.transform(d.features)
+    problem = _EMProblem(z, d.counts, 3)
+    ref = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0, tol=1e-14,
+                     max_iter=20_000, accelerate=False)
+    st = problem.start(design.atoms_to_z(ref.atoms) * 0.9, ref.weights.log())
+    for _ in range(20):
+        st, _ = problem.iterate(st)
+    start = float(problem.objective(st)[0])
+    st, objs, _, converged, failed, gap = problem.newton(st, 1e-14, 10)
+    assert converged and not failed
+    gaps = [ref.loglik - o for o in [start] + objs]
+    assert all(b <= a + 1e-9 for a, b in zip(gaps, gaps[1:], strict=False))  # monotone
+    assert len(objs) <= 5 and abs(gaps[-1]) <= 1e-12 * abs(ref.loglik)
+    # Measured: 0.15 -> 4e-6 in one step (EM's linear rate would need dozens of iterations).
+    assert gaps[0] > 0.05 and gaps[1] <= 1e-3 * gaps[0]
+
+
+def test_newton_endgame_is_skipped_for_grouped_data_and_respects_the_prior():
+    x = _data(p=200, L=3, K=2, N=4000, seed=2, tokens=True)
+    groups = torch.arange(4000) // 20
+    kw = dict(groups=groups, num_components=2, seed=0, tol=1e-13, max_iter=20_000)
+    fit = psm.fit_em(x.features, tokens=x.tokens, **kw)
+    slow = psm.fit_em(x.features, tokens=x.tokens, accelerate=False, **kw)
+    assert fit.converged and fit.loglik == pytest.approx(slow.loglik, rel=1e-11, abs=0)
+    d = _data(p=300, L=3, K=2, N=30_000, seed=2)
+    kw = dict(num_components=2, seed=0, prior_scale=0.5, tol=1e-13, max_iter=20_000)
+    plain = psm.fit_em(d.features, counts=d.counts, accelerate=False, **kw)
+    fast = psm.fit_em(d.features, counts=d.counts, **kw)
+    assert fast.history[-1] == pytest.approx(plain.history[-1], rel=1e-11, abs=0)

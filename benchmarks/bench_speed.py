@@ -1,0 +1,330 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Time to the MLE: pyro-softmix's EM against gradient methods, side by side in one run.
+
+For each regime it simulates N draws, draws ONE random start (atoms at the scale the latent
+second moment implies, equal weights) and runs every method from it:
+
+  default   ``fit_em(init=start)``: EM in SQUAREM cycles (the package default);
+  plain EM  ``fit_em(init=start, accelerate=False)``;
+  Adam      Adam on the marginal log-likelihood (full batch, standardised features, log-weights
+            through a softmax), best learning rate of a grid;
+  SVI       Pyro SVI, AutoDelta guide + Adam on the collapsed counts model (the user's
+            features; the default priors are negligible at this N), best learning rate of a grid;
+  L-BFGS    torch.optim.LBFGS (strong Wolfe line search) on the marginal log-likelihood.
+
+The MLE is the best log-likelihood any method (or a long EM run from the truth) reaches. For
+each method it reports the wall time until the log-likelihood is first within 1e-6 and 1e-8
+(relative) of it, and the ratio (best of Adam and SVI) / default. Gradient methods get a time
+budget; "inf" means not reached within it. A plot shows the gap against wall time.
+
+Regimes: easy (K=3, |t|=2, L=20), many (K=8), weak (|t|=1), large L (L=256), large p (p=10^5;
+10^6 with --huge), GloVe 50-d and MiniLM (PCA to 50) designs (skipped if not installed).
+
+Usage:
+    python benchmarks/bench_speed.py                    # all regimes (about 30 min on 2 cores)
+    python benchmarks/bench_speed.py --quick            # smoke run
+    python benchmarks/bench_speed.py --regimes easy,weak --budget 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import pyro
+import torch
+
+import pyro_softmix as psm
+from pyro_softmix import em as _em
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_em import machine  # noqa: E402
+from bench_init import _design  # noqa: E402
+
+TARGETS = (1e-6, 1e-8)
+#: name: (design, p, L, K, |t|)
+REGIMES = {
+    "easy": ("gaussian", 10_000, 20, 3, 2.0),
+    "many": ("gaussian", 10_000, 20, 8, 2.0),
+    "weak": ("gaussian", 10_000, 20, 3, 1.0),
+    "large_L": ("gaussian", 10_000, 256, 3, 2.0),
+    "large_p": ("gaussian", 100_000, 20, 3, 2.0),
+    "huge_p": ("gaussian", 1_000_000, 20, 3, 2.0),
+    "glove": ("glove", 10_000, 50, 3, 2.0),
+    "minilm": ("minilm", 10_000, 50, 3, 2.0),
+}
+QUICK = {"easy": ("gaussian", 2_000, 8, 3, 2.0), "weak": ("gaussian", 2_000, 8, 3, 1.0)}
+ADAM_LR = (0.01, 0.03, 0.1, 0.3)
+SVI_LR = (0.003, 0.01, 0.03, 0.1)
+
+
+class _Trace:
+    """(seconds, log-likelihood) pairs; ``hit`` gives the first time within each target."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.points: list[tuple[float, float]] = []
+
+    def add(self, loglik: float, elapsed: float | None = None):
+        t = time.perf_counter() - self.start if elapsed is None else elapsed
+        self.points.append((t, loglik))
+
+    def hits(self, best: float) -> dict:
+        out = {}
+        for rel in TARGETS:
+            out[rel] = next((t for t, ll in self.points if best - ll <= rel * abs(best)),
+                            math.inf)
+        return out
+
+
+def _run_em(data, k, start, accelerate: bool, max_iter: int) -> _Trace:
+    """fit_em from ``start``, recording the objective after every EM cycle and Newton phase of
+    the final run."""
+    trace = _Trace()
+    original = _em._EMProblem.cycle
+
+    def recording(self, st, num_steps=2, step_max=None):
+        out = original(self, st, num_steps, step_max)
+        if self.num_starts == 1:
+            trace.add(out[1][-1][0])
+        return out
+
+    original_newton = _em._EMProblem.newton
+
+    def recording_newton(self, st, tol, max_steps):
+        out = original_newton(self, st, tol, max_steps)
+        if out[1]:  # stamped when the Newton phase returns (a slight overstatement)
+            trace.add(out[1][-1])
+        return out
+
+    _em._EMProblem.cycle = recording
+    _em._EMProblem.newton = recording_newton
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trace.start = time.perf_counter()
+            fit = psm.fit_em(data.features, counts=data.counts, num_components=k, init=start,
+                             max_iter=max_iter, accelerate=accelerate)
+            trace.seconds = time.perf_counter() - trace.start
+    finally:
+        _em._EMProblem.cycle = original
+        _em._EMProblem.newton = original_newton
+    trace.fit = fit
+    return trace
+
+
+def _marginal_loglik(z, counts, atoms, log_w):
+    log_q = torch.log_softmax(z @ atoms.T, 0)
+    return counts @ torch.logsumexp(log_q + torch.log_softmax(log_w, 0), 1)
+
+
+def _run_torch(z, counts, atoms0, lr, budget, best, method) -> _Trace:
+    """Adam or L-BFGS on the marginal log-likelihood in standardised coordinates."""
+    atoms = atoms0.clone().requires_grad_(True)
+    log_w = torch.zeros(atoms0.shape[0], dtype=z.dtype, requires_grad=True)
+    total = float(counts.sum())
+    trace, elapsed = _Trace(), 0.0
+    if method == "adam":
+        opt = torch.optim.Adam([atoms, log_w], lr=lr)
+    else:
+        opt = torch.optim.LBFGS([atoms, log_w], lr=1.0, max_iter=20, history_size=20,
+                                line_search_fn="strong_wolfe", tolerance_grad=0,
+                                tolerance_change=0)
+
+    def closure():
+        opt.zero_grad()
+        loss = -_marginal_loglik(z, counts, atoms, log_w) / total
+        loss.backward()
+        return loss
+
+    while elapsed < budget:
+        t = time.perf_counter()
+        for _ in range(20 if method == "adam" else 1):
+            loss = opt.step(closure)
+        ll = -loss.item() * total  # a host sync per 20 Adam steps (or one L-BFGS call)
+        elapsed += time.perf_counter() - t
+        if not math.isfinite(ll):
+            break
+        trace.add(ll, elapsed)
+        if best - ll <= TARGETS[-1] * abs(best) / 10:
+            break
+    return trace
+
+
+def _run_svi(data, k, start, lr, budget, best) -> _Trace:
+    x, counts = data.features, data.counts.double()
+    sm = psm.SoftmaxMixtureModel(x, k)
+    sm.set_data(counts=counts)
+    kwargs = sm.model_kwargs(collapsed=True)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = pyro.infer.autoguide.AutoDelta(sm.model, init_loc_fn=psm.init_to_em(start))
+    svi = pyro.infer.SVI(sm.model, guide, pyro.optim.Adam({"lr": lr}), pyro.infer.Trace_ELBO())
+    trace, elapsed = _Trace(), 0.0
+    while elapsed < budget:
+        t = time.perf_counter()
+        for _ in range(20):
+            svi.step(**kwargs)
+        elapsed += time.perf_counter() - t
+        with torch.no_grad():  # evaluation outside the clock
+            med = guide.median(**kwargs)
+            ll = float(_marginal_loglik(x.double(), counts, med["atoms"].double(),
+                                        med["weights"].double().log()))
+        if not math.isfinite(ll):
+            break
+        trace.add(ll, elapsed)
+        if best - ll <= TARGETS[-1] * abs(best) / 10:
+            break
+    return trace
+
+
+def run_regime(name, spec, args, tables) -> dict:
+    design, p, dims, k, norm = spec
+    x = _design(design, p, dims, args.seed, tables)
+    data = psm.simulate(features=x, num_components=k, num_obs=args.num_obs, atom_norm=norm,
+                        seed=args.seed, dtype=torch.float64)
+    std = psm.standardize(data.features, warn=False)
+    z = std.transform(data.features)
+    counts = data.counts.double()
+    gen = torch.Generator().manual_seed(args.seed)
+    atoms_z = _em._random_starts(z, counts, k, 1, gen)[0]
+    start = {"weights": torch.full((k,), 1.0 / k, dtype=torch.float64),
+             "atoms": std.atoms_from_z(atoms_z)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        truth = psm.fit_em(data.features, counts=data.counts, num_components=k,
+                           init={"weights": data.weights, "atoms": data.atoms}, tol=1e-13,
+                           max_iter=20_000)
+    traces = {"default": _run_em(data, k, start, True, args.max_iter),
+              "plain EM": _run_em(data, k, start, False, args.max_iter)}
+    finals = [truth.loglik] + [t.fit.loglik for t in traces.values()]
+    best = max(finals)
+    budget = min(args.budget, max(10.0, 25 * traces["default"].seconds))
+    grad = {}
+    for lr in ADAM_LR:
+        grad[f"Adam lr={lr}"] = _run_torch(z, counts, atoms_z, lr, budget, best, "adam")
+    for lr in SVI_LR:
+        grad[f"SVI lr={lr}"] = _run_svi(data, k, start, lr, budget, best)
+    grad["L-BFGS"] = _run_torch(z, counts, atoms_z, None, budget, best, "lbfgs")
+    for t in grad.values():
+        finals.append(max((ll for _, ll in t.points), default=-math.inf))
+    best = max(finals)
+    traces.update(grad)
+    rows = {m: {str(rel): v for rel, v in t.hits(best).items()} for m, t in traces.items()}
+    row = dict(regime=name, design=design, p=p, L=x.shape[1], K=k, norm=norm,
+               N=args.num_obs, best_loglik=best, budget=budget, times=rows,
+               default_iter=traces["default"].fit.n_iter,
+               plain_iter=traces["plain EM"].fit.n_iter,
+               curves={m: t.points for m, t in traces.items()})
+    for rel in TARGETS:
+        key = str(rel)
+        best_of = {fam: min(v[key] for m, v in rows.items() if m.startswith(fam))
+                   for fam in ("Adam", "SVI")}
+        default = rows["default"][key]
+        row[f"ratio_{rel:g}"] = min(best_of.values()) / default
+        row[f"ratio_plain_{rel:g}"] = rows["plain EM"][key] / default
+        row[f"ratio_lbfgs_{rel:g}"] = rows["L-BFGS"][key] / default
+        row[f"best_adam_{rel:g}"] = best_of["Adam"]
+        row[f"best_svi_{rel:g}"] = best_of["SVI"]
+    return row
+
+
+def _fmt(v: float) -> str:
+    return "     inf" if math.isinf(v) else f"{v:8.2f}"
+
+
+def print_table(rows):
+    print(f"\n{'regime':<9} {'p':>8} {'L':>4} {'K':>3} {'|t|':>4} {'target':>7} "
+          f"{'default':>8} {'plainEM':>8} {'Adam':>8} {'SVI':>8} {'L-BFGS':>8} "
+          f"{'grad/def':>9} {'plain/def':>9}")
+    for r in rows:
+        for rel in TARGETS:
+            key = str(rel)
+            t = r["times"]
+            print(f"{r['regime']:<9} {r['p']:>8} {r['L']:>4} {r['K']:>3} {r['norm']:>4.1f} "
+                  f"{rel:>7.0e} {_fmt(t['default'][key])} {_fmt(t['plain EM'][key])} "
+                  f"{_fmt(r[f'best_adam_{rel:g}'])} {_fmt(r[f'best_svi_{rel:g}'])} "
+                  f"{_fmt(t['L-BFGS'][key])} {r[f'ratio_{rel:g}']:8.1f}x "
+                  f"{r[f'ratio_plain_{rel:g}']:8.1f}x")
+    print("(seconds to reach the MLE's log-likelihood within the target, relative; "
+          "Adam/SVI: best learning rate; grad/def = best of Adam and SVI over default)")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(rows)
+    cols = min(n, 4)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * (
+        (n + cols - 1) // cols)), squeeze=False)
+    for ax, r in zip(axes.flat, rows, strict=False):
+        best = r["best_loglik"]
+        for m, pts in r["curves"].items():
+            fam = m.split(" lr=")[0]
+            if " lr=" in m and r["times"][m][str(TARGETS[0])] != min(
+                    r["times"][o][str(TARGETS[0])] for o in r["curves"] if o.startswith(fam)):
+                continue  # only the best learning rate of each family
+            if pts:
+                t, ll = zip(*pts, strict=True)
+                ax.semilogy(t, [max((best - v) / abs(best), 1e-12) for v in ll], label=m)
+        ax.axhline(1e-8, color="k", lw=0.6, ls="--")
+        ax.set_title(f"{r['regime']}: p={r['p']}, L={r['L']}, K={r['K']}", fontsize=9)
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel("relative gap to the MLE")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--huge", action="store_true", help="also p = 10^6")
+    ap.add_argument("--regimes", default=None, help="comma-separated subset of the regimes")
+    ap.add_argument("--num-obs", type=int, default=1_000_000)
+    ap.add_argument("--budget", type=float, default=60.0,
+                    help="seconds per gradient run at most (also capped at 25x the default)")
+    ap.add_argument("--max-iter", type=int, default=5000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    regimes = dict(QUICK) if args.quick else {
+        k: v for k, v in REGIMES.items() if args.huge or k != "huge_p"}
+    if args.quick:
+        args.budget, args.num_obs = 3.0, 100_000
+    if args.regimes:
+        regimes = {k: REGIMES.get(k, QUICK.get(k)) for k in args.regimes.split(",")}
+    os.makedirs(args.out, exist_ok=True)
+    print(f"machine: {machine(torch.device('cpu'))}")
+    rows, tables = [], {}
+    for name, spec in regimes.items():
+        try:
+            row = run_regime(name, spec, args, tables)
+        except ImportError as e:  # an embedding package is not installed
+            print(f"skip {name}: {e}")
+            continue
+        rows.append(row)
+        print_table([row])
+    print_table(rows)
+    stem = os.path.join(args.out, "bench_speed" + ("_quick" if args.quick else ""))
+    plot(rows, stem + ".png")
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(machine=machine(torch.device("cpu")), args=vars(args), rows=rows), f,
+                  indent=1)
+    print(f"(json: {stem}.json, plot: {stem}.png)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Gradient and Hessian of the marginal log-likelihood of a softmax mixture (for Newton steps).
+
+Parameters: atoms t_k (K, r) and weight logits eta (K,) with alpha = softmax(eta); eta_K is held
+fixed (softmax ignores a common shift), so there are K r + K - 1 free coordinates. With
+u_jk = eta_k - lse(eta) + z_j . t_k - c_k (c_k the column log-normaliser), responsibilities
+r_jk = softmax_k(u_j), w = n r, W_k = sum_j w_jk, q_k = softmax(z t_k), m_k = z^T q_k and
+l = sum_j n_j logsumexp_k u_jk:
+
+    grad_t_k  = z^T w_k - W_k m_k,              grad_eta = W - N alpha,
+    Hessian   = sum_j n_j J_j^T (diag r_j - r_j r_j^T) J_j + sum_jk w_jk d^2 u_jk,
+
+where row k of J_j is a_jk = (z_j - m_k in block t_k, e_k - alpha in the eta block). Writing
+b_j = sum_k r_jk a_jk, the first sum is sum_jk w_jk a_jk a_jk^T - sum_j n_j b_j b_j^T, and
+d^2 u_jk is -Cov_{q_k}(z) in block t_k and -(diag alpha - alpha alpha^T) in the eta block. So
+
+    H_{t_k t_k}   = sum_j (w_jk - W_k q_jk) z_j z_j^T - m_k g_k^T - g_k m_k^T - [B^T B]_{kk}
+    H_{t_k eta}   = g_k (e_k - alpha)^T - [B^T B]_{k eta}
+    H_{eta eta}   = sum_k W_k (e_k - alpha)(e_k - alpha)^T - N (diag alpha - alpha alpha^T)
+                    - [B^T B]_{eta eta}
+
+with B the (p, K r + K) matrix of rows sqrt(n_j) b_j (rows with n_j = 0 drop out). Building
+B^T B costs p (K r + K)^2, about K times one EM iteration's Hessians: worth it near the optimum,
+where Newton converges quadratically and EM only linearly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .solvers import _weighted_gram
+
+#: Largest number of free coordinates for which the full Hessian is formed (its float64 copy
+#: then takes at most 128 MB).
+MAX_NEWTON_PARAMS = 4096
+#: Elements of the (chunk, K r + K) temporary of B^T B.
+_B_CHUNK_ELEMENTS = 2**19
+
+
+def _marginal_gradient(z: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
+                       log_weights: torch.Tensor):
+    """(D,) float64 gradient of l, and the pieces the Hessian reuses (g_t, m, W, alpha)."""
+    total_w = w.sum(0)  # W (K,)
+    alpha = log_weights.exp()
+    mean_q = q.T @ z  # (K, r)
+    g_t = w.T @ z - total_w[:, None] * mean_q  # (K, r)
+    g_eta = total_w - total_w.sum() * alpha
+    grad = torch.cat([g_t.reshape(-1), g_eta]).double()[:-1]  # eta_K is fixed
+    return grad, (g_t, mean_q, total_w, alpha)
+
+
+def _marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
+                      pieces, support: torch.Tensor | None = None) -> torch.Tensor:
+    """(D, D) float64 Hessian of l, D = K r + K - 1, coordinates ordered
+    (t_1, ..., t_K, eta_1 .. eta_{K-1}).
+
+    Args:
+        z: (p, r) standardised features.  counts: (p,) n.
+        q: (p, K) softmax(z @ atoms.T, 0).  w: (p, K) n_j r_jk from the E-step.
+        pieces: the second output of :func:`_marginal_gradient` at the same point.
+        support: indices of the rows with n_j > 0 (computed if None).
+    """
+    g_t, mean_q, total_w, alpha = pieces
+    p, r = z.shape
+    k = q.shape[1]
+    n_total = total_w.sum()
+    dim = k * r + k
+    h = z.new_zeros(dim, dim)
+    # Block diagonal: sum_j (w_jk - W_k q_jk) z_j z_j^T - m_k g_k^T - g_k m_k^T.
+    gram = _weighted_gram(z, w - total_w * q)  # (K, r, r)
+    gram = gram - mean_q[:, :, None] * g_t[:, None, :] - g_t[:, :, None] * mean_q[:, None, :]
+    for c in range(k):
+        h[c * r:(c + 1) * r, c * r:(c + 1) * r] = gram[c]
+    eye = torch.eye(k, dtype=z.dtype, device=z.device)
+    e_minus = eye - alpha  # row c: e_c - alpha
+    # Cross t_k / eta: g_k (e_k - alpha)^T.
+    h[:k * r, k * r:] = (g_t[:, :, None] * e_minus[:, None, :]).reshape(k * r, k)
+    h[k * r:, :k * r] = h[:k * r, k * r:].T
+    h[k * r:, k * r:] = (e_minus.T * total_w) @ e_minus - n_total * (torch.diag(alpha)
+                                                                     - alpha[:, None] * alpha)
+    # - B^T B, chunked over the rows with n_j > 0.
+    rows = torch.nonzero(counts > 0).squeeze(1) if support is None else support
+    chunk = max(64, _B_CHUNK_ELEMENTS // dim)
+    for s in range(0, rows.shape[0], chunk):
+        idx = rows[s:s + chunk]
+        zc, nc = z[idx], counts[idx]
+        resp = w[idx] / nc[:, None]  # r_jk
+        b_t = resp[:, :, None] * (zc[:, None, :] - mean_q)  # (c, K, r)
+        b = torch.cat([b_t.reshape(-1, k * r), resp - alpha], 1) * nc.sqrt()[:, None]
+        h.addmm_(b.T, b, alpha=-1.0)
+    return h.double()[:-1, :-1]  # eta_K is fixed
