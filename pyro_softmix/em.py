@@ -55,6 +55,9 @@ AUTO_NUM_INITS = 4
 #: objective.
 NEWTON_SWITCH = 1e-3
 _NEWTON_MAX_STEPS = 10
+#: From this rank on, an M-step's covariances are reused by the next ``_COV_REUSE - 1`` M-steps.
+_COV_REUSE_MIN_RANK = 64
+_COV_REUSE = 3
 _NEWTON_BACKTRACKS = 8
 
 
@@ -139,6 +142,9 @@ class _EMProblem:
         self.support: torch.Tensor | None = None
         #: Whether the Newton endgame applies (the grouped likelihood has no full Hessian here).
         self.newton_capable = True
+        #: M-steps that share one computation of the covariances of z under q (see m_step).
+        self.cov_reuse = _COV_REUSE if z.shape[1] >= _COV_REUSE_MIN_RANK else 1
+        self.cov, self.cov_age = None, 0
 
     def with_starts(self, num_starts: int) -> _EMProblem:
         """The same problem for another number of starts (fresh buffers)."""
@@ -195,8 +201,13 @@ class _EMProblem:
         """
         new_log_weights = torch.log(self.weight_sums / self.weight_total)
         l2 = 0.0 if self.penalty is None else self.penalty
+        # At large r the covariances (p r^2 K) dominate an iteration: reuse them for a few
+        # M-steps (quasi-Newton steps; the line search keeps EM monotone).
+        reuse = self.cov is not None and self.cov_age < self.cov_reuse
         atoms, logits, lse, info = _newton_step(self.z, w, atoms, logits, self.workspace, lse,
-                                                l2=l2, max_step=EM_MAX_STEP)
+                                                l2=l2, max_step=EM_MAX_STEP,
+                                                cov=self.cov if reuse else None)
+        self.cov, self.cov_age = info.cov, (self.cov_age + 1 if reuse else 1)
         # KL(a || b) to second order, 0.5 sum (a - b)^2 / b: no first-order cancellation.
         a, b = new_log_weights.double().exp(), log_weights.double().exp()
         kl = 0.5 * (a - b) ** 2 / b.clamp_min(1e-300)

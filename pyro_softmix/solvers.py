@@ -156,12 +156,14 @@ class NewtonStepInfo:
         step: (K,) accepted step length (0 where no ascent step was found).
         gain: (K,) predicted increase g_k . d_k of the full Newton step.
         objective: (K,) f_k at the accepted atoms.
+        cov: (K, r, r) covariance of z under q_k at the starting atoms (or the one passed in).
     """
 
     grad: torch.Tensor
     step: torch.Tensor
     gain: torch.Tensor
     objective: torch.Tensor
+    cov: torch.Tensor | None = None
 
 
 def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms: torch.Tensor,
@@ -199,7 +201,7 @@ def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms
 
 def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
                  l2: float | torch.Tensor = 0.0, max_backtracks: int = 30,
-                 max_step: float | None = None):
+                 max_step: float | None = None, cov: torch.Tensor | None = None):
     """:func:`softmax_regression_step` on preallocated buffers.
 
     ``l2`` may also be an (r, r) positive semidefinite matrix P (the penalty 0.5 t^T P t, a
@@ -210,7 +212,10 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
     ``lse`` is the column log-normaliser of ``logits`` when ``ws.q`` already holds their
     softmax (as after a previous step); if None both are computed. Returns ``(new_atoms,
     new_logits, new_lse, info)``; ``new_logits`` lives in one of ``ws.logits`` (never in the
-    ``logits`` passed in) and ``ws.q`` then holds its softmax.
+    ``logits`` passed in) and ``ws.q`` then holds its softmax. ``cov`` is a (K, r, r) covariance
+    of z under q from an earlier step to use instead of the current one (it is the p r^2 K part
+    of the cost); the step is then a quasi-Newton step, still an ascent step under the line
+    search. ``info.cov`` is the covariance used.
     """
     total = weights.sum(0)  # (K,)
     if lse is None:
@@ -223,7 +228,9 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
     if _has_penalty(l2):
         grad = grad - _penalty_grad(atoms, l2)
     # Covariance of z under q_k: sum_j q_j z_j z_j^T - m m^T (the columns of q sum to 1).
-    cov = _weighted_gram(features, q, buffer=ws.gram) - mean_q[:, :, None] * mean_q[:, None, :]
+    if cov is None:
+        cov = (_weighted_gram(features, q, buffer=ws.gram)
+               - mean_q[:, :, None] * mean_q[:, None, :])
     hess = total[:, None, None] * cov
     hess = _ridge(hess, l2)
     direction = _newton_direction(grad, hess)
@@ -266,7 +273,7 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
         f1 = torch.where(done, f1, f0)
     if shrink is not None:
         step = step * shrink
-    info = NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1)
+    info = NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1, cov=cov)
     return new_atoms, trial, new_lse, info
 
 
