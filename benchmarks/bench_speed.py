@@ -128,7 +128,6 @@ def _run_torch(z, counts, atoms0, lr, budget, best, method) -> _Trace:
     atoms = atoms0.clone().requires_grad_(True)
     log_w = torch.zeros(atoms0.shape[0], dtype=z.dtype, requires_grad=True)
     total = float(counts.sum())
-    trace, elapsed = _Trace(), 0.0
     if method == "adam":
         opt = torch.optim.Adam([atoms, log_w], lr=lr)
     else:
@@ -142,12 +141,24 @@ def _run_torch(z, counts, atoms0, lr, budget, best, method) -> _Trace:
         loss.backward()
         return loss
 
-    while elapsed < budget:
-        t = time.perf_counter()
+    def advance():
         for _ in range(20 if method == "adam" else 1):
             loss = opt.step(closure)
-        ll = -loss.item() * total  # a host sync per 20 Adam steps (or one L-BFGS call)
+        return -loss.item() * total  # a host sync per 20 Adam steps (or one L-BFGS call)
+
+    return _timed_run(advance, budget, best)
+
+
+def _timed_run(advance, budget: float, best: float, evaluate=None) -> _Trace:
+    """Call ``advance`` (timed) until the budget is spent or the MLE is reached; the
+    log-likelihood is what it returns, or ``evaluate()`` (off the clock) when given."""
+    trace, elapsed = _Trace(), 0.0
+    while elapsed < budget:
+        t = time.perf_counter()
+        ll = advance()
         elapsed += time.perf_counter() - t
+        if evaluate is not None:
+            ll = evaluate()
         if not math.isfinite(ll):
             break
         trace.add(ll, elapsed)
@@ -165,22 +176,18 @@ def _run_svi(data, k, start, lr, budget, best) -> _Trace:
     pyro.set_rng_seed(0)
     guide = pyro.infer.autoguide.AutoDelta(sm.model, init_loc_fn=psm.init_to_em(start))
     svi = pyro.infer.SVI(sm.model, guide, pyro.optim.Adam({"lr": lr}), pyro.infer.Trace_ELBO())
-    trace, elapsed = _Trace(), 0.0
-    while elapsed < budget:
-        t = time.perf_counter()
+
+    def advance():
         for _ in range(20):
             svi.step(**kwargs)
-        elapsed += time.perf_counter() - t
-        with torch.no_grad():  # evaluation outside the clock
+
+    def evaluate():
+        with torch.no_grad():
             med = guide.median(**kwargs)
-            ll = float(_marginal_loglik(x.double(), counts, med["atoms"].double(),
-                                        med["weights"].double().log()))
-        if not math.isfinite(ll):
-            break
-        trace.add(ll, elapsed)
-        if best - ll <= TARGETS[-1] * abs(best) / 10:
-            break
-    return trace
+            return float(_marginal_loglik(x.double(), counts, med["atoms"].double(),
+                                          med["weights"].double().log()))
+
+    return _timed_run(advance, budget, best, evaluate)
 
 
 def run_regime(name, spec, args, tables) -> dict:
