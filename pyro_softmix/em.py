@@ -293,7 +293,7 @@ class _EMProblem:
             atoms, log_weights, logits = t2.atoms, t2.log_weights, t2.logits
         lse = self.normalise(logits)
         loglik, w = self.e_step(logits, lse, log_weights)
-        best = [max(a, b) if kept else b for a, b, kept in zip(obj_e, objs[-1], keep, strict=True)]
+        best = [a if kept else b for a, b, kept in zip(obj_e, objs[-1], keep, strict=True)]
         last_norms = [norm_e[i] if keep[i // k] else norms[-1][i] for i in range(s * k)]
         return (_EMState(atoms, log_weights, logits, lse, w, loglik), objs[:-1] + [best],
                 gain_lists, norms[:-1] + [last_norms])
