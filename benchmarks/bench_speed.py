@@ -69,6 +69,7 @@ class _Trace:
     def __init__(self):
         self.start = time.perf_counter()
         self.points: list[tuple[float, float]] = []
+        self.fit, self.seconds = None, 0.0  # set by the EM runs
 
     def add(self, loglik: float, elapsed: float | None = None):
         t = time.perf_counter() - self.start if elapsed is None else elapsed
@@ -96,8 +97,8 @@ def _run_em(data, k, start, accelerate: bool, max_iter: int) -> _Trace:
 
     original_newton = _em._EMProblem.newton
 
-    def recording_newton(self, st, tol, max_steps):
-        out = original_newton(self, st, tol, max_steps)
+    def recording_newton(self, st, obj, tol, max_steps):
+        out = original_newton(self, st, obj, tol, max_steps)
         if out[1]:  # stamped when the Newton phase returns (a slight overstatement)
             trace.add(out[1][-1])
         return out

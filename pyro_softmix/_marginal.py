@@ -69,8 +69,7 @@ def _marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w:
     # Block diagonal: sum_j (w_jk - W_k q_jk) z_j z_j^T - m_k g_k^T - g_k m_k^T.
     gram = _weighted_gram(z, w - total_w * q)  # (K, r, r)
     gram = gram - mean_q[:, :, None] * g_t[:, None, :] - g_t[:, :, None] * mean_q[:, None, :]
-    for c in range(k):
-        h[c * r:(c + 1) * r, c * r:(c + 1) * r] = gram[c]
+    h[:k * r, :k * r] = torch.block_diag(*gram)
     eye = torch.eye(k, dtype=z.dtype, device=z.device)
     e_minus = eye - alpha  # row c: e_c - alpha
     # Cross t_k / eta: g_k (e_k - alpha)^T.

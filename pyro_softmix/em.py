@@ -183,13 +183,6 @@ class _EMProblem:
         self.weight_sums = joint.sum(0)
         return loglik, joint
 
-    def loglik(self, atoms: torch.Tensor, log_weights: torch.Tensor) -> float:
-        """Log-likelihood of one start (S = 1) at (atoms (K, r), log_weights (K,))."""
-        logits = self.z @ atoms.T
-        log_q = logits - torch.logsumexp(logits, 0)
-        log_pi = torch.logsumexp(log_q + log_weights, 1)
-        return float(self.counts64 @ log_pi.to(torch.float64))
-
     def m_step(self, w: torch.Tensor, atoms: torch.Tensor, log_weights: torch.Tensor,
                logits: torch.Tensor, lse: torch.Tensor):
         """New (atoms, log_weights, logits, lse) and the (S,) increases of the EM surrogate Q.
@@ -310,8 +303,7 @@ class _EMProblem:
 
         ratio = (per_start(r_a, r_w) / per_start(v_a, v_w)).sqrt()
         limit = torch.tensor(step_max, dtype=ratio.dtype, device=ratio.device)
-        alpha = -torch.minimum(torch.nan_to_num(ratio, nan=1.0, posinf=math.inf).clamp_min(1.0),
-                               limit)
+        alpha = -ratio.nan_to_num(nan=1.0, posinf=math.inf).clamp_min(1.0).minimum(limit)
         a = alpha.repeat_interleave(k)
         atoms = t0.atoms - (2 * a)[:, None] * r_a + (a * a)[:, None] * v_a
         log_weights = t0.log_weights - 2 * a * r_w + a * a * v_w
@@ -325,25 +317,33 @@ class _EMProblem:
         """Free coordinates of one start: K r atoms and K - 1 weight logits."""
         return self.num_components * (self.z.shape[1] + 1) - 1
 
-    def newton(self, st: _EMState, tol: float, max_steps: int):
-        """Newton steps on the full marginal objective from ``st`` (one start, S = 1).
+    def newton(self, st: _EMState, obj: float, tol: float, max_steps: int):
+        """Newton steps on the full marginal objective from ``st`` (one start, S = 1), whose
+        objective is ``obj``.
 
         Each step solves with the exact Hessian (:mod:`pyro_softmix._marginal`) and is damped
-        by Armijo backtracking, so the objective never decreases. It stops when half the Newton
-        decrement g^T (-H)^-1 g, the quadratic model's estimate of the remaining gap, is at
-        most ``tol`` times the objective (converged), after ``max_steps`` steps, or when the
-        Hessian is not negative definite or no step is accepted (failed: EM must go on).
+        by Armijo backtracking, so the objective never decreases. Where the Hessian is not
+        negative definite the step uses a shifted spectrum (below). It stops when half the
+        Newton decrement g^T (-H)^-1 g, the quadratic model's estimate of the remaining gap, is
+        at most ``tol`` times the objective (converged), after ``max_steps`` steps, or when no
+        step is accepted (failed: EM must go on).
 
         Returns (state, objectives after each step, atom norms after each step, converged,
         failed, the final gap estimate).
         """
         k, r = self.num_components, self.z.shape[1]
         if self.support is None:
-            self.support = torch.nonzero(self.counts64 > 0).squeeze(1).to(self.z.device)
-        obj = float(self.objective(st)[0])
+            self.support = torch.nonzero(self.counts64 > 0).squeeze(1)
         noise = 64 * torch.finfo(self.z.dtype).eps * abs(obj)
         objs, norms, gap, chol = [], [], math.inf, None
         pen = None if self.penalty is None else self.penalty.to(torch.float64)
+
+        def solve(chol):
+            """Newton direction, decrement, and whether half the decrement is within tol."""
+            direction = torch.cholesky_solve(grad[:, None], chol).squeeze(1)
+            decrement = float(grad @ direction)
+            return direction, decrement, decrement / 2 <= tol * abs(obj)
+
         for _ in range(max_steps):
             grad, pieces = _marginal_gradient(self.z, self.workspace.q, st.w, st.log_weights)
             if pen is not None:
@@ -351,21 +351,19 @@ class _EMProblem:
             if chol is not None:
                 # Converged by the previous step's Hessian (it changes little from one step to
                 # the next here): no new Hessian just to confirm.
-                direction = torch.cholesky_solve(grad[:, None], chol).squeeze(1)
-                gap = float(grad @ direction) / 2
-                if gap <= tol * abs(obj):
+                _, decrement, done = solve(chol)
+                gap = decrement / 2
+                if done:
                     return st, objs, norms, True, False, gap
             hess = _marginal_hessian(self.z, self.counts, self.workspace.q, st.w, pieces,
                                      self.support)
             if pen is not None:
-                for c in range(k):
-                    hess[c * r:(c + 1) * r, c * r:(c + 1) * r] -= pen
+                hess[:k * r, :k * r] -= torch.block_diag(*[pen] * k)
             chol, info = torch.linalg.cholesky_ex(-hess)
             if int(info) == 0:
-                direction = torch.cholesky_solve(grad[:, None], chol).squeeze(1)
-                decrement = float(grad @ direction)
+                direction, decrement, done = solve(chol)
                 gap = decrement / 2
-                if gap <= tol * abs(obj):
+                if done:
                     return st, objs, norms, True, False, gap
             else:
                 # Not concave here (a saddle region of a weakly separated mixture): shift the
@@ -406,16 +404,16 @@ class _EMProblem:
         :meth:`cycle`); the stopping rule reads the gains of the cycle's two EM steps. Once the
         estimated gap is below ``NEWTON_SWITCH`` (relative) it switches to Newton steps on the
         full objective (:meth:`newton`, when K r + K - 1 <= ``MAX_NEWTON_PARAMS``), which
-        converge quadratically; if they fail (the Hessian is not negative definite there) EM
-        goes on and Newton is tried again later.
+        converge quadratically; if no Newton step is accepted EM goes on and Newton is tried
+        again after a growing number of iterations.
         The history holds the objective after every update (the log-likelihood, minus the
         prior's penalty under MAP-EM); ``self.last_loglik`` is the final log-likelihood and
         ``self.norm_history`` the atoms' norms (z coordinates) after each of the last updates.
         """
         st = self.start(atoms, log_weights)
-        values = torch.cat([self.objective(st), st.loglik, atoms.norm(dim=1).double()]).tolist()
+        values = torch.cat([self.objective(st), atoms.norm(dim=1).double()]).tolist()
         history, gains = [values[0]], []
-        norms = deque([values[2:]], maxlen=_DIVERGENCE_WINDOW + 1)
+        norms = deque([values[1:]], maxlen=_DIVERGENCE_WINDOW + 1)
         step_max = [1.0] if accelerate else None
         rates, rate = deque(maxlen=_RATE_WINDOW), 0.0
         converged, it = False, 0
@@ -440,7 +438,7 @@ class _EMProblem:
                 break
             if use_newton and it >= next_newton and gap <= NEWTON_SWITCH * abs(history[-1]):
                 st, objs, step_norms, converged, failed, newton_gap = self.newton(
-                    st, tol, min(_NEWTON_MAX_STEPS, max_iter - it))
+                    st, history[-1], tol, min(_NEWTON_MAX_STEPS, max_iter - it))
                 it += len(objs)
                 history.extend(objs)
                 norms.extend(step_norms)
@@ -525,10 +523,6 @@ class _GroupedEMProblem(_EMProblem):
         w = self.w.zero_().index_add_(0, self.point_index, r[self.group_index].mul_(self.values))
         return group_ll.to(torch.float64).sum(0), w
 
-    def loglik(self, atoms: torch.Tensor, log_weights: torch.Tensor) -> float:
-        log_q = torch.log_softmax(self.z @ atoms.T, 0)
-        return float(torch.logsumexp(self._joint(log_q) + log_weights, 1).double().sum())
-
     def responsibilities(self, atoms, log_weights) -> torch.Tensor:
         """(G, K) P(component k | group g) at (atoms, log_weights)."""
         log_q = torch.log_softmax(self.z @ atoms.T, 0)
@@ -585,10 +579,10 @@ class SoftmaxMixtureFit:
         atoms: (K, L) atoms in the user's feature coordinates (minimum-norm representative when
             the features are rank-deficient).
         loglik: sum_j n_j log pi_j at the solution.
-        n_iter: EM iterations from the chosen start to the solution (under ``init="auto"``
-            this includes the short run that selected the start).
+        n_iter: updates from the chosen start to the solution: EM iterations (M-steps) and
+            Newton steps; the race that chose the start is counted in ``init``.
         converged: whether the stopping rule was met.
-        history: the objective at the chosen start and after every iteration since (the
+        history: the objective at the chosen start and after every update since (the
             log-likelihood; with ``prior_scale`` the log-likelihood plus the atoms' log prior,
             up to a constant).
         num_obs: N, the total count.

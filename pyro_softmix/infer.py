@@ -218,21 +218,18 @@ class EM:
         init = o["init"] if self._state is None else self.fit  # new data: continue from here
         atoms_z, log_w, label = _choose_start(problem, design, z, k, init, o["num_inits"], 1000,
                                               o["seed"], False)
-        logits = z @ atoms_z.T
-        lse = problem.normalise(logits)
-        loglik, w = problem.e_step(logits, lse, log_w)
-        self._state = dict(x=x, design=design, problem=problem, atoms_z=atoms_z, log_w=log_w,
-                           logits=logits, lse=lse, w=w, label=label, labels=labels, tol=tol,
-                           dtype=dtype, device=device, start=start)
-        self.history = [float(loglik)]
+        em = problem.start(atoms_z, log_w)
+        self._state = dict(x=x, design=design, problem=problem, em=em, label=label,
+                           labels=labels, tol=tol, dtype=dtype, device=device, start=start)
+        self.history = [float(em.loglik[0])]
         self.gains = []
         self._write_guide(tokens, counts, groups)
 
     def _write_guide(self, tokens, counts, groups):
         s = self._state
-        atoms = s["design"].atoms_from_z(s["atoms_z"].to(torch.float64).to(
+        atoms = s["design"].atoms_from_z(s["em"].atoms.to(torch.float64).to(
             s["design"].to_atoms.device))
-        values = {"weights": s["log_w"].exp(), "atoms": atoms}
+        values = {"weights": s["em"].log_weights.exp(), "atoms": atoms}
         if self.guide is None:
             model = poutine.block(self.mixture.model, hide=["assignment"])
             self.guide = AutoDelta(model, init_loc_fn=init_to_em(values))
@@ -262,12 +259,8 @@ class EM:
         """
         self._ensure_setup(tokens, counts, groups)
         s = self._state
-        problem = s["problem"]
-        atoms_z, log_w, logits, lse, gain = problem.m_step(s["w"], s["atoms_z"], s["log_w"],
-                                                           s["logits"], s["lse"])
-        loglik, w = problem.e_step(logits, lse, log_w)
-        s.update(atoms_z=atoms_z, log_w=log_w, logits=logits, lse=lse, w=w)
-        loglik, gain = torch.cat([loglik, gain]).tolist()
+        s["em"], gain = s["problem"].iterate(s["em"])
+        loglik, gain = torch.cat([s["em"].loglik, gain]).tolist()
         self.history.append(loglik)
         self.gains.append(gain)
         self._write_guide(tokens, counts, groups)
@@ -291,6 +284,6 @@ class EM:
         if self._state is None:
             raise RuntimeError("EM has not been stepped yet: call step(...) first")
         s = self._state
-        return _make_fit(s["problem"], s["design"], s["x"], s["atoms_z"], s["log_w"],
+        return _make_fit(s["problem"], s["design"], s["x"], s["em"].atoms, s["em"].log_weights,
                          list(self.history), self.converged, s["label"], s["labels"],
                          s["start"], s["dtype"], s["device"])

@@ -312,7 +312,7 @@ def warm_start(features, counts=None, tokens=None, num_components: int = 3, meth
     else:
         weights, atoms_z = _moment_start(mom, k, method, gen)
     atoms = design.atoms_from_z(atoms_z.to(design.to_atoms.device))
-    loglik = problem.loglik(atoms_z.to(z), weights.log().to(z))
+    loglik = float(problem.start(atoms_z.to(z), weights.log().to(z)).loglik[0])
     return WarmStart(weights=weights.to(device=device, dtype=dtype),
                      atoms=atoms.to(device=device, dtype=dtype), method=method,
                      atoms_z=atoms_z.to(device=device, dtype=dtype), loglik=loglik)

@@ -426,7 +426,8 @@ def test_marginal_gradient_and_hessian_match_autograd(dtype):
     st = problem.start(atoms.to(dtype), torch.log_softmax(eta, 0).to(dtype))
     grad, pieces = _marginal_gradient(problem.z, problem.workspace.q, st.w, st.log_weights)
     hess = _marginal_hessian(problem.z, problem.counts, problem.workspace.q, st.w, pieces)
-    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    # Measured (relative to the largest Hessian entry): 7e-16 in float64, 9e-7 in float32.
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
     scale = float(hess_ref.abs().max())
     assert torch.allclose(grad, grad_ref, atol=tol * scale, rtol=0)
     assert torch.allclose(hess, hess_ref, atol=tol * scale, rtol=0)
@@ -444,7 +445,7 @@ def test_newton_endgame_converges_quadratically_and_never_decreases():
     for _ in range(20):
         st, _ = problem.iterate(st)
     start = float(problem.objective(st)[0])
-    st, objs, _, converged, failed, gap = problem.newton(st, 1e-14, 10)
+    st, objs, _, converged, failed, gap = problem.newton(st, start, 1e-14, 10)
     assert converged and not failed
     gaps = [ref.loglik - o for o in [start] + objs]
     assert all(b <= a + 1e-9 for a, b in zip(gaps, gaps[1:], strict=False))  # monotone
