@@ -821,13 +821,33 @@ def _check_init(init, num_inits):
     return num_inits
 
 
-#: The race behind ``init="auto"``: the starts run as one batch and a start is dropped as soon as
-#: its extrapolated limit (Aitken, with the rate capped at ``RACE_MAX_RATE``) falls below the
-#: leader's current objective; the race ends when one start is left or the leader is within
-#: ``RACE_SETTLE`` (relative) of its own limit.
+#: The race behind ``init="auto"``: the starts run as one batch of SQUAREM cycles (plain EM
+#: without acceleration) until every start left is within ``RACE_HANDOVER`` (relative, Aitken) of
+#: its own limit; the survivors then each finish on their own (:meth:`_EMProblem.run`, with its
+#: Newton endgame) and the best final objective wins. A start is dropped from the race when it
+#: is clearly beaten: its limit extrapolated at the slow rate ``RACE_MAX_RATE`` (200 times its
+#: last gain) is below the leader's objective; or when it has joined the leader (its atoms,
+#: matched to the leader's, within ``RACE_SAME`` of them relative to the largest atom norm, and
+#: its weights within ``RACE_SAME``). An Aitken limit at the measured rate is not used to drop:
+#: before EM's rate settles (weakly separated mixtures cross saddle regions where the gains stall
+#: and then grow again) it is far too low.
 RACE_MAX_RATE = 0.995
-RACE_SETTLE = 1e-6
+RACE_HANDOVER = NEWTON_SWITCH
+RACE_SAME = 1e-2
 RACE_CHECK_EVERY = 2
+
+
+def _joined(atoms: torch.Tensor, log_weights: torch.Tensor, lead: int) -> list[bool]:
+    """For each of S starts (atoms (S, K, r), log-weights (S, K)), whether it sits at the leader's
+    point up to a permutation of the components (within ``RACE_SAME``)."""
+    ref = atoms[lead]
+    dist = torch.cdist(atoms, ref.expand_as(atoms))  # (S, K own, K leader)
+    nearest, match = dist.min(1)  # for each leader atom, the closest own atom
+    scale = 1.0 + ref.norm(dim=1).max()
+    w_gap = (log_weights.exp().gather(1, match) - log_weights[lead].exp()).abs().amax(1)
+    close = (nearest.amax(1) <= RACE_SAME * scale) & (w_gap <= RACE_SAME)
+    distinct = match.sort(1).values == torch.arange(atoms.shape[1], device=atoms.device)
+    return (close & distinct.all(1)).tolist()
 
 
 def _race(problem: _EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
@@ -836,11 +856,11 @@ def _race(problem: _EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
     ``max_iter`` iterations; see ``RACE_*``. With ``accelerate`` each check follows a SQUAREM
     cycle (:meth:`_EMProblem.cycle`).
 
-    Returns the survivor's (atoms (K, r), log_weights (K,)) and the EM iterations spent (summed
-    over starts).
+    Returns the survivors' atoms (S', K, r) and log-weights (S', K), best objective first, and
+    the EM iterations spent (summed over starts).
     """
     s, k, r = atoms.shape
-    spent, it = 0, 0
+    spent, it, order = 0, 0, list(range(s))
     step_max = [1.0] * s if accelerate else None
     rates = [deque(maxlen=_RATE_WINDOW) for _ in range(s)]
     while s > 1 and it < max_iter:
@@ -855,17 +875,20 @@ def _race(problem: _EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
                 bar.update(s * RACE_CHECK_EVERY)
             obj = [-math.inf if math.isnan(v) else v for v in objs[-1]]
             pairs = list(zip(*gains[-2:], strict=True))
-            rate = [_cycle_rate(q, g) if accelerate else 0.0
-                    for q, g in zip(rates, pairs, strict=True)]
-            gap = [_remaining_gap(g, RACE_MAX_RATE, c) for g, c in zip(pairs, rate, strict=True)]
-            lead = max(range(s), key=obj.__getitem__)
-            if gap[lead] <= RACE_SETTLE * abs(obj[lead]):
-                keep = [lead]
-            else:
-                alive = [i for i in range(s) if obj[i] + gap[i] >= obj[lead]]
-                if len(alive) < s:
-                    keep = alive
-        if keep is None:
+            order = sorted(range(s), key=obj.__getitem__, reverse=True)
+            lead = order[0]
+            bound = [_remaining_gap(g, RACE_MAX_RATE, RACE_MAX_RATE) for g in pairs]
+            joined = _joined(st.atoms.view(s, k, r), st.log_weights.view(s, k), lead)
+            alive = [i for i in order
+                     if i == lead or (obj[i] + bound[i] >= obj[lead] and not joined[i])]
+            rate = [_cycle_rate(q, g) if accelerate else 0.0 for q, g in zip(rates, pairs,
+                                                                              strict=True)]
+            if len(alive) < s:
+                keep = alive
+            if all(_remaining_gap(pairs[i], rate=rate[i]) <= RACE_HANDOVER * abs(obj[i])
+                   for i in alive):
+                keep, it = alive, max_iter  # hand the survivors over
+        if keep is None:  # out of iterations: the leader alone goes on
             keep = [lead]
         rates = [rates[i] for i in keep]
         if step_max is not None:
@@ -874,7 +897,7 @@ def _race(problem: _EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
         atoms = st.atoms.view(s, k, r)[index]
         log_weights = st.log_weights.view(s, k)[index]
         s = atoms.shape[0]
-    return atoms[0], log_weights[0], spent
+    return atoms, log_weights, spent
 
 
 def _random_starts(z: torch.Tensor, counts: torch.Tensor, num_components: int,
@@ -894,7 +917,8 @@ def _auto_start(problem: _EMProblem, mom, k: int, num_inits: int | None,
     in the span of M2's top eigenvectors (all directions when K >= r), ``num_inits`` in all,
     raced in one batch.
 
-    Returns (atoms (K, r), log_weights (K,), start-iterations spent in the race).
+    Returns the race's survivors, best first: atoms (S', K, r) and log_weights (S', K); and the
+    start-iterations spent in the race.
     """
     from .warmstart import _moment_start, _top_eigen, calibrated_atoms
 
@@ -910,7 +934,7 @@ def _auto_start(problem: _EMProblem, mom, k: int, num_inits: int | None,
         log_w[0] = weights.log()
     atoms, log_w = atoms.to(problem.z), log_w.to(problem.z)
     if n == 1:
-        return atoms[0], log_w[0], 0
+        return atoms, log_w, 0
     bar = _progress_bar(progress, None, "EM starts")
     try:
         return _race(problem, atoms, log_w, max_iter, bar, accelerate)
@@ -921,29 +945,52 @@ def _auto_start(problem: _EMProblem, mom, k: int, num_inits: int | None,
 
 def _choose_start(problem, design, z, k, init, num_inits, max_iter, seed, progress,
                   accelerate: bool = True):
-    """(atoms_z, log_weights, label): the start of the final EM run."""
+    """(atoms_z (S, K, r), log_weights (S, K), label): the starts of the final EM runs, best
+    first (S > 1 only when a race left several survivors)."""
     from .moments import _standardised_moments
     from .warmstart import _moment_start
 
     if not isinstance(init, str):
         atoms_z, log_w = _user_start(init, k, design, z)
-        return atoms_z, log_w, "given"
+        return atoms_z[None], log_w[None], "given"
     gen = make_generator(seed)
     mom = _standardised_moments(z, problem.counts64, design)
     if init == "auto":
         atoms_z, log_w, spent = _auto_start(problem, mom, k, num_inits, gen, max_iter, progress,
                                             accelerate)
         n = num_inits or AUTO_NUM_INITS
-        return atoms_z, log_w, ("auto" if n == 1 else
-                                f"auto (race of {n} starts, {spent} start-iterations)")
+        return atoms_z, log_w, ("auto" if n == 1 else _race_label("auto", n, spent, atoms_z))
     n = num_inits or 1
     starts = [_moment_start(mom, k, init, gen) for _ in range(n)]
     log_w = torch.stack([w for w, _ in starts]).log().to(z)
     atoms = torch.stack([a for _, a in starts]).to(z)
     if n == 1:
-        return atoms[0], log_w[0], init
+        return atoms, log_w, init
     atoms_z, log_w, spent = _race(problem, atoms, log_w, max_iter, accelerate=accelerate)
-    return atoms_z, log_w, f"{init} (race of {n} starts, {spent} start-iterations)"
+    return atoms_z, log_w, _race_label(init, n, spent, atoms_z)
+
+
+def _race_label(init: str, n: int, spent: int, survivors: torch.Tensor) -> str:
+    left = survivors.shape[0]
+    return (f"{init} (race of {n} starts, {spent} start-iterations"
+            + (f", {left} finished" if left > 1 else "") + ")")
+
+
+def _finish(problem: _EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, max_iter: int,
+            tol: float, bar=None, accelerate: bool = True):
+    """Run each start (S, K, r) to convergence (:meth:`_EMProblem.run`) and keep the best.
+
+    Returns (run's output, its final gap, log-likelihood, norm history); the workspace then holds
+    the winner's softmax.
+    """
+    best = None
+    for a, w in zip(starts_z, starts_w, strict=True):
+        out = problem.run(a, w, max_iter, tol, bar, accelerate)
+        if best is None or out[2][-1] > best[0][2][-1]:
+            best = out, problem.last_gap, problem.last_loglik, problem.norm_history
+    if starts_z.shape[0] > 1:
+        problem.start(best[0][0], best[0][1])
+    return best
 
 
 def _make_fit(problem, design, x, atoms_z, log_w, history, converged, label, labels,
@@ -1041,26 +1088,28 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
 
     if not isinstance(accelerate, bool):
         raise TypeError(f"accelerate must be True or False, got {accelerate!r}")
-    atoms_z, log_w, label = _choose_start(problem, design, z, k, init, num_inits, max_iter, seed,
-                                          progress, accelerate)
-    bar = _progress_bar(progress, max_iter, "EM")
+    starts_z, starts_w, label = _choose_start(problem, design, z, k, init, num_inits, max_iter,
+                                              seed, progress, accelerate)
+    bar = _progress_bar(progress, max_iter * starts_z.shape[0], "EM")
     try:
-        atoms_z, log_w, history, converged = problem.run(atoms_z, log_w, max_iter, tol, bar,
-                                                         accelerate)
+        (atoms_z, log_w, history, converged), gap, loglik, norm_history = _finish(
+            problem, starts_z, starts_w, max_iter, tol, bar, accelerate)
     finally:
         if bar is not None:
             bar.close()
     if not converged:
         warnings.warn(
             f"EM did not converge in max_iter={max_iter} iterations (estimated relative gap "
-            f"{problem.last_gap / abs(history[-1]):.2e} > tol={tol:.1e}); "
+            f"{gap / abs(history[-1]):.2e} > tol={tol:.1e}); "
             "increase max_iter or continue with init=fit",
             ConvergenceWarning, stacklevel=2,
         )
     # After EM the workspace holds softmax(z @ atoms_z.T, 0) for the final atoms.
-    diverging = _diverging(problem.norm_history, history, problem.workspace.q)
+    # Under a prior the objective is coercive: no atom can run off to infinity.
+    diverging = () if prior_scale is not None else _diverging(norm_history, history,
+                                                              problem.workspace.q)
     if diverging:
-        norms = ", ".join(f"{problem.norm_history[-1][k]:.3g}" for k in diverging)
+        norms = ", ".join(f"{norm_history[-1][k]:.3g}" for k in diverging)
         warnings.warn(
             f"the atoms of components {list(diverging)} keep growing (norms {norms} in "
             "standardised units) while the objective barely changes: EM is heading to infinity, "
@@ -1068,7 +1117,7 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
             "(try other starts, num_inits=) or the MLE is at infinity; refit with prior_scale= "
             "for a MAP estimate", DivergenceWarning, stacklevel=2)
     return _make_fit(problem, design, x, atoms_z, log_w, history, converged, label, labels,
-                     start_time, dtype, device, problem.last_loglik, prior_scale, diverging)
+                     start_time, dtype, device, loglik, prior_scale, diverging)
 
 
 def _prior_precision(x: torch.Tensor, design: Design, prior_scale: float) -> torch.Tensor:

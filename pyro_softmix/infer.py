@@ -36,6 +36,7 @@ from .em import (
     _check_init,
     _choose_start,
     _default_tol,
+    _finish,
     _make_fit,
     _prepare,
     _progress_bar,
@@ -166,6 +167,10 @@ def _mixture_object(model):
     return obj
 
 
+#: A gain this fraction of the tolerance is converged whatever the trend of the gains.
+_NOISE_GAIN = 1e-3
+
+
 class EM:
     """Expectation-maximisation with the loop shape of :class:`pyro.infer.SVI`.
 
@@ -218,6 +223,10 @@ class EM:
         init = o["init"] if self._state is None else self.fit  # new data: continue from here
         atoms_z, log_w, label = _choose_start(problem, design, z, k, init, o["num_inits"], 1000,
                                               o["seed"], False)
+        if atoms_z.shape[0] > 1:  # a race left several survivors: keep the best after EM
+            atoms_z, log_w = _finish(problem, atoms_z, log_w, 1000, tol)[0][:2]
+        else:
+            atoms_z, log_w = atoms_z[0], log_w[0]
         em = problem.start(atoms_z, log_w)
         self._state = dict(x=x, design=design, problem=problem, em=em, label=label,
                            labels=labels, tol=tol, dtype=dtype, device=device, start=start)
@@ -276,7 +285,13 @@ class EM:
         """Whether the stopping rule of :func:`~pyro_softmix.fit_em` is met."""
         if self._state is None:
             return False
-        return _remaining_gap(self.gains) <= self._state["tol"] * abs(self.history[-1])
+        limit = self._state["tol"] * abs(self.history[-1])
+        # Steps from a converged start (a race's best survivor is already run to convergence)
+        # have gains at rounding level that rise and fall at random: so small a gain is a
+        # stationary point whatever the trend.
+        if self.gains and 0 <= self.gains[-1] <= _NOISE_GAIN * limit:
+            return True
+        return _remaining_gap(self.gains) <= limit
 
     @property
     def fit(self) -> SoftmaxMixtureFit:

@@ -307,8 +307,8 @@ def warm_start(features, counts=None, tokens=None, num_components: int = 3, meth
             prior_scale = check_positive_float(prior_scale, "prior_scale")
             problem.penalty = _prior_precision(x, design, prior_scale).to(z)
         atoms_z, log_w, _ = _auto_start(problem, mom, k, num_inits, gen)
-        weights = log_w.exp().double().cpu()
-        atoms_z = atoms_z.double().cpu()
+        weights = log_w[0].exp().double().cpu()  # the race's leader
+        atoms_z = atoms_z[0].double().cpu()
     else:
         weights, atoms_z = _moment_start(mom, k, method, gen)
     atoms = design.atoms_from_z(atoms_z.to(design.to_atoms.device))
@@ -336,6 +336,10 @@ def _mixture_spread(z: torch.Tensor, dist2: torch.Tensor, atoms: torch.Tensor) -
     return float((dist2 @ pi).mean())
 
 
+#: Bisection steps for the calibrated scale: sigma to within 3% (ample for a random start).
+_CALIBRATION_STEPS = 7
+
+
 def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
                      gen: torch.Generator, basis: torch.Tensor | None = None) -> torch.Tensor:
     """(S, K, r) random atoms around the one-component MLE, at a design-aware distance.
@@ -356,7 +360,7 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
     dist2 = ((z - mom.m1) ** 2).sum(1)  # (p,)
     target = float(mom.pihat @ dist2)
     lo, hi = math.log(1e-2), math.log(1e1)
-    for _ in range(12):
+    for _ in range(_CALIBRATION_STEPS):
         mid = 0.5 * (lo + hi)
         if _mixture_spread(z, dist2, centre + math.exp(mid) * noise) < target:
             lo = mid

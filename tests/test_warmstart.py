@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix.em import _EMProblem, _race, _remaining_gap
+from pyro_softmix.em import RACE_SAME, _EMProblem, _joined, _race, _remaining_gap
 from pyro_softmix.moments import LatentMoments, hermite
 from pyro_softmix.warmstart import _projection_start, _tensor_start
 
@@ -211,8 +211,42 @@ def test_race_keeps_the_start_that_ends_best():
     ref = psm.fit_em(d.features, d.counts, num_components=3,
                      init={"weights": d.weights, "atoms": d.atoms})
     fit = psm.fit_em(d.features, d.counts, num_components=3,
-                     init={"weights": lw.exp(), "atoms": design.atoms_from_z(a)})
+                     init={"weights": lw[0].exp(), "atoms": design.atoms_from_z(a[0])})
     assert abs(fit.loglik - ref.loglik) <= 1e-8 * abs(ref.loglik) and spent > 0
+
+
+def test_joined_matches_components_up_to_a_permutation():
+    gen = torch.Generator().manual_seed(0)
+    lead = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    tiny = 0.1 * RACE_SAME
+    perm = lead[[2, 0, 1]] + tiny * torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    moved = lead.clone()
+    moved[1] += 3 * RACE_SAME * (1 + lead.norm(dim=1).max())  # one atom too far
+    doubled = lead[[0, 0, 2]]  # two own atoms on one of the leader's: not a permutation
+    atoms = torch.stack([lead, perm, moved, doubled])
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    log_w = torch.stack([w, w[[2, 0, 1]], w, w]).log()
+    assert _joined(atoms, log_w, 0) == [True, True, False, False]
+    log_w[1] = torch.tensor([0.5, 0.2 + 2 * RACE_SAME, 0.3 - 2 * RACE_SAME]).log()  # weights off
+    assert _joined(atoms, log_w, 0)[1] is False
+
+
+def test_race_finishes_its_survivors_and_keeps_the_best():
+    # A weakly separated mixture with several local optima: the raced fit must be at least as
+    # good as the best of the same starts run one by one to convergence.
+    x = torch.randn(3000, 5, generator=torch.Generator().manual_seed(103), dtype=torch.float64)
+    d = psm.simulate(features=x, num_components=5, num_obs=100_000, atom_norm=1.0, seed=3,
+                     dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    starts = [psm.warm_start(d.features, d.counts, num_components=5, method="random", seed=gen)
+              for _ in range(4)]
+    alone = [psm.fit_em(d.features, d.counts, num_components=5, init=s).loglik for s in starts]
+    best = max(alone)
+    assert best - min(alone) > 1e-6 * abs(best)  # the starts do end in different optima (5.6e-6)
+    raced = psm.fit_em(d.features, d.counts, num_components=5, init="random", num_inits=4,
+                       seed=0)
+    assert raced.loglik >= best - 1e-9 * abs(best)
+    assert raced.init.startswith("random (race of 4 starts")
 
 
 def test_stopping_rule_does_not_stop_at_a_stall():
