@@ -580,7 +580,8 @@ class SoftmaxMixtureFit:
             the features are rank-deficient).
         loglik: sum_j n_j log pi_j at the solution.
         n_iter: updates from the chosen start to the solution: EM iterations (M-steps) and
-            Newton steps; the race that chose the start is counted in ``init``.
+            Newton steps of the run that was kept; the race that chose the start (and the
+            runs of its other survivors) are counted in ``init``.
         converged: whether the stopping rule was met.
         history: the objective at the chosen start and after every update since (the
             log-likelihood; with ``prior_scale`` the log-likelihood plus the atoms' log prior,
@@ -1033,9 +1034,10 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
             moment methods ``"projection"``, ``"tensor"``, ``"subspace"``, ``"random"``, or a
             start: a mapping with ``"weights"`` (K,) and ``"atoms"`` (K, L), or any object with
             ``.weights`` and ``.atoms`` (a previous fit, a :class:`~pyro_softmix.WarmStart`).
-        num_inits: number of starts (default 1). Several starts run as one batch in a race
-            that drops a start once its extrapolated limit is below the leader's objective.
-        max_iter: EM iterations (M-steps) at most after the start is chosen.
+        num_inits: number of starts (default 1; 4 for ``"auto"``). Several starts run as one
+            batch in a race that drops the starts that are clearly beaten or have joined the
+            leader; each survivor is then run to convergence and the best is kept.
+        max_iter: EM iterations (M-steps) at most for each run after the race.
         tol: stop when the estimated distance to the limit, (l* - l_t) / abs(l_t), is at most
             ``tol`` (default 1e-10 in float64, 1e-9 in float32). The distance is extrapolated
             (Aitken) from the last two increases of the EM surrogate, which are computed from
