@@ -861,7 +861,7 @@ def _race(problem: _EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
     the EM iterations spent (summed over starts).
     """
     s, k, r = atoms.shape
-    spent, it, order = 0, 0, list(range(s))
+    spent, it = 0, 0
     step_max = [1.0] * s if accelerate else None
     rates = [deque(maxlen=_RATE_WINDOW) for _ in range(s)]
     while s > 1 and it < max_iter:

@@ -272,7 +272,9 @@ def warm_start(features, counts=None, tokens=None, num_components: int = 3, meth
         num_components: K.
         method: ``"projection"``, ``"tensor"``, ``"subspace"``, ``"random"`` (see the module
             docstring) or ``"auto"``: the start that :func:`~pyro_softmix.fit_em` uses by default,
-            found by a short batched EM race over many starts (see :ref:`warm-starts`).
+            found by a short batched EM race over many starts (see :ref:`warm-starts`): the
+            race's leader (``fit_em(init="auto")`` also runs the race's other survivors to
+            convergence and keeps the best).
         seed: int or ``torch.Generator`` (same seed, same start).
         dtype, device: precision and device of the computation.
         num_inits: for ``"auto"``, the number of raced starts (as in :func:`~pyro_softmix.fit_em`).
