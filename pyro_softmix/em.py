@@ -925,7 +925,7 @@ def _auto_start(problem: _EMProblem, mom, k: int, num_inits: int | None,
 
     n = num_inits or AUTO_NUM_INITS
     r = mom.m1.shape[0]
-    basis = _top_eigen(mom.m2, k)[1] if k < r else None
+    basis = _top_eigen(mom, k)[1] if k < r else None
     use_tensor = n > 1 and k <= r
     atoms = calibrated_atoms(mom, k, n - use_tensor, gen, basis)
     log_w = torch.full((n, k), -math.log(k), dtype=torch.float64)

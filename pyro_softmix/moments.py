@@ -19,7 +19,7 @@ ever contracted with given vectors, never formed as r^3 tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,6 +65,9 @@ class LatentMoments:
     design: Design
     z: torch.Tensor
     pihat: torch.Tensor
+    #: Eigendecomposition of M2 (float64, CPU), computed once on first use by the starts.
+    _m2_eigh: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False,
+                                                               compare=False)
 
     def __repr__(self) -> str:
         return (f"LatentMoments(rank={self.m1.shape[0]}, num_points={self.z.shape[0]}, "

@@ -60,10 +60,14 @@ class WarmStart:
 # ----------------------------------------------------------------------------------------------
 # Pieces shared by the methods (all in float64 on the CPU: the matrices are at most r x r)
 # ----------------------------------------------------------------------------------------------
-def _top_eigen(m2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k eigenpairs (values descending (k,), vectors (r, k)) of a symmetric matrix."""
-    vals, vecs = torch.linalg.eigh(m2.double().cpu())
-    return vals.flip(0)[:k], vecs.flip(1)[:, :k]
+def _top_eigen(mom: LatentMoments, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs of M2 (values descending (k,), vectors (r, k)); M2 is decomposed once
+    per moments object (a start of several kinds, or several starts, reuse it)."""
+    if mom._m2_eigh is None:
+        vals, vecs = torch.linalg.eigh(mom.m2.double().cpu())
+        mom._m2_eigh = vals.flip(0), vecs.flip(1)
+    vals, vecs = mom._m2_eigh
+    return vals[:k], vecs[:, :k]
 
 
 def _spread(mom: LatentMoments) -> float:
@@ -180,7 +184,7 @@ def _projection_start(mom: LatentMoments, k: int, gen: torch.Generator
     r = mom.m1.shape[0]
     # A random direction in the span of the atoms (M2's top eigenvectors): the atoms'
     # projections on it are then distinct with probability one.
-    _, basis = _top_eigen(mom.m2, min(k, r))
+    _, basis = _top_eigen(mom, min(k, r))
     v = basis @ _gaussian_draws((basis.shape[1],), gen)
     v = (v / v.norm()).to(mom.z)
     one_d = mom.along(v, 2 * k - 1).double().cpu().numpy()
@@ -219,7 +223,7 @@ def _tensor_start(mom: LatentMoments, k: int, gen: torch.Generator
     if k > r:
         raise ValueError(f"method='tensor' needs num_components <= rank of the features ({r}), "
                          f"got {k}; use 'subspace' or 'random'")
-    vals, vecs = _top_eigen(mom.m2, k)
+    vals, vecs = _top_eigen(mom, k)
     vals = vals.clamp_min(1e-3 * max(float(vals[0]), 1e-3))
     whiten = vecs / vals.sqrt()  # (r, K): W^T M2 W = I
     tensor = mom.m3_basis(whiten.to(mom.z)).double().cpu()  # sum_k alpha_k^-1/2 v_k^(x)3
@@ -256,7 +260,7 @@ def _moment_start(mom: LatentMoments, k: int, method: str, gen: torch.Generator
         return _tensor_start(mom, k, gen)
     basis = None
     if method == "subspace":
-        _, basis = _top_eigen(mom.m2, min(k, mom.m1.shape[0]))
+        _, basis = _top_eigen(mom, min(k, mom.m1.shape[0]))
     atoms = random_atoms(mom, k, 1, gen, basis)[0]
     return torch.full((k,), 1.0 / k, dtype=torch.float64), atoms
 
