@@ -533,7 +533,8 @@ class _GroupedEMProblem(_EMProblem):
 _MAX_RATE = 1 - 1e-4
 
 
-def _remaining_gap(gains, max_rate: float = _MAX_RATE, rate: float = 0.0) -> float:
+def _remaining_gap(gains, max_rate: float = _MAX_RATE, rate: float = 0.0,
+                   noise: float = 0.0) -> float:
     """Estimated distance l* - l_t from the last two EM increments (Aitken's extrapolation).
 
     EM converges linearly, l* - l_t ~ Delta_t / (1 - rho) with rho = Delta_t / Delta_{t-1}
@@ -542,13 +543,15 @@ def _remaining_gap(gains, max_rate: float = _MAX_RATE, rate: float = 0.0) -> flo
     leaves a saddle). The increments are Newton decrements of the M-step (gradient-based), not
     differences of the objective. ``rate`` is a lower bound on rho: after an extrapolation the
     two increments can decay fast (the slow direction was just cut) although EM is slow there,
-    so accelerated runs pass the largest rate of their last few cycles.
+    so accelerated runs pass the largest rate of their last few cycles. A last gain at most
+    ``noise`` (rounding level: from a converged point the gains rise and fall at random) means
+    a stationary point, whatever the trend.
     """
+    if gains and gains[-1] <= noise:
+        return 0.0
     if len(gains) < 2:
         return math.inf
     d1, d0 = gains[-1], gains[-2]
-    if d1 <= 0:
-        return 0.0
     if d1 > d0:
         # Gains that grow mean EM is leaving a slow stretch (a saddle, a plateau), not
         # converging: never stop there, however small the gain.

@@ -286,12 +286,9 @@ class EM:
         if self._state is None:
             return False
         limit = self._state["tol"] * abs(self.history[-1])
-        # Steps from a converged start (a race's best survivor is already run to convergence)
-        # have gains at rounding level that rise and fall at random: so small a gain is a
-        # stationary point whatever the trend.
-        if self.gains and 0 <= self.gains[-1] <= _NOISE_GAIN * limit:
-            return True
-        return _remaining_gap(self.gains) <= limit
+        # A race's best survivor is already converged: the steps from it have gains at rounding
+        # level.
+        return _remaining_gap(self.gains, noise=_NOISE_GAIN * limit) <= limit
 
     @property
     def fit(self) -> SoftmaxMixtureFit:
