@@ -454,7 +454,13 @@ def test_newton_endgame_converges_quadratically_and_never_decreases():
     assert gaps[0] > 0.05 and gaps[1] <= 1e-3 * gaps[0]
 
 
-def test_newton_endgame_is_skipped_for_grouped_data_and_respects_the_prior():
+def test_newton_endgame_is_skipped_for_grouped_data_and_respects_the_prior(monkeypatch):
+    from pyro_softmix.em import _GroupedEMProblem
+
+    def no_newton(*args, **kwargs):
+        raise AssertionError("the Newton endgame ran on grouped data")
+
+    monkeypatch.setattr(_GroupedEMProblem, "newton", no_newton, raising=False)
     x = _data(p=200, L=3, K=2, N=4000, seed=2, tokens=True)
     groups = torch.arange(4000) // 20
     kw = dict(groups=groups, num_components=2, seed=0, tol=1e-13, max_iter=20_000)
