@@ -73,33 +73,47 @@ class DivergenceWarning(UserWarning):
 #: last ``_DIVERGENCE_WINDOW`` updates while the objective changed by at most
 #: ``_DIVERGENCE_FLAT`` (relative), and which is long (``_DIVERGENCE_NORM``) or whose component
 #: puts at least ``_DIVERGENCE_MASS`` on a single support point, is reported as heading to infinity.
+#: So is a long atom whose norm grew by ``_RIDGE_GROWTH`` (relative) over the final stretch of the
+#: run in which the objective stayed within ``_RIDGE_FLAT`` (relative) of its final value: on a
+#: ridge towards a face of the design's convex hull (a component concentrating on a few support
+#: points) Newton steps can push an atom far out while the objective's last digits settle, and the
+#: growth over the last few updates then falls below any threshold.
 _DIVERGENCE_NORM = 10.0
 _DIVERGENCE_MASS = 0.99
 _DIVERGENCE_GROWTH = 1e-5
 _DIVERGENCE_WINDOW = 3
 _DIVERGENCE_FLAT = 1e-4
+_RIDGE_GROWTH = 0.1
+_RIDGE_FLAT = 1e-6
 
 
-def _diverging(norm_history, history: list[float], probs: torch.Tensor) -> tuple[int, ...]:
+def _diverging(norm_history: list, history: list[float], probs: torch.Tensor
+               ) -> tuple[int, ...]:
     """Components whose atoms run off to infinity along a flat ridge of the objective.
 
-    ``probs`` is the (p, K) softmax q_k of the final atoms; its column maxima are read only for
-    components that pass the cheap tests.
+    ``norm_history`` holds the atoms' norms after every update, aligned with ``history`` (the
+    objective); ``probs`` is the (p, K) softmax q_k of the final atoms; its column maxima are
+    read only for components that pass the cheap tests.
     """
-    # Short: an accelerated run may take only a few (large) updates near its end.
+    if len(norm_history) != len(history) or len(history) < 2:
+        return ()
+    now = norm_history[-1]
+    # The long view: growth over the final flat stretch (the history never decreases).
+    floor = history[-1] - _RIDGE_FLAT * abs(history[-1])
+    first = next(i for i, v in enumerate(history) if v >= floor)
+    ridge = {k for k, (a, b) in enumerate(zip(now, norm_history[first], strict=True))
+             if a >= _DIVERGENCE_NORM and a >= (1 + _RIDGE_GROWTH) * b}
+    # The short view: still growing over the last updates.
     w = _DIVERGENCE_WINDOW
-    if len(norm_history) <= w or len(history) <= w:
-        return ()
-    if abs(history[-1] - history[-1 - w]) > _DIVERGENCE_FLAT * abs(history[-1]):
-        return ()
-    now, before = norm_history[-1], norm_history[-1 - w]
-    growing = [k for k, (a, b) in enumerate(zip(now, before, strict=True))
-               if a >= (1 + _DIVERGENCE_GROWTH) * b]
-    if not growing:
-        return ()
-    top_mass = probs[:, growing].amax(0).tolist()
-    return tuple(k for k, mass in zip(growing, top_mass, strict=True)
-                 if now[k] >= _DIVERGENCE_NORM or mass >= _DIVERGENCE_MASS)
+    growing = []
+    if len(history) > w and abs(history[-1] - history[-1 - w]) <= _DIVERGENCE_FLAT * abs(
+            history[-1]):
+        before = norm_history[-1 - w]
+        growing = [k for k, (a, b) in enumerate(zip(now, before, strict=True))
+                   if k not in ridge and a >= (1 + _DIVERGENCE_GROWTH) * b]
+    top_mass = probs[:, growing].amax(0).tolist() if growing else []
+    return tuple(sorted(ridge | {k for k, mass in zip(growing, top_mass, strict=True)
+                                 if now[k] >= _DIVERGENCE_NORM or mass >= _DIVERGENCE_MASS}))
 
 
 def _default_tol(dtype: torch.dtype) -> float:
@@ -408,12 +422,12 @@ class _EMProblem:
         again after a growing number of iterations.
         The history holds the objective after every update (the log-likelihood, minus the
         prior's penalty under MAP-EM); ``self.last_loglik`` is the final log-likelihood and
-        ``self.norm_history`` the atoms' norms (z coordinates) after each of the last updates.
+        ``self.norm_history`` the atoms' norms (z coordinates) after every update.
         """
         st = self.start(atoms, log_weights)
         values = torch.cat([self.objective(st), atoms.norm(dim=1).double()]).tolist()
         history, gains = [values[0]], []
-        norms = deque([values[1:]], maxlen=_DIVERGENCE_WINDOW + 1)
+        norms = [values[1:]]  # after every update, as the history
         step_max = [1.0] if accelerate else None
         rates, rate = deque(maxlen=_RATE_WINDOW), 0.0
         converged, it = False, 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix.em import RACE_SAME, _EMProblem, _joined, _race, _remaining_gap
+from pyro_softmix.em import RACE_SAME, _diverging, _EMProblem, _joined, _race, _remaining_gap
 from pyro_softmix.moments import LatentMoments, hermite
 from pyro_softmix.warmstart import _projection_start, _tensor_start
 
@@ -300,6 +300,28 @@ def test_divergence_is_reported_and_the_prior_fixes_it():
         map_fit = psm.fit_em(x, counts, num_components=2, init=start, prior_scale=2.0)
     assert map_fit.diverging == () and map_fit.converged
     assert float(map_fit.atoms.norm(dim=1).max()) < 20
+
+
+def test_divergence_along_a_ridge_is_reported_after_the_growth_has_stopped():
+    """On a ridge towards a face of the design (a component spreading its mass over a few
+    support points), Newton steps can carry an atom far out while the objective's last digits
+    settle, then stop moving it: growth over the whole final flat stretch is what counts."""
+    probs = torch.full((50, 2), 0.02, dtype=torch.float64)  # no point mass anywhere
+    obj = -4e5 + torch.tensor([-500.0, -80.0, -0.34, -0.2, -0.1, -0.01, 0.0, 0.0, 0.0, 0.0])
+    history = obj.tolist()
+    far = [1.0, 120.0, 323.0, 400.0, 450.0, 490.0, 494.0, 494.0, 494.0, 494.0]
+    norms = [[3.0, v] for v in far]
+    assert _diverging(norms, history, probs) == (1,)
+    # The same growth but while the objective still rose by 80 nats (2e-4 relative): a
+    # regular approach to a finite maximum, not a ridge.
+    early = [[3.0, v] for v in [1.0, 120.0] + [494.0] * 8]
+    assert _diverging(early, history, probs) == ()
+    # Growth of 5% within the flat stretch is not enough.
+    small = [[3.0, v] for v in [1.0, 120.0, 470.0, 480.0, 490.0] + [494.0] * 5]
+    assert _diverging(small, history, probs) == ()
+    # Nor is a short atom's growth (below the norm at which a component can saturate).
+    short = [[3.0, v / 100] for v in far]
+    assert _diverging(short, history, probs) == ()
 
 
 def test_map_em_is_stationary_for_the_models_prior():
