@@ -95,7 +95,8 @@ def _diverging(norm_history: list, history: list[float], probs: torch.Tensor
     objective); ``probs`` is the (p, K) softmax q_k of the final atoms; its column maxima are
     read only for components that pass the cheap tests.
     """
-    if len(norm_history) != len(history) or len(history) < 2:
+    assert len(norm_history) == len(history), "norms must be recorded after every update"
+    if len(history) < 2:
         return ()
     now = norm_history[-1]
     # The long view: growth over the final flat stretch (the history never decreases).
