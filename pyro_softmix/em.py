@@ -411,8 +411,7 @@ class _EMProblem:
         return st, objs, norms, False, False, gap
 
     def run(self, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
-            bar=None, accelerate: bool = True
-            ) -> tuple[torch.Tensor, torch.Tensor, list[float], bool]:
+            bar=None, accelerate: bool = True) -> _Run:
         """Iterate one start from (atoms, log_weights) until the estimated gap is <= tol.
 
         With ``accelerate``, EM runs in SQUAREM cycles (two EM steps and an extrapolation, see
@@ -421,9 +420,7 @@ class _EMProblem:
         full objective (:meth:`newton`, when K r + K - 1 <= ``MAX_NEWTON_PARAMS``), which
         converge quadratically; if no Newton step is accepted EM goes on and Newton is tried
         again after a growing number of iterations.
-        The history holds the objective after every update (the log-likelihood, minus the
-        prior's penalty under MAP-EM); ``self.last_loglik`` is the final log-likelihood and
-        ``self.norm_history`` the atoms' norms (z coordinates) after every update.
+        Returns a :class:`_Run`; the workspace then holds the final softmax.
         """
         st = self.start(atoms, log_weights)
         values = torch.cat([self.objective(st), atoms.norm(dim=1).double()]).tolist()
@@ -464,11 +461,9 @@ class _EMProblem:
                 if failed:  # EM goes on; try again after a growing number of iterations
                     next_newton, backoff = it + 2 * backoff, 2 * backoff
                 gains.clear()  # increments from before the Newton steps no longer apply
-        self.last_gap = newton_gap if converged and newton_gap is not None else (
-            _remaining_gap(gains, rate=rate))
-        self.last_loglik = float(st.loglik[0])
-        self.norm_history = norms
-        return st.atoms, st.log_weights, history, converged
+        gap = newton_gap if converged and newton_gap is not None else _remaining_gap(
+            gains, rate=rate)
+        return _Run(st, history, norms, converged, gap)
 
 
 @dataclass
@@ -483,6 +478,19 @@ class _EMState:
     lse: torch.Tensor
     w: torch.Tensor
     loglik: torch.Tensor
+
+
+@dataclass
+class _Run:
+    """One start run to convergence (:meth:`_EMProblem.run`): its final state, the objective
+    and the atoms' norms (z coordinates) after every update, whether the stopping rule was met,
+    and the final estimated gap."""
+
+    state: _EMState
+    history: list[float]
+    norms: list[list[float]]
+    converged: bool
+    gap: float
 
 
 def _group_log_joint(log_q: torch.Tensor, group_index: torch.Tensor, point_index: torch.Tensor,
@@ -996,19 +1004,17 @@ def _race_label(init: str, n: int, spent: int, survivors: torch.Tensor) -> str:
 
 
 def _finish(problem: _EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, max_iter: int,
-            tol: float, bar=None, accelerate: bool = True):
+            tol: float, bar=None, accelerate: bool = True) -> _Run:
     """Run each start (S, K, r) to convergence (:meth:`_EMProblem.run`) and keep the best.
 
-    Returns (run's output, its final gap, log-likelihood, norm history); the workspace then holds
-    the winner's softmax.
+    The workspace then holds the winner's softmax (its state is restored when a later run
+    overwrote it).
     """
-    best = None
-    for a, w in zip(starts_z, starts_w, strict=True):
-        out = problem.run(a, w, max_iter, tol, bar, accelerate)
-        if best is None or out[2][-1] > best[0][2][-1]:
-            best = out, problem.last_gap, problem.last_loglik, problem.norm_history
-    if starts_z.shape[0] > 1:
-        problem.start(best[0][0], best[0][1])
+    runs = [problem.run(a, w, max_iter, tol, bar, accelerate)
+            for a, w in zip(starts_z, starts_w, strict=True)]
+    best = max(runs, key=lambda run: run.history[-1])  # the first of equals
+    if best is not runs[-1]:
+        best.state = problem.start(best.state.atoms, best.state.log_weights)
     return best
 
 
@@ -1112,32 +1118,33 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
                                               seed, progress, accelerate)
     bar = _progress_bar(progress, max_iter * starts_z.shape[0], "EM")
     try:
-        (atoms_z, log_w, history, converged), gap, loglik, norm_history = _finish(
-            problem, starts_z, starts_w, max_iter, tol, bar, accelerate)
+        run = _finish(problem, starts_z, starts_w, max_iter, tol, bar, accelerate)
     finally:
         if bar is not None:
             bar.close()
-    if not converged:
+    history, norms = run.history, run.norms
+    if not run.converged:
         warnings.warn(
             f"EM did not converge in max_iter={max_iter} iterations (estimated relative gap "
-            f"{gap / abs(history[-1]):.2e} > tol={tol:.1e}); "
+            f"{run.gap / abs(history[-1]):.2e} > tol={tol:.1e}); "
             "increase max_iter or continue with init=fit",
             ConvergenceWarning, stacklevel=2,
         )
     # After EM the workspace holds softmax(z @ atoms_z.T, 0) for the final atoms.
     # Under a prior the objective is coercive: no atom can run off to infinity.
-    diverging = () if prior_scale is not None else _diverging(norm_history, history,
+    diverging = () if prior_scale is not None else _diverging(norms, history,
                                                               problem.workspace.q)
     if diverging:
-        norms = ", ".join(f"{norm_history[-1][k]:.3g}" for k in diverging)
+        lengths = ", ".join(f"{norms[-1][k]:.3g}" for k in diverging)
         warnings.warn(
-            f"the atoms of components {list(diverging)} keep growing (norms {norms} in "
+            f"the atoms of components {list(diverging)} keep growing (norms {lengths} in "
             "standardised units) while the objective barely changes: EM is heading to infinity, "
             "with a component concentrating on a few support points. This is a spurious optimum "
             "(try other starts, num_inits=) or the MLE is at infinity; refit with prior_scale= "
             "for a MAP estimate", DivergenceWarning, stacklevel=2)
-    return _make_fit(problem, design, x, atoms_z, log_w, history, converged, label, labels,
-                     start_time, dtype, device, loglik, prior_scale, diverging)
+    return _make_fit(problem, design, x, run.state.atoms, run.state.log_weights, history,
+                     run.converged, label, labels, start_time, dtype, device,
+                     float(run.state.loglik[0]), prior_scale, diverging)
 
 
 def _prior_precision(x: torch.Tensor, design: Design, prior_scale: float) -> torch.Tensor:

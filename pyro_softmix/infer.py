@@ -224,10 +224,9 @@ class EM:
         atoms_z, log_w, label = _choose_start(problem, design, z, k, init, o["num_inits"], 1000,
                                               o["seed"], False)
         if atoms_z.shape[0] > 1:  # a race left several survivors: keep the best after EM
-            atoms_z, log_w = _finish(problem, atoms_z, log_w, 1000, tol)[0][:2]
+            em = _finish(problem, atoms_z, log_w, 1000, tol).state
         else:
-            atoms_z, log_w = atoms_z[0], log_w[0]
-        em = problem.start(atoms_z, log_w)
+            em = problem.start(atoms_z[0], log_w[0])
         self._state = dict(x=x, design=design, problem=problem, em=em, label=label,
                            labels=labels, tol=tol, dtype=dtype, device=device, start=start)
         self.history = [float(em.loglik[0])]
