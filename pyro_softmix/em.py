@@ -101,20 +101,20 @@ def _diverging(norm_history: list, history: list[float], probs: torch.Tensor
     now = norm_history[-1]
     # The long view: growth over the final flat stretch (the history never decreases).
     floor = history[-1] - _RIDGE_FLAT * abs(history[-1])
-    first = next(i for i, v in enumerate(history) if v >= floor)
-    ridge = {k for k, (a, b) in enumerate(zip(now, norm_history[first], strict=True))
+    start = norm_history[next(i for i, v in enumerate(history) if v >= floor)]
+    found = {k for k, (a, b) in enumerate(zip(now, start, strict=True))
              if a >= _DIVERGENCE_NORM and a >= (1 + _RIDGE_GROWTH) * b}
-    # The short view: still growing over the last updates.
+    # The short view: still growing over the last updates, and long or on one point.
     w = _DIVERGENCE_WINDOW
-    growing = []
     if len(history) > w and abs(history[-1] - history[-1 - w]) <= _DIVERGENCE_FLAT * abs(
             history[-1]):
-        before = norm_history[-1 - w]
-        growing = [k for k, (a, b) in enumerate(zip(now, before, strict=True))
-                   if k not in ridge and a >= (1 + _DIVERGENCE_GROWTH) * b]
-    top_mass = probs[:, growing].amax(0).tolist() if growing else []
-    return tuple(sorted(ridge | {k for k, mass in zip(growing, top_mass, strict=True)
-                                 if now[k] >= _DIVERGENCE_NORM or mass >= _DIVERGENCE_MASS}))
+        growing = [k for k, (a, b) in enumerate(zip(now, norm_history[-1 - w], strict=True))
+                   if k not in found and a >= (1 + _DIVERGENCE_GROWTH) * b]
+        if growing:
+            top_mass = probs[:, growing].amax(0).tolist()
+            found.update(k for k, mass in zip(growing, top_mass, strict=True)
+                         if now[k] >= _DIVERGENCE_NORM or mass >= _DIVERGENCE_MASS)
+    return tuple(sorted(found))
 
 
 def _default_tol(dtype: torch.dtype) -> float:
