@@ -25,6 +25,7 @@ import torch
 
 from ._checks import as_tensor, check_counts, check_features, resolve_device, resolve_dtype
 from .design import Design, standardize
+from .solvers import _weighted_gram
 
 __all__ = ["LatentMoments", "hermite", "latent_moments"]
 
@@ -170,6 +171,6 @@ def _standardised_moments(z: torch.Tensor, counts: torch.Tensor, design: Design)
     """M1 and M2 from standardised features z (p, r) and float64 counts (p,) on z's device."""
     pihat = (counts / counts.sum()).to(z.dtype)
     m1 = pihat @ z
-    m2 = (z * pihat[:, None]).T @ z
+    m2 = _weighted_gram(z, pihat[:, None])[0]  # chunked: no (p, r) temporary
     m2 = 0.5 * (m2 + m2.T) - torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
     return LatentMoments(m1=m1, m2=m2, design=design, z=z, pihat=pihat)
