@@ -721,8 +721,10 @@ class MixtureOfExperts:
 class _Trace:
     """Objective history, timings, progress bar and the stopping rule of one run.
 
-    Stops when the Aitken estimate of the remaining increase is <= tol * |objective|; for a
-    monotone method (EM) also when an iteration gains nothing (rounding level).
+    Stops when the Aitken estimate of the remaining increase is <= tol * |objective| (for a
+    monotone method such as EM that includes an iteration that gains nothing, which the shared
+    rule reads as a stationary point); a gradient method's loss of objective is an overshoot,
+    not convergence.
     """
 
     def __init__(self, start: float, tol: float, bar, *, monotone: bool):
@@ -741,7 +743,7 @@ class _Trace:
             self.bar.set_postfix(objective=f"{obj:.10g}", refresh=False)
         gap = _remaining_gap(self.gains)
         if self.monotone:
-            self.converged = gap <= self.tol * abs(obj) or self.gains[-1] <= 0
+            self.converged = gap <= self.tol * abs(obj)
         else:
             self.converged = 0 < gap <= self.tol * abs(obj)
         return self.converged
