@@ -1108,9 +1108,7 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
     x, design, z, problem, k, dtype, device, labels = _prepare(
         features, counts, tokens, groups, num_components, dtype, device, chunk_size)
     tol = _default_tol(dtype) if tol is None else check_positive_float(tol, "tol", True)
-    if prior_scale is not None:
-        prior_scale = check_positive_float(prior_scale, "prior_scale")
-        problem.penalty = _prior_precision(x, design, prior_scale).to(z)
+    prior_scale = _set_prior(problem, x, design, prior_scale)
 
     if not isinstance(accelerate, bool):
         raise TypeError(f"accelerate must be True or False, got {accelerate!r}")
@@ -1145,6 +1143,17 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
     return _make_fit(problem, design, x, run.state.atoms, run.state.log_weights, history,
                      run.converged, label, labels, start_time, dtype, device,
                      float(run.state.loglik[0]), prior_scale, diverging)
+
+
+def _set_prior(problem: _EMProblem, x: torch.Tensor, design: Design,
+               prior_scale: float | None) -> float | None:
+    """Check ``prior_scale`` and, if given, make ``problem`` a MAP-EM problem under the atoms'
+    Normal(0, prior_scale / sd(X[:, l])) prior; returns the checked scale."""
+    if prior_scale is None:
+        return None
+    prior_scale = check_positive_float(prior_scale, "prior_scale")
+    problem.penalty = _prior_precision(x, design, prior_scale).to(problem.z)
+    return prior_scale
 
 
 def _prior_precision(x: torch.Tensor, design: Design, prior_scale: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import check_positive_float, check_positive_int, make_generator
+from ._checks import check_positive_int, make_generator
 from .moments import LatentMoments, _standardised_moments
 
 __all__ = ["WarmStart", "warm_start", "WARM_START_METHODS"]
@@ -296,7 +296,7 @@ def warm_start(features, counts=None, tokens=None, num_components: int = 3, meth
         >>> start.weights.shape, start.atoms.shape
         ((2,), (2, 4))
     """
-    from .em import _auto_start, _prepare, _prior_precision
+    from .em import _auto_start, _prepare, _set_prior
 
     if not isinstance(method, str) or method not in WARM_START_METHODS:
         raise ValueError(f"method must be one of {WARM_START_METHODS}, got {method!r}")
@@ -309,9 +309,7 @@ def warm_start(features, counts=None, tokens=None, num_components: int = 3, meth
     if method == "auto":
         if num_inits is not None:
             num_inits = check_positive_int(num_inits, "num_inits")
-        if prior_scale is not None:
-            prior_scale = check_positive_float(prior_scale, "prior_scale")
-            problem.penalty = _prior_precision(x, design, prior_scale).to(z)
+        _set_prior(problem, x, design, prior_scale)
         atoms_z, log_w, _ = _auto_start(problem, mom, k, num_inits, gen)
         weights = log_w[0].exp().double().cpu()  # the race's leader
         atoms_z = atoms_z[0].double().cpu()
