@@ -261,9 +261,8 @@ def test_stopping_rule_does_not_stop_at_a_stall():
     ref = psm.fit_em(d.features, d.counts, num_components=2,
                      init={"weights": d.weights, "atoms": d.atoms})
     mean = d.atoms.mean(0)
-    start = {"weights": torch.tensor([0.5, 0.5], dtype=torch.float64),
+    start = {"weights": d.weights,
              "atoms": torch.stack([mean, mean + torch.tensor([1e-4, 3e-5], dtype=torch.float64)])}
-    start["weights"] = d.weights
     fit = psm.fit_em(d.features, d.counts, num_components=2, init=start, max_iter=3000)
     h = torch.tensor(fit.history)
     rel = (h[1:] - h[:-1]).abs() / h[0].abs()
