@@ -27,7 +27,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,14 +37,11 @@ import torch
 import pyro_softmix as psm
 from pyro_softmix.datasets import embedding_subset, glove_embeddings, minilm_embeddings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_em import machine  # noqa: E402
+
 METHODS = ("auto", "random", "subspace", "tensor", "projection")
 MOMENT_METHODS = ("projection", "tensor")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def _table(name: str) -> torch.Tensor:

@@ -30,7 +30,7 @@ import argparse
 import json
 import math
 import os
-import platform
+import sys
 import warnings
 
 import numpy as np
@@ -39,17 +39,14 @@ import torch
 import pyro_softmix as psm
 from pyro_softmix.plots import match_components
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_em import machine  # noqa: E402
+
 SNR = {"high": 8.0, "medium": 2.0, "low": 0.5}
 KS = (2, 3, 5)
 LR = {"gd": (0.1, 0.3, 1.0, 3.0), "adam": (0.01, 0.03, 0.1, 0.3)}
 REL = 1e-6
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def _reach(history, times, target):

@@ -43,7 +43,7 @@ import pyro_softmix as psm
 from pyro_softmix import em as _em
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_em import machine  # noqa: E402
+from bench_em import machine, random_starts  # noqa: E402
 from bench_init import _design  # noqa: E402
 
 TARGETS = (1e-6, 1e-8)
@@ -200,7 +200,7 @@ def run_regime(name, spec, args, tables) -> dict:
     z = std.transform(data.features)
     counts = data.counts.double()
     gen = torch.Generator().manual_seed(args.seed)
-    atoms_z = _em._random_starts(z, counts, k, 1, gen)[0]
+    atoms_z = random_starts(z, counts, k, 1, gen)[0]
     start = {"weights": torch.full((k,), 1.0 / k, dtype=torch.float64),
              "atoms": std.atoms_from_z(atoms_z)}
     with warnings.catch_warnings():

@@ -927,16 +927,6 @@ def _race(problem: _EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
     return atoms, log_weights, spent
 
 
-def _random_starts(z: torch.Tensor, counts: torch.Tensor, num_components: int,
-                   num_starts: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """``num_starts`` random atoms (K, r) at the scale M2 implies (``init="random"``)."""
-    from .moments import _standardised_moments
-    from .warmstart import random_atoms
-
-    mom = _standardised_moments(z, counts.to(device=z.device, dtype=torch.float64), None)
-    return list(random_atoms(mom, num_components, num_starts, generator).to(z).unbind())
-
-
 def _auto_start(problem: _EMProblem, mom, k: int, num_inits: int | None,
                 gen: torch.Generator, max_iter: int = 1000, progress: bool | None = False,
                 accelerate: bool = True):
