@@ -444,8 +444,9 @@ class _EMProblem:
                 bar.set_postfix(loglik=f"{history[-1]:.8g}", refresh=False)
             if num_steps == 2 and accelerate:
                 rate = _cycle_rate(rates, gains)
-            gap = _remaining_gap(gains, rate=rate)
-            if gap <= tol * abs(history[-1]):
+            limit = tol * abs(history[-1])
+            gap = _remaining_gap(gains, rate=rate, noise=_NOISE_GAIN * limit)
+            if gap <= limit:
                 converged = True
                 break
             if use_newton and it >= next_newton and gap <= NEWTON_SWITCH * abs(history[-1]):
@@ -462,7 +463,7 @@ class _EMProblem:
                     next_newton, backoff = it + 2 * backoff, 2 * backoff
                 gains.clear()  # increments from before the Newton steps no longer apply
         gap = newton_gap if converged and newton_gap is not None else _remaining_gap(
-            gains, rate=rate)
+            gains, rate=rate, noise=_NOISE_GAIN * tol * abs(history[-1]))
         return _Run(st, history, norms, converged, gap)
 
 
@@ -554,6 +555,10 @@ class _GroupedEMProblem(_EMProblem):
 
 #: Largest linear rate assumed by the stopping rule (so the gap estimate is at most 1e4 steps).
 _MAX_RATE = 1 - 1e-4
+#: A gain at most this fraction of the tolerance (times |objective|) is at rounding level: from a
+#: converged start (a race's survivor, K = 1) the gains then rise and fall at random, and only
+#: this floor lets the stopping rule see the stationary point.
+_NOISE_GAIN = 1e-3
 
 
 def _remaining_gap(gains, max_rate: float = _MAX_RATE, rate: float = 0.0,

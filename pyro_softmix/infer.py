@@ -32,6 +32,7 @@ from pyro.infer.autoguide import (
 
 from ._checks import check_positive_float, check_positive_int
 from .em import (
+    _NOISE_GAIN,
     SoftmaxMixtureFit,
     _check_init,
     _choose_start,
@@ -165,10 +166,6 @@ def _mixture_object(model):
         raise TypeError("EM needs a SoftmaxMixtureModel or its .model method, got "
                         f"{type(model).__name__}")
     return obj
-
-
-#: A gain this fraction of the tolerance is converged whatever the trend of the gains.
-_NOISE_GAIN = 1e-3
 
 
 class EM:
