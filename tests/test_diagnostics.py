@@ -121,7 +121,7 @@ def test_posterior_summary_rhat_and_ess():
 def test_fisher_intervals_match_the_closed_form_for_one_component():
     """K = 1 is a softmax regression: information N Cov_q(x), covariance its inverse."""
     d = psm.simulate(num_points=200, num_features=3, num_components=1, num_obs=20_000, seed=0)
-    fit = psm.fit_em(d.features, counts=d.counts, num_components=1)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=1, seed=0)
     ci = psm.fisher_intervals(fit, counts=d.counts, level=0.9)
     q = torch.softmax(d.features @ fit.atoms[0], 0)
     xc = d.features - q @ d.features
