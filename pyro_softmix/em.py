@@ -59,6 +59,9 @@ _NEWTON_MAX_STEPS = 10
 _COV_REUSE_MIN_RANK = 64
 _COV_REUSE = 3
 _NEWTON_BACKTRACKS = 8
+#: A Newton step reuses the previous step's Hessian (a chord step) while the Newton decrement
+#: falls by at least this factor per step; otherwise a fresh Hessian is formed.
+_CHORD_CONTRACTION = 0.1
 
 
 class ConvergenceWarning(UserWarning):
@@ -359,28 +362,33 @@ class _EMProblem:
             decrement = float(grad @ direction)
             return direction, decrement, decrement / 2 <= tol * abs(obj)
 
+        last = 0.0  # the decrement of the last full step taken with a concave Hessian, else 0
         for _ in range(max_steps):
             grad, pieces = _marginal_gradient(self.z, self.workspace.q, st.w, st.log_weights)
             if pen is not None:
                 grad[:k * r] -= (st.atoms.double() @ pen).reshape(-1)
+            fresh = True
             if chol is not None:
-                # Converged by the previous step's Hessian (it changes little from one step to
-                # the next here): no new Hessian just to confirm.
-                _, decrement, done = solve(chol)
-                gap = decrement / 2
-                if done:
-                    return st, objs, norms, True, False, gap
-            hess = _marginal_hessian(self.z, self.counts, self.workspace.q, st.w, pieces,
-                                     self.support)
-            if pen is not None:
-                hess[:k * r, :k * r] -= torch.block_diag(*[pen] * k)
-            chol, info = torch.linalg.cholesky_ex(-hess)
-            if int(info) == 0:
+                # The previous step's Hessian changes little from one step to the next here:
+                # no new Hessian just to confirm convergence, and none while a step with the
+                # old one (a chord step) still cuts the decrement by _CHORD_CONTRACTION.
                 direction, decrement, done = solve(chol)
                 gap = decrement / 2
                 if done:
                     return st, objs, norms, True, False, gap
-            else:
+                fresh = decrement > _CHORD_CONTRACTION * last
+            if fresh:
+                hess = _marginal_hessian(self.z, self.counts, self.workspace.q, st.w, pieces,
+                                         self.support)
+                if pen is not None:
+                    hess[:k * r, :k * r] -= torch.block_diag(*[pen] * k)
+                chol, info = torch.linalg.cholesky_ex(-hess)
+            if fresh and int(info) == 0:
+                direction, decrement, done = solve(chol)
+                gap = decrement / 2
+                if done:
+                    return st, objs, norms, True, False, gap
+            elif fresh:
                 # Not concave here (a saddle region of a weakly separated mixture): shift the
                 # spectrum of -H to twice its most negative eigenvalue, a damped step that
                 # still ascends; no convergence claim from it.
@@ -403,8 +411,13 @@ class _EMProblem:
                     break
                 step /= 2
             if accepted is None:
+                if not fresh:  # the old Hessian is too stale: a fresh one next
+                    chol, last = None, 0.0
+                    self.start(st.atoms, st.log_weights)
+                    continue
                 # The trials overwrote the workspace: restore the state of st.
                 return self.start(st.atoms, st.log_weights), objs, norms, False, True, gap
+            last = decrement if chol is not None and step == 1.0 else 0.0
             st, obj = accepted, values[0]
             objs.append(obj)
             norms.append(values[1:])
