@@ -15,7 +15,9 @@ second moment implies, equal weights) and runs every method from it:
 The MLE is the best log-likelihood any method (or a long EM run from the truth) reaches. For
 each method it reports the wall time until the log-likelihood is first within 1e-6 and 1e-8
 (relative) of it, and the ratio (best of Adam and SVI) / default. Gradient methods get a time
-budget; "inf" means not reached within it. A plot shows the gap against wall time.
+budget; "inf" means not reached within it. Every method is run ``--repeats`` times at its
+chosen setting (Adam and SVI: the best learning rate of the grid) and its fastest run kept, as
+timings on a shared machine vary. A plot shows the gap against wall time.
 
 Regimes: easy (K=3, |t|=2, L=20), many (K=8), weak (|t|=1), large L (L=256), large p (p=10^5;
 10^6 with --huge), GloVe 50-d and MiniLM (PCA to 50) designs (skipped if not installed).
@@ -208,21 +210,33 @@ def run_regime(name, spec, args, tables) -> dict:
         truth = psm.fit_em(data.features, counts=data.counts, num_components=k,
                            init={"weights": data.weights, "atoms": data.atoms}, tol=1e-13,
                            max_iter=20_000)
-    traces = {"default": _run_em(data, k, start, True, args.max_iter),
-              "plain EM": _run_em(data, k, start, False, args.max_iter)}
+    em_runs = {"default": lambda: _run_em(data, k, start, True, args.max_iter),
+               "plain EM": lambda: _run_em(data, k, start, False, args.max_iter)}
+    traces = {m: run() for m, run in em_runs.items()}
     finals = [truth.loglik] + [t.fit.loglik for t in traces.values()]
     best = max(finals)
     budget = min(args.budget, max(10.0, 25 * traces["default"].seconds))
-    grad = {}
-    for lr in ADAM_LR:
-        grad[f"Adam lr={lr}"] = _run_torch(z, counts, atoms_z, lr, budget, best, "adam")
-    for lr in SVI_LR:
-        grad[f"SVI lr={lr}"] = _run_svi(data, k, start, lr, budget, best)
-    grad["L-BFGS"] = _run_torch(z, counts, atoms_z, None, budget, best, "lbfgs")
+    runs = {f"Adam lr={lr}": (lambda lr=lr: _run_torch(z, counts, atoms_z, lr, budget, best,
+                                                       "adam")) for lr in ADAM_LR}
+    runs.update({f"SVI lr={lr}": (lambda lr=lr: _run_svi(data, k, start, lr, budget, best))
+                 for lr in SVI_LR})
+    runs["L-BFGS"] = lambda: _run_torch(z, counts, atoms_z, None, budget, best, "lbfgs")
+    grad = {m: run() for m, run in runs.items()}
     for t in grad.values():
         finals.append(max((ll for _, ll in t.points), default=-math.inf))
     best = max(finals)
     traces.update(grad)
+    # Timings on a shared machine vary from run to run: the default, plain EM, L-BFGS and the
+    # best learning rate of Adam and of SVI are each run --repeats times in all, fastest kept.
+    runs.update(em_runs)
+    chosen = ["default", "plain EM", "L-BFGS"] + [
+        min((m for m in traces if m.startswith(fam)), key=lambda m: _speed(traces[m], best))
+        for fam in ("Adam", "SVI")]
+    for m in chosen:
+        for _ in range(args.repeats - 1):
+            again = runs[m]()
+            if _speed(again, best) < _speed(traces[m], best):
+                traces[m] = again
     rows = {m: {str(rel): v for rel, v in t.hits(best).items()} for m, t in traces.items()}
     row = dict(regime=name, design=design, p=p, L=x.shape[1], K=k, norm=norm,
                N=args.num_obs, best_loglik=best, budget=budget, times=rows,
@@ -240,6 +254,12 @@ def run_regime(name, spec, args, tables) -> dict:
         row[f"best_adam_{rel:g}"] = best_of["Adam"]
         row[f"best_svi_{rel:g}"] = best_of["SVI"]
     return row
+
+
+def _speed(trace: _Trace, best: float) -> tuple[float, ...]:
+    """Sort key: the times to the targets, tightest first."""
+    hits = trace.hits(best)
+    return tuple(hits[rel] for rel in reversed(TARGETS))
 
 
 def _fmt(v: float) -> str:
@@ -305,6 +325,8 @@ def main(argv=None):
                     help="seconds per gradient run at most (also capped at 25x the default)")
     ap.add_argument("--max-iter", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of each method (its best learning rate), the fastest kept")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
