@@ -66,7 +66,9 @@ def _init_to_em(site, values, fallback):
     if value.shape != ref.shape:
         raise ValueError(f"init_to_em: site {site['name']!r} has shape {tuple(ref.shape)} in the "
                          f"model but {tuple(value.shape)} in the fit")
-    return value.to(ref)
+    # A copy: a guide's parameter starts from this tensor and is then updated in place, which
+    # must not change the fit it came from.
+    return value.to(ref).clone()
 
 
 def init_to_em(fit, *, fallback=init_to_median):
@@ -96,7 +98,7 @@ def em_initial_params(fit, num_chains: int = 1) -> dict[str, torch.Tensor]:
     """
     values = _em_values(fit)
     w = torch.distributions.biject_to(constraints.simplex).inv(values["weights"])
-    out = {"weights": w, "atoms": values["atoms"]}
+    out = {"weights": w, "atoms": values["atoms"].clone()}
     if num_chains > 1:
         out = {k: v.expand((num_chains,) + v.shape).clone() for k, v in out.items()}
     return out

@@ -88,6 +88,38 @@ def test_em_initial_params_are_the_unconstrained_em_values():
     assert torch.allclose(back, fit.weights, atol=1e-12)
 
 
+def test_svi_from_init_to_em_leaves_the_fit_and_the_start_unchanged():
+    """The guide's parameters start from copies: training them moves neither the EM fit nor a
+    start given as a mapping (AutoDelta's atoms are unconstrained, so without the copy its
+    parameter would be the fit's own tensor, updated in place by Adam)."""
+    from pyro.infer.autoguide import AutoDelta
+
+    d = _data()
+    sm = psm.SoftmaxMixtureModel(d.features, 2)
+    fit = sm.fit_em(counts=d.counts, seed=0)
+    start = {"weights": fit.weights.clone(), "atoms": fit.atoms.clone() + 0.5}
+    def values(source):
+        return {k: source[k] if isinstance(source, dict) else getattr(source, k)
+                for k in ("weights", "atoms")}
+
+    for source in (fit, start):
+        before = {k: v.clone() for k, v in values(source).items()}
+        pyro.clear_param_store()
+        guide = AutoDelta(lambda: sm.model(counts=d.counts), init_loc_fn=psm.init_to_em(source))
+        svi = pyro.infer.SVI(lambda: sm.model(counts=d.counts), guide,
+                             pyro.optim.Adam({"lr": 0.1}), pyro.infer.Trace_ELBO())
+        for _ in range(5):
+            svi.step()
+        moved = guide.median()["atoms"]
+        assert (moved - before["atoms"]).abs().max() > 1e-3  # SVI did move its own copy
+        after = values(source)
+        assert torch.equal(after["atoms"], before["atoms"])
+        assert torch.equal(after["weights"], before["weights"])
+    initial = psm.em_initial_params(fit)
+    initial["atoms"].add_(1.0)
+    assert not torch.equal(initial["atoms"], fit.atoms)
+
+
 def test_init_to_em_for_an_autoguide_and_bad_input():
     d = _data()
     sm = psm.SoftmaxMixtureModel(d.features, 2)
