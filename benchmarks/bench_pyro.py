@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -36,14 +35,12 @@ import torch
 import pyro_softmix as psm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_em  # noqa: E402
 from bench_em import random_starts  # noqa: E402
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), pyro {pyro.__version__}, "
-            f"Python {platform.python_version()}")
+    return f"{bench_em.machine()}, pyro {pyro.__version__}"
 
 
 def _loglik(features, counts, weights, atoms) -> float:
