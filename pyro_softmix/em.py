@@ -1113,13 +1113,12 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
     start_time = time.perf_counter()
     max_iter = check_positive_int(max_iter, "max_iter")
     num_inits = _check_init(init, num_inits)
+    if not isinstance(accelerate, bool):
+        raise TypeError(f"accelerate must be True or False, got {accelerate!r}")
     x, design, z, problem, k, dtype, device, labels = _prepare(
         features, counts, tokens, groups, num_components, dtype, device, chunk_size)
     tol = _default_tol(dtype) if tol is None else check_positive_float(tol, "tol", True)
     prior_scale = _set_prior(problem, x, design, prior_scale)
-
-    if not isinstance(accelerate, bool):
-        raise TypeError(f"accelerate must be True or False, got {accelerate!r}")
     starts_z, starts_w, label = _choose_start(problem, design, z, k, init, num_inits, max_iter,
                                               seed, progress, accelerate)
     bar = _progress_bar(progress, max_iter * starts_z.shape[0], "EM")

@@ -271,6 +271,8 @@ def _bad_cases():
               init={"weights": torch.tensor([0.5, 0.5]), "atoms": torch.zeros(3, 2)}),
          ValueError, "init atoms must have 2 rows"),
         (dict(features=x, counts=n, seed="abc"), TypeError, "seed must be"),
+        (dict(features=x, counts=n, accelerate=1), TypeError, "accelerate must be True or False"),
+        (dict(features=x, counts=n, prior_scale=0.0), ValueError, "prior_scale must be"),
     ]
 
 
