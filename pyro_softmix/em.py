@@ -411,12 +411,12 @@ class _EMProblem:
                     break
                 step /= 2
             if accepted is None:
+                # The trials overwrote the workspace and the E-step buffer: restore st.
+                st = self.start(st.atoms, st.log_weights)
                 if not fresh:  # the old Hessian is too stale: a fresh one next
                     chol, last = None, 0.0
-                    self.start(st.atoms, st.log_weights)
                     continue
-                # The trials overwrote the workspace: restore the state of st.
-                return self.start(st.atoms, st.log_weights), objs, norms, False, True, gap
+                return st, objs, norms, False, True, gap
             last = decrement if chol is not None and step == 1.0 else 0.0
             st, obj = accepted, values[0]
             objs.append(obj)

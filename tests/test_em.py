@@ -436,8 +436,9 @@ def test_marginal_gradient_and_hessian_match_autograd(dtype):
     assert torch.allclose(hess, hess_ref, atol=tol * scale, rtol=0)
 
 
-def _newton_from_em(seed, norm, scale, accelerate_ref, hessians=None):
-    """Newton steps (tol 1e-14) from 20 EM iterations started at ``scale`` times the MLE's atoms;
+def _newton_from_em(seed, norm, scale, accelerate_ref, hessians=None, em_iterations=20,
+                    max_steps=10):
+    """Newton steps (tol 1e-14) from EM iterations started at ``scale`` times the MLE's atoms;
     checks convergence, monotonicity and the final gap, and returns the gaps to the MLE before
     and after each step, and the MLE's log-likelihood. ``hessians`` (a list that counts the
     Hessians formed) is cleared when the Newton steps begin."""
@@ -447,12 +448,12 @@ def _newton_from_em(seed, norm, scale, accelerate_ref, hessians=None):
     ref = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0, tol=1e-14,
                      max_iter=20_000, accelerate=accelerate_ref)
     st = problem.start(design.atoms_to_z(ref.atoms) * scale, ref.weights.log())
-    for _ in range(20):
+    for _ in range(em_iterations):
         st, _ = problem.iterate(st)
     start = float(problem.objective(st)[0])
     if hessians is not None:
         hessians.clear()
-    _, objs, _, converged, failed, _ = problem.newton(st, start, 1e-14, 10)
+    _, objs, _, converged, failed, _ = problem.newton(st, start, 1e-14, max_steps)
     assert converged and not failed
     gaps = [ref.loglik - o for o in [start] + objs]
     assert all(b <= a + 1e-9 for a, b in zip(gaps, gaps[1:], strict=False))  # monotone
@@ -488,6 +489,24 @@ def test_chord_steps_reuse_the_hessian_and_reach_the_same_optimum(monkeypatch):
     # per step (3) without chord steps.
     assert fresh_h == fresh_steps >= 2 and chord_h < chord_steps and chord_h < fresh_h
     assert abs(chord_gap - fresh_gap) <= 1e-13 * abs(loglik)  # the same optimum
+
+
+def test_a_rejected_chord_step_falls_back_to_a_fresh_hessian(monkeypatch):
+    """Chord steps forced (contraction 1e12) with one trial per step: a stale Hessian's step is
+    then rejected, the state it overwrote is restored and the next step uses a fresh Hessian.
+    With a single trial every accepted step is a full one, so the second Hessian can only come
+    from that fallback. (Measured: 2 Hessians, 14 steps; without the restore Newton fails.)"""
+    import pyro_softmix.em as em
+
+    built = []
+    hessian = em._marginal_hessian
+    monkeypatch.setattr(em, "_marginal_hessian",
+                        lambda *a, **kw: built.append(1) or hessian(*a, **kw))
+    monkeypatch.setattr(em, "_CHORD_CONTRACTION", 1e12)
+    monkeypatch.setattr(em, "_NEWTON_BACKTRACKS", 1)
+    _newton_from_em(seed=0, norm=1.0, scale=0.7, accelerate_ref=True, hessians=built,
+                    em_iterations=5, max_steps=30)
+    assert len(built) >= 2
 
 
 def test_newton_endgame_is_skipped_for_grouped_data_and_respects_the_prior(monkeypatch):
