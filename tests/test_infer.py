@@ -98,6 +98,7 @@ def test_svi_from_init_to_em_leaves_the_fit_and_the_start_unchanged():
     sm = psm.SoftmaxMixtureModel(d.features, 2)
     fit = sm.fit_em(counts=d.counts, seed=0)
     start = {"weights": fit.weights.clone(), "atoms": fit.atoms.clone() + 0.5}
+
     def values(source):
         return {k: source[k] if isinstance(source, dict) else getattr(source, k)
                 for k in ("weights", "atoms")}
