@@ -55,9 +55,9 @@ AUTO_NUM_INITS = 4
 #: objective.
 NEWTON_SWITCH = 1e-3
 _NEWTON_MAX_STEPS = 10
-#: From this rank on, an M-step's covariances are reused by the next ``_COV_REUSE - 1`` M-steps.
-_COV_REUSE_MIN_RANK = 64
-_COV_REUSE = 3
+#: (rank r, n): from rank r on, one computation of the covariances (p r^2 K, the bulk of an
+#: M-step at large r) serves n consecutive M-steps; the later ones are quasi-Newton steps.
+_COV_REUSE = ((32, 2), (64, 3))
 _NEWTON_BACKTRACKS = 8
 #: A Newton step reuses the previous step's Hessian (a chord step) while the Newton decrement
 #: falls by at least this factor per step; otherwise a fresh Hessian is formed.
@@ -161,7 +161,7 @@ class _EMProblem:
         #: Whether the Newton endgame applies (the grouped likelihood has no full Hessian here).
         self.newton_capable = True
         #: M-steps that share one computation of the covariances of z under q (see m_step).
-        self.cov_reuse = _COV_REUSE if z.shape[1] >= _COV_REUSE_MIN_RANK else 1
+        self.cov_reuse = max((n for rank, n in _COV_REUSE if z.shape[1] >= rank), default=1)
         self.cov, self.cov_age = None, 0
 
     def with_starts(self, num_starts: int) -> _EMProblem:

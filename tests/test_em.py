@@ -529,15 +529,17 @@ def test_newton_endgame_is_skipped_for_grouped_data_and_respects_the_prior(monke
     assert fast.history[-1] == pytest.approx(plain.history[-1], rel=1e-11, abs=0)
 
 
-def test_reused_covariances_at_large_rank_reach_the_same_mle(monkeypatch):
-    """At r >= 64 consecutive M-steps share one covariance (quasi-Newton steps)."""
+@pytest.mark.parametrize("rank, shared", [(40, 2), (64, 3)])
+def test_reused_covariances_at_large_rank_reach_the_same_mle(monkeypatch, rank, shared):
+    """From r = 32 on, consecutive M-steps share one covariance (quasi-Newton steps)."""
     from pyro_softmix import em
 
-    d = _data(p=2000, L=64, K=2, N=100_000, seed=4, norm=2.0)
+    assert em._EMProblem(torch.zeros(3, rank), torch.ones(3), 2).cov_reuse == shared
+    d = _data(p=2000, L=rank, K=2, N=100_000, seed=4, norm=2.0)
     kw = dict(num_components=2, init="random", seed=0, tol=1e-12, max_iter=5000,
               accelerate=False)
     reused = psm.fit_em(d.features, counts=d.counts, **kw)
-    monkeypatch.setattr(em, "_COV_REUSE_MIN_RANK", 10**9)
+    monkeypatch.setattr(em, "_COV_REUSE", ())
     fresh = psm.fit_em(d.features, counts=d.counts, **kw)
     assert reused.converged and fresh.converged
     assert reused.loglik == pytest.approx(fresh.loglik, rel=1e-10, abs=0)
