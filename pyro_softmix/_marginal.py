@@ -78,13 +78,19 @@ def _marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w:
     h[k * r:, k * r:] = (e_minus.T * total_w) @ e_minus - n_total * (torch.diag(alpha)
                                                                      - alpha[:, None] * alpha)
     # - B^T B, chunked over the rows with n_j > 0.
+    # The rows of B are written in place into one buffer: building them from temporaries
+    # cost as much as the product itself.
     rows = torch.nonzero(counts > 0).squeeze(1) if support is None else support
-    chunk = max(64, _B_CHUNK_ELEMENTS // dim)
+    chunk = min(max(64, _B_CHUNK_ELEMENTS // dim), rows.shape[0])
+    buffer = z.new_empty(chunk, dim)
     for s in range(0, rows.shape[0], chunk):
         idx = rows[s:s + chunk]
-        zc, nc = z[idx], counts[idx]
-        resp = w[idx] / nc[:, None]  # r_jk
-        b_t = resp[:, :, None] * (zc[:, None, :] - mean_q)  # (c, K, r)
-        b = torch.cat([b_t.reshape(-1, k * r), resp - alpha], 1) * nc.sqrt()[:, None]
+        c = idx.shape[0]
+        b = buffer[:c]
+        root_n = counts[idx].sqrt()[:, None]
+        scaled = w[idx].div_(root_n)  # sqrt(n_j) r_jk
+        b_t = b[:, :k * r].view(c, k, r)
+        torch.sub(z[idx][:, None, :], mean_q, out=b_t).mul_(scaled[:, :, None])
+        torch.mul(alpha, root_n, out=b[:, k * r:]).neg_().add_(scaled)
         h.addmm_(b.T, b, alpha=-1.0)
     return h.double()[:-1, :-1]  # eta_K is fixed

@@ -436,6 +436,27 @@ def test_marginal_gradient_and_hessian_match_autograd(dtype):
     assert torch.allclose(hess, hess_ref, atol=tol * scale, rtol=0)
 
 
+def test_marginal_hessian_is_the_same_in_chunks(monkeypatch):
+    """B^T B accumulated over chunks of rows (the last one shorter) equals one pass."""
+    from pyro_softmix import _marginal
+    from pyro_softmix._marginal import _marginal_gradient, _marginal_hessian
+
+    d = _data(p=1000, L=4, K=3, N=5000, seed=2, norm=2.0)
+    z = psm.standardize(d.features).transform(d.features)
+    problem = _EMProblem(z, d.counts, 3)
+    atoms = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    st = problem.start(atoms, torch.tensor([0.2, 0.3, 0.5]).log())
+    w_before = st.w.clone()
+    _, pieces = _marginal_gradient(problem.z, problem.workspace.q, st.w, st.log_weights)
+    whole = _marginal_hessian(problem.z, problem.counts, problem.workspace.q, st.w, pieces)
+    support = int((d.counts > 0).sum())
+    monkeypatch.setattr(_marginal, "_B_CHUNK_ELEMENTS", 15 * 100)  # 100 rows, D = 15
+    assert support % 100 != 0
+    chunked = _marginal_hessian(problem.z, problem.counts, problem.workspace.q, st.w, pieces)
+    assert torch.allclose(chunked, whole, rtol=0, atol=1e-12 * float(whole.abs().max()))
+    assert torch.equal(st.w, w_before)  # the E-step weights are read, not written
+
+
 def _newton_from_em(seed, norm, scale, accelerate_ref, hessians=None, em_iterations=20,
                     max_steps=10):
     """Newton steps (tol 1e-14) from EM iterations started at ``scale`` times the MLE's atoms;
