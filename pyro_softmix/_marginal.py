@@ -81,7 +81,7 @@ def _marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w:
     # The rows of B are written in place into one buffer: building them from temporaries
     # cost as much as the product itself.
     rows = torch.nonzero(counts > 0).squeeze(1) if support is None else support
-    chunk = min(max(64, _B_CHUNK_ELEMENTS // dim), rows.shape[0])
+    chunk = max(1, min(max(64, _B_CHUNK_ELEMENTS // dim), rows.shape[0]))
     buffer = z.new_empty(chunk, dim)
     for s in range(0, rows.shape[0], chunk):
         idx = rows[s:s + chunk]
