@@ -86,10 +86,12 @@ class _Trace:
 
 
 def _run_em(data, k, start, accelerate: bool, max_iter: int) -> _Trace:
-    """fit_em from ``start``, recording the objective after every EM cycle and Newton phase of
-    the final run."""
+    """fit_em from ``start``, recording the objective after every EM cycle and every accepted
+    Newton step of the final run."""
     trace = _Trace()
     original = _em._EMProblem.cycle
+    original_newton = _em._EMProblem.newton
+    original_objective = _em._EMProblem.objective
 
     def recording(self, st, num_steps=2, step_max=None):
         out = original(self, st, num_steps, step_max)
@@ -97,12 +99,22 @@ def _run_em(data, k, start, accelerate: bool, max_iter: int) -> _Trace:
             trace.add(out[1][-1][0])
         return out
 
-    original_newton = _em._EMProblem.newton
-
     def recording_newton(self, st, obj, tol, max_steps):
-        out = original_newton(self, st, obj, tol, max_steps)
-        if out[1]:  # stamped when the Newton phase returns (a slight overstatement)
-            trace.add(out[1][-1])
+        evaluated = []  # (seconds, objective) of every trial point, accepted or not
+
+        def objective(problem, state):
+            value = original_objective(problem, state)
+            evaluated.append((time.perf_counter() - trace.start, float(value[0])))
+            return value
+
+        _em._EMProblem.objective = objective
+        try:
+            out = original_newton(self, st, obj, tol, max_steps)
+        finally:
+            _em._EMProblem.objective = original_objective
+        trials = iter(evaluated)
+        for value in out[1]:  # each accepted step, stamped when its objective was known
+            trace.add(value, next((t for t, v in trials if v == value), None))
         return out
 
     _em._EMProblem.cycle = recording
