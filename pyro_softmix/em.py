@@ -458,7 +458,7 @@ class _EMProblem:
             if num_steps == 2 and accelerate:
                 rate = _cycle_rate(rates, gains)
             limit = tol * abs(history[-1])
-            gap = _remaining_gap(gains, rate=rate, noise=_NOISE_GAIN * limit)
+            gap = _stopping_gap(gains, limit, rate)
             if gap <= limit:
                 converged = True
                 break
@@ -475,8 +475,8 @@ class _EMProblem:
                 if failed:  # EM goes on; try again after a growing number of iterations
                     next_newton, backoff = it + 2 * backoff, 2 * backoff
                 gains.clear()  # increments from before the Newton steps no longer apply
-        gap = newton_gap if converged and newton_gap is not None else _remaining_gap(
-            gains, rate=rate, noise=_NOISE_GAIN * tol * abs(history[-1]))
+        gap = newton_gap if converged and newton_gap is not None else _stopping_gap(
+            gains, tol * abs(history[-1]), rate)
         return _Run(st, history, norms, converged, gap)
 
 
@@ -598,6 +598,12 @@ def _remaining_gap(gains, max_rate: float = _MAX_RATE, rate: float = 0.0,
         # converging: never stop there, however small the gain.
         return math.inf
     return d1 / (1 - min(max(d1 / d0, rate), max_rate))
+
+
+def _stopping_gap(gains, limit: float, rate: float = 0.0) -> float:
+    """The stopping rule's gap estimate (:func:`_remaining_gap`) against ``limit`` = tol times
+    |objective|: a last gain below ``_NOISE_GAIN * limit`` is rounding noise."""
+    return _remaining_gap(gains, rate=rate, noise=_NOISE_GAIN * limit)
 
 
 #: Cycles over which an accelerated run keeps its largest observed EM rate (see _remaining_gap).

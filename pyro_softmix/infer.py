@@ -32,7 +32,6 @@ from pyro.infer.autoguide import (
 
 from ._checks import check_positive_float, check_positive_int
 from .em import (
-    _NOISE_GAIN,
     SoftmaxMixtureFit,
     _check_init,
     _choose_start,
@@ -41,7 +40,7 @@ from .em import (
     _make_fit,
     _prepare,
     _progress_bar,
-    _remaining_gap,
+    _stopping_gap,
 )
 
 __all__ = ["EM", "em_initial_params", "init_to_em"]
@@ -286,7 +285,7 @@ class EM:
         limit = self._state["tol"] * abs(self.history[-1])
         # A race's best survivor is already converged: the steps from it have gains at rounding
         # level.
-        return _remaining_gap(self.gains, noise=_NOISE_GAIN * limit) <= limit
+        return _stopping_gap(self.gains, limit) <= limit
 
     @property
     def fit(self) -> SoftmaxMixtureFit:
