@@ -82,7 +82,7 @@ def bench_one(p, L, K, device, dtype, repeats, seed=0):
     design = psm.standardize(data.features, warn=False)
     z = design.transform(data.features, dtype=dtype, device=device)
     problem = _EMProblem(z, data.counts.to(device), K)
-    problem.cov_reuse = 1  # time the full iteration (fit_em reuses covariances at L >= 64)
+    problem.cov_reuse = 1  # time the full iteration (fit_em reuses covariances from L = 32 on)
     gen = torch.Generator().manual_seed(seed)
     atoms = random_starts(z, problem.counts, K, 1, gen)[0]
     log_w = torch.full((K,), -float(torch.log(torch.tensor(K))), dtype=dtype, device=device)
