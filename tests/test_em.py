@@ -490,15 +490,24 @@ def test_newton_endgame_converges_quadratically_and_never_decreases():
     assert gaps[0] > 0.05 and gaps[1] <= 1e-3 * gaps[0]
 
 
-def test_chord_steps_reuse_the_hessian_and_reach_the_same_optimum(monkeypatch):
-    """Once a full Newton step has cut the decrement, later steps reuse its Hessian: fewer
-    Hessians than steps, the same optimum as fresh Hessians at every step, never a decrease."""
+@pytest.fixture
+def hessians_built(monkeypatch):
+    """A list that grows by one for every full Hessian the Newton finish forms."""
     import pyro_softmix.em as em
 
     built = []
     hessian = em._marginal_hessian
     monkeypatch.setattr(em, "_marginal_hessian",
                         lambda *a, **kw: built.append(1) or hessian(*a, **kw))
+    return built
+
+
+def test_chord_steps_reuse_the_hessian_and_reach_the_same_optimum(monkeypatch, hessians_built):
+    """Once a full Newton step has cut the decrement, later steps reuse its Hessian: fewer
+    Hessians than steps, the same optimum as fresh Hessians at every step, never a decrease."""
+    import pyro_softmix.em as em
+
+    built = hessians_built
     runs = []
     for contraction in (em._CHORD_CONTRACTION, 0.0):  # 0: a fresh Hessian at every step
         monkeypatch.setattr(em, "_CHORD_CONTRACTION", contraction)
@@ -512,22 +521,18 @@ def test_chord_steps_reuse_the_hessian_and_reach_the_same_optimum(monkeypatch):
     assert abs(chord_gap - fresh_gap) <= 1e-13 * abs(loglik)  # the same optimum
 
 
-def test_a_rejected_chord_step_falls_back_to_a_fresh_hessian(monkeypatch):
+def test_a_rejected_chord_step_falls_back_to_a_fresh_hessian(monkeypatch, hessians_built):
     """Chord steps forced (contraction 1e12) with one trial per step: a stale Hessian's step is
     then rejected, the state it overwrote is restored and the next step uses a fresh Hessian.
     With a single trial every accepted step is a full one, so the second Hessian can only come
     from that fallback. (Measured: 2 Hessians, 14 steps; without the restore Newton fails.)"""
     import pyro_softmix.em as em
 
-    built = []
-    hessian = em._marginal_hessian
-    monkeypatch.setattr(em, "_marginal_hessian",
-                        lambda *a, **kw: built.append(1) or hessian(*a, **kw))
     monkeypatch.setattr(em, "_CHORD_CONTRACTION", 1e12)
     monkeypatch.setattr(em, "_NEWTON_BACKTRACKS", 1)
-    _newton_from_em(seed=0, norm=1.0, scale=0.7, accelerate_ref=True, hessians=built,
+    _newton_from_em(seed=0, norm=1.0, scale=0.7, accelerate_ref=True, hessians=hessians_built,
                     em_iterations=5, max_steps=30)
-    assert len(built) >= 2
+    assert len(hessians_built) >= 2
 
 
 def test_newton_endgame_is_skipped_for_grouped_data_and_respects_the_prior(monkeypatch):
