@@ -954,25 +954,21 @@ def _race(problem: _EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
 def _auto_start(problem: _EMProblem, mom, k: int, num_inits: int | None,
                 gen: torch.Generator, max_iter: int = 1000, progress: bool | None = False,
                 accelerate: bool = True):
-    """The ``"auto"`` start: the tensor start (when K <= r) and design-calibrated random starts
-    in the span of M2's top eigenvectors (all directions when K >= r), ``num_inits`` in all,
-    raced in one batch.
+    """The ``"auto"`` start: ``num_inits`` design-calibrated random starts in all r directions
+    (:func:`~pyro_softmix.warmstart.calibrated_atoms`), raced in one batch.
+
+    Neither the tensor start nor M2's top eigenspace is used: where the moments are noisy (real
+    embeddings, or r not small against the effective number of support points) both point away
+    from the atoms, and a start led there ends at a worse optimum; see ``docs/warmstarts.md``.
 
     Returns the race's survivors, best first: atoms (S', K, r) and log_weights (S', K); and the
     start-iterations spent in the race.
     """
-    from .warmstart import _moment_start, _top_eigen, calibrated_atoms
+    from .warmstart import calibrated_atoms
 
     n = num_inits or AUTO_NUM_INITS
-    r = mom.m1.shape[0]
-    basis = _top_eigen(mom, k)[1] if k < r else None
-    use_tensor = n > 1 and k <= r
-    atoms = calibrated_atoms(mom, k, n - use_tensor, gen, basis)
+    atoms = calibrated_atoms(mom, k, n, gen)
     log_w = torch.full((n, k), -math.log(k), dtype=torch.float64)
-    if use_tensor:
-        weights, tensor_atoms = _moment_start(mom, k, "tensor", gen)
-        atoms = torch.cat([tensor_atoms[None], atoms])
-        log_w[0] = weights.log()
     atoms, log_w = atoms.to(problem.z), log_w.to(problem.z)
     if n == 1:
         return atoms, log_w, 0
@@ -1067,8 +1063,8 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
         tokens: (N,) integer draws in [0, p). Exactly one of ``counts``/``tokens`` (or neither
             when ``groups`` is a count matrix).
         num_components: K >= 1.
-        init: ``"auto"`` (random starts in the span of the latent second moment at a scale
-            calibrated on the design; see :func:`~pyro_softmix.warm_start`), one of the
+        init: ``"auto"`` (random starts at a scale calibrated on the design, raced; see
+            :func:`~pyro_softmix.warm_start`), one of the
             moment methods ``"projection"``, ``"tensor"``, ``"subspace"``, ``"random"``, or a
             start: a mapping with ``"weights"`` (K,) and ``"atoms"`` (K, L), or any object with
             ``.weights`` and ``.atoms`` (a previous fit, a :class:`~pyro_softmix.WarmStart`).

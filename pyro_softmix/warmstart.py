@@ -345,8 +345,9 @@ _CALIBRATION_STEPS = 7
 
 
 def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
-                     gen: torch.Generator, basis: torch.Tensor | None = None) -> torch.Tensor:
-    """(S, K, r) random atoms around the one-component MLE, at a design-aware distance.
+                     gen: torch.Generator) -> torch.Tensor:
+    """(S, K, r) random atoms around the one-component MLE, in all r directions, at a
+    design-aware distance.
 
     The scale sigma is set so that the equal-weight mixtures of the starts spread their mass
     over the design as much as the data do: sum_j pi_sigma(j) |z_j - M1|^2 equals
@@ -355,7 +356,7 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
     heavy-tailed, non-Gaussian designs.
     """
     z = mom.z
-    noise, _ = _offsets(mom.m1.shape[0], num_components, num_starts, gen, basis)
+    noise, _ = _offsets(mom.m1.shape[0], num_components, num_starts, gen, None)
     # Unit directions: every atom starts at the same distance sigma from the centre (Gaussian
     # offsets in few dimensions would put some atoms far out, where a component can lock onto
     # a single extreme support point).
