@@ -1064,8 +1064,8 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
             when ``groups`` is a count matrix).
         num_components: K >= 1.
         init: ``"auto"`` (random starts at a scale calibrated on the design, raced; see
-            :func:`~pyro_softmix.warm_start`), one of the
-            moment methods ``"projection"``, ``"tensor"``, ``"subspace"``, ``"random"``, or a
+            :func:`~pyro_softmix.warm_start`), one of the moment methods ``"projection"``,
+            ``"tensor"``, ``"subspace"``, ``"random"``, or a
             start: a mapping with ``"weights"`` (K,) and ``"atoms"`` (K, L), or any object with
             ``.weights`` and ``.atoms`` (a previous fit, a :class:`~pyro_softmix.WarmStart`).
         num_inits: number of starts (default 1; 4 for ``"auto"``). Several starts run as one

@@ -251,9 +251,10 @@ def test_race_finishes_its_survivors_and_keeps_the_best():
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_auto_reaches_the_mle_where_m2s_eigenspace_is_noise(seed):
-    # p = 3000 points in L = 128 dimensions, atoms of norm 2: the tilted mass sits on about
-    # p exp(-4) ~ 60 points, fewer than L, so M2's top eigenvectors are mostly noise. Starts
-    # confined to that span (with the tensor start) ended 1e-2 to 3e-2 below the MLE here.
+    # p = 3000 points in L = 128 dimensions, atoms of norm 2: each component's tilted mass sits
+    # on about p exp(-|t|^2) ~ 55 points, fewer than L, so M2's top eigenvectors are mostly
+    # noise. Starts confined to that span (with the tensor start) ended 1e-2 and 3e-2 below the
+    # MLE for these two seeds.
     x = _gaussian(3000, 128, seed)
     d = psm.simulate(features=x, num_components=3, num_obs=100_000, atom_norm=2.0, seed=seed,
                      dtype=torch.float64)
