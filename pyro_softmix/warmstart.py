@@ -356,11 +356,20 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
     heavy-tailed, non-Gaussian designs.
     """
     z = mom.z
-    noise, _ = _offsets(mom.m1.shape[0], num_components, num_starts, gen, None)
-    # Unit directions: every atom starts at the same distance sigma from the centre (Gaussian
-    # offsets in few dimensions would put some atoms far out, where a component can lock onto
-    # a single extreme support point).
-    noise = (noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(z)
+    r = mom.m1.shape[0]
+    if r == 1:
+        # On a line the unit directions are +-1, so with K >= 3 atoms of a start would coincide,
+        # a fixed point of EM. One offset per stratum of [-1, 1] instead, shifted at random.
+        shift = torch.rand((num_starts, 1), generator=gen, dtype=torch.float64)
+        strata = torch.arange(num_components, dtype=torch.float64)
+        noise = (2 * (strata + shift) / num_components - 1)[..., None]
+    else:
+        # Unit directions: every atom starts at the same distance sigma from the centre
+        # (Gaussian offsets in few dimensions would put some atoms far out, where a component
+        # can lock onto a single extreme support point).
+        noise, _ = _offsets(r, num_components, num_starts, gen, None)
+        noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    noise = noise.to(z)
     centre = _tilted_centre(mom).to(z)
     dist2 = ((z - mom.m1) ** 2).sum(1)  # (p,)
     target = float(mom.pihat @ dist2)

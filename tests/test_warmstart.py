@@ -264,6 +264,21 @@ def test_auto_reaches_the_mle_where_m2s_eigenspace_is_noise(seed):
     assert fit.loglik >= ref.loglik - 1e-8 * abs(ref.loglik)
 
 
+def test_auto_separates_three_components_on_a_single_feature():
+    # With one feature, unit directions are +-1: three atoms at the same distance from the
+    # centre would put two at one point, which plain EM never separates (it ended 1e-2 below
+    # the MLE). The starts must give every atom its own position.
+    x = _gaussian(300, 1, 0)
+    d = psm.simulate(features=x, weights=torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64),
+                     atoms=torch.tensor([[-3.0], [0.0], [2.5]], dtype=torch.float64),
+                     num_obs=100_000, seed=0)
+    ref = psm.fit_em(d.features, d.counts, num_components=3, accelerate=False,
+                     init={"weights": d.weights, "atoms": d.atoms})
+    fit = psm.fit_em(d.features, d.counts, num_components=3, accelerate=False, seed=0)
+    assert fit.loglik >= ref.loglik - 1e-8 * abs(ref.loglik)
+    assert (torch.cdist(fit.atoms, fit.atoms) + 10 * torch.eye(3)).min() > 1.0
+
+
 def test_stopping_rule_does_not_stop_at_a_stall():
     assert _remaining_gap([1e-3, 1e-12]) < 1e-11  # fast geometric decay: converged
     assert _remaining_gap([1e-14, 1e-13]) == math.inf  # growing gains: leaving a saddle
