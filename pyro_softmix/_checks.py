@@ -83,6 +83,10 @@ def check_features(features: Any) -> torch.Tensor:
 
 def check_counts(counts: Any, tokens: Any, num_points: int) -> torch.Tensor:
     """Counts (p,) from exactly one of ``counts`` or ``tokens``; nonnegative, finite, not all 0."""
+    if isinstance(tokens, int | float) and not isinstance(tokens, bool):
+        # f(features, counts, 3): the third positional argument is tokens, not num_components.
+        raise TypeError(f"tokens must be an array of draws, got the number {tokens!r}; pass "
+                        "num_components= by keyword")
     if (counts is None) == (tokens is None):
         raise ValueError("pass exactly one of counts= (shape (num_points,)) or tokens= (shape (N,))")
     if tokens is not None:

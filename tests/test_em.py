@@ -255,6 +255,8 @@ def _bad_cases():
         (dict(features=x, tokens=torch.tensor([-1, 2])), ValueError, "tokens must lie in"),
         (dict(features=x, tokens=torch.tensor([0.0, 1.5])), TypeError, "tokens must be integers"),
         (dict(features=x, tokens=torch.zeros(2, 2, dtype=torch.long)), ValueError, "tokens must be 1-D"),
+        # fit_em(x, n, 3): the third positional argument is tokens.
+        (dict(features=x, counts=n, tokens=3), TypeError, "pass num_components= by keyword"),
         (dict(features=x, counts=n, num_components=0), ValueError, "num_components must be in"),
         (dict(features=x, counts=n, num_components=21), ValueError, "num_components must be in"),
         (dict(features=x, counts=n, num_components=2.5), TypeError, "num_components must be an int"),
