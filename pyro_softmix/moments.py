@@ -19,8 +19,6 @@ ever contracted with given vectors, never formed as r^3 tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from ._checks import as_tensor, check_counts, check_features, resolve_device, resolve_dtype
@@ -48,27 +46,32 @@ def _unit_rows(v: torch.Tensor, name: str) -> torch.Tensor:
     return v / norms
 
 
-@dataclass(repr=False)
 class LatentMoments:
     """Latent moments of a softmax mixture in standardised coordinates.
 
     Attributes:
         m1: (r,) first moment, about sum_k alpha_k t_k.
-        m2: (r, r) second Hermite moment, about sum_k alpha_k t_k t_k^T.
+        m2: (r, r) second Hermite moment, about sum_k alpha_k t_k t_k^T (computed on first
+            access when not given: it costs p r^2, and the default start does not use it).
         design: the :class:`~pyro_softmix.design.Design` (maps atoms to and from z coordinates).
         z: (p, r) standardised features.  pihat: (p,) empirical frequencies.
 
     Higher moments are contractions: :meth:`m3`, :meth:`m3_basis`, :meth:`along`, :meth:`mixed`.
     """
 
-    m1: torch.Tensor
-    m2: torch.Tensor
-    design: Design
-    z: torch.Tensor
-    pihat: torch.Tensor
-    #: Eigendecomposition of M2 (float64, CPU), computed once on first use by the starts.
-    _m2_eigh: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False,
-                                                               compare=False)
+    def __init__(self, m1: torch.Tensor, m2: torch.Tensor | None, design: Design,
+                 z: torch.Tensor, pihat: torch.Tensor):
+        self.m1, self._m2, self.design, self.z, self.pihat = m1, m2, design, z, pihat
+        #: Eigendecomposition of M2 (float64, CPU), computed once on first use by the starts.
+        self._m2_eigh: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def m2(self) -> torch.Tensor:
+        if self._m2 is None:
+            m2 = _weighted_gram(self.z, self.pihat[:, None])[0]  # chunked: no (p, r) temporary
+            eye = torch.eye(self.z.shape[1], dtype=self.z.dtype, device=self.z.device)
+            self._m2 = 0.5 * (m2 + m2.T) - eye
+        return self._m2
 
     def __repr__(self) -> str:
         return (f"LatentMoments(rank={self.m1.shape[0]}, num_points={self.z.shape[0]}, "
@@ -168,9 +171,7 @@ def latent_moments(features, counts=None, tokens=None, *, design: Design | None 
 
 
 def _standardised_moments(z: torch.Tensor, counts: torch.Tensor, design: Design) -> LatentMoments:
-    """M1 and M2 from standardised features z (p, r) and float64 counts (p,) on z's device."""
+    """M1 (and M2 when first read) from standardised features z (p, r) and float64 counts (p,)
+    on z's device."""
     pihat = (counts / counts.sum()).to(z.dtype)
-    m1 = pihat @ z
-    m2 = _weighted_gram(z, pihat[:, None])[0]  # chunked: no (p, r) temporary
-    m2 = 0.5 * (m2 + m2.T) - torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-    return LatentMoments(m1=m1, m2=m2, design=design, z=z, pihat=pihat)
+    return LatentMoments(m1=pihat @ z, m2=None, design=design, z=z, pihat=pihat)
