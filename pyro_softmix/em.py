@@ -967,9 +967,8 @@ def _auto_start(problem: _EMProblem, mom, k: int, num_inits: int | None,
     from .warmstart import calibrated_atoms
 
     n = num_inits or AUTO_NUM_INITS
-    atoms = calibrated_atoms(mom, k, n, gen)
-    log_w = torch.full((n, k), -math.log(k), dtype=torch.float64)
-    atoms, log_w = atoms.to(problem.z), log_w.to(problem.z)
+    atoms = calibrated_atoms(mom, k, n, gen)  # on problem.z's device, in its dtype
+    log_w = torch.full((n, k), -math.log(k), dtype=atoms.dtype, device=atoms.device)
     if n == 1:
         return atoms, log_w, 0
     bar = _progress_bar(progress, None, "EM starts")

@@ -347,7 +347,7 @@ _CALIBRATION_STEPS = 7
 def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
                      gen: torch.Generator) -> torch.Tensor:
     """(S, K, r) random atoms around the one-component MLE, in all r directions, at a
-    design-aware distance.
+    design-aware distance; on the device and in the dtype of ``mom.z``.
 
     The scale sigma is set so that the equal-weight mixtures of the starts spread their mass
     over the design as much as the data do: sum_j pi_sigma(j) |z_j - M1|^2 equals
@@ -380,4 +380,4 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
             lo = mid
         else:
             hi = mid
-    return (centre + math.exp(0.5 * (lo + hi)) * noise).double().cpu()
+    return centre + math.exp(0.5 * (lo + hi)) * noise
