@@ -35,12 +35,12 @@ import torch
 import pyro_softmix as psm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_em  # noqa: E402
+from bench_em import machine as _machine  # noqa: E402
 from bench_em import random_starts  # noqa: E402
 
 
 def machine() -> str:
-    return f"{bench_em.machine()}, pyro {pyro.__version__}"
+    return f"{_machine()}, pyro {pyro.__version__}"
 
 
 def _loglik(features, counts, weights, atoms) -> float:
