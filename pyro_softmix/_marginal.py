@@ -28,13 +28,17 @@ from __future__ import annotations
 
 import torch
 
-from .solvers import _weighted_gram
+from .solvers import _gram_chunk_rows, _weighted_gram
 
 #: Largest number of free coordinates for which the full Hessian is formed (its float64 copy
 #: then takes at most 128 MB).
 MAX_NEWTON_PARAMS = 4096
 #: Elements of the (chunk, K r + K) temporary of B^T B.
 _B_CHUNK_ELEMENTS = 2**19
+#: From this many coordinates K r + K on, the Hessian's products over the rows of a float64
+#: problem are formed in float32 chunks of at most _MIXED_CHUNK_ROWS rows, summed in float64.
+_MIXED_MIN_DIM = 32
+_MIXED_CHUNK_ROWS = 4096
 
 
 def _marginal_gradient(z: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
@@ -49,8 +53,14 @@ def _marginal_gradient(z: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
     return grad, (g_t, mean_q, total_w, alpha)
 
 
+def _mixed_precision(z: torch.Tensor, num_components: int) -> bool:
+    """Whether :func:`_marginal_hessian` forms its products in float32 (unless ``precise``)."""
+    return z.dtype == torch.float64 and num_components * (z.shape[1] + 1) >= _MIXED_MIN_DIM
+
+
 def _marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
-                      pieces, support: torch.Tensor | None = None) -> torch.Tensor:
+                      pieces, support: torch.Tensor | None = None,
+                      precise: bool = False) -> torch.Tensor:
     """(D, D) float64 Hessian of l, D = K r + K - 1, coordinates ordered
     (t_1, ..., t_K, eta_1 .. eta_{K-1}).
 
@@ -59,6 +69,7 @@ def _marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w:
         q: (p, K) softmax(z @ atoms.T, 0).  w: (p, K) n_j r_jk from the E-step.
         pieces: the second output of :func:`_marginal_gradient` at the same point.
         support: indices of the rows with n_j > 0 (computed if None).
+        precise: form every product in z's dtype (no mixed precision).
     """
     g_t, mean_q, total_w, alpha = pieces
     p, r = z.shape
@@ -66,8 +77,15 @@ def _marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w:
     n_total = total_w.sum()
     dim = k * r + k
     h = z.new_zeros(dim, dim)
+    # For a float64 problem with enough coordinates the two products over the p rows (the
+    # block-diagonal Grams and B^T B, most of the cost) run in float32 per chunk and are summed
+    # in float64 (mixed precision: about 2x faster on CPUs; Newton steps need far less than
+    # float32 accuracy from the Hessian, and the gradient stays float64).
+    mixed = not precise and _mixed_precision(z, k)
+    btype = torch.float32 if mixed else z.dtype
     # Block diagonal: sum_j (w_jk - W_k q_jk) z_j z_j^T - m_k g_k^T - g_k m_k^T.
-    gram = _weighted_gram(z, w - total_w * q)  # (K, r, r)
+    rows_gram = min(_gram_chunk_rows(z, k), _MIXED_CHUNK_ROWS) if mixed else None
+    gram = _weighted_gram(z, w - total_w * q, chunk_size=rows_gram, compute_dtype=btype)
     gram = gram - mean_q[:, :, None] * g_t[:, None, :] - g_t[:, :, None] * mean_q[:, None, :]
     h[:k * r, :k * r] = torch.block_diag(*gram)
     eye = torch.eye(k, dtype=z.dtype, device=z.device)
@@ -81,16 +99,25 @@ def _marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w:
     # The rows of B are written in place into one buffer: building them from temporaries
     # cost as much as the product itself.
     rows = torch.nonzero(counts > 0).squeeze(1) if support is None else support
-    chunk = max(1, min(max(64, _B_CHUNK_ELEMENTS // dim), rows.shape[0]))
-    buffer = z.new_empty(chunk, dim)
+    most = _B_CHUNK_ELEMENTS // dim
+    if mixed:
+        most = min(most, _MIXED_CHUNK_ROWS)
+    chunk = max(1, min(max(64, most), rows.shape[0]))
+    buffer = z.new_empty(chunk, dim, dtype=btype)
+    product = z.new_empty(dim, dim, dtype=btype) if mixed else None
+    mean = mean_q.to(btype)
+    weights = alpha.to(btype)
     for s in range(0, rows.shape[0], chunk):
         idx = rows[s:s + chunk]
         c = idx.shape[0]
         b = buffer[:c]
-        root_n = counts[idx].sqrt()[:, None]
-        scaled = w[idx].div_(root_n)  # sqrt(n_j) r_jk
+        root_n = counts[idx].sqrt()[:, None].to(btype)
+        scaled = w[idx].to(btype).div_(root_n)  # sqrt(n_j) r_jk
         b_t = b[:, :k * r].view(c, k, r)
-        torch.sub(z[idx][:, None, :], mean_q, out=b_t).mul_(scaled[:, :, None])
-        torch.mul(alpha, root_n, out=b[:, k * r:]).neg_().add_(scaled)
-        h.addmm_(b.T, b, alpha=-1.0)
+        torch.sub(z[idx].to(btype)[:, None, :], mean, out=b_t).mul_(scaled[:, :, None])
+        torch.mul(weights, root_n, out=b[:, k * r:]).neg_().add_(scaled)
+        if mixed:
+            h.sub_(torch.mm(b.T, b, out=product))
+        else:
+            h.addmm_(b.T, b, alpha=-1.0)
     return h.double()[:-1, :-1]  # eta_K is fixed

@@ -40,7 +40,7 @@ from ._checks import (
     resolve_device,
     resolve_dtype,
 )
-from ._marginal import MAX_NEWTON_PARAMS, _marginal_gradient, _marginal_hessian
+from ._marginal import MAX_NEWTON_PARAMS, _marginal_gradient, _marginal_hessian, _mixed_precision
 from .design import Design, _feature_scales, standardize
 from .solvers import _column_logsumexp, _newton_step, _Workspace
 
@@ -62,6 +62,9 @@ _NEWTON_BACKTRACKS = 8
 #: A Newton step reuses the previous step's Hessian (a chord step) while the Newton decrement
 #: falls by at least this factor per step; otherwise a fresh Hessian is formed.
 _CHORD_CONTRACTION = 0.1
+#: An eigenvalue of -H above -_ROUNDING_EIGEN times the largest may be float32 rounding of a
+#: mixed-precision Hessian.
+_ROUNDING_EIGEN = 1e-4
 
 
 class ConvergenceWarning(UserWarning):
@@ -378,12 +381,8 @@ class _EMProblem:
                     return st, objs, norms, True, False, gap
                 fresh = decrement > _CHORD_CONTRACTION * last
             if fresh:
-                hess = _marginal_hessian(self.z, self.counts, self.workspace.q, st.w, pieces,
-                                         self.support)
-                if pen is not None:
-                    hess[:k * r, :k * r] -= torch.block_diag(*[pen] * k)
-                chol, info = torch.linalg.cholesky_ex(-hess)
-            if fresh and int(info) == 0:
+                chol, eig = self._factor(st, pieces, pen)
+            if fresh and chol is not None:
                 direction, decrement, done = solve(chol)
                 gap = decrement / 2
                 if done:
@@ -392,8 +391,7 @@ class _EMProblem:
                 # Not concave here (a saddle region of a weakly separated mixture): shift the
                 # spectrum of -H to twice its most negative eigenvalue, a damped step that
                 # still ascends; no convergence claim from it.
-                chol = None
-                evals, evecs = torch.linalg.eigh(-hess)
+                evals, evecs = eig
                 shift = 2 * max(-float(evals[0]), 0.0) + 1e-8 * float(evals[-1].abs()) + 1e-300
                 direction = evecs @ ((evecs.T @ grad) / (evals + shift))
                 decrement = float(grad @ direction)
@@ -422,6 +420,30 @@ class _EMProblem:
             objs.append(obj)
             norms.append(values[1:])
         return st, objs, norms, False, False, gap
+
+    def _factor(self, st: _EMState, pieces, pen: torch.Tensor | None):
+        """The full Hessian H of the objective at ``st``, as (Cholesky factor of -H, None)
+        where -H is positive definite, else (None, eigendecomposition of -H).
+
+        The Hessian's products may run in mixed precision (:func:`_mixed_precision`). Where
+        -H then looks indefinite by no more than float32 rounding (near a flat ridge), the
+        decision is made again on the float64 Hessian; a clear saddle keeps the cheap one.
+        """
+        k, r = self.num_components, self.z.shape[1]
+        for precise in (False, True):
+            hess = _marginal_hessian(self.z, self.counts, self.workspace.q, st.w, pieces,
+                                     self.support, precise=precise)
+            if pen is not None:
+                hess[:k * r, :k * r] -= torch.block_diag(*[pen] * k)
+            chol, info = torch.linalg.cholesky_ex(-hess)
+            if int(info) == 0:
+                return chol, None
+            eig = torch.linalg.eigh(-hess)
+            rounding = _mixed_precision(self.z, k) and (
+                float(eig[0][0]) >= -_ROUNDING_EIGEN * float(eig[0][-1]))
+            if precise or not rounding:
+                break
+        return None, eig
 
     def run(self, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
             bar=None, accelerate: bool = True) -> _Run:

@@ -42,12 +42,14 @@ def _gram_chunk_rows(features: torch.Tensor, num_components: int) -> int:
 
 
 def _weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int | None = None,
-                   buffer: torch.Tensor | None = None) -> torch.Tensor:
+                   buffer: torch.Tensor | None = None,
+                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """sum_j probs_jk z_j z_j^T for every k, chunked over j.
 
     Each chunk is one (r x c)(c x K r) matrix product into a single accumulator, with the
     (c, K, r) product of weights and features written into ``buffer`` when given, so a call
-    makes no large allocation.
+    makes no large allocation. With ``compute_dtype`` (float32 for float64 features) each
+    chunk's product is computed in that dtype and summed in the features' dtype.
 
     Args:
         features: (p, r).  probs: (p, K) nonnegative.
@@ -59,12 +61,20 @@ def _weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int 
     k = probs.shape[1]
     chunk = buffer.shape[0] if buffer is not None else (chunk_size or _gram_chunk_rows(features, k))
     acc = features.new_zeros(r, k * r)
+    cast = compute_dtype is not None and compute_dtype != features.dtype
+    product = features.new_empty(r, k * r, dtype=compute_dtype) if cast else None
     for s in range(0, p, chunk):
         zc = features[s:s + chunk]
+        pc = probs[s:s + chunk]
+        if cast:
+            zc, pc = zc.to(compute_dtype), pc.to(compute_dtype)
         c = zc.shape[0]
         out = buffer[:c] if buffer is not None else None
-        weighted = torch.mul(zc.unsqueeze(1), probs[s:s + chunk].unsqueeze(-1), out=out)
-        acc.addmm_(zc.T, weighted.view(c, k * r))
+        weighted = torch.mul(zc.unsqueeze(1), pc.unsqueeze(-1), out=out)
+        if cast:
+            acc.add_(torch.mm(zc.T, weighted.view(c, k * r), out=product))
+        else:
+            acc.addmm_(zc.T, weighted.view(c, k * r))
     return acc.view(r, k, r).transpose(0, 1).contiguous()
 
 

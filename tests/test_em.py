@@ -459,6 +459,91 @@ def test_marginal_hessian_is_the_same_in_chunks(monkeypatch):
     assert torch.equal(st.w, w_before)  # the E-step weights are read, not written
 
 
+def _hessian_case(p=3000, L=10, K=3, seed=4):
+    """A float64 problem with K L + K >= 32 coordinates (mixed-precision Hessians) at a point
+    near its MLE; returns (problem, state, gradient pieces)."""
+    from pyro_softmix._marginal import _marginal_gradient
+
+    d = _data(p=p, L=L, K=K, N=200_000, seed=seed, norm=2.0)
+    design = psm.standardize(d.features)
+    problem = _EMProblem(design.transform(d.features), d.counts, K)
+    st = problem.start(design.atoms_to_z(d.atoms), d.weights.log())
+    _, pieces = _marginal_gradient(problem.z, problem.workspace.q, st.w, st.log_weights)
+    return problem, st, pieces
+
+
+def test_mixed_precision_hessian_is_float32_accurate_and_precise_on_request(monkeypatch):
+    """The Hessian's products over the rows of a float64 problem run in float32 chunks summed
+    in float64: within float32 accuracy of the float64 Hessian, in one chunk or many;
+    ``precise=True`` gives the all-float64 Hessian."""
+    from pyro_softmix import _marginal
+    from pyro_softmix._marginal import _marginal_hessian, _mixed_precision
+
+    problem, st, pieces = _hessian_case()
+    args = (problem.z, problem.counts, problem.workspace.q, st.w, pieces)
+    assert _mixed_precision(problem.z, 3) and not _mixed_precision(problem.z.float(), 3)
+    mixed = _marginal_hessian(*args)
+    precise = _marginal_hessian(*args, precise=True)
+    monkeypatch.setattr(_marginal, "_MIXED_CHUNK_ROWS", 700)  # several chunks, a short last one
+    chunked = _marginal_hessian(*args)
+    monkeypatch.setattr(_marginal, "_MIXED_MIN_DIM", 10**9)
+    assert torch.equal(_marginal_hessian(*args), precise)
+    scale = float(precise.abs().max())
+    for h in (mixed, chunked):
+        err = float((h - precise).abs().max()) / scale
+        # Measured: 2e-7 relative (float32 rounding, not zero: the products did run in float32).
+        assert 0 < err <= 1e-5
+
+
+def test_a_hessian_indefinite_by_rounding_only_is_decided_in_float64(monkeypatch):
+    """Where the mixed-precision Hessian looks indefinite by no more than float32 rounding, the
+    Newton step decides concavity on the float64 Hessian; a clear saddle keeps the cheap one."""
+    from pyro_softmix import em
+
+    problem, st, pieces = _hessian_case()
+    problem.support = torch.nonzero(problem.counts64 > 0).squeeze(1)
+    exact = em._marginal_hessian(problem.z, problem.counts, problem.workspace.q, st.w, pieces,
+                                 precise=True)
+    evals, evecs = torch.linalg.eigh(-exact)
+    assert evals[0] > 0  # concave near the MLE
+    v = evecs[:, 0]
+    calls = []
+
+    def perturbed(shift):
+        # Mixed precision moves -H's smallest eigenvalue to -shift times its largest.
+        def hessian(*args, precise=False, **kwargs):
+            calls.append(precise)
+            h = exact.clone()
+            if not precise:
+                h += (evals[0] + shift * evals[-1]) * torch.outer(v, v)
+            return h
+        return hessian
+
+    monkeypatch.setattr(em, "_marginal_hessian", perturbed(1e-7))
+    chol, eig = problem._factor(st, pieces, None)
+    assert calls == [False, True] and eig is None
+    assert torch.allclose(chol @ chol.T, -exact, rtol=0, atol=1e-10 * float(evals[-1]))
+    calls.clear()
+    monkeypatch.setattr(em, "_marginal_hessian", perturbed(1e-2))
+    chol, eig = problem._factor(st, pieces, None)
+    assert calls == [False] and chol is None
+    assert float(eig[0][0]) == pytest.approx(-1e-2 * float(evals[-1]), rel=1e-6)
+
+
+def test_mixed_precision_hessians_reach_the_same_mle(monkeypatch):
+    from pyro_softmix import _marginal
+
+    d = _data(p=2000, L=10, K=3, N=200_000, seed=5, norm=2.0)
+    kw = dict(num_components=3, seed=0, tol=1e-13, max_iter=5000)
+    mixed = psm.fit_em(d.features, counts=d.counts, **kw)
+    monkeypatch.setattr(_marginal, "_MIXED_MIN_DIM", 10**9)
+    precise = psm.fit_em(d.features, counts=d.counts, **kw)
+    assert mixed.converged and precise.converged
+    assert mixed.loglik == pytest.approx(precise.loglik, rel=1e-12, abs=0)
+    h = np.asarray(mixed.history)
+    assert np.all(np.diff(h) >= -1e-12 * np.abs(h[1:]))
+
+
 def _newton_from_em(seed, norm, scale, accelerate_ref, hessians=None, em_iterations=20,
                     max_steps=10):
     """Newton steps (tol 1e-14) from EM iterations started at ``scale`` times the MLE's atoms;
