@@ -509,25 +509,35 @@ def test_a_hessian_indefinite_by_rounding_only_is_decided_in_float64(monkeypatch
     v = evecs[:, 0]
     calls = []
 
-    def perturbed(shift):
-        # Mixed precision moves -H's smallest eigenvalue to -shift times its largest.
+    def perturbed(shift, also_precise=False):
+        # Moves -H's smallest eigenvalue to -shift times its largest: in the mixed-precision
+        # Hessian only, or (a genuine saddle) in both.
         def hessian(*args, precise=False, **kwargs):
             calls.append(precise)
             h = exact.clone()
-            if not precise:
+            if also_precise or not precise:
                 h += (evals[0] + shift * evals[-1]) * torch.outer(v, v)
             return h
         return hessian
 
-    monkeypatch.setattr(em, "_marginal_hessian", perturbed(1e-7))
+    # Rounding level (measured on GloVe: -3e-11 to -8e-9): decided on the float64 Hessian.
+    monkeypatch.setattr(em, "_marginal_hessian", perturbed(2e-9))
     chol, eig = problem._factor(st, pieces, None)
     assert calls == [False, True] and eig is None
     assert torch.allclose(chol @ chol.T, -exact, rtol=0, atol=1e-10 * float(evals[-1]))
+    # The float64 Hessian is not concave either: the first eigendecomposition is kept.
     calls.clear()
-    monkeypatch.setattr(em, "_marginal_hessian", perturbed(1e-2))
+    monkeypatch.setattr(em, "_marginal_hessian", perturbed(2e-9, also_precise=True))
     chol, eig = problem._factor(st, pieces, None)
-    assert calls == [False] and chol is None
-    assert float(eig[0][0]) == pytest.approx(-1e-2 * float(evals[-1]), rel=1e-6)
+    assert calls == [False, True] and chol is None
+    assert float(eig[0][0]) == pytest.approx(-2e-9 * float(evals[-1]), rel=1e-3)
+    # A clear saddle: no float64 Hessian.
+    for shift in (1e-6, 1e-2):
+        calls.clear()
+        monkeypatch.setattr(em, "_marginal_hessian", perturbed(shift))
+        chol, eig = problem._factor(st, pieces, None)
+        assert calls == [False] and chol is None
+        assert float(eig[0][0]) == pytest.approx(-shift * float(evals[-1]), rel=1e-3)
 
 
 def test_mixed_precision_hessians_reach_the_same_mle(monkeypatch):
