@@ -431,23 +431,25 @@ class _EMProblem:
         decision is made again on the float64 Hessian; a clear saddle keeps the cheap one.
         """
         k, r = self.num_components, self.z.shape[1]
-        eig = None
-        for precise in (False, True):
+
+        def negative_hessian(precise: bool) -> torch.Tensor:
             hess = _marginal_hessian(self.z, self.counts, self.workspace.q, st.w, pieces,
                                      self.support, precise=precise)
             if pen is not None:
                 hess[:k * r, :k * r] -= torch.block_diag(*[pen] * k)
-            chol, info = torch.linalg.cholesky_ex(-hess)
+            return hess.neg_()
+
+        neg = negative_hessian(precise=False)
+        chol, info = torch.linalg.cholesky_ex(neg)
+        if int(info) == 0:
+            return chol, None
+        eig = torch.linalg.eigh(neg)
+        if _mixed_precision(self.z, k) and (
+                float(eig[0][0]) >= -_ROUNDING_EIGEN * float(eig[0][-1])):
+            chol, info = torch.linalg.cholesky_ex(negative_hessian(precise=True))
             if int(info) == 0:
                 return chol, None
-            if eig is not None:  # the float64 Hessian is not concave either: keep the first
-                break
-            eig = torch.linalg.eigh(-hess)
-            rounding = _mixed_precision(self.z, k) and (
-                float(eig[0][0]) >= -_ROUNDING_EIGEN * float(eig[0][-1]))
-            if not rounding:
-                break
-        return None, eig
+        return None, eig  # where the float64 Hessian is not concave either, the first one's
 
     def run(self, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
             bar=None, accelerate: bool = True) -> _Run:
