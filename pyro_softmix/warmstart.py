@@ -367,7 +367,7 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
         # Unit directions: every atom starts at the same distance sigma from the centre
         # (Gaussian offsets in few dimensions would put some atoms far out, where a component
         # can lock onto a single extreme support point).
-        noise, _ = _offsets(r, num_components, num_starts, gen, None)
+        noise = _gaussian_draws((num_starts, num_components, r), gen)
         noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     noise = noise.to(z)
     centre = _tilted_centre(mom).to(z)
