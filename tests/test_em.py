@@ -541,11 +541,16 @@ def test_a_hessian_indefinite_by_rounding_only_is_decided_in_float64(monkeypatch
 
 
 def test_mixed_precision_hessians_reach_the_same_mle(monkeypatch):
-    from pyro_softmix import _marginal
+    from pyro_softmix import _marginal, em
 
     d = _data(p=2000, L=10, K=3, N=200_000, seed=5, norm=2.0)
     kw = dict(num_components=3, seed=0, tol=1e-13, max_iter=5000)
+    formed = []  # the mixed-precision Hessians of the first fit
+    hessian = em._marginal_hessian
+    monkeypatch.setattr(em, "_marginal_hessian", lambda z, *a, precise=False, **kw: formed.append(
+        not precise and _marginal._mixed_precision(z, 3)) or hessian(z, *a, precise=precise, **kw))
     mixed = psm.fit_em(d.features, counts=d.counts, **kw)
+    assert any(formed)  # the Newton finish ran, with mixed-precision Hessians
     monkeypatch.setattr(_marginal, "_MIXED_MIN_DIM", 10**9)
     precise = psm.fit_em(d.features, counts=d.counts, **kw)
     assert mixed.converged and precise.converged
