@@ -28,8 +28,8 @@ import warnings
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix.em import _EMProblem
-from pyro_softmix.moments import _standardised_moments
+from pyro_softmix.engine import EMProblem
+from pyro_softmix.moments import standardised_moments
 from pyro_softmix.warmstart import random_atoms
 
 BASE = (100_000, 64, 8)
@@ -62,7 +62,7 @@ def random_starts(z: torch.Tensor, counts: torch.Tensor, num_components: int,
                   num_starts: int, generator: torch.Generator) -> list[torch.Tensor]:
     """``num_starts`` random atoms (K, r) at the scale M2 implies (as ``init="random"``), the
     shared start of the benchmarks' side-by-side runs."""
-    mom = _standardised_moments(z, counts.to(device=z.device, dtype=torch.float64), None)
+    mom = standardised_moments(z, counts.to(device=z.device, dtype=torch.float64), None)
     return list(random_atoms(mom, num_components, num_starts, generator).to(z).unbind())
 
 
@@ -81,7 +81,7 @@ def bench_one(p, L, K, device, dtype, repeats, seed=0):
                         dtype=torch.float32)
     design = psm.standardize(data.features, warn=False)
     z = design.transform(data.features, dtype=dtype, device=device)
-    problem = _EMProblem(z, data.counts.to(device), K)
+    problem = EMProblem(z, data.counts.to(device), K)
     problem.cov_reuse = 1  # time the full iteration (fit_em reuses covariances from L = 32 on)
     gen = torch.Generator().manual_seed(seed)
     atoms = random_starts(z, problem.counts, K, 1, gen)[0]

@@ -42,7 +42,8 @@ import pyro
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix import em as _em
+from pyro_softmix import accelerate
+from pyro_softmix.engine import EMProblem
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_em import machine, random_starts  # noqa: E402
@@ -85,50 +86,50 @@ class _Trace:
         return out
 
 
-def _run_em(data, k, start, accelerate: bool, max_iter: int) -> _Trace:
+def _run_em(data, k, start, accelerate_em: bool, max_iter: int) -> _Trace:
     """fit_em from ``start``, recording the objective after every EM cycle and every accepted
     Newton step of the final run."""
     trace = _Trace()
-    original = _em._EMProblem.cycle
-    original_newton = _em._EMProblem.newton
-    original_objective = _em._EMProblem.objective
+    original = accelerate.squarem_cycle
+    original_newton = accelerate.newton_finish
+    original_objective = EMProblem.objective
 
-    def recording(self, st, num_steps=2, step_max=None):
-        out = original(self, st, num_steps, step_max)
-        if self.num_starts == 1:
+    def recording(problem, st, num_steps=2, step_max=None):
+        out = original(problem, st, num_steps, step_max)
+        if problem.num_starts == 1:
             trace.add(out[1][-1][0])
         return out
 
-    def recording_newton(self, st, obj, tol, max_steps):
+    def recording_newton(problem, st, obj, tol, max_steps):
         evaluated = []  # (seconds, objective) of every trial point, accepted or not
 
-        def objective(problem, state):
-            value = original_objective(problem, state)
+        def objective(self, state):
+            value = original_objective(self, state)
             evaluated.append((time.perf_counter() - trace.start, float(value[0])))
             return value
 
-        _em._EMProblem.objective = objective
+        EMProblem.objective = objective
         try:
-            out = original_newton(self, st, obj, tol, max_steps)
+            out = original_newton(problem, st, obj, tol, max_steps)
         finally:
-            _em._EMProblem.objective = original_objective
+            EMProblem.objective = original_objective
         trials = iter(evaluated)
         for value in out[1]:  # each accepted step, stamped when its objective was known
             trace.add(value, next((t for t, v in trials if v == value), None))
         return out
 
-    _em._EMProblem.cycle = recording
-    _em._EMProblem.newton = recording_newton
+    accelerate.squarem_cycle = recording
+    accelerate.newton_finish = recording_newton
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trace.start = time.perf_counter()
             fit = psm.fit_em(data.features, counts=data.counts, num_components=k, init=start,
-                             max_iter=max_iter, accelerate=accelerate)
+                             max_iter=max_iter, accelerate=accelerate_em)
             trace.seconds = time.perf_counter() - trace.start
     finally:
-        _em._EMProblem.cycle = original
-        _em._EMProblem.newton = original_newton
+        accelerate.squarem_cycle = original
+        accelerate.newton_finish = original_newton
     trace.fit = fit
     return trace
 

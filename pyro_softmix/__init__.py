@@ -19,11 +19,12 @@ from .diagnostics import (
     to_arviz,
 )
 from .distributions import SoftmaxMixture
-from .em import ConvergenceWarning, DivergenceWarning, SoftmaxMixtureFit, fit_em, load_fit
+from .em import fit_em
 from .infer import EM, em_initial_params, init_to_em
 from .mixture_model import SoftmaxMixtureModel
 from .moe import MixtureOfExperts, load_moe
 from .moments import LatentMoments, latent_moments
+from .results import SoftmaxMixtureFit, load_fit
 from .simulate import SimulatedData, SimulatedMoE, simulate, simulate_moe
 from .solvers import (
     fit_logistic_regression,
@@ -32,6 +33,7 @@ from .solvers import (
     softmax_regression_step,
     weighted_least_squares,
 )
+from .stopping import ConvergenceWarning, DivergenceWarning
 from .warmstart import WarmStart, warm_start
 
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .solvers import _gram_chunk_rows, _weighted_gram
+from .solvers import gram_chunk_rows, weighted_gram
 
 #: Largest number of free coordinates for which the full Hessian is formed (its float64 copy
 #: then takes at most 128 MB).
@@ -41,7 +41,7 @@ _MIXED_MIN_DIM = 32
 _MIXED_CHUNK_ROWS = 4096
 
 
-def _marginal_gradient(z: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
+def marginal_gradient(z: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
                        log_weights: torch.Tensor):
     """(D,) float64 gradient of l, and the pieces the Hessian reuses (g_t, m, W, alpha)."""
     total_w = w.sum(0)  # W (K,)
@@ -53,12 +53,12 @@ def _marginal_gradient(z: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
     return grad, (g_t, mean_q, total_w, alpha)
 
 
-def _mixed_precision(z: torch.Tensor, num_components: int) -> bool:
-    """Whether :func:`_marginal_hessian` forms its products in float32 (unless ``precise``)."""
+def mixed_precision(z: torch.Tensor, num_components: int) -> bool:
+    """Whether :func:`marginal_hessian` forms its products in float32 (unless ``precise``)."""
     return z.dtype == torch.float64 and num_components * (z.shape[1] + 1) >= _MIXED_MIN_DIM
 
 
-def _marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
+def marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
                       pieces, support: torch.Tensor | None = None,
                       precise: bool = False) -> torch.Tensor:
     """(D, D) float64 Hessian of l, D = K r + K - 1, coordinates ordered
@@ -67,7 +67,7 @@ def _marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w:
     Args:
         z: (p, r) standardised features.  counts: (p,) n.
         q: (p, K) softmax(z @ atoms.T, 0).  w: (p, K) n_j r_jk from the E-step.
-        pieces: the second output of :func:`_marginal_gradient` at the same point.
+        pieces: the second output of :func:`marginal_gradient` at the same point.
         support: indices of the rows with n_j > 0 (computed if None).
         precise: form every product in z's dtype (no mixed precision).
     """
@@ -81,11 +81,11 @@ def _marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w:
     # block-diagonal Grams and B^T B, most of the cost) run in float32 per chunk and are summed
     # in float64 (mixed precision: about 2x faster on CPUs; Newton steps need far less than
     # float32 accuracy from the Hessian, and the gradient stays float64).
-    mixed = not precise and _mixed_precision(z, k)
+    mixed = not precise and mixed_precision(z, k)
     btype = torch.float32 if mixed else z.dtype
     # Block diagonal: sum_j (w_jk - W_k q_jk) z_j z_j^T - m_k g_k^T - g_k m_k^T.
-    rows_gram = min(_gram_chunk_rows(z, k), _MIXED_CHUNK_ROWS) if mixed else None
-    gram = _weighted_gram(z, w - total_w * q, chunk_size=rows_gram, compute_dtype=btype)
+    rows_gram = min(gram_chunk_rows(z, k), _MIXED_CHUNK_ROWS) if mixed else None
+    gram = weighted_gram(z, w - total_w * q, chunk_size=rows_gram, compute_dtype=btype)
     gram = gram - mean_q[:, :, None] * g_t[:, None, :] - g_t[:, :, None] * mean_q[:, None, :]
     h[:k * r, :k * r] = torch.block_diag(*gram)
     eye = torch.eye(k, dtype=z.dtype, device=z.device)

@@ -117,8 +117,9 @@ def _fit_summary(fit) -> dict:
 
 
 def _cmd_fit(args) -> int:
-    from .em import fit_em, load_fit
+    from .em import fit_em
     from .plots import plot_convergence
+    from .results import load_fit
 
     features = load_array(args.features, "features")
     counts = load_array(args.counts, "counts") if args.counts else None

@@ -89,7 +89,7 @@ class Design:
         return out
 
 
-def _feature_scales(features: torch.Tensor) -> torch.Tensor:
+def feature_scales(features: torch.Tensor) -> torch.Tensor:
     """(L,) standard deviation of every column, 1 for constant columns (the unit of the atoms'
     default prior)."""
     sd = features.std(0)

@@ -24,8 +24,8 @@ from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from scipy.optimize import linear_sum_assignment
 
 from ._checks import check_counts, check_groups
-from .em import _group_log_joint
-from .models import _expand_counts
+from .engine import group_log_joint
+from .models import expand_counts
 
 __all__ = ["FitComparison", "compare_fits", "fisher_intervals", "plot_diagnostics",
            "posterior_summary", "relabel_samples", "to_arviz"]
@@ -338,7 +338,7 @@ def _unit_loglik(features, counts=None, tokens=None, groups=None, per_draw: bool
 
         def grouped(atoms, weights):
             log_q = torch.log_softmax(x @ atoms.T, 0)  # (p, K)
-            joint = _group_log_joint(log_q, gi, pi, values, g)
+            joint = group_log_joint(log_q, gi, pi, values, g)
             return torch.logsumexp(joint + weights.clamp_min(1e-300).log(), -1)
         return grouped, g
 
@@ -347,7 +347,7 @@ def _unit_loglik(features, counts=None, tokens=None, groups=None, per_draw: bool
         return torch.logsumexp(comp + weights.clamp_min(1e-300).log()[:, None], 0)
     if per_draw:
         tok = (torch.as_tensor(tokens).long().cpu() if tokens is not None
-               else _expand_counts(counts, None, p)[0])
+               else expand_counts(counts, None, p)[0])
         check_counts(None, tok, p)
         return (lambda atoms, weights: log_pi(atoms, weights)[tok]), int(tok.shape[0])
     n = check_counts(counts, tokens, p).to(torch.float64)

@@ -31,17 +31,11 @@ from pyro.infer.autoguide import (
 )
 
 from ._checks import check_positive_float, check_positive_int
-from .em import (
-    SoftmaxMixtureFit,
-    _check_init,
-    _choose_start,
-    _default_tol,
-    _finish,
-    _make_fit,
-    _prepare,
-    _progress_bar,
-    _stopping_gap,
-)
+from .accelerate import finish
+from .engine import prepare_problem
+from .results import SoftmaxMixtureFit, make_fit
+from .stopping import default_tol, progress_bar, stopping_gap
+from .warmstart import check_init, choose_start
 
 __all__ = ["EM", "em_initial_params", "init_to_em"]
 
@@ -107,7 +101,7 @@ _GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal,
            "mvn": AutoMultivariateNormal, "delta": AutoDelta}
 
 
-def _run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: bool,
+def run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: bool,
              num_particles: int = 1, init_scale: float = 0.01, seed: int | None = 0,
              progress: bool | None = None):
     """Adam SVI on ``model`` with an autoguide started by ``strategy``; returns (guide, losses).
@@ -133,7 +127,7 @@ def _run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: b
             else Trace_ELBO(num_particles=num_particles))
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss)
     losses = []
-    bar = _progress_bar(progress, num_steps, "SVI")
+    bar = progress_bar(progress, num_steps, "SVI")
     for _ in range(num_steps):
         losses.append(float(svi.step()))
         if bar is not None:
@@ -144,7 +138,7 @@ def _run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: b
     return guide, losses
 
 
-def _run_nuts(model, strategy, num_samples: int, warmup_steps: int, num_chains: int, *,
+def run_nuts(model, strategy, num_samples: int, warmup_steps: int, num_chains: int, *,
               seed: int | None = 0, progress: bool | None = None, **nuts_options) -> MCMC:
     """NUTS on ``model`` started by ``strategy``; returns the run ``MCMC`` object."""
     num_samples = check_positive_int(num_samples, "num_samples")
@@ -202,7 +196,7 @@ class EM:
             raise TypeError(f"guide must be an AutoDelta (EM gives point estimates), got "
                             f"{type(guide).__name__}")
         self.guide = guide
-        self._options = dict(init=init, num_inits=_check_init(init, num_inits), seed=seed,
+        self._options = dict(init=init, num_inits=check_init(init, num_inits), seed=seed,
                              tol=None if tol is None else check_positive_float(tol, "tol", True),
                              dtype=dtype, device=device, chunk_size=chunk_size)
         self._state = None
@@ -214,15 +208,15 @@ class EM:
     def _setup(self, tokens, counts, groups):
         o = self._options
         start = time.perf_counter()
-        x, design, z, problem, k, dtype, device, labels = _prepare(
+        x, design, z, problem, k, dtype, device, labels = prepare_problem(
             self.mixture.features, counts, tokens, groups, self.mixture.num_components,
             o["dtype"], o["device"], o["chunk_size"])
-        tol = _default_tol(dtype) if o["tol"] is None else o["tol"]
+        tol = default_tol(dtype) if o["tol"] is None else o["tol"]
         init = o["init"] if self._state is None else self.fit  # new data: continue from here
-        atoms_z, log_w, label = _choose_start(problem, design, z, k, init, o["num_inits"], 1000,
+        atoms_z, log_w, label = choose_start(problem, design, z, k, init, o["num_inits"], 1000,
                                               o["seed"], False)
         if atoms_z.shape[0] > 1:  # a race left several survivors: keep the best after EM
-            em = _finish(problem, atoms_z, log_w, 1000, tol).state
+            em = finish(problem, atoms_z, log_w, 1000, tol).state
         else:
             em = problem.start(atoms_z[0], log_w[0])
         self._state = dict(x=x, design=design, problem=problem, em=em, label=label,
@@ -285,7 +279,7 @@ class EM:
         limit = self._state["tol"] * abs(self.history[-1])
         # A race's best survivor is already converged: the steps from it have gains at rounding
         # level.
-        return _stopping_gap(self.gains, limit) <= limit
+        return stopping_gap(self.gains, limit) <= limit
 
     @property
     def fit(self) -> SoftmaxMixtureFit:
@@ -293,6 +287,6 @@ class EM:
         if self._state is None:
             raise RuntimeError("EM has not been stepped yet: call step(...) first")
         s = self._state
-        return _make_fit(s["problem"], s["design"], s["x"], s["em"].atoms, s["em"].log_weights,
+        return make_fit(s["problem"], s["design"], s["x"], s["em"].atoms, s["em"].log_weights,
                          list(self.history), self.converged, s["label"], s["labels"],
                          s["start"], s["dtype"], s["device"])

@@ -18,9 +18,10 @@ from ._checks import (
     check_num_components,
     check_positive_float,
 )
-from .em import SoftmaxMixtureFit, fit_em
-from .infer import _run_nuts, _run_svi, init_to_em
-from .models import _count_matrix, _expand_counts, collapsed_model, enumerated_model, pad_groups
+from .em import fit_em
+from .infer import init_to_em, run_nuts, run_svi
+from .models import collapsed_model, count_matrix, enumerated_model, expand_counts, pad_groups
+from .results import SoftmaxMixtureFit
 
 __all__ = ["SoftmaxMixtureModel"]
 
@@ -103,7 +104,7 @@ class SoftmaxMixtureModel:
                                    groups=groups, num_obs=num_obs, subsample_size=subsample_size,
                                    validate=validate, **self._priors())
         if counts is not None or (groups is not None and as_tensor(groups, "groups").dim() == 2):
-            tokens, groups = _expand_counts(counts, groups, self.features.shape[0])
+            tokens, groups = expand_counts(counts, groups, self.features.shape[0])
         return enumerated_model(self.features, self.num_components, tokens, groups=groups,
                                 num_obs=num_obs, subsample_size=subsample_size,
                                 validate=validate, **self._priors())
@@ -122,7 +123,7 @@ class SoftmaxMixtureModel:
             return
         p = self.features.shape[0]
         if groups is not None:
-            matrix = _count_matrix(groups, counts, tokens, self.features)
+            matrix = count_matrix(groups, counts, tokens, self.features)
             padded = None
             if tokens is not None:
                 padded, _ = pad_groups(tokens, groups)
@@ -155,7 +156,7 @@ class SoftmaxMixtureModel:
         enum = self._data["enumerated"]
         if enum is None:  # counts only: expand them into draws
             c = self._data["collapsed"]
-            tokens, groups = _expand_counts(c.get("counts"), c.get("groups"),
+            tokens, groups = expand_counts(c.get("counts"), c.get("groups"),
                                             self.features.shape[0])
             enum = {"tokens": tokens if groups is None else pad_groups(tokens, groups)[0]}
             self._data["enumerated"] = enum
@@ -216,7 +217,7 @@ class SoftmaxMixtureModel:
         strategy = self._init_strategy(init, em_options)
         self._collapsed = bool(collapsed)
         model = self._bound_model(self._collapsed, subsample_size)
-        guide, losses = _run_svi(model, strategy, guide, num_steps, lr,
+        guide, losses = run_svi(model, strategy, guide, num_steps, lr,
                                  enumerated=not self._collapsed, num_particles=num_particles,
                                  init_scale=init_scale, seed=seed, progress=progress)
         self.guide, self.svi_losses = guide, losses
@@ -240,7 +241,7 @@ class SoftmaxMixtureModel:
         start = time.perf_counter()
         strategy = self._init_strategy(init, em_options)
         self._collapsed = bool(collapsed)
-        mcmc = _run_nuts(self._bound_model(self._collapsed), strategy, num_samples, warmup_steps,
+        mcmc = run_nuts(self._bound_model(self._collapsed), strategy, num_samples, warmup_steps,
                          num_chains, seed=seed, progress=bool(progress), **nuts_options)
         self.mcmc = mcmc
         self.mcmc_seconds = time.perf_counter() - start

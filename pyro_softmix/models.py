@@ -30,7 +30,7 @@ from pyro.ops.indexing import Vindex
 from torch.distributions import constraints
 
 from ._checks import as_tensor, check_counts, check_features, check_groups, check_num_components
-from .design import _feature_scales
+from .design import feature_scales
 
 __all__ = ["MixtureCounts", "collapsed_model", "default_atoms_prior", "enumerated_model",
            "pad_groups"]
@@ -127,7 +127,7 @@ def default_atoms_prior(features: torch.Tensor, num_components: int, prior_scale
     The scale is per feature so that ``prior_scale`` is in units of the logit change per
     standard deviation of that feature: invariant to rescaling a column of X.
     """
-    scale = prior_scale / _feature_scales(features)
+    scale = prior_scale / feature_scales(features)
     return dist.Normal(torch.zeros_like(scale), scale).expand(
         (num_components, features.shape[1])).to_event(2)
 
@@ -205,7 +205,7 @@ def pad_groups(tokens, groups) -> tuple[torch.Tensor, torch.Tensor]:
     return out, labels
 
 
-def _count_matrix(groups, counts, tokens, like: torch.Tensor) -> torch.Tensor:
+def count_matrix(groups, counts, tokens, like: torch.Tensor) -> torch.Tensor:
     """Checked grouped data as a dense (G, p) count matrix with ``like``'s dtype and device."""
     p = like.shape[0]
     gi, pi, values, labels = check_groups(groups, counts, tokens, p)
@@ -214,7 +214,7 @@ def _count_matrix(groups, counts, tokens, like: torch.Tensor) -> torch.Tensor:
     return matrix.to(like.device)
 
 
-def _expand_counts(counts, groups, p: int):
+def expand_counts(counts, groups, p: int):
     """Whole counts (p,) or a (G, p) count matrix -> tokens (N,) and group ids (or None)."""
     if groups is not None:
         m = as_tensor(groups, "groups")
@@ -359,7 +359,7 @@ def collapsed_model(features, num_components: int, counts=None, *, tokens=None, 
     if groups is not None and not validate and groups.dim() == 2:
         matrix = groups  # a checked (G, p) count matrix
     elif groups is not None:
-        matrix = _count_matrix(groups, counts, tokens, features)
+        matrix = count_matrix(groups, counts, tokens, features)
     elif counts is not None or tokens is not None:
         counts = check_counts(counts, tokens, p) if validate else counts
         counts = counts.to(device=features.device, dtype=features.dtype)

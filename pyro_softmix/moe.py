@@ -46,15 +46,8 @@ from ._checks import (
     make_generator,
     resolve_dtype,
 )
-from .em import ConvergenceWarning, _progress_bar, _remaining_gap
-from .solvers import (
-    _damped_newton,
-    _logistic_evaluate,
-    _multinomial_evaluate,
-    _newton_direction,
-    fit_logistic_regression,
-    weighted_least_squares,
-)
+from .moe_em import log_joint, run_em, run_gradient, start_params
+from .stopping import ConvergenceWarning, progress_bar
 
 __all__ = ["MixtureOfExperts", "load_moe"]
 
@@ -63,7 +56,6 @@ NOISE = ("expert", "shared")
 METHODS = ("em", "gd", "adam")
 #: Default learning rates of the gradient baselines (on the mean log-likelihood).
 DEFAULT_LR = {"gd": 0.5, "adam": 0.05}
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def _matrix(value, name: str, rows: int | None = None) -> torch.Tensor:
@@ -266,166 +258,11 @@ class MixtureOfExperts:
             seed: int, generator or None.
         """
         xe, xg, yt = self._data(x, y, gate_x, dtype, new_fit=True)
-        return self._public(self._start(init, xe, xg, yt, make_generator(seed)))
-
-    def _floor(self, y: torch.Tensor) -> float:
-        return self.min_noise * max(float(y.std()), 1e-12) if y.numel() > 1 else self.min_noise
-
-    def _start(self, init: str, xe, xg, y, gen) -> dict[str, torch.Tensor]:
-        k, n = self.num_experts, xe.shape[0]
-        col_sd = xe.std(0)
-        col_sd = torch.where(col_sd > 0, col_sd, torch.ones_like(col_sd))
-        if init == "random":
-            noise = torch.randn(k, xe.shape[1], generator=gen, dtype=torch.float64).to(xe)
-            gate = 0.1 * torch.randn(k, xg.shape[1], generator=gen, dtype=torch.float64).to(xe)
-            gate = gate - gate[-1:]
-            ones = torch.ones(n, 1, dtype=xe.dtype, device=xe.device)
-            if self.expert == "linear":
-                pooled = weighted_least_squares(xe, y, ones, l2=1e-8 * n)
-                sd = max(float(y.std()), 1e-12)
-                experts = pooled + noise * sd / (col_sd * math.sqrt(xe.shape[1]))
-                return {"gate": gate, "experts": experts,
-                        "scale": torch.full((k,), sd, dtype=xe.dtype, device=xe.device)}
-            pooled = fit_logistic_regression(xe, y, ones, l2=max(self.l2, 1e-3)).atoms
-            experts = pooled + 2 * noise / (col_sd * math.sqrt(xe.shape[1]))
-            return {"gate": gate, "experts": experts}
-        if init == "kmeans":
-            labels = _kmeans(torch.cat([xe, y[:, None]], 1), k, gen)
-            soft = 0.8 * torch.nn.functional.one_hot(labels, k).to(xe) + 0.2 / k
-            return self._m_step(xe, xg, y, soft, None, exact=True)
-        raise ValueError(f"init must be 'auto', 'random', 'kmeans', a fitted MixtureOfExperts or "
-                         f"a mapping, got {init!r}")
+        return self._public(start_params(self, init, xe, xg, yt, make_generator(seed)))
 
     # -- likelihood ------------------------------------------------------------------------
-    def _log_joint(self, params, xe, xg, y) -> torch.Tensor:
-        """log P(z = k | x_i) + log p(y_i | x_i, z = k), shape (n, K); differentiable."""
-        log_gate = torch.log_softmax(xg @ params["gate"].T, 1)
-        eta = xe @ params["experts"].T
-        if self.expert == "linear":
-            s = params["scale"]
-            comp = -0.5 * ((y[:, None] - eta) / s) ** 2 - torch.log(s) - 0.5 * _LOG_2PI
-        else:
-            comp = y[:, None] * eta - torch.nn.functional.softplus(eta)
-        return log_gate + comp
-
-    def _penalty(self, params) -> torch.Tensor:
-        if not self.l2:
-            return params["experts"].new_zeros(())
-        return 0.5 * self.l2 * ((params["gate"] ** 2).sum() + (params["experts"] ** 2).sum())
-
     # -- EM --------------------------------------------------------------------------------
-    def _m_step(self, xe, xg, y, resp, params, *, exact: bool = False, m_steps: int = 1,
-                checked: bool = True, floor: float | None = None):
-        """New parameters from responsibilities (n, K).
-
-        Weighted least squares and the noise scales are exact; the logistic experts and the
-        gate take ``m_steps`` Newton steps from ``params`` (run to convergence with ``exact``).
-        ``checked`` steps are damped by Armijo backtracking, so each increases its block of
-        the EM surrogate Q; unchecked ones are full Newton steps (cheaper; the caller checks the
-        log-likelihood and redoes the step checked if it fell). ``floor`` is the noise-scale
-        floor (computed from y when not given).
-        """
-        k = self.num_experts
-        steps = 100 if exact else m_steps
-        checked = checked or exact
-        weight = resp.sum(0)
-        empty = weight <= 1e-12 * resp.shape[0]
-        new: dict[str, torch.Tensor] = {}
-        if self.expert == "linear":
-            # Given the current scales, the penalised weighted least squares is exact (an ECM
-            # step); the scales are then exact given the new coefficients.
-            scale = params["scale"] if params is not None and self.l2 else None
-            w = resp if scale is None else resp / scale**2
-            coef = weighted_least_squares(xe, y, w, l2=self.l2)
-            resid2 = (y[:, None] - xe @ coef.T) ** 2
-            if self.noise == "shared":
-                var = ((resp * resid2).sum() / resp.sum()).expand(k)
-            else:
-                var = (resp * resid2).sum(0) / weight.clamp_min(1e-300)
-            floor = self._floor(y) if floor is None else floor
-            new["scale"] = var.clamp_min(floor**2).sqrt()
-            if params is not None:
-                coef = torch.where(empty[:, None], params["experts"], coef)
-                new["scale"] = torch.where(empty, params["scale"], new["scale"])
-            new["experts"] = coef
-        else:
-            start = params["experts"] if params is not None else xe.new_zeros(k, xe.shape[1])
-            new["experts"] = _newton_steps(start, _logistic_evaluate(xe, y, resp, self.l2),
-                                           steps, checked, weight + 1)
-        if k == 1:
-            new["gate"] = xg.new_zeros(1, xg.shape[1])
-        else:
-            start = (params["gate"][:-1] if params is not None
-                     else xg.new_zeros(k - 1, xg.shape[1]))
-            flat = _newton_steps(start.reshape(1, -1), _multinomial_evaluate(xg, resp, self.l2),
-                                 steps, checked, xg.new_full((1,), resp.shape[0] + 1.0))
-            new["gate"] = torch.cat([flat.view(k - 1, -1), xg.new_zeros(1, xg.shape[1])])
-        return new
-
-    def _objective(self, params, xe, xg, y):
-        """Responsibilities (n, K) and the penalised log-likelihood (one host sync)."""
-        with torch.no_grad():
-            lj = self._log_joint(params, xe, xg, y)
-            lse = torch.logsumexp(lj, 1, keepdim=True)
-            # Accumulated in float64: a float32 sum over n terms is too coarse for the
-            # stopping rule's increments.
-            obj = float(lse.sum(dtype=torch.float64) - self._penalty(params).double())
-            return (lj - lse).exp_(), obj
-
-    def _run_em(self, params, xe, xg, y, max_iter, tol, m_steps, bar):
-        floor = self._floor(y) if self.expert == "linear" else None
-        resp, obj = self._objective(params, xe, xg, y)
-        trace = _Trace(obj, tol, bar, monotone=True)
-        for _ in range(max_iter):
-            new = self._m_step(xe, xg, y, resp, params, m_steps=m_steps, checked=False,
-                               floor=floor)
-            resp_new, obj_new = self._objective(new, xe, xg, y)
-            if not obj_new >= obj:  # a full Newton step overshot (or NaN): redo it damped
-                new = self._m_step(xe, xg, y, resp, params, m_steps=m_steps, checked=True,
-                                   floor=floor)
-                resp_new, obj_new = self._objective(new, xe, xg, y)
-            params, resp, obj = new, resp_new, obj_new
-            if trace.record(obj):
-                break
-        return params, trace.history, trace.times, trace.converged
-
     # -- gradient baselines ----------------------------------------------------------------
-    def _run_gradient(self, params, xe, xg, y, max_iter, tol, method, lr, bar):
-        k = self.num_experts
-        free = {"gate": params["gate"][:-1].clone().requires_grad_(True),
-                "experts": params["experts"].clone().requires_grad_(True)}
-        if self.expert == "linear":
-            s = params["scale"] if self.noise == "expert" else params["scale"][:1]
-            free["log_scale"] = s.log().clone().requires_grad_(True)
-        opt = (torch.optim.SGD if method == "gd" else torch.optim.Adam)(free.values(), lr=lr)
-        n = xe.shape[0]
-        floor = math.log(self._floor(y)) if self.expert == "linear" else None
-
-        def assemble():
-            out = {"gate": torch.cat([free["gate"], xg.new_zeros(1, xg.shape[1])]),
-                   "experts": free["experts"]}
-            if self.expert == "linear":
-                out["scale"] = free["log_scale"].clamp_min(floor).exp().expand(k)
-            return out
-
-        trace = None
-        for _ in range(max_iter + 1):
-            p = assemble()
-            obj_t = torch.logsumexp(self._log_joint(p, xe, xg, y), 1).sum() - self._penalty(p)
-            obj = float(obj_t.detach())
-            if trace is None:
-                trace = _Trace(obj, tol, bar, monotone=False)
-            elif trace.record(obj):
-                break
-            if len(trace.history) > max_iter or not math.isfinite(obj):
-                break
-            opt.zero_grad()
-            (-obj_t / n).backward()
-            opt.step()
-        with torch.no_grad():
-            final = {key: v.detach().clone() for key, v in assemble().items()}
-        return final, trace.history, trace.times, trace.converged
-
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, x, y, gate_x=None, *, method: str = "em", init: Any = "auto",
             num_inits: int = 4, max_iter: int | None = None, tol: float | None = None,
@@ -479,17 +316,17 @@ class MixtureOfExperts:
             else:
                 raise ValueError(f"init must be 'auto', 'random', 'kmeans', a fitted "
                                  f"MixtureOfExperts or a mapping, got {init!r}")
-            starts = [self._start(lab, xe, xg, yt, gen) for lab in labels]
+            starts = [start_params(self, lab, xe, xg, yt, gen) for lab in labels]
         else:
             labels, starts = ["given"], [self._check_start(init, xe, xg)]
         begin = time.perf_counter()
         best = None
-        bar = _progress_bar(progress, max_iter * len(starts), f"MoE {method}")
+        bar = progress_bar(progress, max_iter * len(starts), f"MoE {method}")
         for label, start in zip(labels, starts, strict=True):
             if method == "em":
-                run = self._run_em(start, xe, xg, yt, max_iter, tol, m_steps, bar)
+                run = run_em(self, start, xe, xg, yt, max_iter, tol, m_steps, bar)
             else:
-                run = self._run_gradient(start, xe, xg, yt, max_iter, tol, method, lr, bar)
+                run = run_gradient(self, start, xe, xg, yt, max_iter, tol, method, lr, bar)
             if best is None or (math.isfinite(run[1][-1]) and
                                 not run[1][-1] <= best[1][1][-1]):
                 best = (label, run)
@@ -500,7 +337,7 @@ class MixtureOfExperts:
         self.expert_weights = params["experts"].detach()
         self.noise_scale = params["scale"].detach() if "scale" in params else None
         with torch.no_grad():
-            self.loglik = float(torch.logsumexp(self._log_joint(params, xe, xg, yt), 1).sum())
+            self.loglik = float(torch.logsumexp(log_joint(self, params, xe, xg, yt), 1).sum())
         self.objective = history[-1]
         self.history, self.times = history, times
         self.n_iter, self.converged = len(history) - 1, converged
@@ -551,7 +388,7 @@ class MixtureOfExperts:
     def log_prob(self, x, y, gate_x=None) -> torch.Tensor:
         """(n,) log p(y_i | x_i) at the estimate."""
         xe, xg, yt = self._data(x, y, gate_x)
-        return torch.logsumexp(self._log_joint(self._params(), xe, xg, yt), 1)
+        return torch.logsumexp(log_joint(self, self._params(), xe, xg, yt), 1)
 
     def log_likelihood(self, x, y, gate_x=None) -> float:
         """sum_i log p(y_i | x_i) at the estimate (e.g. on held-out data)."""
@@ -560,7 +397,7 @@ class MixtureOfExperts:
     def responsibilities(self, x, y, gate_x=None) -> torch.Tensor:
         """(n, K) P(z_i = k | x_i, y_i) at the estimate."""
         xe, xg, yt = self._data(x, y, gate_x)
-        return torch.softmax(self._log_joint(self._params(), xe, xg, yt), 1)
+        return torch.softmax(log_joint(self, self._params(), xe, xg, yt), 1)
 
     @property
     def num_params(self) -> int:
@@ -695,11 +532,11 @@ class MixtureOfExperts:
         ``guide`` is ``"normal"``, ``"lowrank"``, ``"mvn"`` or ``"delta"`` (see
         :meth:`pyro_softmix.SoftmaxMixtureModel.fit_svi`); the guide is kept as :attr:`guide`.
         """
-        from .infer import _run_svi
+        from .infer import run_svi
 
         self._params()
         model = self._bound(x, y, gate_x, bool(collapsed), subsample_size)
-        self.guide, self.svi_losses = _run_svi(model, self.init_strategy(), guide, num_steps, lr,
+        self.guide, self.svi_losses = run_svi(model, self.init_strategy(), guide, num_steps, lr,
                                                enumerated=not collapsed, init_scale=init_scale,
                                                seed=seed, progress=progress)
         return self.svi_losses
@@ -709,86 +546,15 @@ class MixtureOfExperts:
                  progress: bool | None = None, **nuts_options):
         """NUTS started at the EM estimate (fit first); returns (and keeps as :attr:`mcmc`)
         the ``MCMC`` object. ``nuts_options`` go to ``NUTS``."""
-        from .infer import _run_nuts
+        from .infer import run_nuts
 
         self._params()
         model = self._bound(x, y, gate_x, bool(collapsed))
-        self.mcmc = _run_nuts(model, self.init_strategy(), num_samples, warmup_steps, num_chains,
+        self.mcmc = run_nuts(model, self.init_strategy(), num_samples, warmup_steps, num_chains,
                               seed=seed, progress=progress, **nuts_options)
         return self.mcmc
-
-
-class _Trace:
-    """Objective history, timings, progress bar and the stopping rule of one run.
-
-    Stops when the Aitken estimate of the remaining increase is <= tol * |objective| (for a
-    monotone method such as EM that includes an iteration that gains nothing, which the shared
-    rule reads as a stationary point); a gradient method's loss of objective is an overshoot,
-    not convergence.
-    """
-
-    def __init__(self, start: float, tol: float, bar, *, monotone: bool):
-        self.history, self.times, self.gains = [start], [0.0], []
-        self.tol, self.bar, self.monotone = tol, bar, monotone
-        self.converged = False
-        self._t0 = time.perf_counter()
-
-    def record(self, obj: float) -> bool:
-        """Append one iteration's objective; True when the run should stop."""
-        self.history.append(obj)
-        self.times.append(time.perf_counter() - self._t0)
-        self.gains.append(obj - self.history[-2])
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(objective=f"{obj:.10g}", refresh=False)
-        gap = _remaining_gap(self.gains)
-        if self.monotone:
-            self.converged = gap <= self.tol * abs(obj)
-        else:
-            self.converged = 0 < gap <= self.tol * abs(obj)
-        return self.converged
-
-
-def _newton_steps(params, evaluate, steps: int, checked: bool, scale) -> torch.Tensor:
-    """Up to ``steps`` Newton ascent steps (damped if ``checked``), stopping once the predicted
-    gain is negligible."""
-    for i in range(steps):
-        if checked:
-            params, info = _damped_newton(params, evaluate)
-            gain = info.gain
-        else:
-            _, grad, hess = evaluate(params, True)
-            direction = _newton_direction(grad, hess)
-            gain = (grad * direction).sum(-1)
-            params = params + direction
-        if i + 1 < steps and bool((gain <= 1e-12 * scale).all()):
-            break
-    return params
 
 
 def load_moe(path: str | os.PathLike) -> MixtureOfExperts:
     """Load a :class:`MixtureOfExperts` written by :meth:`MixtureOfExperts.save`."""
     return MixtureOfExperts.load(path)
-
-
-def _kmeans(points: torch.Tensor, k: int, gen: torch.Generator, iters: int = 25) -> torch.Tensor:
-    """Labels (n,) from Lloyd's k-means on standardised columns, k-means++ seeding."""
-    sd = points.std(0)
-    z = (points - points.mean(0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
-    n = z.shape[0]
-    centres = [z[int(torch.randint(n, (1,), generator=gen))]]
-    for _ in range(1, k):
-        d2 = torch.cdist(z, torch.stack(centres)).amin(1) ** 2
-        probs = (d2 / d2.sum()).double().cpu() if float(d2.sum()) > 0 else torch.full((n,), 1 / n)
-        centres.append(z[int(torch.multinomial(probs, 1, generator=gen))])
-    c = torch.stack(centres)
-    labels = torch.cdist(z, c).argmin(1)
-    for _ in range(iters):
-        one_hot = torch.nn.functional.one_hot(labels, k).to(z)
-        size = one_hot.sum(0)
-        c = torch.where(size[:, None] > 0, one_hot.T @ z / size.clamp_min(1)[:, None], c)
-        new = torch.cdist(z, c).argmin(1)
-        if bool((new == labels).all()):
-            break
-        labels = new
-    return labels

@@ -23,7 +23,7 @@ import torch
 
 from ._checks import as_tensor, check_counts, check_features, resolve_device, resolve_dtype
 from .design import Design, standardize
-from .solvers import _weighted_gram
+from .solvers import weighted_gram
 
 __all__ = ["LatentMoments", "hermite", "latent_moments"]
 
@@ -68,7 +68,7 @@ class LatentMoments:
     @property
     def m2(self) -> torch.Tensor:
         if self._m2 is None:
-            m2 = _weighted_gram(self.z, self.pihat[:, None])[0]  # chunked: no (p, r) temporary
+            m2 = weighted_gram(self.z, self.pihat[:, None])[0]  # chunked: no (p, r) temporary
             eye = torch.eye(self.z.shape[1], dtype=self.z.dtype, device=self.z.device)
             self._m2 = 0.5 * (m2 + m2.T) - eye
         return self._m2
@@ -167,10 +167,10 @@ def latent_moments(features, counts=None, tokens=None, *, design: Design | None 
     if design is None:
         design = standardize(x)
     z = design.transform(x, dtype=dtype, device=device)
-    return _standardised_moments(z, n.to(device=device, dtype=torch.float64), design)
+    return standardised_moments(z, n.to(device=device, dtype=torch.float64), design)
 
 
-def _standardised_moments(z: torch.Tensor, counts: torch.Tensor, design: Design) -> LatentMoments:
+def standardised_moments(z: torch.Tensor, counts: torch.Tensor, design: Design) -> LatentMoments:
     """M1 (and M2 when first read) from standardised features z (p, r) and float64 counts (p,)
     on z's device."""
     pihat = (counts / counts.sum()).to(z.dtype)

@@ -36,12 +36,12 @@ _ARMIJO = 1e-4
 _GRAM_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 256 * 2**20}
 
 
-def _gram_chunk_rows(features: torch.Tensor, num_components: int) -> int:
+def gram_chunk_rows(features: torch.Tensor, num_components: int) -> int:
     budget = _GRAM_CHUNK_BYTES.get(features.device.type, _GRAM_CHUNK_BYTES["cuda"])
     return max(64, budget // (num_components * features.shape[1] * features.element_size()))
 
 
-def _weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int | None = None,
+def weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int | None = None,
                    buffer: torch.Tensor | None = None,
                    compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """sum_j probs_jk z_j z_j^T for every k, chunked over j.
@@ -59,7 +59,7 @@ def _weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int 
     """
     p, r = features.shape
     k = probs.shape[1]
-    chunk = buffer.shape[0] if buffer is not None else (chunk_size or _gram_chunk_rows(features, k))
+    chunk = buffer.shape[0] if buffer is not None else (chunk_size or gram_chunk_rows(features, k))
     acc = features.new_zeros(r, k * r)
     cast = compute_dtype is not None and compute_dtype != features.dtype
     product = features.new_empty(r, k * r, dtype=compute_dtype) if cast else None
@@ -78,7 +78,7 @@ def _weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int 
     return acc.view(r, k, r).transpose(0, 1).contiguous()
 
 
-def _column_logsumexp(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+def column_logsumexp(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """logsumexp over dim 0 of (p, K) logits; leaves softmax(logits, 0) in ``scratch``."""
     top = logits.amax(0)
     torch.sub(logits, top, out=scratch).exp_()
@@ -87,7 +87,7 @@ def _column_logsumexp(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tens
     return top + total.log()
 
 
-class _Workspace:
+class Workspace:
     """Persistent buffers for repeated Newton steps on one (p, K, r) problem.
 
     Repeated multi-megabyte allocations are costly on CPUs (the allocator hands the memory back
@@ -103,7 +103,7 @@ class _Workspace:
         self.q = new(p, num_components)
         self.scratch = new(p, num_components)
         self.logits = (new(p, num_components), new(p, num_components))
-        chunk = min(p, chunk_size or _gram_chunk_rows(features, num_components))
+        chunk = min(p, chunk_size or gram_chunk_rows(features, num_components))
         self.gram = new(chunk, num_components, r)
 
     def trial_buffer(self, logits: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,7 @@ class _Workspace:
         return b if logits.data_ptr() == a.data_ptr() else a
 
 
-def _newton_direction(grad: torch.Tensor, hess: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
+def newton_direction(grad: torch.Tensor, hess: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
     """Solve hess d = grad, batched; add a growing ridge where Cholesky fails.
 
     Args:
@@ -203,13 +203,13 @@ def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms
     """
     if logits is None:
         logits = features @ atoms.T
-    ws = _Workspace(features, atoms.shape[0], chunk_size)
-    new_atoms, new_logits, _, info = _newton_step(features, weights, atoms, logits, ws, l2=l2,
+    ws = Workspace(features, atoms.shape[0], chunk_size)
+    new_atoms, new_logits, _, info = softmax_newton_step(features, weights, atoms, logits, ws, l2=l2,
                                                   max_backtracks=max_backtracks)
     return new_atoms, new_logits, info
 
 
-def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
+def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=None, *,
                  l2: float | torch.Tensor = 0.0, max_backtracks: int = 30,
                  max_step: float | None = None, cov: torch.Tensor | None = None):
     """:func:`softmax_regression_step` on preallocated buffers.
@@ -229,7 +229,7 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
     """
     total = weights.sum(0)  # (K,)
     if lse is None:
-        lse = _column_logsumexp(logits, ws.q)
+        lse = column_logsumexp(logits, ws.q)
     q = ws.q
     # (K, p) @ (p, r): much faster than features.T @ weights through a transposed view.
     lin = weights.T @ features  # (K, r): w-weighted sums of z
@@ -239,11 +239,11 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
         grad = grad - _penalty_grad(atoms, l2)
     # Covariance of z under q_k: sum_j q_j z_j z_j^T - m m^T (the columns of q sum to 1).
     if cov is None:
-        cov = (_weighted_gram(features, q, buffer=ws.gram)
+        cov = (weighted_gram(features, q, buffer=ws.gram)
                - mean_q[:, :, None] * mean_q[:, None, :])
     hess = total[:, None, None] * cov
-    hess = _ridge(hess, l2)
-    direction = _newton_direction(grad, hess)
+    hess = add_ridge(hess, l2)
+    direction = newton_direction(grad, hess)
     gain = (grad * direction).sum(-1)
     f0 = _objective(lin, total, lse, atoms, l2)
     if max_step is not None:
@@ -264,7 +264,7 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
     for _ in range(max_backtracks + 1):
         new_atoms = atoms + step[:, None] * direction
         torch.mm(features, new_atoms.T, out=trial)
-        new_lse = _column_logsumexp(trial, ws.scratch)  # softmax of the trial in ws.scratch
+        new_lse = column_logsumexp(trial, ws.scratch)  # softmax of the trial in ws.scratch
         f1 = _objective(lin, total, new_lse, new_atoms, l2)
         ok = (f1 >= f0 + _ARMIJO * step * slope) | (gain <= noise)
         done = done | ok
@@ -279,7 +279,7 @@ def _newton_step(features, weights, atoms, logits, ws: _Workspace, lse=None, *,
         step = torch.where(done, step, torch.zeros_like(step))
         new_atoms = atoms + step[:, None] * direction
         trial.copy_(torch.where(done[None, :], trial, logits))
-        new_lse = _column_logsumexp(trial, ws.q)
+        new_lse = column_logsumexp(trial, ws.q)
         f1 = torch.where(done, f1, f0)
     if shrink is not None:
         step = step * shrink
@@ -346,10 +346,10 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
     tol = 1e3 * torch.finfo(z.dtype).eps if tol is None else tol
     scale = w.sum(0) + 1
     logits, lse = z @ t.T, None
-    ws = _Workspace(z, k, chunk_size)
+    ws = Workspace(z, k, chunk_size)
     steps, info, converged = 0, None, False
     for steps in range(1, max_steps + 1):  # noqa: B007
-        t, logits, lse, info = _newton_step(z, w, t, logits, ws, lse, l2=l2)
+        t, logits, lse, info = softmax_newton_step(z, w, t, logits, ws, lse, l2=l2)
         converged = bool((info.grad.norm(dim=-1) <= tol * scale).all())
         if converged or bool((info.step == 0).all()):
             break
@@ -363,7 +363,7 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
 # ----------------------------------------------------------------------------------------------
 # Per-observation regressions (the M-steps of mixtures of experts), batched over experts
 # ----------------------------------------------------------------------------------------------
-def _damped_newton(params: torch.Tensor, evaluate, max_backtracks: int = 30
+def damped_newton(params: torch.Tensor, evaluate, max_backtracks: int = 30
                    ) -> tuple[torch.Tensor, NewtonStepInfo]:
     """One batched damped Newton ascent step on B independent concave problems.
 
@@ -376,7 +376,7 @@ def _damped_newton(params: torch.Tensor, evaluate, max_backtracks: int = 30
         objective increases (or stays, where no ascent step exists up to rounding).
     """
     f0, grad, hess = evaluate(params, True)
-    direction = _newton_direction(grad, hess)
+    direction = newton_direction(grad, hess)
     gain = (grad * direction).sum(-1)
     noise = 64 * torch.finfo(params.dtype).eps * (f0.abs() + 1)
     step = torch.ones_like(f0)
@@ -394,7 +394,7 @@ def _damped_newton(params: torch.Tensor, evaluate, max_backtracks: int = 30
     return new, NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1)
 
 
-def _newton_solve(params: torch.Tensor, evaluate, max_steps: int, tol: float, scale: torch.Tensor):
+def newton_solve(params: torch.Tensor, evaluate, max_steps: int, tol: float, scale: torch.Tensor):
     """Damped Newton steps until every gradient norm is <= tol * scale (or no step is taken).
 
     Returns ``(params, objective, grad, steps, converged)``, the last three at the returned
@@ -402,7 +402,7 @@ def _newton_solve(params: torch.Tensor, evaluate, max_steps: int, tol: float, sc
     """
     steps = 0
     for steps in range(1, max_steps + 1):  # noqa: B007
-        params, info = _damped_newton(params, evaluate)
+        params, info = damped_newton(params, evaluate)
         if bool((info.grad.norm(dim=-1) <= tol * scale).all()) or bool((info.step == 0).all()):
             break
     f, grad, _ = evaluate(params, True)
@@ -422,7 +422,7 @@ def _check_regression(x, weights, name_w="weights"):
     return x, w
 
 
-def _ridge(hess: torch.Tensor, l2) -> torch.Tensor:
+def add_ridge(hess: torch.Tensor, l2) -> torch.Tensor:
     if isinstance(l2, torch.Tensor):
         return hess + l2
     if not l2:
@@ -452,11 +452,11 @@ def weighted_least_squares(x, y, weights, *, l2: float = 0.0) -> torch.Tensor:
     y = as_tensor(y, "y").to(x)
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-    gram = _ridge(_weighted_gram(x, w), check_positive_float(l2, "l2", allow_zero=True))
-    return _newton_direction((w * y[:, None]).T @ x, gram)
+    gram = add_ridge(weighted_gram(x, w), check_positive_float(l2, "l2", allow_zero=True))
+    return newton_direction((w * y[:, None]).T @ x, gram)
 
 
-def _logistic_evaluate(x, y, w, l2):
+def logistic_objective(x, y, w, l2):
     def evaluate(coef, derivatives):
         eta = x @ coef.T  # (n, K)
         f = (w * (y[:, None] * eta - torch.nn.functional.softplus(eta))).sum(0)
@@ -466,7 +466,7 @@ def _logistic_evaluate(x, y, w, l2):
             return f, None, None
         s = torch.sigmoid(eta)
         grad = (w * (y[:, None] - s)).T @ x - l2 * coef
-        hess = _ridge(_weighted_gram(x, w * s * (1 - s)), l2)
+        hess = add_ridge(weighted_gram(x, w * s * (1 - s)), l2)
         return f, grad, hess
     return evaluate
 
@@ -500,15 +500,15 @@ def fit_logistic_regression(x, y, weights, init=None, *, l2: float = 0.0, max_st
         raise ValueError(f"init must have shape ({w.shape[1]}, {x.shape[1]}), got "
                          f"{tuple(coef.shape)}")
     tol = 1e3 * torch.finfo(x.dtype).eps if tol is None else tol
-    evaluate = _logistic_evaluate(x, y, w, l2)
-    coef, f, grad, steps, ok = _newton_solve(coef, evaluate,
+    evaluate = logistic_objective(x, y, w, l2)
+    coef, f, grad, steps, ok = newton_solve(coef, evaluate,
                                              check_positive_int(max_steps, "max_steps"), tol,
                                              w.sum(0) + 1)
     return SoftmaxRegressionResult(atoms=coef, objective=f, grad_norm=grad.norm(dim=-1),
                                    num_steps=steps, converged=ok)
 
 
-def _multinomial_evaluate(x, targets, l2):
+def multinomial_objective(x, targets, l2):
     """Objective of a multinomial logit with the last class as reference (logit 0)."""
     n, d = x.shape
     k = targets.shape[1]
@@ -532,7 +532,7 @@ def _multinomial_evaluate(x, targets, l2):
         hess = -(rpx.T @ (p[:, :, None] * x[:, None, :]).reshape(n, -1))
         blocks = torch.arange(k - 1, device=x.device)
         hess.view(k - 1, d, k - 1, d)[blocks, :, blocks, :] += (rpx.T @ x).view(k - 1, d, d)
-        return f, grad.reshape(1, -1), _ridge(hess, l2).unsqueeze(0)
+        return f, grad.reshape(1, -1), add_ridge(hess, l2).unsqueeze(0)
     return evaluate
 
 
@@ -567,8 +567,8 @@ def fit_multinomial_logit(x, targets, init=None, *, l2: float = 0.0, max_steps: 
     if coef.shape != (k - 1, d):
         raise ValueError(f"init must have shape ({k}, {d}), got {tuple(coef.shape)}")
     tol = 1e3 * torch.finfo(x.dtype).eps if tol is None else tol
-    evaluate = _multinomial_evaluate(x, r, l2)
-    flat, f, grad, steps, ok = _newton_solve(coef.reshape(1, -1), evaluate,
+    evaluate = multinomial_objective(x, r, l2)
+    flat, f, grad, steps, ok = newton_solve(coef.reshape(1, -1), evaluate,
                                              check_positive_int(max_steps, "max_steps"), tol,
                                              r.sum().reshape(1) + 1)
     full = torch.cat([flat.view(k - 1, d), x.new_zeros(1, d)])

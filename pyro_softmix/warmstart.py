@@ -21,17 +21,24 @@ All methods work in standardised coordinates and return atoms in the user's coor
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ._checks import check_positive_int, make_generator
-from .moments import LatentMoments, _standardised_moments
+from .accelerate import NEWTON_SWITCH, squarem_cycle
+from .engine import EMProblem, prepare_problem, set_prior, user_start
+from .moments import LatentMoments, standardised_moments
+from .solvers import fit_softmax_regression
+from .stopping import RATE_WINDOW, cycle_rate, progress_bar, remaining_gap
 
 __all__ = ["WarmStart", "warm_start", "WARM_START_METHODS"]
 
 WARM_START_METHODS = ("auto", "projection", "tensor", "subspace", "random")
+#: Number of candidate starts under ``init="auto"`` when ``num_inits`` is not given.
+AUTO_NUM_INITS = 4
 
 
 @dataclass(repr=False)
@@ -178,7 +185,7 @@ def _gauss_quadrature(nodes: np.ndarray, weights: np.ndarray, k: int
     return vals, vecs[0] ** 2 * float(w.sum())
 
 
-def _projection_start(mom: LatentMoments, k: int, gen: torch.Generator
+def projection_start(mom: LatentMoments, k: int, gen: torch.Generator
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights (K,), atoms_z (K, r)) by the projection method of moments."""
     r = mom.m1.shape[0]
@@ -216,7 +223,7 @@ def _projection_start(mom: LatentMoments, k: int, gen: torch.Generator
 _JENNRICH_TRIES = 16
 
 
-def _tensor_start(mom: LatentMoments, k: int, gen: torch.Generator
+def tensor_start(mom: LatentMoments, k: int, gen: torch.Generator
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights (K,), atoms_z (K, r)) from the whitened third moment."""
     r = mom.m1.shape[0]
@@ -251,13 +258,13 @@ def _tensor_start(mom: LatentMoments, k: int, gen: torch.Generator
 # ----------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------
-def _moment_start(mom: LatentMoments, k: int, method: str, gen: torch.Generator
+def moment_start(mom: LatentMoments, k: int, method: str, gen: torch.Generator
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights (K,), atoms_z (K, r)) in float64 on the CPU for the moment-based methods."""
     if method == "projection":
-        return _projection_start(mom, k, gen)
+        return projection_start(mom, k, gen)
     if method == "tensor":
-        return _tensor_start(mom, k, gen)
+        return tensor_start(mom, k, gen)
     basis = None
     if method == "subspace":
         _, basis = _top_eigen(mom, min(k, mom.m1.shape[0]))
@@ -296,25 +303,23 @@ def warm_start(features, counts=None, tokens=None, num_components: int = 3, meth
         >>> start.weights.shape, start.atoms.shape
         ((2,), (2, 4))
     """
-    from .em import _auto_start, _prepare, _set_prior
-
     if not isinstance(method, str) or method not in WARM_START_METHODS:
         raise ValueError(f"method must be one of {WARM_START_METHODS}, got {method!r}")
     if method != "auto" and (num_inits is not None or prior_scale is not None):
         raise ValueError(f"num_inits and prior_scale apply to method='auto' only, not {method!r}")
-    x, design, z, problem, k, dtype, device, _ = _prepare(
+    x, design, z, problem, k, dtype, device, _ = prepare_problem(
         features, counts, tokens, None, num_components, dtype, device, None)
-    mom = _standardised_moments(z, problem.counts64, design)
+    mom = standardised_moments(z, problem.counts64, design)
     gen = make_generator(seed)
     if method == "auto":
         if num_inits is not None:
             num_inits = check_positive_int(num_inits, "num_inits")
-        _set_prior(problem, x, design, prior_scale)
-        atoms_z, log_w, _ = _auto_start(problem, mom, k, num_inits, gen)
+        set_prior(problem, x, design, prior_scale)
+        atoms_z, log_w, _ = auto_start(problem, mom, k, num_inits, gen)
         weights = log_w[0].exp().double().cpu()  # the race's leader
         atoms_z = atoms_z[0].double().cpu()
     else:
-        weights, atoms_z = _moment_start(mom, k, method, gen)
+        weights, atoms_z = moment_start(mom, k, method, gen)
     atoms = design.atoms_from_z(atoms_z.to(design.to_atoms.device))
     loglik = float(problem.start(atoms_z.to(z), weights.log().to(z)).loglik[0])
     return WarmStart(weights=weights.to(device=device, dtype=dtype),
@@ -327,8 +332,6 @@ def warm_start(features, counts=None, tokens=None, num_components: int = 3, meth
 # ----------------------------------------------------------------------------------------------
 def _tilted_centre(mom: LatentMoments) -> torch.Tensor:
     """The one-component MLE t_1 (r,): the tilt whose softmax mean matches M1 on this design."""
-    from .solvers import fit_softmax_regression
-
     res = fit_softmax_regression(mom.z, mom.pihat[:, None], max_steps=50)
     return res.atoms[0]
 
@@ -381,3 +384,150 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
         else:
             hi = mid
     return centre + math.exp(0.5 * (lo + hi)) * noise
+
+
+# ----------------------------------------------------------------------------------------------
+# The race of starts (the "auto" start, and several starts of any method)
+# ----------------------------------------------------------------------------------------------
+def check_init(init, num_inits):
+    if isinstance(init, str) and init not in WARM_START_METHODS:
+        raise ValueError(f"init must be one of {WARM_START_METHODS} or a start with weights and "
+                         f"atoms, got {init!r}")
+    if num_inits is not None:
+        num_inits = check_positive_int(num_inits, "num_inits")
+    return num_inits
+
+
+#: The race behind ``init="auto"``: the starts run as one batch of SQUAREM cycles (plain EM
+#: without acceleration) until every start left is within ``RACE_HANDOVER`` (relative, Aitken) of
+#: its own limit; the survivors then each finish on their own (:func:`~pyro_softmix.accelerate.run`, with its
+#: Newton endgame) and the best final objective wins. A start is dropped from the race when it
+#: is clearly beaten: its limit extrapolated at the slow rate ``RACE_MAX_RATE`` (200 times its
+#: last gain) is below the leader's objective; or when it has joined the leader (its atoms,
+#: matched to the leader's, within ``RACE_SAME`` of them relative to the largest atom norm, and
+#: its weights within ``RACE_SAME``). An Aitken limit at the measured rate is not used to drop:
+#: before EM's rate settles (weakly separated mixtures cross saddle regions where the gains stall
+#: and then grow again) it is far too low.
+RACE_MAX_RATE = 0.995
+RACE_HANDOVER = NEWTON_SWITCH
+RACE_SAME = 1e-2
+RACE_CHECK_EVERY = 2
+
+
+def joined_leader(atoms: torch.Tensor, log_weights: torch.Tensor, lead: int) -> list[bool]:
+    """For each of S starts (atoms (S, K, r), log-weights (S, K)), whether it sits at the leader's
+    point up to a permutation of the components (within ``RACE_SAME``)."""
+    ref = atoms[lead]
+    dist = torch.cdist(atoms, ref.expand_as(atoms))  # (S, K own, K leader)
+    nearest, match = dist.min(1)  # for each leader atom, the closest own atom
+    scale = 1.0 + ref.norm(dim=1).max()
+    w_gap = (log_weights.exp().gather(1, match) - log_weights[lead].exp()).abs().amax(1)
+    close = (nearest.amax(1) <= RACE_SAME * scale) & (w_gap <= RACE_SAME)
+    distinct = match.sort(1).values == torch.arange(atoms.shape[1], device=atoms.device)
+    return (close & distinct.all(1)).tolist()
+
+
+def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
+          max_iter: int, bar=None, accelerate: bool = True):
+    """Race S starts (atoms (S, K, r), log_weights (S, K)) in one batch for at most about
+    ``max_iter`` iterations; see ``RACE_*``. With ``accelerate`` each check follows a SQUAREM
+    cycle (:func:`~pyro_softmix.accelerate.squarem_cycle`).
+
+    Returns the survivors' atoms (S', K, r) and log-weights (S', K), best objective first, and
+    the EM iterations spent (summed over starts).
+    """
+    s, k, r = atoms.shape
+    spent, it = 0, 0
+    step_max = [1.0] * s if accelerate else None
+    rates = [deque(maxlen=RATE_WINDOW) for _ in range(s)]
+    while s > 1 and it < max_iter:
+        batch = problem.with_starts(s)
+        st = batch.start(atoms.reshape(s * k, r), log_weights.reshape(s * k))
+        keep = None
+        while keep is None and it < max_iter:
+            st, objs, gains, _ = squarem_cycle(batch, st, RACE_CHECK_EVERY, step_max)
+            it += RACE_CHECK_EVERY
+            spent += s * RACE_CHECK_EVERY
+            if bar is not None:
+                bar.update(s * RACE_CHECK_EVERY)
+            obj = [-math.inf if math.isnan(v) else v for v in objs[-1]]
+            pairs = list(zip(*gains[-2:], strict=True))
+            order = sorted(range(s), key=obj.__getitem__, reverse=True)
+            lead = order[0]
+            bound = [remaining_gap(g, RACE_MAX_RATE, RACE_MAX_RATE) for g in pairs]
+            joined = joined_leader(st.atoms.view(s, k, r), st.log_weights.view(s, k), lead)
+            alive = [i for i in order
+                     if i == lead or (obj[i] + bound[i] >= obj[lead] and not joined[i])]
+            rate = [cycle_rate(q, g) if accelerate else 0.0 for q, g in zip(rates, pairs,
+                                                                              strict=True)]
+            if len(alive) < s:
+                keep = alive
+            if all(remaining_gap(pairs[i], rate=rate[i]) <= RACE_HANDOVER * abs(obj[i])
+                   for i in alive):
+                keep, it = alive, max_iter  # hand the survivors over
+        if keep is None:  # out of iterations: the leader alone goes on
+            keep = [lead]
+        rates = [rates[i] for i in keep]
+        if step_max is not None:
+            step_max = [step_max[i] for i in keep]
+        index = torch.tensor(keep, device=atoms.device)
+        atoms = st.atoms.view(s, k, r)[index]
+        log_weights = st.log_weights.view(s, k)[index]
+        s = atoms.shape[0]
+    return atoms, log_weights, spent
+
+
+def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
+                gen: torch.Generator, max_iter: int = 1000, progress: bool | None = False,
+                accelerate: bool = True):
+    """The ``"auto"`` start: ``num_inits`` design-calibrated random starts in all r directions
+    (:func:`calibrated_atoms`), raced in one batch.
+
+    Neither the tensor start nor M2's top eigenspace is used: where the moments are noisy (real
+    embeddings, or r not small against the effective number of support points) both point away
+    from the atoms, and a start led there ends at a worse optimum; see ``docs/warmstarts.md``.
+
+    Returns the race's survivors, best first: atoms (S', K, r) and log_weights (S', K); and the
+    start-iterations spent in the race.
+    """
+    n = num_inits or AUTO_NUM_INITS
+    atoms = calibrated_atoms(mom, k, n, gen)  # on problem.z's device, in its dtype
+    log_w = torch.full((n, k), -math.log(k), dtype=atoms.dtype, device=atoms.device)
+    if n == 1:
+        return atoms, log_w, 0
+    bar = progress_bar(progress, None, "EM starts")
+    try:
+        return race(problem, atoms, log_w, max_iter, bar, accelerate)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def choose_start(problem, design, z, k, init, num_inits, max_iter, seed, progress,
+                  accelerate: bool = True):
+    """(atoms_z (S, K, r), log_weights (S, K), label): the starts of the final EM runs, best
+    first (S > 1 only when a race left several survivors)."""
+    if not isinstance(init, str):
+        atoms_z, log_w = user_start(init, k, design, z)
+        return atoms_z[None], log_w[None], "given"
+    gen = make_generator(seed)
+    mom = standardised_moments(z, problem.counts64, design)
+    if init == "auto":
+        atoms_z, log_w, spent = auto_start(problem, mom, k, num_inits, gen, max_iter, progress,
+                                            accelerate)
+        n = num_inits or AUTO_NUM_INITS
+        return atoms_z, log_w, ("auto" if n == 1 else race_label("auto", n, spent, atoms_z))
+    n = num_inits or 1
+    starts = [moment_start(mom, k, init, gen) for _ in range(n)]
+    log_w = torch.stack([w for w, _ in starts]).log().to(z)
+    atoms = torch.stack([a for _, a in starts]).to(z)
+    if n == 1:
+        return atoms, log_w, init
+    atoms_z, log_w, spent = race(problem, atoms, log_w, max_iter, accelerate=accelerate)
+    return atoms_z, log_w, race_label(init, n, spent, atoms_z)
+
+
+def race_label(init: str, n: int, spent: int, survivors: torch.Tensor) -> str:
+    left = survivors.shape[0]
+    return (f"{init} (race of {n} starts, {spent} start-iterations"
+            + (f", {left} finished" if left > 1 else "") + ")")

@@ -12,13 +12,13 @@ import torch
 from pyro.infer import TraceEnum_ELBO
 
 import pyro_softmix as psm
-from pyro_softmix import ConvergenceWarning, MixtureOfExperts, simulate_moe
+from pyro_softmix import ConvergenceWarning, MixtureOfExperts, moe_em, simulate_moe
 from pyro_softmix.plots import match_components
 from pyro_softmix.solvers import (
-    _logistic_evaluate,
-    _multinomial_evaluate,
     fit_logistic_regression,
     fit_multinomial_logit,
+    logistic_objective,
+    multinomial_objective,
     weighted_least_squares,
 )
 
@@ -65,7 +65,7 @@ def test_weighted_least_squares_closed_form(l2):
 def test_logistic_regression_gradient_hessian_and_optimum(l2):
     g, x, w = _regression_data()
     y = (torch.rand(80, generator=g) < torch.sigmoid(x[:, 0] - x[:, 1])).double()
-    evaluate = _logistic_evaluate(x, y, w, l2)
+    evaluate = logistic_objective(x, y, w, l2)
     coef = torch.randn(2, 3, generator=g)
     f, grad, hess = evaluate(coef, True)
     for k in range(2):
@@ -84,7 +84,7 @@ def test_logistic_regression_gradient_hessian_and_optimum(l2):
 def test_multinomial_logit_gradient_hessian_and_optimum(l2):
     g, x, _ = _regression_data()
     targets = torch.rand(80, 4, generator=g)  # soft labels with unequal row totals
-    evaluate = _multinomial_evaluate(x, targets, l2)
+    evaluate = multinomial_objective(x, targets, l2)
     flat = torch.randn(1, 9, generator=g)
     f, grad, hess = evaluate(flat, True)
     fn = lambda v: evaluate(v[None], False)[0][0]  # noqa: E731
@@ -162,7 +162,7 @@ def test_em_is_monotone_and_stationary(expert, noise, l2):
         s = moe.noise_scale if noise == "expert" else moe.noise_scale[:1]
         free["scale"] = s.clone().requires_grad_(True)
         params["scale"] = free["scale"].expand(3)
-    obj = torch.logsumexp(moe._log_joint(params, xe, xg, y), 1).sum() - moe._penalty(params)
+    obj = torch.logsumexp(moe_em.log_joint(moe, params, xe, xg, y), 1).sum() - moe_em.penalty(moe, params)
     grads = torch.autograd.grad(obj, list(free.values()))
     assert max(float(g.abs().max()) for g in grads) < 1e-3
     assert obj.item() == pytest.approx(moe.objective, rel=1e-12)
@@ -175,10 +175,10 @@ def test_exact_m_step_maximises_q(expert):
     moe = MixtureOfExperts(3, expert)
     xe, xg, y = moe._data(data.x, data.y, None, new_fit=True)
     resp = torch.softmax(torch.randn(300, 3), 1)
-    new = moe._m_step(xe, xg, y, resp, None, exact=True)
+    new = moe_em.m_step(moe, xe, xg, y, resp, None, exact=True)
     free = {k: v.clone().requires_grad_(True) for k, v in new.items()}
     params = dict(free, gate=torch.cat([free["gate"][:-1], torch.zeros(1, xg.shape[1])]))
-    q = (resp * moe._log_joint(params, xe, xg, y)).sum()
+    q = (resp * moe_em.log_joint(moe, params, xe, xg, y)).sum()
     for name, g in zip(free, torch.autograd.grad(q, list(free.values()), allow_unused=True),
                        strict=True):
         if g is not None:
@@ -214,7 +214,7 @@ def test_em_from_truth_stays_within_standard_errors():
     xe, xg, y = moe._data(data.x, data.y, None)
 
     def loglik(v):
-        return torch.logsumexp(moe._log_joint(_unpack(moe, v, 3, 3), xe, xg, y), 1).sum()
+        return torch.logsumexp(moe_em.log_joint(moe, _unpack(moe, v, 3, 3), xe, xg, y), 1).sum()
     hat = _free_vector(moe)
     truth = torch.cat([data.gate_weights[:-1].reshape(-1), data.expert_weights.reshape(-1),
                        data.noise_scale.log()])

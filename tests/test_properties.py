@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyro_softmix as psm
-from pyro_softmix.solvers import _column_logsumexp
+from pyro_softmix.solvers import column_logsumexp
 
 from .helpers import brute_mixture_log_probs
 
@@ -34,7 +34,7 @@ def test_column_logsumexp_matches_torch_and_leaves_softmax(problem):
     g = torch.Generator().manual_seed(seed)
     logits = 50 * scale * torch.randn(p, K, generator=g, dtype=torch.float64)
     scratch = torch.empty_like(logits)
-    lse = _column_logsumexp(logits, scratch)
+    lse = column_logsumexp(logits, scratch)
     assert torch.allclose(lse, torch.logsumexp(logits, 0))
     assert torch.allclose(scratch, torch.softmax(logits, 0))
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pyro_softmix import fit_softmax_regression, softmax_regression_step
-from pyro_softmix.solvers import _weighted_gram
+from pyro_softmix.solvers import weighted_gram
 
 
 def _problem(p=120, r=3, k=3, seed=0):
@@ -30,7 +30,7 @@ def test_gradient_and_hessian_match_autograd(l2):
             lambda v, k=k: _objective(z, w[:, k:k + 1], v[None], l2).sum(), t[k])
         q = torch.softmax(z @ t[k], 0)
         m = z.T @ q
-        cov = _weighted_gram(z, q[:, None])[0] - torch.outer(m, m)
+        cov = weighted_gram(z, q[:, None])[0] - torch.outer(m, m)
         ours = w[:, k].sum() * cov + l2 * torch.eye(3)
         assert torch.allclose(ours, -hess, atol=1e-10)
         # The solver's own Newton step uses that Hessian: d = H^{-1} g and gain = g^T H^{-1} g.
@@ -97,8 +97,8 @@ def test_chunked_hessian_equals_unchunked():
     z, w = _problem(p=500)
     q = torch.softmax(z @ torch.randn(3, 3).T, 0)
     brute = torch.stack([(z.T * q[:, k]) @ z for k in range(3)])
-    assert torch.allclose(_weighted_gram(z, q, chunk_size=7), brute, atol=1e-12)
-    assert torch.allclose(_weighted_gram(z, q), brute, atol=1e-12)
+    assert torch.allclose(weighted_gram(z, q, chunk_size=7), brute, atol=1e-12)
+    assert torch.allclose(weighted_gram(z, q), brute, atol=1e-12)
 
 
 def test_bad_arguments_name_themselves():

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix.em import RACE_SAME, _diverging, _EMProblem, _joined, _race, _remaining_gap
+from pyro_softmix.engine import EMProblem
 from pyro_softmix.moments import LatentMoments, hermite
-from pyro_softmix.warmstart import _projection_start, _tensor_start
+from pyro_softmix.stopping import find_diverging, remaining_gap
+from pyro_softmix.warmstart import RACE_SAME, joined_leader, projection_start, race, tensor_start
 
 
 def _exact_counts(z, atoms, weights, total=1e7):
@@ -117,7 +118,7 @@ def test_projection_mom_is_exact_on_exact_moments(k):
     atoms = torch.randn(k, 5, generator=gen, dtype=torch.float64)
     weights = torch.softmax(torch.randn(k, generator=gen, dtype=torch.float64), 0)
     mom = _ExactMoments(atoms, weights, 10 * _gaussian(100, 5, 0))
-    w, a = _projection_start(mom, k, torch.Generator().manual_seed(0))
+    w, a = projection_start(mom, k, torch.Generator().manual_seed(0))
     err, perm = _match_error(a, atoms)
     assert err < 1e-6 and torch.allclose(w[perm], weights, atol=1e-8)
 
@@ -134,7 +135,7 @@ def test_projection_denoises_an_invalid_moment_sequence():
         return m
 
     mom.along = noisy
-    w, a = _projection_start(mom, 2, torch.Generator().manual_seed(0))
+    w, a = projection_start(mom, 2, torch.Generator().manual_seed(0))
     assert bool((w > 0).all()) and abs(float(w.sum()) - 1) < 1e-12
     assert bool(torch.isfinite(a).all())
 
@@ -143,7 +144,7 @@ def test_tensor_mom_is_exact_on_exact_moments_and_recovers_separated_atoms():
     gen = torch.Generator().manual_seed(0)
     atoms = 1.5 * torch.linalg.qr(torch.randn(5, 3, generator=gen, dtype=torch.float64))[0].T
     weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
-    w, a = _tensor_start(_ExactMoments(atoms, weights, _gaussian(10, 5, 0)), 3, gen)
+    w, a = tensor_start(_ExactMoments(atoms, weights, _gaussian(10, 5, 0)), 3, gen)
     err, perm = _match_error(a, atoms)
     assert err < 1e-8 and torch.allclose(w[perm], weights, atol=1e-10)
     # Estimated moments: Gaussian design, p = 10^5, exact pi.
@@ -199,7 +200,7 @@ def test_race_keeps_the_start_that_ends_best():
                      atom_norm=2.5, seed=1, dtype=torch.float64)
     design = psm.standardize(d.features)
     z = design.transform(d.features)
-    problem = _EMProblem(z, d.counts, 3)
+    problem = EMProblem(z, d.counts, 3)
     truth_z = design.atoms_to_z(d.atoms)
     gen = torch.Generator().manual_seed(0)
     # Two poor starts (all atoms near one point) and the truth, last in the batch.
@@ -207,7 +208,7 @@ def test_race_keeps_the_start_that_ends_best():
     atoms = torch.cat([bad, truth_z[None]])
     log_w = torch.cat([torch.full((2, 3), -math.log(3), dtype=torch.float64),
                        d.weights.log()[None]])
-    a, lw, spent = _race(problem, atoms, log_w, max_iter=1000)
+    a, lw, spent = race(problem, atoms, log_w, max_iter=1000)
     ref = psm.fit_em(d.features, d.counts, num_components=3,
                      init={"weights": d.weights, "atoms": d.atoms})
     fit = psm.fit_em(d.features, d.counts, num_components=3,
@@ -226,9 +227,9 @@ def test_joined_matches_components_up_to_a_permutation():
     atoms = torch.stack([lead, perm, moved, doubled])
     w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     log_w = torch.stack([w, w[[2, 0, 1]], w, w]).log()
-    assert _joined(atoms, log_w, 0) == [True, True, False, False]
+    assert joined_leader(atoms, log_w, 0) == [True, True, False, False]
     log_w[1] = torch.tensor([0.5, 0.2 + 2 * RACE_SAME, 0.3 - 2 * RACE_SAME]).log()  # weights off
-    assert _joined(atoms, log_w, 0)[1] is False
+    assert joined_leader(atoms, log_w, 0)[1] is False
 
 
 def test_race_finishes_its_survivors_and_keeps_the_best():
@@ -296,9 +297,9 @@ def test_the_default_start_never_forms_m2(monkeypatch):
 
 
 def test_stopping_rule_does_not_stop_at_a_stall():
-    assert _remaining_gap([1e-3, 1e-12]) < 1e-11  # fast geometric decay: converged
-    assert _remaining_gap([1e-14, 1e-13]) == math.inf  # growing gains: leaving a saddle
-    assert _remaining_gap([1e-6, 0.99e-6]) > 90 * 0.99e-6  # slow rate: far from converged
+    assert remaining_gap([1e-3, 1e-12]) < 1e-11  # fast geometric decay: converged
+    assert remaining_gap([1e-14, 1e-13]) == math.inf  # growing gains: leaving a saddle
+    assert remaining_gap([1e-6, 0.99e-6]) > 90 * 0.99e-6  # slow rate: far from converged
     # A stall built into EM: two atoms start almost equal, EM first heads for the symmetric
     # saddle (increments fall to ~3e-10 relative) and then escapes it (they grow again); a
     # relative-change rule with tolerance 1e-9 stops at the saddle.
@@ -356,17 +357,17 @@ def test_divergence_along_a_ridge_is_reported_after_the_growth_has_stopped():
     history = obj.tolist()
     far = [1.0, 120.0, 323.0, 400.0, 450.0, 490.0, 494.0, 494.0, 494.0, 494.0]
     norms = [[3.0, v] for v in far]
-    assert _diverging(norms, history, probs) == (1,)
+    assert find_diverging(norms, history, probs) == (1,)
     # The same growth but while the objective still rose by 80 nats (2e-4 relative): a
     # regular approach to a finite maximum, not a ridge.
     early = [[3.0, v] for v in [1.0, 120.0] + [494.0] * 8]
-    assert _diverging(early, history, probs) == ()
+    assert find_diverging(early, history, probs) == ()
     # Growth of 5% within the flat stretch is not enough.
     small = [[3.0, v] for v in [1.0, 120.0, 470.0, 480.0, 490.0] + [494.0] * 5]
-    assert _diverging(small, history, probs) == ()
+    assert find_diverging(small, history, probs) == ()
     # Nor is a short atom's growth (below the norm at which a component can saturate).
     short = [[3.0, v / 100] for v in far]
-    assert _diverging(short, history, probs) == ()
+    assert find_diverging(short, history, probs) == ()
 
 
 def test_map_em_is_stationary_for_the_models_prior():

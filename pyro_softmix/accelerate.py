@@ -1,0 +1,324 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Accelerated EM: SQUAREM cycles, the Newton finish on the marginal likelihood, the run schedule.
+
+:func:`run` iterates one start of an :class:`~pyro_softmix.engine.EMProblem` to convergence:
+SQUAREM cycles (two EM steps and an extrapolation along them, kept only where it raises the
+objective), then, once EM's estimated gap is small, Newton steps on the full marginal objective
+(exact gradient and Hessian from :mod:`pyro_softmix._marginal`, Armijo-damped), which converge
+quadratically where EM converges linearly. The objective never decreases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ._marginal import MAX_NEWTON_PARAMS, marginal_gradient, marginal_hessian, mixed_precision
+from .engine import EMProblem, EMState
+from .stopping import RATE_WINDOW, cycle_rate, stopping_gap
+
+__all__ = ["finish", "newton_finish", "run", "squarem_cycle"]
+
+#: Relative gap (EM's estimate) below which accelerated EM switches to Newton steps on the full
+#: objective.
+NEWTON_SWITCH = 1e-3
+NEWTON_MAX_STEPS = 10
+NEWTON_BACKTRACKS = 8
+#: A Newton step reuses the previous step's Hessian (a chord step) while the Newton decrement
+#: falls by at least this factor per step; otherwise a fresh Hessian is formed.
+CHORD_CONTRACTION = 0.1
+#: An eigenvalue of -H above -ROUNDING_EIGEN times the largest may be float32 rounding of a
+#: mixed-precision Hessian (where the float64 Hessian was concave, the mixed one's most negative
+#: eigenvalue measured -3e-11 to -8e-9 times the largest, on GloVe designs).
+ROUNDING_EIGEN = 1e-7
+
+
+def squarem_cycle(problem: EMProblem, st: EMState, num_steps: int = 2, step_max: list[float] | None = None):
+    """``num_steps`` EM iterations, then (with ``step_max``, after two) a SQUAREM step.
+
+    SQUAREM (Varadhan and Roland 2008, scheme S3) extrapolates the two EM steps
+    r = F(t0) - t0, v = F(F(t0)) - 2 F(t0) + t0 to t0 - 2 a r + a^2 v with
+    a = -||r|| / ||v||, clamped to [-step_max, -1] (a = -1 is plain EM); the parameters are
+    the atoms and the log-weights of each start. The extrapolated point is kept, per start,
+    only where its objective is at least that of the second EM step, so the objective never
+    decreases; ``step_max`` (a list, one per start, updated in place) grows fourfold after
+    a kept step at the bound and shrinks after a rejected one.
+
+    Returns the new state and host lists (one host sync): the objective after each of the
+    ``num_steps`` updates (the last one after the extrapolation when it was kept), the gains
+    of the EM steps, and the atoms' norms after each update, each as a list of per-step
+    lists.
+    """
+    s, k = problem.num_starts, problem.num_components
+    states, gains = [st], []
+    for _ in range(num_steps):
+        nxt, gain = problem.iterate(states[-1])
+        states.append(nxt)
+        gains.append(gain)
+    extrapolate = step_max is not None and num_steps == 2
+    parts = [problem.objective(x) for x in states[1:]] + gains
+    parts += [x.atoms.norm(dim=1).double() for x in states[1:]]
+    if extrapolate:
+        t0, t1, t2 = states
+        trial, alpha = squarem_point(problem, t0, t1, t2, step_max)
+        parts += [problem.objective(trial), trial.atoms.norm(dim=1).double(), alpha]
+    values = torch.cat(parts).tolist()
+    n = num_steps
+    objs = [values[i * s:(i + 1) * s] for i in range(n)]
+    gain_lists = [values[(n + i) * s:(n + i + 1) * s] for i in range(n)]
+    off = 2 * n * s
+    norms = [values[off + i * s * k:off + (i + 1) * s * k] for i in range(n)]
+    if not extrapolate:
+        return states[-1], objs, gain_lists, norms
+    off += n * s * k
+    obj_e = values[off:off + s]
+    norm_e = values[off + s:off + s + s * k]
+    alpha = values[off + s + s * k:]
+    keep = [math.isfinite(a) and a >= b for a, b in zip(obj_e, objs[-1], strict=True)]
+    for i in range(s):
+        if not keep[i]:
+            step_max[i] = max(1.0, step_max[i] / 4)
+        elif -alpha[i] >= step_max[i]:
+            step_max[i] *= 4
+    if all(keep):
+        return trial, objs[:-1] + [obj_e], gain_lists, norms[:-1] + [norm_e]
+    # Back to the second EM step where the extrapolation lost (its buffers were reused).
+    t2 = states[-1]
+    if any(keep):
+        mask = torch.tensor(keep, device=t2.atoms.device).repeat_interleave(k)
+        atoms = torch.where(mask[:, None], trial.atoms, t2.atoms)
+        log_weights = torch.where(mask, trial.log_weights, t2.log_weights)
+        logits = torch.where(mask, trial.logits, t2.logits)
+    else:
+        atoms, log_weights, logits = t2.atoms, t2.log_weights, t2.logits
+    lse = problem.normalise(logits)
+    loglik, w = problem.e_step(logits, lse, log_weights)
+    best = [a if kept else b for a, b, kept in zip(obj_e, objs[-1], keep, strict=True)]
+    last_norms = [norm_e[i] if keep[i // k] else norms[-1][i] for i in range(s * k)]
+    return (EMState(atoms, log_weights, logits, lse, w, loglik), objs[:-1] + [best],
+            gain_lists, norms[:-1] + [last_norms])
+
+def squarem_point(problem: EMProblem, t0: EMState, t1: EMState, t2: EMState, step_max: list[float]):
+    """The SQUAREM point from three successive states, evaluated (logits and E-step)."""
+    s, k = problem.num_starts, problem.num_components
+    r_a, v_a = t1.atoms - t0.atoms, t2.atoms - 2 * t1.atoms + t0.atoms
+    r_w = t1.log_weights - t0.log_weights
+    v_w = t2.log_weights - 2 * t1.log_weights + t0.log_weights
+
+    def per_start(a, w):
+        return (a.square().sum(1) + w.square()).view(s, k).sum(1)
+
+    ratio = (per_start(r_a, r_w) / per_start(v_a, v_w)).sqrt()
+    limit = torch.tensor(step_max, dtype=ratio.dtype, device=ratio.device)
+    alpha = -ratio.nan_to_num(nan=1.0, posinf=math.inf).clamp_min(1.0).minimum(limit)
+    a = alpha.repeat_interleave(k)
+    atoms = t0.atoms - (2 * a)[:, None] * r_a + (a * a)[:, None] * v_a
+    log_weights = t0.log_weights - 2 * a * r_w + a * a * v_w
+    log_weights = log_weights.view(s, k).log_softmax(1).view(-1)
+    logits = torch.mm(problem.z, atoms.T, out=problem.workspace.trial_buffer(t2.logits))
+    lse = problem.normalise(logits)
+    loglik, w = problem.e_step(logits, lse, log_weights)
+    return EMState(atoms, log_weights, logits, lse, w, loglik), alpha.double()
+
+def num_free(problem: EMProblem) -> int:
+    """Free coordinates of one start: K r atoms and K - 1 weight logits."""
+    return problem.num_components * (problem.z.shape[1] + 1) - 1
+
+def newton_finish(problem: EMProblem, st: EMState, obj: float, tol: float, max_steps: int):
+    """Newton steps on the full marginal objective from ``st`` (one start, S = 1), whose
+    objective is ``obj``.
+
+    Each step solves with the exact Hessian (:mod:`pyro_softmix._marginal`) and is damped
+    by Armijo backtracking, so the objective never decreases. Where the Hessian is not
+    negative definite the step uses a shifted spectrum (below). It stops when half the
+    Newton decrement g^T (-H)^-1 g, the quadratic model's estimate of the remaining gap, is
+    at most ``tol`` times the objective (converged), after ``max_steps`` steps, or when no
+    step is accepted (failed: EM must go on).
+
+    Returns (state, objectives after each step, atom norms after each step, converged,
+    failed, the final gap estimate).
+    """
+    k, r = problem.num_components, problem.z.shape[1]
+    if problem.support is None:
+        problem.support = torch.nonzero(problem.counts64 > 0).squeeze(1)
+    noise = 64 * torch.finfo(problem.z.dtype).eps * abs(obj)
+    objs, norms, gap, chol = [], [], math.inf, None
+    pen = None if problem.penalty is None else problem.penalty.to(torch.float64)
+
+    def solve(chol):
+        """Newton direction, decrement, and whether half the decrement is within tol."""
+        direction = torch.cholesky_solve(grad[:, None], chol).squeeze(1)
+        decrement = float(grad @ direction)
+        return direction, decrement, decrement / 2 <= tol * abs(obj)
+
+    last = 0.0  # the decrement of the last full step taken with a concave Hessian, else 0
+    for _ in range(max_steps):
+        grad, pieces = marginal_gradient(problem.z, problem.workspace.q, st.w, st.log_weights)
+        if pen is not None:
+            grad[:k * r] -= (st.atoms.double() @ pen).reshape(-1)
+        fresh = True
+        if chol is not None:
+            # The previous step's Hessian changes little from one step to the next here:
+            # no new Hessian just to confirm convergence, and none while a step with the
+            # old one (a chord step) still cuts the decrement by CHORD_CONTRACTION.
+            direction, decrement, done = solve(chol)
+            gap = decrement / 2
+            if done:
+                return st, objs, norms, True, False, gap
+            fresh = decrement > CHORD_CONTRACTION * last
+        if fresh:
+            chol, eig = factor_hessian(problem, st, pieces, pen)
+        if fresh and chol is not None:
+            direction, decrement, done = solve(chol)
+            gap = decrement / 2
+            if done:
+                return st, objs, norms, True, False, gap
+        elif fresh:
+            # Not concave here (a saddle region of a weakly separated mixture): shift the
+            # spectrum of -H to twice its most negative eigenvalue, a damped step that
+            # still ascends; no convergence claim from it.
+            evals, evecs = eig
+            shift = 2 * max(-float(evals[0]), 0.0) + 1e-8 * float(evals[-1].abs()) + 1e-300
+            direction = evecs @ ((evecs.T @ grad) / (evals + shift))
+            decrement = float(grad @ direction)
+        d_atoms = direction[:k * r].view(k, r).to(st.atoms)
+        d_eta = torch.cat([direction[k * r:], direction.new_zeros(1)]).to(st.atoms)
+        step, accepted = 1.0, None
+        for _ in range(NEWTON_BACKTRACKS):
+            log_w = torch.log_softmax(st.log_weights + step * d_eta, 0)
+            trial = problem.start(st.atoms + step * d_atoms, log_w)
+            values = torch.cat([problem.objective(trial),
+                                trial.atoms.norm(dim=1).double()]).tolist()
+            if values[0] >= obj + 1e-4 * step * decrement or (
+                    decrement <= noise and math.isfinite(values[0])):
+                accepted = trial
+                break
+            step /= 2
+        if accepted is None:
+            # The trials overwrote the workspace and the E-step buffer: restore st.
+            st = problem.start(st.atoms, st.log_weights)
+            if not fresh:  # the old Hessian is too stale: a fresh one next
+                chol, last = None, 0.0
+                continue
+            return st, objs, norms, False, True, gap
+        last = decrement if chol is not None and step == 1.0 else 0.0
+        st, obj = accepted, values[0]
+        objs.append(obj)
+        norms.append(values[1:])
+    return st, objs, norms, False, False, gap
+
+def factor_hessian(problem: EMProblem, st: EMState, pieces, pen: torch.Tensor | None):
+    """The full Hessian H of the objective at ``st``, as (Cholesky factor of -H, None)
+    where -H is positive definite, else (None, eigendecomposition of -H).
+
+    The Hessian's products may run in mixed precision (:func:`mixed_precision`). Where
+    -H then looks indefinite by no more than float32 rounding (near a flat ridge), the
+    decision is made again on the float64 Hessian; a clear saddle keeps the cheap one.
+    """
+    k, r = problem.num_components, problem.z.shape[1]
+
+    def negative_hessian(precise: bool) -> torch.Tensor:
+        hess = marginal_hessian(problem.z, problem.counts, problem.workspace.q, st.w, pieces,
+                                 problem.support, precise=precise)
+        if pen is not None:
+            hess[:k * r, :k * r] -= torch.block_diag(*[pen] * k)
+        return hess.neg_()
+
+    neg = negative_hessian(precise=False)
+    chol, info = torch.linalg.cholesky_ex(neg)
+    if int(info) == 0:
+        return chol, None
+    eig = torch.linalg.eigh(neg)
+    if mixed_precision(problem.z, k) and (
+            float(eig[0][0]) >= -ROUNDING_EIGEN * float(eig[0][-1])):
+        chol, info = torch.linalg.cholesky_ex(negative_hessian(precise=True))
+        if int(info) == 0:
+            return chol, None
+    return None, eig  # where the float64 Hessian is not concave either, the first one's
+
+def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
+        bar=None, accelerate: bool = True) -> Run:
+    """Iterate one start from (atoms, log_weights) until the estimated gap is <= tol.
+
+    With ``accelerate``, EM runs in SQUAREM cycles (two EM steps and an extrapolation, see
+    :func:`squarem_cycle`); the stopping rule reads the gains of the cycle's two EM steps. Once the
+    estimated gap is below ``NEWTON_SWITCH`` (relative) it switches to Newton steps on the
+    full objective (:func:`newton_finish`, when K r + K - 1 <= ``MAX_NEWTON_PARAMS``), which
+    converge quadratically; if no Newton step is accepted EM goes on and Newton is tried
+    again after a growing number of iterations.
+    Returns a :class:`Run`; the workspace then holds the final softmax.
+    """
+    st = problem.start(atoms, log_weights)
+    values = torch.cat([problem.objective(st), atoms.norm(dim=1).double()]).tolist()
+    history, gains = [values[0]], []
+    norms = [values[1:]]  # after every update, as the history
+    step_max = [1.0] if accelerate else None
+    rates, rate = deque(maxlen=RATE_WINDOW), 0.0
+    converged, it = False, 0
+    use_newton = (accelerate and problem.newton_capable and problem.num_starts == 1
+                  and num_free(problem) <= MAX_NEWTON_PARAMS)
+    next_newton, backoff, newton_gap = 0, 1, None
+    while it < max_iter:
+        num_steps = 2 if accelerate and max_iter - it >= 2 else 1
+        st, objs, step_gains, step_norms = squarem_cycle(problem, st, num_steps, step_max)
+        it += num_steps
+        history.extend(o[0] for o in objs)
+        gains.extend(g[0] for g in step_gains)
+        norms.extend(step_norms)
+        if bar is not None:
+            bar.update(num_steps)
+            bar.set_postfix(loglik=f"{history[-1]:.8g}", refresh=False)
+        if num_steps == 2 and accelerate:
+            rate = cycle_rate(rates, gains)
+        limit = tol * abs(history[-1])
+        gap = stopping_gap(gains, limit, rate)
+        if gap <= limit:
+            converged = True
+            break
+        if use_newton and it >= next_newton and gap <= NEWTON_SWITCH * abs(history[-1]):
+            st, objs, step_norms, converged, failed, newton_gap = newton_finish(
+                problem, st, history[-1], tol, min(NEWTON_MAX_STEPS, max_iter - it))
+            it += len(objs)
+            history.extend(objs)
+            norms.extend(step_norms)
+            if bar is not None and objs:
+                bar.update(len(objs))
+            if converged:
+                break
+            if failed:  # EM goes on; try again after a growing number of iterations
+                next_newton, backoff = it + 2 * backoff, 2 * backoff
+            gains.clear()  # increments from before the Newton steps no longer apply
+    gap = newton_gap if converged and newton_gap is not None else stopping_gap(
+        gains, tol * abs(history[-1]), rate)
+    return Run(st, history, norms, converged, gap)
+
+
+@dataclass
+class Run:
+    """One start run to convergence (:func:`run`): its final state, the objective
+    and the atoms' norms (z coordinates) after every update, whether the stopping rule was met,
+    and the final estimated gap."""
+
+    state: EMState
+    history: list[float]
+    norms: list[list[float]]
+    converged: bool
+    gap: float
+
+
+def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, max_iter: int,
+            tol: float, bar=None, accelerate: bool = True) -> Run:
+    """Run each start (S, K, r) to convergence (:func:`run`) and keep the best.
+
+    The workspace then holds the winner's softmax (its state is restored when a later run
+    overwrote it).
+    """
+    runs = [run(problem, a, w, max_iter, tol, bar, accelerate)
+            for a, w in zip(starts_z, starts_w, strict=True)]
+    best = max(runs, key=lambda run: run.history[-1])  # the first of equals
+    if best is not runs[-1]:
+        best.state = problem.start(best.state.atoms, best.state.log_weights)
+    return best

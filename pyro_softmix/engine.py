@@ -1,0 +1,296 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The EM engine for softmax mixtures on counts: its state, one iteration, grouped data, set-up.
+
+With counts n (p,), N = sum n, components q_k = softmax(Z t_k) and weights alpha, one iteration is
+
+    E-step   r_jk = alpha_k q_k(j) / pi_j,      w_jk = n_j r_jk,      W_k = sum_j w_jk
+    M-step   alpha_k = W_k / N;   t_k <- one damped Newton step on sum_j w_jk log q_k(j)
+
+The Newton step increases every component's M-step objective (Armijo), so the log-likelihood
+sum_j n_j log pi_j never decreases (a generalised EM). Everything runs on the standardised design
+z (see :mod:`pyro_softmix.design`); :mod:`pyro_softmix.accelerate` runs the iterations
+(SQUAREM, the Newton finish) and :mod:`pyro_softmix.results` reports them in the user's
+feature coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._checks import (
+    as_tensor,
+    check_counts,
+    check_features,
+    check_groups,
+    check_mixing,
+    check_num_components,
+    check_positive_float,
+    check_positive_int,
+    resolve_device,
+    resolve_dtype,
+)
+from .design import Design, feature_scales, standardize
+from .solvers import Workspace, column_logsumexp, softmax_newton_step
+
+__all__ = ["EMProblem", "EMState", "GroupedEMProblem", "prepare_problem"]
+
+#: Longest Newton step of an atom per EM iteration, in standardised coordinates (a trust region:
+#: a step of length 1 changes a typical logit by about 1).
+EM_MAX_STEP = 2.0
+#: (rank r, n): from rank r on, one computation of the covariances (p r^2 K, the bulk of an
+#: M-step at large r) serves n consecutive M-steps; the later ones are quasi-Newton steps.
+COV_REUSE = ((32, 2), (64, 3))
+
+
+class EMProblem:
+    """EM for S independent starts at once: the S K components are the columns of one problem.
+
+    Start s owns columns s K .. s K + K - 1, so the logits of all starts come from one
+    (p x r)(r x S K) product and the Newton steps of all components form one batch. With S = 1
+    this is plain EM. ``penalty`` is None or an (r, r) precision matrix P of a Normal prior
+    N(0, P^-1) on every atom (MAP-EM); the objective is then the log-likelihood minus
+    0.5 sum_k t_k^T P t_k.
+    """
+
+    def __init__(self, z: torch.Tensor, counts: torch.Tensor, num_components: int,
+                 chunk_size: int | None = None, num_starts: int = 1,
+                 penalty: torch.Tensor | None = None):
+        self.z = z
+        self.counts = counts.to(z)
+        self.counts64 = counts.to(device=z.device, dtype=torch.float64)
+        self.total = float(self.counts64.sum())
+        self.num_components = num_components
+        self.num_starts = num_starts
+        self.chunk_size = chunk_size
+        self.penalty = penalty
+        cols = num_starts * num_components
+        # Persistent buffers: the loop then makes no allocation of size p x S K.
+        self.workspace = Workspace(z, cols, chunk_size)
+        self.w = z.new_empty(z.shape[0], cols)
+        self.rows = z.new_empty(z.shape[0], 2 * num_starts)
+        #: The weights' M-step is alpha_k = weight_sums_k / weight_total (N here; G when grouped).
+        self.weight_total = self.total
+        self.weight_sums: torch.Tensor | None = None
+        #: Rows with n_j > 0 (for the full Hessian of the Newton endgame; set on first use).
+        self.support: torch.Tensor | None = None
+        #: Whether the Newton endgame applies (the grouped likelihood has no full Hessian here).
+        self.newton_capable = True
+        #: M-steps that share one computation of the covariances of z under q (see m_step).
+        self.cov_reuse = max((n for rank, n in COV_REUSE if z.shape[1] >= rank), default=1)
+        self.cov, self.cov_age = None, 0
+
+    def with_starts(self, num_starts: int) -> EMProblem:
+        """The same problem for another number of starts (fresh buffers)."""
+        return EMProblem(self.z, self.counts64, self.num_components, self.chunk_size,
+                          num_starts, self.penalty)
+
+    def normalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """Column log-normalisers of fresh logits (and their softmax into the workspace)."""
+        return column_logsumexp(logits, self.workspace.q)
+
+    def penalty_value(self, atoms: torch.Tensor) -> torch.Tensor:
+        """(S,) 0.5 sum_k t_k^T P t_k per start (zeros without a prior), in float64."""
+        if self.penalty is None:
+            return torch.zeros(self.num_starts, dtype=torch.float64, device=atoms.device)
+        quad = 0.5 * ((atoms @ self.penalty) * atoms).sum(-1)
+        return quad.double().view(self.num_starts, self.num_components).sum(1)
+
+    def e_step(self, logits: torch.Tensor, lse: torch.Tensor, log_weights: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S,) float64 log-likelihoods at (atoms, weights) and the weights w = n r (p, S K).
+
+        ``lse`` are the column log-normalisers of ``logits``. The returned w is a buffer of
+        this problem, overwritten by the next call.
+        """
+        s, k = self.num_starts, self.num_components
+        joint = torch.sub(logits, lse - log_weights, out=self.w)  # log alpha_k q_k(j)
+        top, total = self.rows[:, :s], self.rows[:, s:]
+        j3 = joint.view(-1, s, k)
+        torch.amax(j3, 2, out=top)
+        j3.sub_(top[:, :, None]).exp_()
+        torch.sum(j3, 2, out=total)
+        log_pi = top.add_(total.log())  # (p, S)
+        # w = n_j alpha_k q_k(j) / pi_j
+        j3.mul_(total.reciprocal_().mul_(self.counts[:, None])[:, :, None])
+        loglik = self.counts64 @ log_pi.to(torch.float64)
+        self.weight_sums = joint.sum(0)
+        return loglik, joint
+
+    def m_step(self, w: torch.Tensor, atoms: torch.Tensor, log_weights: torch.Tensor,
+               logits: torch.Tensor, lse: torch.Tensor):
+        """New (atoms, log_weights, logits, lse) and the (S,) increases of the EM surrogate Q.
+
+        The increase is N KL(alpha_new || alpha_old) for the weights plus the quadratic-model
+        gain (s - s^2/2) g^T H^{-1} g of each component's Newton step. Both come from gradients,
+        not from differences of large sums, so they stay accurate in float32 where the
+        log-likelihood itself is resolved only to about 1e-7 relative.
+        """
+        new_log_weights = torch.log(self.weight_sums / self.weight_total)
+        l2 = 0.0 if self.penalty is None else self.penalty
+        # At large r the covariances (p r^2 K) dominate an iteration: reuse them for a few
+        # M-steps (quasi-Newton steps; the line search keeps EM monotone).
+        reuse = self.cov is not None and self.cov_age < self.cov_reuse
+        atoms, logits, lse, info = softmax_newton_step(self.z, w, atoms, logits, self.workspace, lse,
+                                                l2=l2, max_step=EM_MAX_STEP,
+                                                cov=self.cov if reuse else None)
+        self.cov, self.cov_age = info.cov, (self.cov_age + 1 if reuse else 1)
+        # KL(a || b) to second order, 0.5 sum (a - b)^2 / b: no first-order cancellation.
+        a, b = new_log_weights.double().exp(), log_weights.double().exp()
+        kl = 0.5 * (a - b) ** 2 / b.clamp_min(1e-300)
+        newton = ((info.step - 0.5 * info.step**2) * info.gain).double()
+        gain = (self.weight_total * kl + newton).view(self.num_starts, -1).sum(1)
+        return atoms, new_log_weights, logits, lse, gain
+
+    def start(self, atoms: torch.Tensor, log_weights: torch.Tensor) -> EMState:
+        """The state at (atoms (S K, r), log_weights (S K,)): logits, normalisers, E-step."""
+        logits = self.z @ atoms.T
+        lse = self.normalise(logits)
+        loglik, w = self.e_step(logits, lse, log_weights)
+        return EMState(atoms, log_weights, logits, lse, w, loglik)
+
+    def iterate(self, st: EMState) -> tuple[EMState, torch.Tensor]:
+        """One EM iteration (M-step, then E-step); also returns the (S,) surrogate gains."""
+        atoms, log_weights, logits, lse, gain = self.m_step(st.w, st.atoms, st.log_weights,
+                                                            st.logits, st.lse)
+        loglik, w = self.e_step(logits, lse, log_weights)
+        return EMState(atoms, log_weights, logits, lse, w, loglik), gain
+
+    def objective(self, st: EMState) -> torch.Tensor:
+        """(S,) float64 objective: log-likelihood minus the prior's penalty."""
+        return st.loglik - self.penalty_value(st.atoms)
+
+
+
+@dataclass
+class EMState:
+    """Where EM stands: atoms (S K, r), log-weights (S K,), logits z @ atoms.T (p, S K) with
+    their column log-normalisers (S K,) (the workspace holds their softmax), the E-step's
+    weights w (p, S K) and the (S,) float64 log-likelihoods."""
+
+    atoms: torch.Tensor
+    log_weights: torch.Tensor
+    logits: torch.Tensor
+    lse: torch.Tensor
+    w: torch.Tensor
+    loglik: torch.Tensor
+
+
+def group_log_joint(log_q: torch.Tensor, group_index: torch.Tensor, point_index: torch.Tensor,
+                     values: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(G, K) sum_j n_gj log q_k(j) from (p, K) log q and sparse (group, point, count) triplets.
+
+    ``values`` has shape (nnz, 1). Differentiable (used for observed information too).
+    """
+    per_entry = log_q[point_index].mul_(values)
+    return log_q.new_zeros(num_groups, log_q.shape[1]).index_add_(0, group_index, per_entry)
+
+
+class GroupedEMProblem(EMProblem):
+    """EM when all draws of a group share one component.
+
+    Group g has counts n_gj (stored sparsely as triplets). Its log-likelihood is
+    log sum_k alpha_k prod_j q_k(j)^{n_gj}; the E-step gives r_gk = P(component k | group g), the
+    M-step weights are alpha_k = sum_g r_gk / G and the atoms' weighted softmax regression uses
+    w_jk = sum_g n_gj r_gk, so the M-step for the atoms is the ungrouped one with these weights.
+    """
+
+    def __init__(self, z: torch.Tensor, group_index: torch.Tensor, point_index: torch.Tensor,
+                 values: torch.Tensor, num_groups: int, num_components: int,
+                 chunk_size: int | None = None, num_starts: int = 1,
+                 penalty: torch.Tensor | None = None):
+        counts = torch.zeros(z.shape[0], dtype=torch.float64).index_add_(
+            0, point_index.cpu(), values.cpu().double())
+        super().__init__(z, counts, num_components, chunk_size, num_starts, penalty)
+        self.newton_capable = False
+        dev = z.device
+        self.triplets = (group_index, point_index, values)
+        self.group_index = group_index.to(dev)
+        self.point_index = point_index.to(dev)
+        self.values = values.to(device=dev, dtype=z.dtype)[:, None]
+        self.num_groups = num_groups
+        self.weight_total = float(num_groups)
+
+    def with_starts(self, num_starts: int) -> GroupedEMProblem:
+        return GroupedEMProblem(self.z, *self.triplets, self.num_groups, self.num_components,
+                                 self.chunk_size, num_starts, self.penalty)
+
+    def _joint(self, log_q: torch.Tensor) -> torch.Tensor:
+        return group_log_joint(log_q, self.group_index, self.point_index, self.values,
+                                self.num_groups)
+
+    def e_step(self, logits, lse, log_weights):
+        s, k = self.num_starts, self.num_components
+        joint = self._joint(torch.sub(logits, lse, out=self.w)).add_(log_weights)  # (G, S K)
+        j3 = joint.view(-1, s, k)
+        group_ll = torch.logsumexp(j3, 2)  # (G, S)
+        r = j3.sub_(group_ll[:, :, None]).exp_().view(-1, s * k)  # responsibilities
+        self.weight_sums = r.sum(0)
+        w = self.w.zero_().index_add_(0, self.point_index, r[self.group_index].mul_(self.values))
+        return group_ll.to(torch.float64).sum(0), w
+
+    def responsibilities(self, atoms, log_weights) -> torch.Tensor:
+        """(G, K) P(component k | group g) at (atoms, log_weights)."""
+        log_q = torch.log_softmax(self.z @ atoms.T, 0)
+        return torch.softmax(self._joint(log_q) + log_weights, 1)
+
+
+def user_start(init: Any, num_components: int, design: Design, z: torch.Tensor):
+    if isinstance(init, Mapping):
+        if set(init) < {"weights", "atoms"}:
+            raise ValueError("init as a mapping must have keys 'weights' and 'atoms'")
+        weights, atoms = init["weights"], init["atoms"]
+    else:
+        weights, atoms = init.weights, init.atoms
+    w, a = check_mixing(weights, atoms, num_components, design.num_features, name="init")
+    atoms_z = design.atoms_to_z(a.to(design.from_atoms.device)).to(device=z.device, dtype=z.dtype)
+    return atoms_z, w.log().to(device=z.device, dtype=z.dtype)
+
+
+def prepare_problem(features, counts, tokens, groups, num_components, dtype, device, chunk_size):
+    """Validate the data and build the standardised design and the EM engine."""
+    x = check_features(features)
+    p = x.shape[0]
+    k = check_num_components(num_components, p)
+    dtype = resolve_dtype(dtype, as_tensor(features, "features"))
+    device = resolve_device(device, x)
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    if groups is None:
+        n = check_counts(counts, tokens, p)
+        grouped = None
+    else:
+        grouped = check_groups(groups, counts, tokens, p)
+    design = standardize(x, chunk_size=chunk_size)
+    z = design.transform(x, dtype=dtype, device=device, chunk_size=chunk_size)
+    if grouped is None:
+        problem = EMProblem(z, n.to(device), k, chunk_size)
+        labels = None
+    else:
+        gi, pi, values, labels = grouped
+        problem = GroupedEMProblem(z, gi, pi, values, int(labels.shape[0]), k, chunk_size)
+    return x, design, z, problem, k, dtype, device, labels
+
+
+def set_prior(problem: EMProblem, x: torch.Tensor, design: Design,
+               prior_scale: float | None) -> float | None:
+    """Check ``prior_scale`` and, if given, make ``problem`` a MAP-EM problem under the atoms'
+    Normal(0, prior_scale / sd(X[:, l])) prior; returns the checked scale."""
+    if prior_scale is None:
+        return None
+    prior_scale = check_positive_float(prior_scale, "prior_scale")
+    problem.penalty = prior_precision(x, design, prior_scale).to(problem.z)
+    return prior_scale
+
+
+def prior_precision(x: torch.Tensor, design: Design, prior_scale: float) -> torch.Tensor:
+    """(r, r) precision in standardised coordinates of the atoms' prior N(0, diag(s / sd_l)^2).
+
+    With theta = A t (``design.to_atoms``), sum_l sd_l^2 theta_l^2 / s^2 = t^T A^T D A t / s^2.
+    """
+    sd = feature_scales(x.to(torch.float64)).to(design.to_atoms.device)
+    a = design.to_atoms.to(torch.float64)
+    return (a.T * sd**2) @ a / prior_scale**2

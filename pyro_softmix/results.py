@@ -1,0 +1,229 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The result of a fit: :class:`SoftmaxMixtureFit`, and its file format (npz + JSON, no pickle)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ._checks import check_features
+from .engine import GroupedEMProblem
+
+__all__ = ["SoftmaxMixtureFit", "load_fit"]
+
+
+@dataclass(repr=False)
+class SoftmaxMixtureFit:
+    """A fitted softmax mixture (maximum-likelihood point estimate).
+
+    Attributes:
+        weights: (K,) mixture weights, summing to 1.
+        atoms: (K, L) atoms in the user's feature coordinates (minimum-norm representative when
+            the features are rank-deficient).
+        loglik: sum_j n_j log pi_j at the solution.
+        n_iter: updates from the chosen start to the solution: EM iterations (M-steps) and
+            Newton steps of the run that was kept; the race that chose the start (and the
+            runs of its other survivors) are counted in ``init``.
+        converged: whether the stopping rule was met.
+        history: the objective at the chosen start and after every update since (the
+            log-likelihood; with ``prior_scale`` the log-likelihood plus the atoms' log prior,
+            up to a constant).
+        num_obs: N, the total count.
+        num_points: p.  rank: number of identified directions r (= L for full-rank features).
+        init: how the final run was started.  seconds: wall time of the whole fit.
+        features: the (p, L) features the fit was made on (a reference, not a copy), or None
+            after :func:`load_fit` of a file saved without features.
+        num_groups, group_labels, group_responsibilities: for grouped data only (else None):
+            G, the (G,) group ids in the order used, and (G, K) P(component k | group g).
+        prior_scale: the scale of the Normal prior on the atoms for a MAP fit (None: MLE).
+        diverging: components whose atoms were still growing along a flat ridge of the
+            objective when EM stopped (the MLE is then at infinity; refit with ``prior_scale``).
+    """
+
+    weights: torch.Tensor
+    atoms: torch.Tensor
+    loglik: float
+    n_iter: int
+    converged: bool
+    history: list[float]
+    num_obs: float
+    num_points: int
+    rank: int
+    init: str = "random"
+    seconds: float = 0.0
+    features: torch.Tensor | None = field(default=None)
+    num_groups: int | None = None
+    group_labels: torch.Tensor | None = None
+    group_responsibilities: torch.Tensor | None = None
+    prior_scale: float | None = None
+    diverging: tuple[int, ...] = ()
+
+    @property
+    def num_components(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def num_features(self) -> int:
+        return int(self.atoms.shape[1])
+
+    @property
+    def num_params(self) -> int:
+        """Free parameters: K - 1 weights and K r identified atom coordinates."""
+        return self.num_components - 1 + self.num_components * self.rank
+
+    @property
+    def bic(self) -> float:
+        """-2 loglik + num_params log(n), with n the independent units: N draws, or G groups."""
+        units = self.num_obs if self.num_groups is None else self.num_groups
+        return -2.0 * self.loglik + self.num_params * math.log(units)
+
+    @property
+    def aic(self) -> float:
+        return -2.0 * self.loglik + 2.0 * self.num_params
+
+    def _features(self, features) -> torch.Tensor:
+        x = self.features if features is None else check_features(features)
+        if x is None:
+            raise ValueError("this fit holds no features (it was loaded from a file saved "
+                             "without them): pass features=")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"features must have {self.num_features} columns, got {x.shape[1]}")
+        return x.to(device=self.atoms.device, dtype=self.atoms.dtype)
+
+    def component_log_probs(self, features=None) -> torch.Tensor:
+        """(K, p) log q_k(j) = log softmax(X theta_k)_j."""
+        x = self._features(features)
+        return torch.log_softmax(self.atoms @ x.T, dim=-1)
+
+    def log_probs(self, features=None) -> torch.Tensor:
+        """(p,) log pi_j of the fitted mixture."""
+        comp = self.component_log_probs(features)
+        return torch.logsumexp(comp + self.weights.log()[:, None], 0)
+
+    def probs(self, features=None) -> torch.Tensor:
+        """(p,) mixture probabilities pi_j (sum to 1)."""
+        return self.log_probs(features).exp()
+
+    def responsibilities(self, features=None) -> torch.Tensor:
+        """(p, K) posterior P(component k | Y = j) for every support point."""
+        joint = self.component_log_probs(features) + self.weights.log()[:, None]
+        return torch.softmax(joint, 0).T
+
+    def distribution(self, features=None):
+        """The fitted :class:`~pyro_softmix.SoftmaxMixture` distribution."""
+        from .distributions import SoftmaxMixture
+
+        return SoftmaxMixture(self._features(features), self.atoms, self.weights)
+
+    # -- reporting -------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"SoftmaxMixtureFit(K={self.num_components}, p={self.num_points}, "
+                f"L={self.num_features}, loglik={self.loglik:.6g}, n_iter={self.n_iter}, "
+                f"converged={self.converged})")
+
+    def summary(self, max_coords: int = 4) -> str:
+        """A short table of the fit."""
+        lines = [
+            f"Softmax mixture: K={self.num_components}, p={self.num_points}, "
+            f"L={self.num_features} (rank {self.rank}), N={self.num_obs:,.0f}"
+            + ("" if self.num_groups is None else f" in G={self.num_groups:,} groups"),
+            f"log-likelihood {self.loglik:.8g}   BIC {self.bic:.6g}   AIC {self.aic:.6g}",
+            f"{'converged' if self.converged else 'NOT converged'} after {self.n_iter} EM "
+            f"iterations ({self.seconds:.2f} s, init={self.init})",
+            f"{'k':>3} {'weight':>8} {'|atom|':>9}  atom[:{max_coords}]",
+        ]
+        w = self.weights.detach().cpu().double()
+        a = self.atoms.detach().cpu().double()
+        for k in range(self.num_components):
+            coords = " ".join(f"{v:8.3f}" for v in a[k, :max_coords].tolist())
+            lines.append(f"{k:>3} {float(w[k]):8.4f} {float(a[k].norm()):9.4f}  {coords}")
+        return "\n".join(lines)
+
+    # -- persistence (no pickle) -----------------------------------------------------------
+    def save(self, path: str | os.PathLike, include_features: bool = False) -> None:
+        """Save to a ``.npz`` file (arrays plus a JSON header; loadable without pickle).
+
+        Args:
+            path: file name; ``.npz`` is appended by NumPy if missing.
+            include_features: also store the (p, L) features, so :meth:`probs` works after
+                :func:`load_fit` without passing them.
+        """
+        meta = {
+            "format": "pyro-softmix-fit", "version": 1, "loglik": self.loglik,
+            "n_iter": self.n_iter, "converged": self.converged, "num_obs": self.num_obs,
+            "num_points": self.num_points, "rank": self.rank, "init": self.init,
+            "seconds": self.seconds, "dtype": str(self.atoms.dtype).replace("torch.", ""),
+            "num_groups": self.num_groups, "prior_scale": self.prior_scale,
+            "diverging": list(self.diverging),
+        }
+        arrays = {
+            "weights": self.weights.detach().cpu().numpy(),
+            "atoms": self.atoms.detach().cpu().numpy(),
+            "history": np.asarray(self.history, dtype=np.float64),
+            "meta": np.array(json.dumps(meta)),
+        }
+        if self.num_groups is not None:
+            arrays["group_labels"] = self.group_labels.detach().cpu().numpy()
+            arrays["group_responsibilities"] = self.group_responsibilities.detach().cpu().numpy()
+        if include_features:
+            if self.features is None:
+                raise ValueError("include_features=True but this fit holds no features")
+            arrays["features"] = self.features.detach().cpu().numpy()
+        np.savez(path, **arrays)
+
+
+def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
+    """Load a fit written by :meth:`SoftmaxMixtureFit.save` (no pickle involved).
+
+    Example:
+        >>> fit.save("fit.npz"); again = load_fit("fit.npz")  # doctest: +SKIP
+    """
+    with np.load(path, allow_pickle=False) as data:
+        try:
+            meta = json.loads(str(data["meta"]))
+        except KeyError:
+            raise ValueError(f"{os.fspath(path)!r} is not a pyro-softmix fit file") from None
+        if meta.get("format") != "pyro-softmix-fit":
+            raise ValueError(f"{os.fspath(path)!r} is not a pyro-softmix fit file")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        feats = torch.from_numpy(data["features"]).to(dev) if "features" in data else None
+        grouped = meta.get("num_groups") is not None
+        return SoftmaxMixtureFit(
+            weights=torch.from_numpy(data["weights"]).to(dev),
+            atoms=torch.from_numpy(data["atoms"]).to(dev),
+            loglik=float(meta["loglik"]), n_iter=int(meta["n_iter"]),
+            converged=bool(meta["converged"]), history=data["history"].tolist(),
+            num_obs=float(meta["num_obs"]), num_points=int(meta["num_points"]),
+            rank=int(meta["rank"]), init=str(meta["init"]), seconds=float(meta["seconds"]),
+            features=feats, num_groups=meta.get("num_groups"),
+            prior_scale=meta.get("prior_scale"), diverging=tuple(meta.get("diverging", ())),
+            group_labels=torch.from_numpy(data["group_labels"]).to(dev) if grouped else None,
+            group_responsibilities=(torch.from_numpy(data["group_responsibilities"]).to(dev)
+                                    if grouped else None),
+        )
+
+
+def make_fit(problem, design, x, atoms_z, log_w, history, converged, label, labels,
+              start_time, dtype, device, loglik=None, prior_scale=None, diverging=()
+              ) -> SoftmaxMixtureFit:
+    atoms = design.atoms_from_z(atoms_z.to(torch.float64).to(design.to_atoms.device))
+    group_resp = None
+    if isinstance(problem, GroupedEMProblem):
+        group_resp = problem.responsibilities(atoms_z, log_w).to(device=device, dtype=dtype)
+    return SoftmaxMixtureFit(
+        weights=log_w.exp().to(device=device, dtype=dtype),
+        atoms=atoms.to(device=device, dtype=dtype),
+        loglik=history[-1] if loglik is None else loglik, n_iter=len(history) - 1,
+        converged=converged, history=history,
+        num_obs=problem.total, num_points=x.shape[0], rank=design.rank, init=label,
+        seconds=time.perf_counter() - start_time, features=x,
+        num_groups=None if labels is None else int(labels.shape[0]),
+        group_labels=labels, group_responsibilities=group_resp, prior_scale=prior_scale,
+        diverging=tuple(diverging),
+    )

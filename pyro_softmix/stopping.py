@@ -1,0 +1,140 @@
+# SPDX-License-Identifier: Apache-2.0
+"""When to stop: the stopping rule, the divergence check, the warnings and progress bars.
+
+EM, the race of starts, :class:`~pyro_softmix.EM` and the mixtures of experts all stop by the
+rule here: an Aitken estimate of the remaining gain of the objective from the last two
+increments, against ``tol`` times the objective (default :func:`default_tol`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import deque
+
+import torch
+
+__all__ = ["ConvergenceWarning", "DivergenceWarning", "default_tol"]
+
+class ConvergenceWarning(UserWarning):
+    """EM stopped at ``max_iter`` before its stopping rule was met."""
+
+
+class DivergenceWarning(UserWarning):
+    """Some atoms keep growing while the objective barely changes: the MLE may be at infinity."""
+
+
+#: An atom whose norm (standardised coordinates) grew by ``_DIVERGENCE_GROWTH`` (relative) over the
+#: last ``_DIVERGENCE_WINDOW`` updates while the objective changed by at most
+#: ``_DIVERGENCE_FLAT`` (relative), and which is long (``_DIVERGENCE_NORM``) or whose component
+#: puts at least ``_DIVERGENCE_MASS`` on a single support point, is reported as heading to infinity.
+#: So is a long atom whose norm grew by ``_RIDGE_GROWTH`` (relative) over the final stretch of the
+#: run in which the objective stayed within ``_RIDGE_FLAT`` (relative) of its final value: on a
+#: ridge towards a face of the design's convex hull (a component concentrating on a few support
+#: points) Newton steps can push an atom far out while the objective's last digits settle, and the
+#: growth over the last few updates then falls below any threshold.
+_DIVERGENCE_NORM = 10.0
+_DIVERGENCE_MASS = 0.99
+_DIVERGENCE_GROWTH = 1e-5
+_DIVERGENCE_WINDOW = 3
+_DIVERGENCE_FLAT = 1e-4
+_RIDGE_GROWTH = 0.1
+_RIDGE_FLAT = 1e-6
+
+
+def find_diverging(norm_history: list, history: list[float], probs: torch.Tensor
+               ) -> tuple[int, ...]:
+    """Components whose atoms run off to infinity along a flat ridge of the objective.
+
+    ``norm_history`` holds the atoms' norms after every update, aligned with ``history`` (the
+    objective); ``probs`` is the (p, K) softmax q_k of the final atoms; its column maxima are
+    read only for components that pass the cheap tests.
+    """
+    assert len(norm_history) == len(history), "norms must be recorded after every update"
+    if len(history) < 2:
+        return ()
+    now = norm_history[-1]
+    # The long view: growth over the final flat stretch (the history never decreases).
+    floor = history[-1] - _RIDGE_FLAT * abs(history[-1])
+    start = norm_history[next(i for i, v in enumerate(history) if v >= floor)]
+    found = {k for k, (a, b) in enumerate(zip(now, start, strict=True))
+             if a >= _DIVERGENCE_NORM and a >= (1 + _RIDGE_GROWTH) * b}
+    # The short view: still growing over the last updates, and long or on one point.
+    w = _DIVERGENCE_WINDOW
+    if len(history) > w and abs(history[-1] - history[-1 - w]) <= _DIVERGENCE_FLAT * abs(
+            history[-1]):
+        growing = [k for k, (a, b) in enumerate(zip(now, norm_history[-1 - w], strict=True))
+                   if k not in found and a >= (1 + _DIVERGENCE_GROWTH) * b]
+        if growing:
+            top_mass = probs[:, growing].amax(0).tolist()
+            found.update(k for k, mass in zip(growing, top_mass, strict=True)
+                         if now[k] >= _DIVERGENCE_NORM or mass >= _DIVERGENCE_MASS)
+    return tuple(sorted(found))
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """The default tolerance of the stopping rule: 1e-10 in float64, 1e-9 in float32."""
+    return 1e-10 if dtype == torch.float64 else 1e-9
+
+
+#: Largest linear rate assumed by the stopping rule (so the gap estimate is at most 1e4 steps).
+MAX_RATE = 1 - 1e-4
+#: A gain at most this fraction of the tolerance (times |objective|) is at rounding level: from a
+#: converged start (a race's survivor, K = 1) the gains then rise and fall at random, and only
+#: this floor lets the stopping rule see the stationary point.
+NOISE_GAIN = 1e-3
+
+
+def remaining_gap(gains, max_rate: float = MAX_RATE, rate: float = 0.0,
+                   noise: float = 0.0) -> float:
+    """Estimated distance l* - l_t from the last two EM increments (Aitken's extrapolation).
+
+    EM converges linearly, l* - l_t ~ Delta_t / (1 - rho) with rho = Delta_t / Delta_{t-1}
+    (capped at ``max_rate``), so a small step at a slow rate (a stall, rho near 1) does not count
+    as convergence, and neither does a small step after a smaller one (EM speeding up as it
+    leaves a saddle). The increments are Newton decrements of the M-step (gradient-based), not
+    differences of the objective. ``rate`` is a lower bound on rho: after an extrapolation the
+    two increments can decay fast (the slow direction was just cut) although EM is slow there,
+    so accelerated runs pass the largest rate of their last few cycles. A last gain at most
+    ``noise`` (rounding level: from a converged point the gains rise and fall at random) means
+    a stationary point, whatever the trend.
+    """
+    if gains and gains[-1] <= noise:
+        return 0.0
+    if len(gains) < 2:
+        return math.inf
+    d1, d0 = gains[-1], gains[-2]
+    if d1 > d0:
+        # Gains that grow mean EM is leaving a slow stretch (a saddle, a plateau), not
+        # converging: never stop there, however small the gain.
+        return math.inf
+    return d1 / (1 - min(max(d1 / d0, rate), max_rate))
+
+
+def stopping_gap(gains, limit: float, rate: float = 0.0) -> float:
+    """The stopping rule's gap estimate (:func:`remaining_gap`) against ``limit`` = tol times
+    |objective|: a last gain below ``NOISE_GAIN * limit`` is rounding noise."""
+    return remaining_gap(gains, rate=rate, noise=NOISE_GAIN * limit)
+
+
+#: Cycles over which an accelerated run keeps its largest observed EM rate (see remaining_gap).
+RATE_WINDOW = 8
+
+
+def cycle_rate(rates: deque, gains) -> float:
+    """Record the rate d1 / d0 of a cycle's two EM increments; the largest in the window."""
+    d0, d1 = gains[-2], gains[-1]
+    rates.append(d1 / d0 if d0 > 0 and d1 > 0 else 0.0)
+    return max(rates)
+
+
+def progress_bar(progress: bool | None, total: int | None, desc: str):
+    """A tqdm bar, or None: shown when ``progress`` is True, or (None) when stderr is a
+    terminal."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
