@@ -18,6 +18,7 @@ import torch
 
 from ._marginal import MAX_NEWTON_PARAMS, marginal_gradient, marginal_hessian, mixed_precision
 from .engine import EMProblem, EMState
+from .solvers import armijo_search
 from .stopping import RATE_WINDOW, cycle_rate, stopping_gap
 
 __all__ = ["finish", "newton_finish", "run", "squarem_cycle"]
@@ -184,19 +185,7 @@ def newton_finish(problem: EMProblem, st: EMState, obj: float, tol: float, max_s
             shift = 2 * max(-float(evals[0]), 0.0) + 1e-8 * float(evals[-1].abs()) + 1e-300
             direction = evecs @ ((evecs.T @ grad) / (evals + shift))
             decrement = float(grad @ direction)
-        d_atoms = direction[:k * r].view(k, r).to(st.atoms)
-        d_eta = torch.cat([direction[k * r:], direction.new_zeros(1)]).to(st.atoms)
-        step, accepted = 1.0, None
-        for _ in range(NEWTON_BACKTRACKS):
-            log_w = torch.log_softmax(st.log_weights + step * d_eta, 0)
-            trial = problem.start(st.atoms + step * d_atoms, log_w)
-            values = torch.cat([problem.objective(trial),
-                                trial.atoms.norm(dim=1).double()]).tolist()
-            if values[0] >= obj + 1e-4 * step * decrement or (
-                    decrement <= noise and math.isfinite(values[0])):
-                accepted = trial
-                break
-            step /= 2
+        accepted, step = _newton_line_search(problem, st, direction, obj, decrement, noise)
         if accepted is None:
             # The trials overwrote the workspace and the E-step buffer: restore st.
             st = problem.start(st.atoms, st.log_weights)
@@ -205,10 +194,35 @@ def newton_finish(problem: EMProblem, st: EMState, obj: float, tol: float, max_s
                 continue
             return st, objs, norms, False, True, gap
         last = decrement if chol is not None and step == 1.0 else 0.0
+        values = torch.cat([problem.objective(accepted),
+                            accepted.atoms.norm(dim=1).double()]).tolist()
         st, obj = accepted, values[0]
         objs.append(obj)
         norms.append(values[1:])
     return st, objs, norms, False, False, gap
+
+def _newton_line_search(problem: EMProblem, st: EMState, direction: torch.Tensor, obj: float,
+                        decrement: float, noise: float) -> tuple[EMState | None, float]:
+    """The Armijo-damped step from ``st`` along ``direction`` (atoms, then the free weight
+    logits): the accepted state (None if no step of the NEWTON_BACKTRACKS tried is accepted)
+    and its step length."""
+    k, r = problem.num_components, problem.z.shape[1]
+    d_atoms = direction[:k * r].view(k, r).to(st.atoms)
+    d_eta = torch.cat([direction[k * r:], direction.new_zeros(1)]).to(st.atoms)
+    trials = []
+
+    def evaluate(step):
+        s = float(step[0])
+        log_w = torch.log_softmax(st.log_weights + s * d_eta, 0)
+        trials.append(problem.start(st.atoms + s * d_atoms, log_w))
+        return problem.objective(trials[-1])
+
+    like = dict(dtype=torch.float64, device=st.loglik.device)
+    steps, _, found = armijo_search(torch.tensor([obj], **like), torch.tensor([decrement], **like),
+                                    evaluate, NEWTON_BACKTRACKS,
+                                    torch.tensor([decrement <= noise], device=like["device"]))
+    return (trials[-1] if bool(found[0]) else None), float(steps[0])
+
 
 def factor_hessian(problem: EMProblem, st: EMState, pieces, pen: torch.Tensor | None):
     """The full Hessian H of the objective at ``st``, as (Cholesky factor of -H, None)

@@ -28,7 +28,9 @@ import torch
 
 from ._checks import as_tensor, check_positive_float, check_positive_int
 
-_ARMIJO = 1e-4
+#: Armijo's sufficient-increase constant: a step s along d is accepted when
+#: f(x + s d) >= f(x) + ARMIJO s g^T d.
+ARMIJO = 1e-4
 
 
 #: Bytes of the (chunk, K, r) temporary of the Hessian products: small enough to stay in cache on
@@ -137,6 +139,44 @@ def newton_direction(grad: torch.Tensor, hess: torch.Tensor, max_tries: int = 8)
     d = torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
     d = torch.where(usable[:, None] & torch.isfinite(d), d, torch.zeros_like(d))
     return d
+
+
+def armijo_search(f0: torch.Tensor, slope: torch.Tensor, evaluate, max_trials: int,
+                  negligible: torch.Tensor | None = None):
+    """Backtracking line search for B independent ascent problems at once.
+
+    The one Armijo loop of the package: every damped Newton step (softmax regression, the
+    generic batched solver, the marginal-likelihood Newton finish) takes its step length here.
+    Trial steps 1, 1/2, 1/4, ... (``max_trials`` at most) are evaluated for all members
+    together (a member already accepted is evaluated again at its accepted step, so the last
+    evaluation holds every accepted value); member b accepts step s when
+    ``f(s) >= f0 + ARMIJO s slope``, or, where ``negligible`` (the predicted gain is below
+    rounding level), at the first finite objective.
+
+    Args:
+        f0: (B,) objectives at the current point.  slope: (B,) directional derivatives g^T d.
+        evaluate: ``evaluate(step)`` -> (B,) objectives at the trial steps ``step`` (B,).
+        max_trials: trial steps at most.
+        negligible: (B,) bool, or None.
+    Returns:
+        ``(step, f1, done)``: (B,) accepted steps (0 where none was found), the objectives
+        there (``f0`` where none), and which members found one.
+    """
+    step = torch.ones_like(f0)
+    done = torch.zeros_like(f0, dtype=torch.bool)
+    f1 = f0
+    for _ in range(max_trials):
+        f1 = evaluate(step)
+        ok = f1 >= f0 + ARMIJO * step * slope
+        if negligible is not None:
+            ok = ok | (negligible & torch.isfinite(f1))
+        done = done | ok
+        if bool(done.all()):
+            break
+        step = torch.where(done, step, step / 2)
+    if bool(done.all()):
+        return step, f1, done
+    return torch.where(done, step, torch.zeros_like(step)), torch.where(done, f1, f0), done
 
 
 def _penalty_grad(atoms: torch.Tensor, l2) -> torch.Tensor:
@@ -257,30 +297,26 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     # Newton step on a concave function is then taken without a test.
     noise = 64 * torch.finfo(features.dtype).eps * (
         (lin * atoms).sum(-1).abs() + total * lse.abs() + 1)
-    step = torch.ones_like(total)
-    done = torch.zeros_like(total, dtype=torch.bool)
     trial = ws.trial_buffer(logits)
-    new_atoms, f1 = atoms, f0
-    for _ in range(max_backtracks + 1):
-        new_atoms = atoms + step[:, None] * direction
-        torch.mm(features, new_atoms.T, out=trial)
-        new_lse = column_logsumexp(trial, ws.scratch)  # softmax of the trial in ws.scratch
-        f1 = _objective(lin, total, new_lse, new_atoms, l2)
-        ok = (f1 >= f0 + _ARMIJO * step * slope) | (gain <= noise)
-        done = done | ok
-        if bool(done.all()):
-            break
-        step = torch.where(done, step, step / 2)
+
+    last = {}
+
+    def evaluate(step):
+        last["atoms"] = atoms + step[:, None] * direction
+        torch.mm(features, last["atoms"].T, out=trial)
+        last["lse"] = column_logsumexp(trial, ws.scratch)  # the trial's softmax in ws.scratch
+        return _objective(lin, total, last["lse"], last["atoms"], l2)
+
+    step, f1, done = armijo_search(f0, slope, evaluate, max_backtracks + 1, gain <= noise)
     if bool(done.all()):
         # The last trial is the accepted one: its softmax becomes the current q.
+        new_atoms, new_lse = last["atoms"], last["lse"]
         ws.q, ws.scratch = ws.scratch, ws.q
     else:
-        # No ascent step found for some components (at a maximum up to rounding): keep them.
-        step = torch.where(done, step, torch.zeros_like(step))
         new_atoms = atoms + step[:, None] * direction
+        # No ascent step found for some components (at a maximum up to rounding): keep them.
         trial.copy_(torch.where(done[None, :], trial, logits))
         new_lse = column_logsumexp(trial, ws.q)
-        f1 = torch.where(done, f1, f0)
     if shrink is not None:
         step = step * shrink
     info = NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1, cov=cov)
@@ -379,17 +415,9 @@ def damped_newton(params: torch.Tensor, evaluate, max_backtracks: int = 30
     direction = newton_direction(grad, hess)
     gain = (grad * direction).sum(-1)
     noise = 64 * torch.finfo(params.dtype).eps * (f0.abs() + 1)
-    step = torch.ones_like(f0)
-    done = torch.zeros_like(f0, dtype=torch.bool)
-    f1 = f0
-    for _ in range(max_backtracks + 1):
-        f1 = evaluate(params + step[:, None] * direction, False)[0]
-        done = done | (f1 >= f0 + _ARMIJO * step * gain) | (gain <= noise)
-        if bool(done.all()):
-            break
-        step = torch.where(done, step, step / 2)
-    step = torch.where(done, step, torch.zeros_like(step))
-    f1 = torch.where(done, f1, f0)
+    step, f1, _ = armijo_search(
+        f0, gain, lambda s: evaluate(params + s[:, None] * direction, False)[0],
+        max_backtracks + 1, gain <= noise)
     new = params + step[:, None] * direction
     return new, NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1)
 
