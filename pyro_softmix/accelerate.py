@@ -11,7 +11,6 @@ quadratically where EM converges linearly. The objective never decreases.
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from ._marginal import MAX_NEWTON_PARAMS, marginal_gradient, marginal_hessian, mixed_precision
 from .engine import EMProblem, EMState
 from .solvers import armijo_search
-from .stopping import RATE_WINDOW, cycle_rate, stopping_gap
+from .stopping import StoppingRule
 
 __all__ = ["finish", "newton_finish", "run", "squarem_cycle"]
 
@@ -267,10 +266,9 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
     """
     st = problem.start(atoms, log_weights)
     values = torch.cat([problem.objective(st), atoms.norm(dim=1).double()]).tolist()
-    history, gains = [values[0]], []
+    history, rule = [values[0]], StoppingRule(tol)
     norms = [values[1:]]  # after every update, as the history
     step_max = [1.0] if accelerate else None
-    rates, rate = deque(maxlen=RATE_WINDOW), 0.0
     converged, it = False, 0
     use_newton = (accelerate and problem.newton_capable and problem.num_starts == 1
                   and num_free(problem) <= MAX_NEWTON_PARAMS)
@@ -280,18 +278,15 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
         st, objs, step_gains, step_norms = squarem_cycle(problem, st, num_steps, step_max)
         it += num_steps
         history.extend(o[0] for o in objs)
-        gains.extend(g[0] for g in step_gains)
         norms.extend(step_norms)
         if bar is not None:
             bar.update(num_steps)
             bar.set_postfix(loglik=f"{history[-1]:.8g}", refresh=False)
-        if num_steps == 2 and accelerate:
-            rate = cycle_rate(rates, gains)
-        limit = tol * abs(history[-1])
-        gap = stopping_gap(gains, limit, rate)
-        if gap <= limit:
+        rule.record([g[0] for g in step_gains], cycle=num_steps == 2 and accelerate)
+        if rule.converged(history[-1]):
             converged = True
             break
+        gap = rule.gap(history[-1])
         if use_newton and it >= next_newton and gap <= NEWTON_SWITCH * abs(history[-1]):
             st, objs, step_norms, converged, failed, newton_gap = newton_finish(
                 problem, st, history[-1], tol, min(NEWTON_MAX_STEPS, max_iter - it))
@@ -304,9 +299,8 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
                 break
             if failed:  # EM goes on; try again after a growing number of iterations
                 next_newton, backoff = it + 2 * backoff, 2 * backoff
-            gains.clear()  # increments from before the Newton steps no longer apply
-    gap = newton_gap if converged and newton_gap is not None else stopping_gap(
-        gains, tol * abs(history[-1]), rate)
+            rule.reset()  # increments from before the Newton steps no longer apply
+    gap = newton_gap if converged and newton_gap is not None else rule.gap(history[-1])
     return Run(st, history, norms, converged, gap)
 
 

@@ -34,7 +34,7 @@ from ._checks import check_positive_float, check_positive_int
 from .accelerate import finish
 from .engine import prepare_problem
 from .results import SoftmaxMixtureFit, make_fit
-from .stopping import default_tol, progress_bar, stopping_gap
+from .stopping import StoppingRule, default_tol, progress_bar
 from .warmstart import check_init, choose_start
 
 __all__ = ["EM", "em_initial_params", "init_to_em"]
@@ -276,10 +276,11 @@ class EM:
         """Whether the stopping rule of :func:`~pyro_softmix.fit_em` is met."""
         if self._state is None:
             return False
-        limit = self._state["tol"] * abs(self.history[-1])
         # A race's best survivor is already converged: the steps from it have gains at rounding
-        # level.
-        return stopping_gap(self.gains, limit) <= limit
+        # level, which the rule reads as a stationary point.
+        rule = StoppingRule(self._state["tol"])
+        rule.record(self.gains)
+        return rule.converged(self.history[-1])
 
     @property
     def fit(self) -> SoftmaxMixtureFit:

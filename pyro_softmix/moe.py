@@ -47,7 +47,7 @@ from ._checks import (
     resolve_dtype,
 )
 from .moe_em import log_joint, run_em, run_gradient, start_params
-from .stopping import ConvergenceWarning, progress_bar
+from .stopping import ConvergenceWarning, default_tol, progress_bar
 
 __all__ = ["MixtureOfExperts", "load_moe"]
 
@@ -280,8 +280,8 @@ class MixtureOfExperts:
                 MixtureOfExperts, or a mapping as returned by :meth:`initial_params`.
             max_iter: iterations per start (default 1000 for EM, 20000 for gradients).
             tol: stop when the estimated remaining increase of the objective (Aitken, from the
-                last two increments) is below ``tol * |objective|`` (default 1e-10 in float64,
-                1e-7 in float32).
+                last two increments) is below ``tol * |objective|`` (default
+                :func:`~pyro_softmix.stopping.default_tol`: 1e-10 in float64, 1e-9 in float32).
             m_steps: Newton steps per EM iteration for the iterative M-step parts (logistic
                 experts, the gate). A full Newton step is tried first; if the log-likelihood
                 falls, the iteration is redone with damped steps that increase Q, so EM is
@@ -303,7 +303,7 @@ class MixtureOfExperts:
         max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
         xe, xg, yt = self._data(x, y, gate_x, dtype, device, new_fit=True)
         if tol is None:
-            tol = 1e-10 if xe.dtype == torch.float64 else 1e-7
+            tol = default_tol(xe.dtype)
         tol = check_positive_float(tol, "tol", allow_zero=True)
         if method != "em":
             lr = check_positive_float(DEFAULT_LR[method] if lr is None else lr, "lr")

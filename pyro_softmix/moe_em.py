@@ -22,7 +22,7 @@ from .solvers import (
     newton_direction,
     weighted_least_squares,
 )
-from .stopping import remaining_gap
+from .stopping import StoppingRule
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -191,17 +191,15 @@ def run_gradient(spec, params, xe, xg, y, max_iter, tol, method, lr, bar):
 
 
 class Trace:
-    """Objective history, timings, progress bar and the stopping rule of one run.
-
-    Stops when the Aitken estimate of the remaining increase is <= tol * |objective| (for a
-    monotone method such as EM that includes an iteration that gains nothing, which the shared
-    rule reads as a stationary point); a gradient method's loss of objective is an overshoot,
-    not convergence.
+    """Objective history, timings and progress bar of one run, stopped by the package's
+    :class:`~pyro_softmix.stopping.StoppingRule` on the increments of the objective (EM is
+    monotone; for a gradient method a loss of objective is an overshoot, not convergence).
     """
 
     def __init__(self, start: float, tol: float, bar, *, monotone: bool):
-        self.history, self.times, self.gains = [start], [0.0], []
-        self.tol, self.bar, self.monotone = tol, bar, monotone
+        self.history, self.times = [start], [0.0]
+        self.rule = StoppingRule(tol, monotone=monotone)
+        self.bar = bar
         self.converged = False
         self._t0 = time.perf_counter()
 
@@ -209,15 +207,11 @@ class Trace:
         """Append one iteration's objective; True when the run should stop."""
         self.history.append(obj)
         self.times.append(time.perf_counter() - self._t0)
-        self.gains.append(obj - self.history[-2])
+        self.rule.record(obj - self.history[-2])
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(objective=f"{obj:.10g}", refresh=False)
-        gap = remaining_gap(self.gains)
-        if self.monotone:
-            self.converged = gap <= self.tol * abs(obj)
-        else:
-            self.converged = 0 < gap <= self.tol * abs(obj)
+        self.converged = self.rule.converged(obj)
         return self.converged
 
 

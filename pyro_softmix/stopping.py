@@ -111,14 +111,62 @@ def remaining_gap(gains, max_rate: float = MAX_RATE, rate: float = 0.0,
     return d1 / (1 - min(max(d1 / d0, rate), max_rate))
 
 
-def stopping_gap(gains, limit: float, rate: float = 0.0) -> float:
-    """The stopping rule's gap estimate (:func:`remaining_gap`) against ``limit`` = tol times
-    |objective|: a last gain below ``NOISE_GAIN * limit`` is rounding noise."""
-    return remaining_gap(gains, rate=rate, noise=NOISE_GAIN * limit)
-
-
 #: Cycles over which an accelerated run keeps its largest observed EM rate (see remaining_gap).
 RATE_WINDOW = 8
+
+
+class StoppingRule:
+    """The stopping rule of every iterative fit here: EM (plain and accelerated), the race of
+    starts, :class:`~pyro_softmix.EM` and the mixtures of experts.
+
+    It records the increments ("gains") of the objective, in order, and stops when the
+    Aitken estimate of the remaining gain (:func:`remaining_gap`) is at most ``tol`` times
+    the objective's magnitude.
+
+    - ``monotone`` methods (EM) never lose objective: a last gain at or below rounding level
+      (``NOISE_GAIN`` times the limit) is a stationary point, whatever the trend. For other
+      methods (gradient ascent) a gain at or below 0 is an overshoot and never convergence.
+    - Accelerated EM records its SQUAREM cycles' two EM gains with ``cycle=True``: the largest
+      rate of the last ``RATE_WINDOW`` cycles is then a lower bound on the rate used (right
+      after an extrapolation the two increments can decay fast although EM is slow there).
+
+    Args:
+        tol: relative tolerance (default :func:`default_tol` of the computation's dtype).
+        monotone: see above.
+    """
+
+    def __init__(self, tol: float, *, monotone: bool = True):
+        self.tol = tol
+        self.monotone = monotone
+        self.gains: list[float] = []
+        self.rates: deque[float] = deque(maxlen=RATE_WINDOW)
+        self.rate = 0.0
+
+    def record(self, gains, *, cycle: bool = False) -> None:
+        """Append gains (a number or a sequence, in order); ``cycle``: the last two are the EM
+        steps of one SQUAREM cycle."""
+        self.gains.extend(gains if isinstance(gains, list | tuple) else [gains])
+        if cycle:
+            self.rate = cycle_rate(self.rates, self.gains)
+
+    def reset(self) -> None:
+        """Forget the gains (after steps of another kind, e.g. Newton steps); keep the rates."""
+        self.gains.clear()
+
+    def gap(self, objective: float) -> float:
+        """The estimated remaining gain of the objective (0: stationary; inf: unknown)."""
+        noise = NOISE_GAIN * self.tol * abs(objective) if self.monotone else 0.0
+        return remaining_gap(self.gains, rate=self.rate, noise=noise)
+
+    def bound(self, rate: float) -> float:
+        """The remaining gain if the method went on at the linear ``rate`` (a pessimistic
+        extrapolation of the last gain; 0 after a gain at or below 0)."""
+        return remaining_gap(self.gains, max_rate=rate, rate=rate)
+
+    def converged(self, objective: float) -> bool:
+        """Whether the estimated remaining gain is within ``tol`` times ``|objective|``."""
+        gap = self.gap(objective)
+        return gap <= self.tol * abs(objective) and (self.monotone or gap > 0)
 
 
 def cycle_rate(rates: deque, gains) -> float:

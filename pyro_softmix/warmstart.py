@@ -21,7 +21,6 @@ All methods work in standardised coordinates and return atoms in the user's coor
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,7 @@ from .accelerate import NEWTON_SWITCH, squarem_cycle
 from .engine import EMProblem, prepare_problem, set_prior, user_start
 from .moments import LatentMoments, standardised_moments
 from .solvers import fit_softmax_regression
-from .stopping import RATE_WINDOW, cycle_rate, progress_bar, remaining_gap
+from .stopping import StoppingRule, progress_bar
 
 __all__ = ["WarmStart", "warm_start", "WARM_START_METHODS"]
 
@@ -439,7 +438,7 @@ def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
     s, k, r = atoms.shape
     spent, it = 0, 0
     step_max = [1.0] * s if accelerate else None
-    rates = [deque(maxlen=RATE_WINDOW) for _ in range(s)]
+    rules = [StoppingRule(RACE_HANDOVER) for _ in range(s)]
     while s > 1 and it < max_iter:
         batch = problem.with_starts(s)
         st = batch.start(atoms.reshape(s * k, r), log_weights.reshape(s * k))
@@ -451,23 +450,21 @@ def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
             if bar is not None:
                 bar.update(s * RACE_CHECK_EVERY)
             obj = [-math.inf if math.isnan(v) else v for v in objs[-1]]
-            pairs = list(zip(*gains[-2:], strict=True))
+            for rule, pair in zip(rules, zip(*gains[-2:], strict=True), strict=True):
+                rule.record(list(pair), cycle=accelerate)
             order = sorted(range(s), key=obj.__getitem__, reverse=True)
             lead = order[0]
-            bound = [remaining_gap(g, RACE_MAX_RATE, RACE_MAX_RATE) for g in pairs]
+            bound = [rule.bound(RACE_MAX_RATE) for rule in rules]
             joined = joined_leader(st.atoms.view(s, k, r), st.log_weights.view(s, k), lead)
             alive = [i for i in order
                      if i == lead or (obj[i] + bound[i] >= obj[lead] and not joined[i])]
-            rate = [cycle_rate(q, g) if accelerate else 0.0 for q, g in zip(rates, pairs,
-                                                                              strict=True)]
             if len(alive) < s:
                 keep = alive
-            if all(remaining_gap(pairs[i], rate=rate[i]) <= RACE_HANDOVER * abs(obj[i])
-                   for i in alive):
+            if all(rules[i].converged(obj[i]) for i in alive):
                 keep, it = alive, max_iter  # hand the survivors over
         if keep is None:  # out of iterations: the leader alone goes on
             keep = [lead]
-        rates = [rates[i] for i in keep]
+        rules = [rules[i] for i in keep]
         if step_max is not None:
             step_max = [step_max[i] for i in keep]
         index = torch.tensor(keep, device=atoms.device)
