@@ -24,7 +24,7 @@ from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from scipy.optimize import linear_sum_assignment
 
 from ._checks import check_counts, check_groups
-from .engine import group_log_joint
+from ._logprob import component_log_probs, group_log_joint, log_weights, mixture_log_probs
 from .models import expand_counts
 
 __all__ = ["FitComparison", "compare_fits", "fisher_intervals", "plot_diagnostics",
@@ -337,14 +337,13 @@ def _unit_loglik(features, counts=None, tokens=None, groups=None, per_draw: bool
         g, values = int(labels.shape[0]), values[:, None]
 
         def grouped(atoms, weights):
-            log_q = torch.log_softmax(x @ atoms.T, 0)  # (p, K)
+            log_q = component_log_probs(x, atoms).T  # (p, K)
             joint = group_log_joint(log_q, gi, pi, values, g)
-            return torch.logsumexp(joint + weights.clamp_min(1e-300).log(), -1)
+            return torch.logsumexp(joint + log_weights(weights), -1)
         return grouped, g
 
     def log_pi(atoms, weights):
-        comp = torch.log_softmax(atoms @ x.T, -1)
-        return torch.logsumexp(comp + weights.clamp_min(1e-300).log()[:, None], 0)
+        return mixture_log_probs(component_log_probs(x, atoms), weights)
     if per_draw:
         tok = (torch.as_tensor(tokens).long().cpu() if tokens is not None
                else expand_counts(counts, None, p)[0])

@@ -8,6 +8,7 @@ from pyro.distributions import Categorical
 from torch.distributions import constraints
 
 from ._checks import as_tensor, check_features
+from ._logprob import component_log_probs, mixture_log_probs
 
 __all__ = ["SoftmaxMixture"]
 
@@ -72,10 +73,10 @@ class SoftmaxMixture(Categorical):
 
     def component_logits(self) -> torch.Tensor:
         """(..., K, p) normalised log-probabilities log q_k(j) of each component."""
-        return torch.log_softmax(self.atoms @ self.features.T, dim=-1)
+        return component_log_probs(self.features, self.atoms)
 
     def _mixture_logits(self) -> torch.Tensor:
-        return torch.logsumexp(self.component_logits() + self.weights.log().unsqueeze(-1), -2)
+        return mixture_log_probs(self.component_logits(), self.weights)
 
     def component_log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """log q_k(value) for every component: shape ``value.shape + (K,)``.

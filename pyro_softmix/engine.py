@@ -33,6 +33,7 @@ from ._checks import (
     resolve_device,
     resolve_dtype,
 )
+from ._logprob import group_log_joint
 from .design import Design, feature_scales, standardize
 from .solvers import Workspace, column_logsumexp, softmax_newton_step
 
@@ -177,16 +178,6 @@ class EMState:
     lse: torch.Tensor
     w: torch.Tensor
     loglik: torch.Tensor
-
-
-def group_log_joint(log_q: torch.Tensor, group_index: torch.Tensor, point_index: torch.Tensor,
-                     values: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """(G, K) sum_j n_gj log q_k(j) from (p, K) log q and sparse (group, point, count) triplets.
-
-    ``values`` has shape (nnz, 1). Differentiable (used for observed information too).
-    """
-    per_entry = log_q[point_index].mul_(values)
-    return log_q.new_zeros(num_groups, log_q.shape[1]).index_add_(0, group_index, per_entry)
 
 
 class GroupedEMProblem(EMProblem):

@@ -18,6 +18,7 @@ from ._checks import (
     check_num_components,
     check_positive_float,
 )
+from ._logprob import component_log_probs, log_weights
 from .em import fit_em
 from .infer import init_to_em, run_nuts, run_svi
 from .models import collapsed_model, count_matrix, enumerated_model, expand_counts, pad_groups
@@ -279,8 +280,8 @@ class SoftmaxMixtureModel:
                 check_counts(None, tok, self.features.shape[0])
         values = self._params(params)
         if not sample:
-            comp = torch.log_softmax(values["atoms"] @ self.features.T, -1)  # (K, p)
-            log_w = values["weights"].log()
+            comp = component_log_probs(self.features, values["atoms"])  # (K, p)
+            log_w = log_weights(values["weights"])
             if tok.dim() == 2:
                 per = torch.where(tok[..., None] >= 0, comp.T[tok.clamp_min(0)], 0.0).sum(1)
                 return torch.softmax(per + log_w, -1)

@@ -30,6 +30,7 @@ from pyro.ops.indexing import Vindex
 from torch.distributions import constraints
 
 from ._checks import as_tensor, check_counts, check_features, check_groups, check_num_components
+from ._logprob import component_log_probs, log_weights, mixture_log_probs
 from .design import feature_scales
 
 __all__ = ["MixtureCounts", "collapsed_model", "default_atoms_prior", "enumerated_model",
@@ -73,11 +74,11 @@ class MixtureCounts(TorchDistribution):
         super().__init__(batch, torch.Size([p]), validate_args=validate_args)
 
     def _log_weights(self):
-        return self.weights.clamp_min(torch.finfo(self.weights.dtype).tiny).log()
+        return log_weights(self.weights)
 
     def mixture_logits(self) -> torch.Tensor:
         """(..., p) log pi_j."""
-        return torch.logsumexp(self.component_logits + self._log_weights()[..., None], -2)
+        return mixture_log_probs(self.component_logits, self.weights)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
@@ -171,7 +172,7 @@ def _global_sites(features, k, weights, atoms, weights_prior, atoms_prior, conce
 
 
 def _component_logits(features, atoms):
-    return torch.log_softmax(atoms @ features.T, dim=-1)  # (..., K, p)
+    return component_log_probs(features, atoms)  # (..., K, p)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ._checks import check_features
+from ._logprob import component_log_probs, mixture_log_probs, posterior
 from .engine import GroupedEMProblem
 
 __all__ = ["SoftmaxMixtureFit", "load_fit"]
@@ -99,12 +100,12 @@ class SoftmaxMixtureFit:
     def component_log_probs(self, features=None) -> torch.Tensor:
         """(K, p) log q_k(j) = log softmax(X theta_k)_j."""
         x = self._features(features)
-        return torch.log_softmax(self.atoms @ x.T, dim=-1)
+        return component_log_probs(x, self.atoms)
 
     def log_probs(self, features=None) -> torch.Tensor:
         """(p,) log pi_j of the fitted mixture."""
         comp = self.component_log_probs(features)
-        return torch.logsumexp(comp + self.weights.log()[:, None], 0)
+        return mixture_log_probs(comp, self.weights)
 
     def probs(self, features=None) -> torch.Tensor:
         """(p,) mixture probabilities pi_j (sum to 1)."""
@@ -112,8 +113,7 @@ class SoftmaxMixtureFit:
 
     def responsibilities(self, features=None) -> torch.Tensor:
         """(p, K) posterior P(component k | Y = j) for every support point."""
-        joint = self.component_log_probs(features) + self.weights.log()[:, None]
-        return torch.softmax(joint, 0).T
+        return posterior(self.component_log_probs(features), self.weights)
 
     def distribution(self, features=None):
         """The fitted :class:`~pyro_softmix.SoftmaxMixture` distribution."""
