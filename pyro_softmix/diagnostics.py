@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
-from scipy.optimize import linear_sum_assignment
 
 from ._checks import check_counts, check_groups
 from ._logprob import component_log_probs, group_log_joint, log_weights, mixture_log_probs
+from ._matching import match_components
 from .models import expand_counts
 
 __all__ = ["FitComparison", "compare_fits", "fisher_intervals", "plot_diagnostics",
@@ -71,13 +71,7 @@ def relabel_samples(samples: Mapping[str, Any], reference, *, return_permutation
                          f" to match the reference, got {tuple(atoms.shape)}")
     lead = atoms.shape[:-2]
     k = ref.shape[0]
-    flat = atoms.detach().cpu().to(torch.float64).reshape(-1, k, ref.shape[1])
-    cost = ((flat[:, :, None, :] - ref[None, None, :, :]) ** 2).sum(-1)  # (S, K_draw, K_ref)
-    perms = np.empty((flat.shape[0], k), dtype=np.int64)
-    for s, c in enumerate(cost.numpy()):
-        rows, cols = linear_sum_assignment(c)
-        perms[s, cols] = rows  # reference slot cols[i] takes draw component rows[i]
-    perm = torch.from_numpy(perms).reshape(lead + (k,))
+    perm = match_components(atoms, ref)
     out = dict(samples)
     dev = atoms.device
     p_dev = perm.to(dev)

@@ -8,28 +8,26 @@ import os
 import numpy as np
 import torch
 
+from ._matching import match_components as _match
+
 __all__ = ["match_components", "plot_convergence", "plot_recovery"]
 
 
 def match_components(atoms: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
     """Permutation ``perm`` so that ``atoms[perm[k]]`` is the estimate of ``reference[k]``.
 
-    Minimises the total Euclidean distance (Hungarian algorithm).
+    Minimises the total squared Euclidean distance (Hungarian algorithm; the package's one
+    matcher, also used by :func:`~pyro_softmix.relabel_samples`).
 
     Args:
         atoms: (K, L) estimated atoms.  reference: (K, L) atoms to match against.
     Returns:
         (K,) int array.
     """
-    from scipy.optimize import linear_sum_assignment
-
-    a = torch.as_tensor(atoms).detach().cpu().double()
-    b = torch.as_tensor(reference).detach().cpu().double()
+    a, b = torch.as_tensor(atoms), torch.as_tensor(reference)
     if a.shape != b.shape:
         raise ValueError(f"atoms {tuple(a.shape)} and reference {tuple(b.shape)} must match")
-    cost = torch.cdist(b, a).numpy()
-    _, cols = linear_sum_assignment(cost)
-    return cols
+    return _match(a, b).numpy()
 
 
 def _pyplot():
