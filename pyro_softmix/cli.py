@@ -108,14 +108,6 @@ def _cmd_simulate(args) -> int:
     return 0
 
 
-def _fit_summary(fit) -> dict:
-    return {"num_components": fit.num_components, "num_points": fit.num_points,
-            "num_features": fit.num_features, "rank": fit.rank, "num_obs": fit.num_obs,
-            "loglik": fit.loglik, "bic": fit.bic, "aic": fit.aic, "n_iter": fit.n_iter,
-            "converged": fit.converged, "seconds": fit.seconds, "init": fit.init,
-            "weights": fit.weights.tolist(), "atoms": fit.atoms.tolist()}
-
-
 def _cmd_fit(args) -> int:
     from .em import fit_em
     from .plots import plot_convergence
@@ -137,7 +129,7 @@ def _cmd_fit(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fit.save(out / "fit.npz")
-    _write_json(out / "summary.json", _fit_summary(fit))
+    _write_json(out / "summary.json", fit.to_dict())
     plot_convergence(fit, out / "convergence.png")
     print(fit.summary())
     print(f"wrote {out / 'fit.npz'}, {out / 'summary.json'}, {out / 'convergence.png'}")
@@ -178,7 +170,7 @@ def _cmd_demo(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fit.save(out / "fit.npz")
-    summary = _fit_summary(fit) | {"true_weights": data.weights.tolist(),
+    summary = fit.to_dict() | {"true_weights": data.weights.tolist(),
                                    "true_atoms": data.atoms.tolist(),
                                    "truth_loglik": truth_ll, "atom_rel_error": rel_err}
     _write_json(out / "summary.json", summary)

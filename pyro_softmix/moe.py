@@ -25,7 +25,6 @@ gradient steps, from the same starting points, for comparison.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -47,6 +46,7 @@ from ._checks import (
     resolve_dtype,
 )
 from .moe_em import log_joint, run_em, run_gradient, start_params
+from .results import MOE_FORMAT, read_npz, write_npz
 from .stopping import ConvergenceWarning, default_tol, progress_bar
 
 __all__ = ["MixtureOfExperts", "load_moe"]
@@ -423,30 +423,26 @@ class MixtureOfExperts:
               "num_obs")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save the configuration and estimates to ``.npz`` (arrays plus a JSON header)."""
+        """Save the configuration and estimates to ``.npz`` (arrays plus a JSON header; the
+        package's one file format, see :func:`~pyro_softmix.results.write_npz`)."""
         params = self._params()
-        meta = {"format": "pyro-softmix-moe", "version": 1,
-                **{k: getattr(self, k) for k in self._CONFIG + self._STATE}}
-        arrays = {k: v.detach().cpu().numpy() for k, v in self._public(params).items()}
-        arrays["history"] = np.asarray(self.history, dtype=np.float64)
-        arrays["times"] = np.asarray(self.times, dtype=np.float64)
-        np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+        meta = {k: getattr(self, k) for k in self._CONFIG + self._STATE}
+        arrays = dict(self._public(params), history=np.asarray(self.history, dtype=np.float64),
+                      times=np.asarray(self.times, dtype=np.float64))
+        write_npz(path, MOE_FORMAT, meta, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MixtureOfExperts:
         """Load what :meth:`save` wrote."""
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"])) if "meta" in data else {}
-            if meta.get("format") != "pyro-softmix-moe":
-                raise ValueError(f"{os.fspath(path)!r} is not a pyro-softmix MoE file")
-            obj = cls(**{k: meta[k] for k in cls._CONFIG})
-            for k in cls._STATE:
-                setattr(obj, k, meta[k])
-            obj.gate_weights = torch.from_numpy(data["gate_weights"])
-            obj.expert_weights = torch.from_numpy(data["expert_weights"])
-            obj.noise_scale = (torch.from_numpy(data["noise_scale"]) if "noise_scale" in data
-                               else None)
-            obj.history, obj.times = data["history"].tolist(), data["times"].tolist()
+        meta, data = read_npz(path, MOE_FORMAT, "MoE")
+        obj = cls(**{k: meta[k] for k in cls._CONFIG})
+        for k in cls._STATE:
+            setattr(obj, k, meta[k])
+        obj.gate_weights = torch.from_numpy(data["gate_weights"])
+        obj.expert_weights = torch.from_numpy(data["expert_weights"])
+        obj.noise_scale = (torch.from_numpy(data["noise_scale"]) if "noise_scale" in data
+                           else None)
+        obj.history, obj.times = data["history"].tolist(), data["times"].tolist()
         return obj
 
     # -- Pyro ------------------------------------------------------------------------------

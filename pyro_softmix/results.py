@@ -145,6 +145,20 @@ class SoftmaxMixtureFit:
             lines.append(f"{k:>3} {float(w[k]):8.4f} {float(a[k].norm()):9.4f}  {coords}")
         return "\n".join(lines)
 
+    # -- reporting as data ------------------------------------------------------------------
+    #: The scalar fields of a fit, as saved in a file's header and reported by to_dict().
+    SCALAR_FIELDS = ("loglik", "n_iter", "converged", "num_obs", "num_points", "rank", "init",
+                     "seconds", "num_groups", "prior_scale", "diverging")
+
+    def to_dict(self) -> dict:
+        """The fit as JSON-ready data: its scalar fields, K, L, BIC, AIC, and the weights (K,)
+        and atoms (K, L) as nested lists."""
+        out = {name: getattr(self, name) for name in self.SCALAR_FIELDS}
+        out["diverging"] = list(self.diverging)
+        return {"num_components": self.num_components, "num_features": self.num_features,
+                **out, "bic": self.bic, "aic": self.aic,
+                "weights": self.weights.tolist(), "atoms": self.atoms.tolist()}
+
     # -- persistence (no pickle) -----------------------------------------------------------
     def save(self, path: str | os.PathLike, include_features: bool = False) -> None:
         """Save to a ``.npz`` file (arrays plus a JSON header; loadable without pickle).
@@ -154,28 +168,47 @@ class SoftmaxMixtureFit:
             include_features: also store the (p, L) features, so :meth:`probs` works after
                 :func:`load_fit` without passing them.
         """
-        meta = {
-            "format": "pyro-softmix-fit", "version": 1, "loglik": self.loglik,
-            "n_iter": self.n_iter, "converged": self.converged, "num_obs": self.num_obs,
-            "num_points": self.num_points, "rank": self.rank, "init": self.init,
-            "seconds": self.seconds, "dtype": str(self.atoms.dtype).replace("torch.", ""),
-            "num_groups": self.num_groups, "prior_scale": self.prior_scale,
-            "diverging": list(self.diverging),
-        }
-        arrays = {
-            "weights": self.weights.detach().cpu().numpy(),
-            "atoms": self.atoms.detach().cpu().numpy(),
-            "history": np.asarray(self.history, dtype=np.float64),
-            "meta": np.array(json.dumps(meta)),
-        }
+        meta = {name: getattr(self, name) for name in self.SCALAR_FIELDS}
+        meta["diverging"] = list(self.diverging)
+        meta["dtype"] = str(self.atoms.dtype).replace("torch.", "")
+        arrays = {"weights": self.weights, "atoms": self.atoms,
+                  "history": np.asarray(self.history, dtype=np.float64)}
         if self.num_groups is not None:
-            arrays["group_labels"] = self.group_labels.detach().cpu().numpy()
-            arrays["group_responsibilities"] = self.group_responsibilities.detach().cpu().numpy()
+            arrays["group_labels"] = self.group_labels
+            arrays["group_responsibilities"] = self.group_responsibilities
         if include_features:
             if self.features is None:
                 raise ValueError("include_features=True but this fit holds no features")
-            arrays["features"] = self.features.detach().cpu().numpy()
-        np.savez(path, **arrays)
+            arrays["features"] = self.features
+        write_npz(path, FIT_FORMAT, meta, arrays)
+
+
+#: The format tags in the JSON header of the package's files.
+FIT_FORMAT = "pyro-softmix-fit"
+MOE_FORMAT = "pyro-softmix-moe"
+
+
+def write_npz(path: str | os.PathLike, kind: str, meta: dict, arrays: dict) -> None:
+    """The package's one file format: an ``.npz`` of arrays plus a JSON header ``meta`` that
+    carries ``format`` (``kind``) and ``version`` (no pickle anywhere).
+
+    ``arrays`` maps names to tensors or arrays (moved to the CPU); ``meta`` must be
+    JSON-serialisable.
+    """
+    header = {"format": kind, "version": 1, **meta}
+    data = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            for k, v in arrays.items()}
+    np.savez(path, meta=np.array(json.dumps(header)), **data)
+
+
+def read_npz(path: str | os.PathLike, kind: str, what: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a file written by :func:`write_npz` with format ``kind`` (never unpickling):
+    ``(meta, arrays)``. ``what`` names the file kind in errors."""
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"])) if "meta" in data else {}
+        if meta.get("format") != kind:
+            raise ValueError(f"{os.fspath(path)!r} is not a pyro-softmix {what} file")
+        return meta, {k: data[k] for k in data.files if k != "meta"}
 
 
 def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
@@ -184,29 +217,24 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
     Example:
         >>> fit.save("fit.npz"); again = load_fit("fit.npz")  # doctest: +SKIP
     """
-    with np.load(path, allow_pickle=False) as data:
-        try:
-            meta = json.loads(str(data["meta"]))
-        except KeyError:
-            raise ValueError(f"{os.fspath(path)!r} is not a pyro-softmix fit file") from None
-        if meta.get("format") != "pyro-softmix-fit":
-            raise ValueError(f"{os.fspath(path)!r} is not a pyro-softmix fit file")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        feats = torch.from_numpy(data["features"]).to(dev) if "features" in data else None
-        grouped = meta.get("num_groups") is not None
-        return SoftmaxMixtureFit(
-            weights=torch.from_numpy(data["weights"]).to(dev),
-            atoms=torch.from_numpy(data["atoms"]).to(dev),
-            loglik=float(meta["loglik"]), n_iter=int(meta["n_iter"]),
-            converged=bool(meta["converged"]), history=data["history"].tolist(),
-            num_obs=float(meta["num_obs"]), num_points=int(meta["num_points"]),
-            rank=int(meta["rank"]), init=str(meta["init"]), seconds=float(meta["seconds"]),
-            features=feats, num_groups=meta.get("num_groups"),
-            prior_scale=meta.get("prior_scale"), diverging=tuple(meta.get("diverging", ())),
-            group_labels=torch.from_numpy(data["group_labels"]).to(dev) if grouped else None,
-            group_responsibilities=(torch.from_numpy(data["group_responsibilities"]).to(dev)
-                                    if grouped else None),
-        )
+    meta, data = read_npz(path, FIT_FORMAT, "fit")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+
+    def tensor(name):
+        return torch.from_numpy(data[name]).to(dev) if name in data else None
+
+    grouped = meta.get("num_groups") is not None
+    return SoftmaxMixtureFit(
+        weights=tensor("weights"), atoms=tensor("atoms"),
+        loglik=float(meta["loglik"]), n_iter=int(meta["n_iter"]),
+        converged=bool(meta["converged"]), history=data["history"].tolist(),
+        num_obs=float(meta["num_obs"]), num_points=int(meta["num_points"]),
+        rank=int(meta["rank"]), init=str(meta["init"]), seconds=float(meta["seconds"]),
+        features=tensor("features"), num_groups=meta.get("num_groups"),
+        prior_scale=meta.get("prior_scale"), diverging=tuple(meta.get("diverging", ())),
+        group_labels=tensor("group_labels") if grouped else None,
+        group_responsibilities=tensor("group_responsibilities") if grouped else None,
+    )
 
 
 def make_fit(problem, design, x, atoms_z, log_w, history, converged, label, labels,
