@@ -184,12 +184,6 @@ def make_generator(seed: Any) -> torch.Generator:
     return g
 
 
-def default_chunk_size(num_points: int, width: int, itemsize: int,
-                       budget_bytes: int = 256 * 2**20) -> int:
-    """Rows per chunk so that a (chunk, width) temporary stays within ``budget_bytes``."""
-    return int(max(1024, min(num_points, budget_bytes // max(1, width * itemsize))))
-
-
 def check_groups(groups: Any, counts: Any, tokens: Any, num_points: int):
     """Grouped data as sparse triplets (group, point, count).
 

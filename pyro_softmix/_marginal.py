@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import torch
 
-from .solvers import gram_chunk_rows, weighted_gram
+from ._chunks import rows_per_chunk
+from .solvers import weighted_gram
 
 #: Largest number of free coordinates for which the full Hessian is formed (its float64 copy
 #: then takes at most 128 MB).
 MAX_NEWTON_PARAMS = 4096
-#: Elements of the (chunk, K r + K) temporary of B^T B.
-_B_CHUNK_ELEMENTS = 2**19
 #: From this many coordinates K r + K on, the Hessian's products over the rows of a float64
 #: problem are formed in float32 chunks of at most _MIXED_CHUNK_ROWS rows, summed in float64.
 _MIXED_MIN_DIM = 32
@@ -59,8 +58,8 @@ def mixed_precision(z: torch.Tensor, num_components: int) -> bool:
 
 
 def marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
-                      pieces, support: torch.Tensor | None = None,
-                      precise: bool = False) -> torch.Tensor:
+                     pieces, support: torch.Tensor | None = None, precise: bool = False,
+                     chunk_size: int | None = None) -> torch.Tensor:
     """(D, D) float64 Hessian of l, D = K r + K - 1, coordinates ordered
     (t_1, ..., t_K, eta_1 .. eta_{K-1}).
 
@@ -70,6 +69,9 @@ def marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: 
         pieces: the second output of :func:`marginal_gradient` at the same point.
         support: indices of the rows with n_j > 0 (computed if None).
         precise: form every product in z's dtype (no mixed precision).
+        chunk_size: rows per chunk of the products over the rows (default: the device's
+            budget, :mod:`pyro_softmix._chunks`; at most ``_MIXED_CHUNK_ROWS`` in mixed
+            precision, where each chunk's float32 sum must stay accurate).
     """
     g_t, mean_q, total_w, alpha = pieces
     p, r = z.shape
@@ -84,8 +86,13 @@ def marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: 
     mixed = not precise and mixed_precision(z, k)
     btype = torch.float32 if mixed else z.dtype
     # Block diagonal: sum_j (w_jk - W_k q_jk) z_j z_j^T - m_k g_k^T - g_k m_k^T.
-    rows_gram = min(gram_chunk_rows(z, k), _MIXED_CHUNK_ROWS) if mixed else None
-    gram = weighted_gram(z, w - total_w * q, chunk_size=rows_gram, compute_dtype=btype)
+
+    def rows(num_rows: int, row_bytes: int) -> int:
+        chunk = rows_per_chunk(num_rows, row_bytes, z.device, chunk_size)
+        return min(chunk, _MIXED_CHUNK_ROWS) if mixed else chunk
+
+    gram = weighted_gram(z, w - total_w * q, chunk_size=rows(p, k * r * z.element_size()),
+                         compute_dtype=btype)
     gram = gram - mean_q[:, :, None] * g_t[:, None, :] - g_t[:, :, None] * mean_q[:, None, :]
     h[:k * r, :k * r] = torch.block_diag(*gram)
     eye = torch.eye(k, dtype=z.dtype, device=z.device)
@@ -98,17 +105,14 @@ def marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: 
     # - B^T B, chunked over the rows with n_j > 0.
     # The rows of B are written in place into one buffer: building them from temporaries
     # cost as much as the product itself.
-    rows = torch.nonzero(counts > 0).squeeze(1) if support is None else support
-    most = _B_CHUNK_ELEMENTS // dim
-    if mixed:
-        most = min(most, _MIXED_CHUNK_ROWS)
-    chunk = max(1, min(max(64, most), rows.shape[0]))
+    support = torch.nonzero(counts > 0).squeeze(1) if support is None else support
+    chunk = rows(support.shape[0], dim * z.element_size())
     buffer = z.new_empty(chunk, dim, dtype=btype)
     product = z.new_empty(dim, dim, dtype=btype) if mixed else None
     mean = mean_q.to(btype)
     weights = alpha.to(btype)
-    for s in range(0, rows.shape[0], chunk):
-        idx = rows[s:s + chunk]
+    for s in range(0, support.shape[0], chunk):
+        idx = support[s:s + chunk]
         c = idx.shape[0]
         b = buffer[:c]
         root_n = counts[idx].sqrt()[:, None].to(btype)

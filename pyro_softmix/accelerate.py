@@ -235,7 +235,7 @@ def factor_hessian(problem: EMProblem, st: EMState, pieces, pen: torch.Tensor | 
 
     def negative_hessian(precise: bool) -> torch.Tensor:
         hess = marginal_hessian(problem.z, problem.counts, problem.workspace.q, st.w, pieces,
-                                 problem.support, precise=precise)
+                                problem.support, precise=precise, chunk_size=problem.chunk_size)
         if pen is not None:
             hess[:k * r, :k * r] -= torch.block_diag(*[pen] * k)
         return hess.neg_()

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_features, default_chunk_size
+from ._checks import check_features
+from ._chunks import rows_per_chunk
 
 
 class IdentifiabilityWarning(UserWarning):
@@ -80,7 +81,7 @@ class Design:
         device = torch.device(device) if device is not None else features.device
         p = features.shape[0]
         out = torch.empty(p, self.rank, dtype=dtype, device=device)
-        chunk = chunk_size or default_chunk_size(p, features.shape[1], 8)
+        chunk = rows_per_chunk(p, features.shape[1] * 8, features.device, chunk_size)
         mean = self.mean.to(features.device)
         whiten = self.whiten.to(features.device)
         for s in range(0, p, chunk):
@@ -124,7 +125,7 @@ def standardize(features, *, warn: bool = True, chunk_size: int | None = None) -
     """
     x = check_features(features)
     p, L = x.shape
-    chunk = chunk_size or default_chunk_size(p, L, 8)
+    chunk = rows_per_chunk(p, L * 8, x.device, chunk_size)
     # Two passes in float64 (mean, then centred second moment) for accuracy on shifted data.
     total = torch.zeros(L, dtype=torch.float64, device=x.device)
     for s in range(0, p, chunk):

@@ -27,20 +27,19 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import as_tensor, check_positive_float, check_positive_int
+from ._chunks import rows_per_chunk
 
 #: Armijo's sufficient-increase constant: a step s along d is accepted when
 #: f(x + s d) >= f(x) + ARMIJO s g^T d.
 ARMIJO = 1e-4
 
 
-#: Bytes of the (chunk, K, r) temporary of the Hessian products: small enough to stay in cache on
-#: a CPU (larger chunks are slower there: allocation and memory traffic dominate), large on a GPU.
-_GRAM_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 256 * 2**20}
-
-
-def gram_chunk_rows(features: torch.Tensor, num_components: int) -> int:
-    budget = _GRAM_CHUNK_BYTES.get(features.device.type, _GRAM_CHUNK_BYTES["cuda"])
-    return max(64, budget // (num_components * features.shape[1] * features.element_size()))
+def gram_chunk_rows(features: torch.Tensor, num_components: int,
+                    chunk_size: int | None = None) -> int:
+    """Rows per chunk of the (chunk, K, r) temporary of :func:`weighted_gram` (the one
+    budget of :mod:`pyro_softmix._chunks`)."""
+    row_bytes = num_components * features.shape[1] * features.element_size()
+    return rows_per_chunk(features.shape[0], row_bytes, features.device, chunk_size)
 
 
 def weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int | None = None,
@@ -61,7 +60,7 @@ def weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int |
     """
     p, r = features.shape
     k = probs.shape[1]
-    chunk = buffer.shape[0] if buffer is not None else (chunk_size or gram_chunk_rows(features, k))
+    chunk = buffer.shape[0] if buffer is not None else gram_chunk_rows(features, k, chunk_size)
     acc = features.new_zeros(r, k * r)
     cast = compute_dtype is not None and compute_dtype != features.dtype
     product = features.new_empty(r, k * r, dtype=compute_dtype) if cast else None
@@ -105,7 +104,7 @@ class Workspace:
         self.q = new(p, num_components)
         self.scratch = new(p, num_components)
         self.logits = (new(p, num_components), new(p, num_components))
-        chunk = min(p, chunk_size or gram_chunk_rows(features, num_components))
+        chunk = gram_chunk_rows(features, num_components, chunk_size)
         self.gram = new(chunk, num_components, r)
 
     def trial_buffer(self, logits: torch.Tensor) -> torch.Tensor:

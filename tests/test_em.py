@@ -440,9 +440,8 @@ def test_marginal_gradient_and_hessian_match_autograd(dtype):
     assert torch.allclose(hess, hess_ref, atol=tol * scale, rtol=0)
 
 
-def test_marginal_hessian_is_the_same_in_chunks(monkeypatch):
+def test_marginal_hessian_is_the_same_in_chunks():
     """B^T B accumulated over chunks of rows (the last one shorter) equals one pass."""
-    from pyro_softmix import _marginal
     from pyro_softmix._marginal import marginal_gradient, marginal_hessian
 
     d = _data(p=1000, L=4, K=3, N=5000, seed=2, norm=2.0)
@@ -454,9 +453,9 @@ def test_marginal_hessian_is_the_same_in_chunks(monkeypatch):
     _, pieces = marginal_gradient(problem.z, problem.workspace.q, st.w, st.log_weights)
     whole = marginal_hessian(problem.z, problem.counts, problem.workspace.q, st.w, pieces)
     support = int((d.counts > 0).sum())
-    monkeypatch.setattr(_marginal, "_B_CHUNK_ELEMENTS", 15 * 100)  # 100 rows, D = 15
     assert support % 100 != 0
-    chunked = marginal_hessian(problem.z, problem.counts, problem.workspace.q, st.w, pieces)
+    chunked = marginal_hessian(problem.z, problem.counts, problem.workspace.q, st.w, pieces,
+                               chunk_size=100)
     assert torch.allclose(chunked, whole, rtol=0, atol=1e-12 * float(whole.abs().max()))
     assert torch.equal(st.w, w_before)  # the E-step weights are read, not written
 
