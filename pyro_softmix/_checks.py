@@ -9,6 +9,7 @@ argument when the input is unusable.
 from __future__ import annotations
 
 import numbers
+import random
 from typing import Any
 
 import numpy as np
@@ -170,18 +171,48 @@ def check_mixing(weights: Any, atoms: Any, num_components: int | None, num_featu
     return w / w.sum(), a
 
 
+#: The seed convention of every random function here (its ``seed`` argument): None (fresh
+#: entropy: not reproducible; for Pyro inference, Pyro's global random state is left as it
+#: is), an int in [0, 2**64), or a ``torch.Generator`` (drawn from, so advanced). The same seed
+#: gives the same result on the same device and dtype.
+SEED_DOC = "None, an int in [0, 2**64) or a torch.Generator"
+
+
+def check_seed(seed: Any, name: str = "seed") -> int | torch.Generator | None:
+    """``seed`` checked against the package's one seed convention (:data:`SEED_DOC`)."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be {SEED_DOC}, got {type(seed).__name__}")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"{name} must be {SEED_DOC}, got {seed}")
+    return int(seed)
+
+
 def make_generator(seed: Any) -> torch.Generator:
-    """A CPU generator from an int seed, an existing generator, or None (fresh entropy)."""
+    """A CPU generator from a seed (see :func:`check_seed`); a generator is returned as is."""
+    seed = check_seed(seed)
     if isinstance(seed, torch.Generator):
         return seed
     g = torch.Generator()
     if seed is None:
         g.seed()
-    elif isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        g.manual_seed(int(seed))
     else:
-        raise TypeError(f"seed must be an int, a torch.Generator or None, got {type(seed).__name__}")
+        g.manual_seed(seed)
     return g
+
+
+def seed_global(seed: Any) -> None:
+    """Seed the global random states that Pyro's inference draws from (torch, Python's
+    ``random``, NumPy), as ``pyro.set_rng_seed`` does; None leaves them as they are."""
+    seed = check_seed(seed)
+    if seed is None:
+        return
+    if isinstance(seed, torch.Generator):
+        seed = int(torch.randint(2**62, (), generator=seed))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (NumPy's global state, which Pyro seeds too)
 
 
 def check_groups(groups: Any, counts: Any, tokens: Any, num_points: int):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
-from ._checks import check_counts, check_groups
+from ._checks import check_counts, check_groups, seed_global
 from ._logprob import component_log_probs, group_log_joint, log_weights, mixture_log_probs
 from ._matching import match_components
 from .models import expand_counts
@@ -469,7 +469,7 @@ def _draw_params(weights, atoms, level) -> dict[str, tuple[float, float, float]]
 
 
 def compare_fits(model, *, level: float = 0.9, num_samples: int = 1000, truth=None,
-                 seed: int = 0) -> FitComparison:
+                 seed=None) -> FitComparison:
     """EM vs SVI vs NUTS on the same data, from a :class:`~pyro_softmix.SoftmaxMixtureModel`.
 
     Uses whatever the model has fitted (``fit_em``, ``fit_svi``, ``fit_mcmc``): EM's estimate with
@@ -504,9 +504,7 @@ def compare_fits(model, *, level: float = 0.9, num_samples: int = 1000, truth=No
     params["EM"] = {k: (est[k], lo[k], hi[k]) for k in est}
 
     if model.guide is not None:
-        import pyro
-
-        pyro.set_rng_seed(seed)
+        seed_global(seed)
         draws = model.posterior_samples("svi", num_samples)  # relabelled against EM
         med = model.guide.median(**model.model_kwargs())
         name = f"SVI ({type(model.guide).__name__})"

@@ -30,7 +30,7 @@ from pyro.infer.autoguide import (
     init_to_median,
 )
 
-from ._checks import check_positive_float, check_positive_int
+from ._checks import check_positive_float, check_positive_int, seed_global
 from .accelerate import finish
 from .engine import prepare_problem
 from .results import SoftmaxMixtureFit, make_fit
@@ -102,7 +102,7 @@ _GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal,
 
 
 def run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: bool,
-             num_particles: int = 1, init_scale: float = 0.01, seed: int | None = 0,
+             num_particles: int = 1, init_scale: float = 0.01, seed=None,
              progress: bool | None = None):
     """Adam SVI on ``model`` with an autoguide started by ``strategy``; returns (guide, losses).
 
@@ -112,8 +112,7 @@ def run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: bo
     """
     num_steps = check_positive_int(num_steps, "num_steps")
     check_positive_float(lr, "lr")
-    if seed is not None:
-        pyro.set_rng_seed(seed)
+    seed_global(seed)
     if isinstance(guide, str):
         if guide not in _GUIDES:
             raise ValueError(f"guide must be one of {sorted(_GUIDES)} or an AutoGuide, got "
@@ -139,13 +138,12 @@ def run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: bo
 
 
 def run_nuts(model, strategy, num_samples: int, warmup_steps: int, num_chains: int, *,
-              seed: int | None = 0, progress: bool | None = None, **nuts_options) -> MCMC:
+              seed=None, progress: bool | None = None, **nuts_options) -> MCMC:
     """NUTS on ``model`` started by ``strategy``; returns the run ``MCMC`` object."""
     num_samples = check_positive_int(num_samples, "num_samples")
     warmup_steps = check_positive_int(warmup_steps, "warmup_steps", minimum=0)
     num_chains = check_positive_int(num_chains, "num_chains")
-    if seed is not None:
-        pyro.set_rng_seed(seed)
+    seed_global(seed)
     nuts_options.setdefault("max_plate_nesting", 1)
     kernel = NUTS(model, init_strategy=strategy, **nuts_options)
     mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,

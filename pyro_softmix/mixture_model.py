@@ -196,7 +196,7 @@ class SoftmaxMixtureModel:
     def fit_svi(self, tokens=None, counts=None, groups=None, *, init: Any = "em",
                 guide: str | AutoGuide = "normal", num_steps: int = 1000, lr: float = 0.01,
                 collapsed: bool = True, subsample_size: int | None = None,
-                num_particles: int = 1, init_scale: float = 0.01, seed: int | None = 0,
+                num_particles: int = 1, init_scale: float = 0.01, seed=None,
                 progress: bool | None = None, em_options: dict | None = None) -> list[float]:
         """Variational fit by SVI, started at the EM solution; returns the losses (-ELBO).
 
@@ -209,7 +209,8 @@ class SoftmaxMixtureModel:
             collapsed: the collapsed model (exact, O(p K L) per step; default) or the enumerated
                 one with ``TraceEnum_ELBO`` (O(N K), minibatches by ``subsample_size``).
             init_scale: initial scale of the Normal guides around the EM solution.
-            seed: for Pyro's RNG (guide draws); None leaves it alone.
+            seed: seeds Pyro's global random state (an int or a ``torch.Generator``); None
+                (default) leaves it as it is.
 
         The guide and the losses are stored as :attr:`guide` and :attr:`svi_losses`.
         """
@@ -227,7 +228,7 @@ class SoftmaxMixtureModel:
 
     def fit_mcmc(self, tokens=None, counts=None, groups=None, *, init: Any = "em",
                  num_samples: int = 500, warmup_steps: int = 500, num_chains: int = 1,
-                 collapsed: bool = True, seed: int | None = 0, progress: bool | None = None,
+                 collapsed: bool = True, seed=None, progress: bool | None = None,
                  em_options: dict | None = None, **nuts_options) -> MCMC:
         """NUTS started at the EM solution; returns (and stores as :attr:`mcmc`) the ``MCMC``.
 

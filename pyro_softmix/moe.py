@@ -266,7 +266,7 @@ class MixtureOfExperts:
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, x, y, gate_x=None, *, method: str = "em", init: Any = "auto",
             num_inits: int = 4, max_iter: int | None = None, tol: float | None = None,
-            m_steps: int = 1, lr: float | None = None, seed=0, dtype=None, device=None,
+            m_steps: int = 1, lr: float | None = None, seed=None, dtype=None, device=None,
             progress: bool | None = None, warn: bool = True) -> MixtureOfExperts:
         """Maximum-likelihood (or ridge-penalised) fit; returns ``self``.
 
@@ -286,7 +286,8 @@ class MixtureOfExperts:
                 experts, the gate). A full Newton step is tried first; if the log-likelihood
                 falls, the iteration is redone with damped steps that increase Q, so EM is
                 monotone.
-            seed: seeds the random starts (same seed, same result).
+            seed: None (default: not reproducible), an int or a ``torch.Generator``, for
+                the random starts (same seed, same result).
             dtype: ``"float32"``/``"float64"`` (default: x's if floating, else the default).
             progress: a tqdm bar (default: when stderr is a terminal).
             warn: warn (``ConvergenceWarning``) when ``max_iter`` is reached.
@@ -521,7 +522,7 @@ class MixtureOfExperts:
 
     def fit_svi(self, x, y, gate_x=None, *, guide: str = "normal", num_steps: int = 1000,
                 lr: float = 0.01, collapsed: bool = True, subsample_size: int | None = None,
-                init_scale: float = 0.01, seed: int | None = 0, progress: bool | None = None
+                init_scale: float = 0.01, seed=None, progress: bool | None = None
                 ) -> list[float]:
         """SVI started at the EM estimate (fit first); returns the losses (-ELBO).
 
@@ -538,7 +539,7 @@ class MixtureOfExperts:
         return self.svi_losses
 
     def fit_mcmc(self, x, y, gate_x=None, *, num_samples: int = 500, warmup_steps: int = 500,
-                 num_chains: int = 1, collapsed: bool = True, seed: int | None = 0,
+                 num_chains: int = 1, collapsed: bool = True, seed=None,
                  progress: bool | None = None, **nuts_options):
         """NUTS started at the EM estimate (fit first); returns (and keeps as :attr:`mcmc`)
         the ``MCMC`` object. ``nuts_options`` go to ``NUTS``."""

@@ -49,7 +49,7 @@ class SimulatedData:
 def simulate(num_points: int = 2000, num_features: int = 5, num_components: int = 3,
              num_obs: int = 100_000, *, atom_norm: float = 2.0, concentration: float = 5.0,
              features=None, weights=None, atoms=None, return_tokens: bool = False,
-             seed=0, dtype=None) -> SimulatedData:
+             seed=None, dtype=None) -> SimulatedData:
     """Simulate draws from a softmax mixture.
 
     By default the design is Gaussian (rows i.i.d. N(0, I_L)), the weights are drawn from a
@@ -67,14 +67,16 @@ def simulate(num_points: int = 2000, num_features: int = 5, num_components: int 
         features: (p, L) design to use instead of a Gaussian one.
         weights: (K,) true weights to use.  atoms: (K, L) true atoms to use.
         return_tokens: also return the (N,) draws and their true components.
-        seed: int or ``torch.Generator``; the same seed gives the same data.
+        seed: None (fresh data each call), an int or a ``torch.Generator``; the same seed
+            gives the same data.
         dtype: floating dtype of the returned tensors (default ``torch.get_default_dtype()``).
 
     Returns:
         :class:`SimulatedData`.
 
     Example:
-        >>> data = simulate(num_points=100, num_features=2, num_components=2, num_obs=1000)
+        >>> data = simulate(num_points=100, num_features=2, num_components=2, num_obs=1000,
+        ...                 seed=0)
         >>> int(data.counts.sum()), tuple(data.atoms.shape)
         (1000, (2, 2))
     """
@@ -188,7 +190,7 @@ class SimulatedMoE:
 
 def simulate_moe(num_obs: int = 2000, num_features: int = 4, num_experts: int = 3, *,
                  expert: str = "linear", snr: float = 4.0, gate_scale: float = 2.0,
-                 seed=0, dtype=None) -> SimulatedMoE:
+                 seed=None, dtype=None) -> SimulatedMoE:
     """Simulate a mixture of experts with x ~ N(0, I_d) and a softmax gate.
 
     Gate rows are N(0, gate_scale^2 I) (last row 0; intercepts 0). Each expert's coefficient
