@@ -29,7 +29,6 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -45,9 +44,9 @@ from ._checks import (
     make_generator,
     resolve_dtype,
 )
-from .moe_em import log_joint, run_em, run_gradient, start_params
+from .moe_em import fit_starts, log_joint, public_params, start_params
 from .results import MOE_FORMAT, read_npz, write_npz
-from .stopping import ConvergenceWarning, default_tol, progress_bar
+from .stopping import ConvergenceWarning, default_tol
 
 __all__ = ["MixtureOfExperts", "load_moe"]
 
@@ -74,6 +73,50 @@ def _matrix(value, name: str, rows: int | None = None) -> torch.Tensor:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).any(dim=1).nonzero()[0, 0])
         raise ValueError(f"{name} contains NaN or infinite values (first bad row: {bad})")
+    return t
+
+
+def _design_matrices(spec, x, gate_x, dtype=None, device=None, new_fit: bool = False):
+    """Expert and gate design matrices (with intercepts), as new tensors; checked against
+    the fitted shapes unless ``new_fit``."""
+    xe = _matrix(x, "x")
+    xg = xe if gate_x is None else _matrix(gate_x, "gate_x", rows=xe.shape[0])
+    fitted = spec.fitted and not new_fit
+    if dtype is None and fitted:
+        dtype = spec.expert_weights.dtype
+    dtype = resolve_dtype(dtype, xe)
+    device = device or (spec.expert_weights.device if fitted else xe.device)
+    out = []
+    for t in (xe, xg):
+        t = t.to(device=device, dtype=dtype)
+        if spec.intercept:
+            t = torch.cat([t, t.new_ones(t.shape[0], 1)], 1)
+        out.append(t)
+    if fitted:
+        extra = 1 if spec.intercept else 0
+        for t, w, name in ((out[0], spec.expert_weights, "x"),
+                           (out[1], spec.gate_weights, "gate_x")):
+            if t.shape[1] != w.shape[1]:
+                raise ValueError(f"{name} must have {w.shape[1] - extra} columns (as when "
+                                 f"fitted), got {t.shape[1] - extra}")
+    return out[0], out[1]
+
+
+def _check_targets(expert: str, y, n: int, like: torch.Tensor) -> torch.Tensor:
+    """Targets (n,) in ``like``'s dtype and device; 0/1 for logistic experts."""
+    t = as_tensor(y, "y")
+    if t.dim() == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.shape != (n,):
+        raise ValueError(f"y must have shape ({n},) (one target per row of x), got "
+                         f"{tuple(t.shape)}")
+    t = t.to(like)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("y contains NaN or infinite values")
+    if expert == "logistic" and not bool(((t == 0) | (t == 1)).all()):
+        bad = sorted({float(v) for v in t[(t != 0) & (t != 1)][:5].tolist()})
+        raise ValueError(f"y must contain only 0 and 1 for logistic experts, got values such "
+                         f"as {bad}")
     return t
 
 
@@ -150,45 +193,11 @@ class MixtureOfExperts:
         return self.expert_weights is not None
 
     def _design(self, x, gate_x, dtype=None, device=None, *, new_fit: bool = False):
-        """Expert and gate design matrices (with intercepts), as new tensors; checked against
-        the fitted shapes unless ``new_fit``."""
-        xe = _matrix(x, "x")
-        xg = xe if gate_x is None else _matrix(gate_x, "gate_x", rows=xe.shape[0])
-        fitted = self.fitted and not new_fit
-        if dtype is None and fitted:
-            dtype = self.expert_weights.dtype
-        dtype = resolve_dtype(dtype, xe)
-        device = device or (self.expert_weights.device if fitted else xe.device)
-        out = []
-        for t in (xe, xg):
-            t = t.to(device=device, dtype=dtype)
-            if self.intercept:
-                t = torch.cat([t, t.new_ones(t.shape[0], 1)], 1)
-            out.append(t)
-        if fitted:
-            extra = 1 if self.intercept else 0
-            for t, w, name in ((out[0], self.expert_weights, "x"),
-                               (out[1], self.gate_weights, "gate_x")):
-                if t.shape[1] != w.shape[1]:
-                    raise ValueError(f"{name} must have {w.shape[1] - extra} columns (as when "
-                                     f"fitted), got {t.shape[1] - extra}")
-        return out[0], out[1]
+        """Expert and gate design matrices (see :func:`_design_matrices`)."""
+        return _design_matrices(self, x, gate_x, dtype, device, new_fit)
 
     def _targets(self, y, n: int, like: torch.Tensor) -> torch.Tensor:
-        t = as_tensor(y, "y")
-        if t.dim() == 2 and t.shape[1] == 1:
-            t = t[:, 0]
-        if t.shape != (n,):
-            raise ValueError(f"y must have shape ({n},) (one target per row of x), got "
-                             f"{tuple(t.shape)}")
-        t = t.to(like)
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError("y contains NaN or infinite values")
-        if self.expert == "logistic" and not bool(((t == 0) | (t == 1)).all()):
-            bad = sorted({float(v) for v in t[(t != 0) & (t != 1)][:5].tolist()})
-            raise ValueError(f"y must contain only 0 and 1 for logistic experts, got values such "
-                             f"as {bad}")
-        return t
+        return _check_targets(self.expert, y, n, like)
 
     def _data(self, x, y, gate_x, dtype=None, device=None, *, new_fit: bool = False):
         xe, xg = self._design(x, gate_x, dtype, device, new_fit=new_fit)
@@ -205,47 +214,6 @@ class MixtureOfExperts:
             out["scale"] = self.noise_scale
         return out
 
-    def _check_start(self, init, xe, xg) -> dict[str, torch.Tensor]:
-        """A user-given start (a fitted MixtureOfExperts or a mapping) as internal parameters."""
-        if isinstance(init, MixtureOfExperts):
-            init = {"gate_weights": init.gate_weights, "expert_weights": init.expert_weights,
-                    "noise_scale": init.noise_scale}
-        if not isinstance(init, Mapping):
-            raise TypeError("init must be 'auto', 'random', 'kmeans', a fitted "
-                            f"MixtureOfExperts or a mapping, got {type(init).__name__}")
-        k = self.num_experts
-        shapes = {"gate_weights": (k, xg.shape[1]), "expert_weights": (k, xe.shape[1])}
-        if self.expert == "linear":
-            shapes["noise_scale"] = (k,)
-        out = {}
-        for name, shape in shapes.items():
-            if init.get(name) is None:
-                raise ValueError(f"init must have key {name!r} with shape {shape}")
-            v = as_tensor(init[name], f"init {name}").to(xe)
-            if name == "gate_weights" and v.shape == (k - 1, shape[1]):
-                v = torch.cat([v, v.new_zeros(1, shape[1])])
-            if name == "noise_scale" and v.numel() == 1:
-                v = v.reshape(1).expand(k)
-            if v.shape != shape:
-                raise ValueError(f"init {name} must have shape {shape}, got {tuple(v.shape)}")
-            if not bool(torch.isfinite(v).all()) or (name == "noise_scale" and
-                                                     bool((v <= 0).any())):
-                raise ValueError(f"init {name} must be finite" +
-                                 (" and positive" if name == "noise_scale" else ""))
-            out[name] = v.clone()
-        gate = out["gate_weights"] - out["gate_weights"][-1:]  # same gate, last row 0
-        params = {"gate": gate, "experts": out["expert_weights"]}
-        if self.expert == "linear":
-            params["scale"] = out["noise_scale"]
-        return params
-
-    @staticmethod
-    def _public(params) -> dict[str, torch.Tensor]:
-        out = {"gate_weights": params["gate"], "expert_weights": params["experts"]}
-        if "scale" in params:
-            out["noise_scale"] = params["scale"]
-        return out
-
     def initial_params(self, x, y, gate_x=None, *, init: str = "random", seed=None,
                        dtype=None) -> dict[str, torch.Tensor]:
         """A starting point (``gate_weights``, ``expert_weights``, ``noise_scale``), to pass as
@@ -258,7 +226,7 @@ class MixtureOfExperts:
             seed: int, generator or None.
         """
         xe, xg, yt = self._data(x, y, gate_x, dtype, new_fit=True)
-        return self._public(start_params(self, init, xe, xg, yt, make_generator(seed)))
+        return public_params(start_params(self, init, xe, xg, yt, make_generator(seed)))
 
     # -- likelihood ------------------------------------------------------------------------
     # -- EM --------------------------------------------------------------------------------
@@ -295,6 +263,7 @@ class MixtureOfExperts:
         Example:
             >>> moe = MixtureOfExperts(2, "logistic").fit(x, y, seed=0)   # doctest: +SKIP
         """
+        begin = time.perf_counter()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         num_inits = check_positive_int(num_inits, "num_inits")
@@ -308,32 +277,9 @@ class MixtureOfExperts:
         tol = check_positive_float(tol, "tol", allow_zero=True)
         if method != "em":
             lr = check_positive_float(DEFAULT_LR[method] if lr is None else lr, "lr")
-        gen = make_generator(seed)
-        if isinstance(init, str):
-            if init == "auto":
-                labels = ["kmeans"] + ["random"] * (num_inits - 1)
-            elif init in ("random", "kmeans"):
-                labels = [init] * num_inits
-            else:
-                raise ValueError(f"init must be 'auto', 'random', 'kmeans', a fitted "
-                                 f"MixtureOfExperts or a mapping, got {init!r}")
-            starts = [start_params(self, lab, xe, xg, yt, gen) for lab in labels]
-        else:
-            labels, starts = ["given"], [self._check_start(init, xe, xg)]
-        begin = time.perf_counter()
-        best = None
-        bar = progress_bar(progress, max_iter * len(starts), f"MoE {method}")
-        for label, start in zip(labels, starts, strict=True):
-            if method == "em":
-                run = run_em(self, start, xe, xg, yt, max_iter, tol, m_steps, bar)
-            else:
-                run = run_gradient(self, start, xe, xg, yt, max_iter, tol, method, lr, bar)
-            if best is None or (math.isfinite(run[1][-1]) and
-                                not run[1][-1] <= best[1][1][-1]):
-                best = (label, run)
-        if bar is not None:
-            bar.close()
-        label, (params, history, times, converged) = best
+        label, (params, history, times, converged) = fit_starts(
+            self, xe, xg, yt, init, num_inits, make_generator(seed), method, max_iter, tol,
+            m_steps, lr, progress)
         self.gate_weights = params["gate"].detach()
         self.expert_weights = params["experts"].detach()
         self.noise_scale = params["scale"].detach() if "scale" in params else None
@@ -428,8 +374,8 @@ class MixtureOfExperts:
         package's one file format, see :func:`~pyro_softmix.results.write_npz`)."""
         params = self._params()
         meta = {k: getattr(self, k) for k in self._CONFIG + self._STATE}
-        arrays = dict(self._public(params), history=np.asarray(self.history, dtype=np.float64),
-                      times=np.asarray(self.times, dtype=np.float64))
+        arrays = dict(public_params(params), times=np.asarray(self.times, dtype=np.float64),
+                      history=np.asarray(self.history, dtype=np.float64))
         write_npz(path, MOE_FORMAT, meta, arrays)
 
     @classmethod
@@ -459,38 +405,8 @@ class MixtureOfExperts:
         (``MixtureSameFamily``): no discrete site, the fast choice for NUTS.
         """
         xe, xg = self._design(x, gate_x, dtype=self._model_dtype(x))
-        n, k = xe.shape[0], self.num_experts
-        yt = None if y is None else self._targets(y, n, xe)
-        loc = xe.new_zeros(())
-        scale = xe.new_tensor(self.prior_scale)
-        experts = pyro.sample("expert_weights",
-                              dist.Normal(loc, scale).expand([k, xe.shape[1]]).to_event(2))
-        if k > 1:
-            gate = pyro.sample("gate_weights",
-                               dist.Normal(loc, scale).expand([k - 1, xg.shape[1]]).to_event(2))
-            gate = torch.cat([gate, gate.new_zeros(1, xg.shape[1])])
-        else:
-            gate = xg.new_zeros(1, xg.shape[1])
-        noise = None
-        if self.expert == "linear":
-            size = k if self.noise == "expert" else 1
-            noise = pyro.sample("noise_scale", dist.HalfNormal(scale).expand([size]).to_event(1))
-        with pyro.plate("data", n, subsample_size=subsample_size) as idx:
-            logits = xg[idx] @ gate.T
-            eta = xe[idx] @ experts.T
-            obs = None if yt is None else yt[idx]
-            if collapsed:
-                comp = (dist.Normal(eta, noise.expand(k)) if noise is not None
-                        else dist.Bernoulli(logits=eta))
-                return pyro.sample("obs", dist.MixtureSameFamily(dist.Categorical(logits=logits),
-                                                                 comp), obs=obs)
-            z = pyro.sample("assignment", dist.Categorical(logits=logits),
-                            infer={"enumerate": "parallel"})
-            mean = Vindex(eta)[torch.arange(eta.shape[0], device=eta.device), z]
-            if noise is not None:
-                sd = Vindex(noise.expand(k))[z]
-                return pyro.sample("obs", dist.Normal(mean, sd), obs=obs)
-            return pyro.sample("obs", dist.Bernoulli(logits=mean), obs=obs)
+        yt = None if y is None else self._targets(y, xe.shape[0], xe)
+        return moe_model(self, xe, xg, yt, collapsed=collapsed, subsample_size=subsample_size)
 
     def _model_dtype(self, x):
         if self.fitted:
@@ -550,6 +466,43 @@ class MixtureOfExperts:
         self.mcmc = run_nuts(model, self.init_strategy(), num_samples, warmup_steps, num_chains,
                               seed=seed, progress=progress, **nuts_options)
         return self.mcmc
+
+
+def moe_model(spec, xe: torch.Tensor, xg: torch.Tensor, y: torch.Tensor | None, *,
+              collapsed: bool = False, subsample_size: int | None = None):
+    """The Pyro model of :meth:`MixtureOfExperts.model` on checked design matrices (with their
+    intercept columns) and targets (None: generate)."""
+    n, k = xe.shape[0], spec.num_experts
+    loc = xe.new_zeros(())
+    scale = xe.new_tensor(spec.prior_scale)
+    experts = pyro.sample("expert_weights",
+                          dist.Normal(loc, scale).expand([k, xe.shape[1]]).to_event(2))
+    if k > 1:
+        gate = pyro.sample("gate_weights",
+                           dist.Normal(loc, scale).expand([k - 1, xg.shape[1]]).to_event(2))
+        gate = torch.cat([gate, gate.new_zeros(1, xg.shape[1])])
+    else:
+        gate = xg.new_zeros(1, xg.shape[1])
+    noise = None
+    if spec.expert == "linear":
+        size = k if spec.noise == "expert" else 1
+        noise = pyro.sample("noise_scale", dist.HalfNormal(scale).expand([size]).to_event(1))
+    with pyro.plate("data", n, subsample_size=subsample_size) as idx:
+        logits = xg[idx] @ gate.T
+        eta = xe[idx] @ experts.T
+        obs = None if y is None else y[idx]
+        if collapsed:
+            comp = (dist.Normal(eta, noise.expand(k)) if noise is not None
+                    else dist.Bernoulli(logits=eta))
+            return pyro.sample("obs", dist.MixtureSameFamily(dist.Categorical(logits=logits),
+                                                             comp), obs=obs)
+        z = pyro.sample("assignment", dist.Categorical(logits=logits),
+                        infer={"enumerate": "parallel"})
+        mean = Vindex(eta)[torch.arange(eta.shape[0], device=eta.device), z]
+        if noise is not None:
+            sd = Vindex(noise.expand(k))[z]
+            return pyro.sample("obs", dist.Normal(mean, sd), obs=obs)
+        return pyro.sample("obs", dist.Bernoulli(logits=mean), obs=obs)
 
 
 def load_moe(path: str | os.PathLike) -> MixtureOfExperts:

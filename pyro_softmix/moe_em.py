@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 
 import torch
 
+from ._checks import as_tensor
 from .solvers import (
     damped_newton,
     fit_logistic_regression,
@@ -22,7 +24,7 @@ from .solvers import (
     newton_direction,
     weighted_least_squares,
 )
-from .stopping import StoppingRule
+from .stopping import StoppingRule, progress_bar
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -188,6 +190,78 @@ def run_gradient(spec, params, xe, xg, y, max_iter, tol, method, lr, bar):
     with torch.no_grad():
         final = {key: v.detach().clone() for key, v in assemble().items()}
     return final, trace.history, trace.times, trace.converged
+
+
+def check_start(spec, init, xe, xg) -> dict[str, torch.Tensor]:
+    """A user-given start (a fitted MixtureOfExperts or a mapping with ``gate_weights``,
+    ``expert_weights`` and, for linear experts, ``noise_scale``) as internal parameters."""
+    if not isinstance(init, Mapping) and hasattr(init, "expert_weights"):  # a fitted MoE
+        init = {"gate_weights": init.gate_weights, "expert_weights": init.expert_weights,
+                "noise_scale": init.noise_scale}
+    if not isinstance(init, Mapping):
+        raise TypeError("init must be 'auto', 'random', 'kmeans', a fitted "
+                        f"MixtureOfExperts or a mapping, got {type(init).__name__}")
+    k = spec.num_experts
+    shapes = {"gate_weights": (k, xg.shape[1]), "expert_weights": (k, xe.shape[1])}
+    if spec.expert == "linear":
+        shapes["noise_scale"] = (k,)
+    out = {}
+    for name, shape in shapes.items():
+        if init.get(name) is None:
+            raise ValueError(f"init must have key {name!r} with shape {shape}")
+        v = as_tensor(init[name], f"init {name}").to(xe)
+        if name == "gate_weights" and v.shape == (k - 1, shape[1]):
+            v = torch.cat([v, v.new_zeros(1, shape[1])])
+        if name == "noise_scale" and v.numel() == 1:
+            v = v.reshape(1).expand(k)
+        if v.shape != shape:
+            raise ValueError(f"init {name} must have shape {shape}, got {tuple(v.shape)}")
+        if not bool(torch.isfinite(v).all()) or (name == "noise_scale" and
+                                                 bool((v <= 0).any())):
+            raise ValueError(f"init {name} must be finite" +
+                             (" and positive" if name == "noise_scale" else ""))
+        out[name] = v.clone()
+    gate = out["gate_weights"] - out["gate_weights"][-1:]  # same gate, last row 0
+    params = {"gate": gate, "experts": out["expert_weights"]}
+    if spec.expert == "linear":
+        params["scale"] = out["noise_scale"]
+    return params
+
+def public_params(params) -> dict[str, torch.Tensor]:
+    """Internal parameters under the estimator's attribute names."""
+    out = {"gate_weights": params["gate"], "expert_weights": params["experts"]}
+    if "scale" in params:
+        out["noise_scale"] = params["scale"]
+    return out
+
+
+def fit_starts(spec, xe, xg, y, init, num_inits: int, gen: torch.Generator, method: str,
+               max_iter: int, tol: float, m_steps: int, lr: float | None, progress):
+    """Run ``method`` from every start of ``init`` and keep the best objective: returns
+    ``(label, (params, history, times, converged))``."""
+    if isinstance(init, str):
+        if init == "auto":
+            labels = ["kmeans"] + ["random"] * (num_inits - 1)
+        elif init in ("random", "kmeans"):
+            labels = [init] * num_inits
+        else:
+            raise ValueError(f"init must be 'auto', 'random', 'kmeans', a fitted "
+                             f"MixtureOfExperts or a mapping, got {init!r}")
+        starts = [start_params(spec, lab, xe, xg, y, gen) for lab in labels]
+    else:
+        labels, starts = ["given"], [check_start(spec, init, xe, xg)]
+    best = None
+    bar = progress_bar(progress, max_iter * len(starts), f"MoE {method}")
+    for label, start in zip(labels, starts, strict=True):
+        if method == "em":
+            run = run_em(spec, start, xe, xg, y, max_iter, tol, m_steps, bar)
+        else:
+            run = run_gradient(spec, start, xe, xg, y, max_iter, tol, method, lr, bar)
+        if best is None or (math.isfinite(run[1][-1]) and not run[1][-1] <= best[1][1][-1]):
+            best = (label, run)
+    if bar is not None:
+        bar.close()
+    return best
 
 
 class Trace:

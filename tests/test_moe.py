@@ -268,7 +268,7 @@ def test_em_step_is_unit_step_mirror_descent(expert):
         warnings.simplefilter("ignore", ConvergenceWarning)
         moe.fit(data.x, data.y, init=start, max_iter=1, m_steps=200, tol=0)
     xe, xg, y = moe._data(data.x, data.y, None)
-    old = moe._check_start(start, xe, xg)
+    old = moe_em.check_start(moe, start, xe, xg)
     eta_t = _natural(moe, old, xe, xg).detach()
     # A is the log-partition: it vanishes on the model, and its Bregman divergence is the KL.
     assert float(_log_partition(moe, eta_t).abs().max()) < 1e-10
