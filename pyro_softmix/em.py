@@ -2,7 +2,7 @@
 """``fit_em``: maximum-likelihood (or MAP) fit of a softmax mixture by EM on counts.
 
 The steps live in their own modules, in the order the data flow through them: the checks and
-the standardised design (:mod:`~pyro_softmix.engine`'s ``prepare_problem``), the starts
+the standardised design (:mod:`~pyro_softmix.engine`'s ``prepare``), the starts
 (:mod:`~pyro_softmix.warmstart`), the accelerated runs (:mod:`~pyro_softmix.accelerate`), the
 stopping rule and divergence check (:mod:`~pyro_softmix.stopping`) and the result
 (:mod:`~pyro_softmix.results`).
@@ -14,9 +14,9 @@ import time
 import warnings
 from typing import Any
 
-from ._checks import check_positive_float, check_positive_int
+from ._checks import check_positive_float, check_positive_int, check_seed
 from .accelerate import finish
-from .engine import prepare_problem, set_prior
+from .engine import prepare
 from .results import SoftmaxMixtureFit, make_fit
 from .stopping import (
     ConvergenceWarning,
@@ -29,9 +29,12 @@ from .warmstart import check_init, choose_start
 
 __all__ = ["fit_em"]
 
+#: EM iterations at most per run after the race (``fit_em``'s ``max_iter``).
+DEFAULT_MAX_ITER = 1000
+
 
 def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: Any = "auto",
-           num_inits: int | None = None, max_iter: int = 1000, tol: float | None = None,
+           num_inits: int | None = None, max_iter: int = DEFAULT_MAX_ITER, tol: float | None = None,
            device=None, dtype=None, seed=None, progress: bool | None = None,
            chunk_size: int | None = None, groups=None, prior_scale: float | None = None,
            accelerate: bool = True) -> SoftmaxMixtureFit:
@@ -96,19 +99,16 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
         ((2,), (2, 3))
     """
     start_time = time.perf_counter()
-    max_iter = check_positive_int(max_iter, "max_iter")
-    num_inits = check_init(init, num_inits)
-    if not isinstance(accelerate, bool):
-        raise TypeError(f"accelerate must be True or False, got {accelerate!r}")
-    x, design, z, problem, k, dtype, device, labels = prepare_problem(
-        features, counts, tokens, groups, num_components, dtype, device, chunk_size)
-    tol = default_tol(dtype) if tol is None else check_positive_float(tol, "tol", True)
-    prior_scale = set_prior(problem, x, design, prior_scale)
-    starts_z, starts_w, label = choose_start(problem, design, z, k, init, num_inits, max_iter,
-                                              seed, progress, accelerate)
+    if tol is not None:
+        tol = check_positive_float(tol, "tol", allow_zero=True)
+    setup, starts_z, starts_w, label = prepare_fit(
+        features, counts, tokens, groups, num_components=num_components, init=init,
+        num_inits=num_inits, max_iter=max_iter, dtype=dtype, device=device, seed=seed,
+        progress=progress, chunk_size=chunk_size, prior_scale=prior_scale, accelerate=accelerate)
+    tol = default_tol(setup.dtype) if tol is None else tol
     bar = progress_bar(progress, max_iter * starts_z.shape[0], "EM")
     try:
-        run = finish(problem, starts_z, starts_w, max_iter, tol, bar, accelerate)
+        run = finish(setup.problem, starts_z, starts_w, max_iter, tol, bar, accelerate)
     finally:
         if bar is not None:
             bar.close()
@@ -122,8 +122,8 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
         )
     # After EM the workspace holds softmax(z @ atoms_z.T, 0) for the final atoms.
     # Under a prior the objective is coercive: no atom can run off to infinity.
-    diverging = () if prior_scale is not None else find_diverging(norms, history,
-                                                              problem.workspace.q)
+    diverging = () if prior_scale is not None else find_diverging(
+        norms, history, setup.problem.workspace.q)
     if diverging:
         lengths = ", ".join(f"{norms[-1][k]:.3g}" for k in diverging)
         warnings.warn(
@@ -132,6 +132,25 @@ def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: An
             "with a component concentrating on a few support points. This is a spurious optimum "
             "(try other starts, num_inits=) or the MLE is at infinity; refit with prior_scale= "
             "for a MAP estimate", DivergenceWarning, stacklevel=2)
-    return make_fit(problem, design, x, run.state.atoms, run.state.log_weights, history,
-                     run.converged, label, labels, start_time, dtype, device,
-                     float(run.state.loglik[0]), prior_scale, diverging)
+    return make_fit(setup, run.state.atoms, run.state.log_weights, history, run.converged,
+                    label, start_time, float(run.state.loglik[0]), diverging)
+
+
+def prepare_fit(features, counts, tokens, groups, *, num_components, init, num_inits, max_iter,
+                dtype, device, seed, progress, chunk_size, prior_scale=None, accelerate=True):
+    """What every EM fit does before its final runs (:func:`fit_em`, :class:`~pyro_softmix.EM`):
+    check the options and the data, standardise, build the engine, and choose the starts.
+
+    Returns ``(setup, starts_z, starts_w, label)``: the :class:`~pyro_softmix.engine.Setup`,
+    the starts' atoms (S, K, r) and log-weights (S, K), best first, and the start's label.
+    """
+    max_iter = check_positive_int(max_iter, "max_iter")
+    num_inits = check_init(init, num_inits)
+    check_seed(seed)
+    if not isinstance(accelerate, bool):
+        raise TypeError(f"accelerate must be True or False, got {accelerate!r}")
+    setup = prepare(features, counts, tokens, groups, num_components, dtype, device, chunk_size,
+                    prior_scale)
+    starts_z, starts_w, label = choose_start(setup, init, num_inits, max_iter, seed, progress,
+                                             accelerate)
+    return setup, starts_z, starts_w, label

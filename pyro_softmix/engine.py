@@ -37,7 +37,7 @@ from ._logprob import group_log_joint
 from .design import Design, feature_scales, standardize
 from .solvers import Workspace, column_logsumexp, softmax_newton_step
 
-__all__ = ["EMProblem", "EMState", "GroupedEMProblem", "prepare_problem"]
+__all__ = ["EMProblem", "EMState", "GroupedEMProblem", "Setup", "prepare"]
 
 #: Longest Newton step of an atom per EM iteration, in standardised coordinates (a trust region:
 #: a step of length 1 changes a typical logit by about 1).
@@ -241,8 +241,33 @@ def user_start(init: Any, num_components: int, design: Design, z: torch.Tensor):
     return atoms_z, w.log().to(device=z.device, dtype=z.dtype)
 
 
-def prepare_problem(features, counts, tokens, groups, num_components, dtype, device, chunk_size):
-    """Validate the data and build the standardised design and the EM engine."""
+@dataclass
+class Setup:
+    """Everything a fit starts from: the checked features (p, L), their standardised design,
+    the EM engine on it (whose ``z`` and ``num_components`` it reads), the computation's dtype
+    and device, the group ids (grouped data) and the prior's scale (MAP fits)."""
+
+    features: torch.Tensor
+    design: Design
+    problem: EMProblem
+    dtype: torch.dtype
+    device: torch.device
+    group_labels: torch.Tensor | None = None
+    prior_scale: float | None = None
+
+    @property
+    def z(self) -> torch.Tensor:
+        return self.problem.z
+
+    @property
+    def num_components(self) -> int:
+        return self.problem.num_components
+
+
+def prepare(features, counts, tokens, groups, num_components, dtype, device, chunk_size,
+            prior_scale: float | None = None) -> Setup:
+    """Validate the data, build the standardised design and the EM engine (a MAP engine under
+    the atoms' prior when ``prior_scale`` is given, see :func:`set_prior`)."""
     x = check_features(features)
     p = x.shape[0]
     k = check_num_components(num_components, p)
@@ -263,7 +288,9 @@ def prepare_problem(features, counts, tokens, groups, num_components, dtype, dev
     else:
         gi, pi, values, labels = grouped
         problem = GroupedEMProblem(z, gi, pi, values, int(labels.shape[0]), k, chunk_size)
-    return x, design, z, problem, k, dtype, device, labels
+    setup = Setup(x, design, problem, dtype, device, labels)
+    setup.prior_scale = set_prior(problem, x, design, prior_scale)
+    return setup
 
 
 def set_prior(problem: EMProblem, x: torch.Tensor, design: Design,

@@ -32,10 +32,10 @@ from pyro.infer.autoguide import (
 
 from ._checks import check_positive_float, check_positive_int, seed_global
 from .accelerate import finish
-from .engine import prepare_problem
+from .em import DEFAULT_MAX_ITER, prepare_fit
 from .results import SoftmaxMixtureFit, make_fit
 from .stopping import StoppingRule, default_tol, progress_bar
-from .warmstart import check_init, choose_start
+from .warmstart import check_init
 
 __all__ = ["EM", "em_initial_params", "init_to_em"]
 
@@ -206,27 +206,27 @@ class EM:
     def _setup(self, tokens, counts, groups):
         o = self._options
         start = time.perf_counter()
-        x, design, z, problem, k, dtype, device, labels = prepare_problem(
-            self.mixture.features, counts, tokens, groups, self.mixture.num_components,
-            o["dtype"], o["device"], o["chunk_size"])
-        tol = default_tol(dtype) if o["tol"] is None else o["tol"]
         init = o["init"] if self._state is None else self.fit  # new data: continue from here
-        atoms_z, log_w, label = choose_start(problem, design, z, k, init, o["num_inits"], 1000,
-                                              o["seed"], False)
+        setup, atoms_z, log_w, label = prepare_fit(
+            self.mixture.features, counts, tokens, groups,
+            num_components=self.mixture.num_components, init=init, num_inits=o["num_inits"],
+            max_iter=DEFAULT_MAX_ITER, dtype=o["dtype"], device=o["device"], seed=o["seed"],
+            progress=False, chunk_size=o["chunk_size"])
+        tol = default_tol(setup.dtype) if o["tol"] is None else o["tol"]
         if atoms_z.shape[0] > 1:  # a race left several survivors: keep the best after EM
-            em = finish(problem, atoms_z, log_w, 1000, tol).state
+            em = finish(setup.problem, atoms_z, log_w, DEFAULT_MAX_ITER, tol).state
         else:
-            em = problem.start(atoms_z[0], log_w[0])
-        self._state = dict(x=x, design=design, problem=problem, em=em, label=label,
-                           labels=labels, tol=tol, dtype=dtype, device=device, start=start)
+            em = setup.problem.start(atoms_z[0], log_w[0])
+        self._state = dict(setup=setup, em=em, label=label, tol=tol, start=start)
         self.history = [float(em.loglik[0])]
         self.gains = []
         self._write_guide(tokens, counts, groups)
 
     def _write_guide(self, tokens, counts, groups):
         s = self._state
-        atoms = s["design"].atoms_from_z(s["em"].atoms.to(torch.float64).to(
-            s["design"].to_atoms.device))
+        design = s["setup"].design
+        atoms = design.atoms_from_z(s["em"].atoms.to(torch.float64).to(
+            design.to_atoms.device))
         values = {"weights": s["em"].log_weights.exp(), "atoms": atoms}
         if self.guide is None:
             model = poutine.block(self.mixture.model, hide=["assignment"])
@@ -257,7 +257,7 @@ class EM:
         """
         self._ensure_setup(tokens, counts, groups)
         s = self._state
-        s["em"], gain = s["problem"].iterate(s["em"])
+        s["em"], gain = s["setup"].problem.iterate(s["em"])
         loglik, gain = torch.cat([s["em"].loglik, gain]).tolist()
         self.history.append(loglik)
         self.gains.append(gain)
@@ -286,6 +286,5 @@ class EM:
         if self._state is None:
             raise RuntimeError("EM has not been stepped yet: call step(...) first")
         s = self._state
-        return make_fit(s["problem"], s["design"], s["x"], s["em"].atoms, s["em"].log_weights,
-                         list(self.history), self.converged, s["label"], s["labels"],
-                         s["start"], s["dtype"], s["device"])
+        return make_fit(s["setup"], s["em"].atoms, s["em"].log_weights, list(self.history),
+                        self.converged, s["label"], s["start"])

@@ -25,98 +25,15 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.ops.indexing import Vindex
-from torch.distributions import constraints
 
 from ._checks import as_tensor, check_counts, check_features, check_groups, check_num_components
-from ._logprob import component_log_probs, log_weights, mixture_log_probs
+from ._logprob import component_log_probs
 from .design import feature_scales
+from .distributions import MixtureCounts
 
 __all__ = ["MixtureCounts", "collapsed_model", "default_atoms_prior", "enumerated_model",
            "pad_groups"]
-
-
-class MixtureCounts(TorchDistribution):
-    r"""Likelihood of a count vector (or of G count vectors) under a softmax mixture.
-
-    Ungrouped (``grouped=False``): counts n (..., p) with
-    :math:`\log p(n) = \sum_j n_j \log \pi_j`, :math:`\pi = \sum_k w_k q_k`.
-    Grouped: each of G count vectors comes from one component,
-    :math:`\log p(n_g) = \log \sum_k w_k \prod_j q_k(j)^{n_{gj}}`.
-
-    The multinomial coefficient is left out (it does not depend on the parameters), so the value
-    equals the marginal log-likelihood of the underlying draws and matches
-    :func:`enumerated_model` exactly. :meth:`sample` draws multinomial counts with
-    ``total_count`` draws (rounded to an integer).
-
-    Args:
-        component_logits: (K, p) normalised log q_k(j) (leading batch dims allowed: (..., K, p)).
-        weights: (..., K) mixture weights.
-        total_count: N (ungrouped) or (G,) draws per group (grouped).
-        grouped: see above.
-    """
-
-    arg_constraints: dict = {}
-    support = constraints.independent(constraints.nonnegative, 1)
-
-    def __init__(self, component_logits: torch.Tensor, weights: torch.Tensor, total_count,
-                 grouped: bool = False, validate_args=None):
-        self.component_logits = component_logits
-        self.weights = weights
-        self.grouped = grouped
-        self.total_count = torch.as_tensor(total_count, dtype=component_logits.dtype,
-                                           device=component_logits.device)
-        p = component_logits.shape[-1]
-        batch = torch.broadcast_shapes(component_logits.shape[:-2], weights.shape[:-1])
-        if grouped:
-            batch = torch.broadcast_shapes(batch + (1,), self.total_count.shape)
-        super().__init__(batch, torch.Size([p]), validate_args=validate_args)
-
-    def _log_weights(self):
-        return log_weights(self.weights)
-
-    def mixture_logits(self) -> torch.Tensor:
-        """(..., p) log pi_j."""
-        return mixture_log_probs(self.component_logits, self.weights)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        if not self.grouped:
-            return (value * self.mixture_logits()).sum(-1)
-        # (..., G, p) x (..., K, p) -> (..., G, K)
-        per_comp = value @ self.component_logits.transpose(-1, -2)
-        return torch.logsumexp(per_comp + self._log_weights()[..., None, :], -1)
-
-    def sample(self, sample_shape=()):
-        shape = torch.Size(sample_shape) + self.batch_shape
-        with torch.no_grad():
-            if self.grouped:
-                k = dist.Categorical(self.weights[..., None, :].expand(shape + self.weights.shape[-1:])
-                                     ).sample()
-                logits = Vindex(self.component_logits.unsqueeze(-3))[..., k, :]
-            else:
-                logits = self.mixture_logits().expand(shape + self.event_shape)
-            total = self.total_count.expand(shape).round().long()
-            out = torch.zeros(shape + self.event_shape, dtype=logits.dtype, device=logits.device)
-            flat_logits = logits.reshape(-1, logits.shape[-1])
-            flat_out = out.reshape(-1, out.shape[-1])
-            for i, n in enumerate(total.reshape(-1).tolist()):
-                draws = torch.multinomial(flat_logits[i].softmax(-1), int(n), replacement=True)
-                flat_out[i] = torch.bincount(draws, minlength=out.shape[-1]).to(out.dtype)
-            return flat_out.reshape(out.shape)
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(MixtureCounts, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new.component_logits = self.component_logits
-        new.weights = self.weights
-        new.grouped = self.grouped
-        new.total_count = self.total_count.expand(batch_shape) if self.grouped else self.total_count
-        super(MixtureCounts, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 from ._checks import check_features
 from ._logprob import component_log_probs, mixture_log_probs, posterior
-from .engine import GroupedEMProblem
+from .engine import GroupedEMProblem, Setup
 
 __all__ = ["SoftmaxMixtureFit", "load_fit"]
 
@@ -237,21 +237,25 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
     )
 
 
-def make_fit(problem, design, x, atoms_z, log_w, history, converged, label, labels,
-              start_time, dtype, device, loglik=None, prior_scale=None, diverging=()
-              ) -> SoftmaxMixtureFit:
+def make_fit(setup: Setup, atoms_z: torch.Tensor, log_w: torch.Tensor, history: list[float],
+             converged: bool, label: str, start_time: float, loglik: float | None = None,
+             diverging=()) -> SoftmaxMixtureFit:
+    """The fit at standardised atoms (K, r) and log-weights (K,), reported in the features'
+    coordinates, dtype and device."""
+    design, dtype, device = setup.design, setup.dtype, setup.device
     atoms = design.atoms_from_z(atoms_z.to(torch.float64).to(design.to_atoms.device))
     group_resp = None
-    if isinstance(problem, GroupedEMProblem):
-        group_resp = problem.responsibilities(atoms_z, log_w).to(device=device, dtype=dtype)
+    if isinstance(setup.problem, GroupedEMProblem):
+        group_resp = setup.problem.responsibilities(atoms_z, log_w).to(device=device, dtype=dtype)
+    labels = setup.group_labels
     return SoftmaxMixtureFit(
         weights=log_w.exp().to(device=device, dtype=dtype),
         atoms=atoms.to(device=device, dtype=dtype),
         loglik=history[-1] if loglik is None else loglik, n_iter=len(history) - 1,
         converged=converged, history=history,
-        num_obs=problem.total, num_points=x.shape[0], rank=design.rank, init=label,
-        seconds=time.perf_counter() - start_time, features=x,
+        num_obs=setup.problem.total, num_points=setup.features.shape[0], rank=design.rank,
+        init=label, seconds=time.perf_counter() - start_time, features=setup.features,
         num_groups=None if labels is None else int(labels.shape[0]),
-        group_labels=labels, group_responsibilities=group_resp, prior_scale=prior_scale,
-        diverging=tuple(diverging),
+        group_labels=labels, group_responsibilities=group_resp,
+        prior_scale=setup.prior_scale, diverging=tuple(diverging),
     )

@@ -28,7 +28,7 @@ import torch
 
 from ._checks import check_positive_int, make_generator
 from .accelerate import NEWTON_SWITCH, squarem_cycle
-from .engine import EMProblem, prepare_problem, set_prior, user_start
+from .engine import EMProblem, Setup, prepare, user_start
 from .moments import LatentMoments, standardised_moments
 from .solvers import fit_softmax_regression
 from .stopping import StoppingRule, progress_bar
@@ -306,14 +306,14 @@ def warm_start(features, counts=None, tokens=None, num_components: int = 3, meth
         raise ValueError(f"method must be one of {WARM_START_METHODS}, got {method!r}")
     if method != "auto" and (num_inits is not None or prior_scale is not None):
         raise ValueError(f"num_inits and prior_scale apply to method='auto' only, not {method!r}")
-    x, design, z, problem, k, dtype, device, _ = prepare_problem(
-        features, counts, tokens, None, num_components, dtype, device, None)
+    if num_inits is not None:
+        num_inits = check_positive_int(num_inits, "num_inits")
+    setup = prepare(features, counts, tokens, None, num_components, dtype, device, None,
+                    prior_scale)
+    problem, design, z, k = setup.problem, setup.design, setup.z, setup.num_components
     mom = standardised_moments(z, problem.counts64, design)
     gen = make_generator(seed)
     if method == "auto":
-        if num_inits is not None:
-            num_inits = check_positive_int(num_inits, "num_inits")
-        set_prior(problem, x, design, prior_scale)
         atoms_z, log_w, _ = auto_start(problem, mom, k, num_inits, gen)
         weights = log_w[0].exp().double().cpu()  # the race's leader
         atoms_z = atoms_z[0].double().cpu()
@@ -321,9 +321,9 @@ def warm_start(features, counts=None, tokens=None, num_components: int = 3, meth
         weights, atoms_z = moment_start(mom, k, method, gen)
     atoms = design.atoms_from_z(atoms_z.to(design.to_atoms.device))
     loglik = float(problem.start(atoms_z.to(z), weights.log().to(z)).loglik[0])
-    return WarmStart(weights=weights.to(device=device, dtype=dtype),
-                     atoms=atoms.to(device=device, dtype=dtype), method=method,
-                     atoms_z=atoms_z.to(device=device, dtype=dtype), loglik=loglik)
+    like = dict(device=setup.device, dtype=setup.dtype)
+    return WarmStart(weights=weights.to(**like), atoms=atoms.to(**like), method=method,
+                     atoms_z=atoms_z.to(**like), loglik=loglik)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,10 +500,11 @@ def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
             bar.close()
 
 
-def choose_start(problem, design, z, k, init, num_inits, max_iter, seed, progress,
-                  accelerate: bool = True):
+def choose_start(setup: Setup, init, num_inits, max_iter, seed, progress,
+                 accelerate: bool = True):
     """(atoms_z (S, K, r), log_weights (S, K), label): the starts of the final EM runs, best
     first (S > 1 only when a race left several survivors)."""
+    problem, design, z, k = setup.problem, setup.design, setup.z, setup.num_components
     if not isinstance(init, str):
         atoms_z, log_w = user_start(init, k, design, z)
         return atoms_z[None], log_w[None], "given"
