@@ -8,14 +8,44 @@ argument when the input is unusable.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 ArrayLike = torch.Tensor | np.ndarray
+
+
+def keyword_options(fn: Callable) -> Callable:
+    """Decorator: the data go by position, every option by keyword.
+
+    A call with more positional arguments than the function's positional parameters raises a
+    ``TypeError`` that names the keyword each extra argument must be passed as (the
+    keyword-only parameters, in order of the signature).
+    """
+    params = inspect.signature(fn).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.kind in kinds]
+    options = [p.name for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    data = ", ".join(n for n in names if n != "self")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if len(args) > len(names):
+            extra = args[len(names):]
+            named = [f"{key}={value!r}" for key, value in zip(options, extra, strict=False)]
+            if len(extra) > len(options):
+                named.append("the rest by name" if named else "each by its name")
+            raise TypeError(f"{fn.__qualname__}() takes {data} by position and its options by "
+                            f"keyword only: got {len(extra)} more positional argument(s); pass "
+                            + ", ".join(named))
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ import time
 import warnings
 from typing import Any
 
-from ._checks import check_positive_float, check_positive_int, check_seed
+from ._checks import check_positive_float, check_positive_int, check_seed, keyword_options
 from .accelerate import finish
 from .engine import prepare
 from .results import SoftmaxMixtureFit, make_fit
@@ -33,11 +33,12 @@ __all__ = ["fit_em"]
 DEFAULT_MAX_ITER = 1000
 
 
-def fit_em(features, counts=None, tokens=None, num_components: int = 3, init: Any = "auto",
-           num_inits: int | None = None, max_iter: int = DEFAULT_MAX_ITER, tol: float | None = None,
-           device=None, dtype=None, seed=None, progress: bool | None = None,
-           chunk_size: int | None = None, groups=None, prior_scale: float | None = None,
-           accelerate: bool = True) -> SoftmaxMixtureFit:
+@keyword_options
+def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init: Any = "auto",
+           num_inits: int | None = None, max_iter: int = DEFAULT_MAX_ITER,
+           tol: float | None = None, device=None, dtype=None, seed=None,
+           progress: bool | None = None, chunk_size: int | None = None, groups=None,
+           prior_scale: float | None = None, accelerate: bool = True) -> SoftmaxMixtureFit:
     """Maximum-likelihood (or MAP) fit of a softmax mixture by EM on counts.
 
     The model: P(Y = j) = sum_k alpha_k softmax(X theta_k)_j for support points j = 0..p-1.

@@ -17,6 +17,7 @@ from ._checks import (
     check_features,
     check_num_components,
     check_positive_float,
+    keyword_options,
 )
 from ._logprob import component_log_probs, log_weights
 from .em import fit_em
@@ -173,6 +174,7 @@ class SoftmaxMixtureModel:
         return bound
 
     # -- inference -------------------------------------------------------------------------
+    @keyword_options
     def fit_em(self, tokens=None, counts=None, groups=None, **options) -> SoftmaxMixtureFit:
         """Maximum-likelihood fit by EM (:func:`~pyro_softmix.fit_em`); stored as :attr:`em_fit`.
 
@@ -193,6 +195,7 @@ class SoftmaxMixtureModel:
             return init_to_em(self.em_fit)
         return init_to_em(init)
 
+    @keyword_options
     def fit_svi(self, tokens=None, counts=None, groups=None, *, init: Any = "em",
                 guide: str | AutoGuide = "normal", num_steps: int = 1000, lr: float = 0.01,
                 collapsed: bool = True, subsample_size: int | None = None,
@@ -226,6 +229,7 @@ class SoftmaxMixtureModel:
         self.svi_seconds = time.perf_counter() - start
         return losses
 
+    @keyword_options
     def fit_mcmc(self, tokens=None, counts=None, groups=None, *, init: Any = "em",
                  num_samples: int = 500, warmup_steps: int = 500, num_chains: int = 1,
                  collapsed: bool = True, seed=None, progress: bool | None = None,

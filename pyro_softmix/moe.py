@@ -41,6 +41,7 @@ from ._checks import (
     as_tensor,
     check_positive_float,
     check_positive_int,
+    keyword_options,
     make_generator,
     resolve_dtype,
 )
@@ -232,6 +233,7 @@ class MixtureOfExperts:
     # -- EM --------------------------------------------------------------------------------
     # -- gradient baselines ----------------------------------------------------------------
     # -- fitting ---------------------------------------------------------------------------
+    @keyword_options
     def fit(self, x, y, gate_x=None, *, method: str = "em", init: Any = "auto",
             num_inits: int = 4, max_iter: int | None = None, tol: float | None = None,
             m_steps: int = 1, lr: float | None = None, seed=None, dtype=None, device=None,
@@ -436,6 +438,7 @@ class MixtureOfExperts:
             return self.model(x, y, gate_x, collapsed=collapsed, subsample_size=subsample_size)
         return bound
 
+    @keyword_options
     def fit_svi(self, x, y, gate_x=None, *, guide: str = "normal", num_steps: int = 1000,
                 lr: float = 0.01, collapsed: bool = True, subsample_size: int | None = None,
                 init_scale: float = 0.01, seed=None, progress: bool | None = None
@@ -454,6 +457,7 @@ class MixtureOfExperts:
                                                seed=seed, progress=progress)
         return self.svi_losses
 
+    @keyword_options
     def fit_mcmc(self, x, y, gate_x=None, *, num_samples: int = 500, warmup_steps: int = 500,
                  num_chains: int = 1, collapsed: bool = True, seed=None,
                  progress: bool | None = None, **nuts_options):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import check_positive_int, make_generator
+from ._checks import check_positive_int, keyword_options, make_generator
 from .accelerate import NEWTON_SWITCH, squarem_cycle
 from .engine import EMProblem, Setup, prepare, user_start
 from .moments import LatentMoments, standardised_moments
@@ -271,9 +271,10 @@ def moment_start(mom: LatentMoments, k: int, method: str, gen: torch.Generator
     return torch.full((k,), 1.0 / k, dtype=torch.float64), atoms
 
 
-def warm_start(features, counts=None, tokens=None, num_components: int = 3, method: str = "auto",
-               *, seed=None, dtype=None, device=None, num_inits: int | None = None,
-               prior_scale: float | None = None) -> WarmStart:
+@keyword_options
+def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
+               method: str = "auto", seed=None, dtype=None, device=None,
+               num_inits: int | None = None, prior_scale: float | None = None) -> WarmStart:
     """A starting point for EM from the latent moments of the counts.
 
     Args:
