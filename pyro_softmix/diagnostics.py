@@ -60,7 +60,11 @@ def relabel_samples(samples: Mapping[str, Any], reference, *, return_permutation
             (``new[..., k, :] = old[..., perm[k], :]``).
 
     Example:
-        >>> aligned = relabel_samples(mcmc.get_samples(), fit)  # doctest: +SKIP
+        >>> import torch
+        >>> ref = torch.tensor([[0.0, 1.0], [3.0, 0.0]])
+        >>> draws = {"atoms": ref[[1, 0]].expand(4, 2, 2), "weights": torch.tensor([0.7, 0.3]).expand(4, 2)}
+        >>> relabel_samples(draws, ref)["weights"][0]
+        tensor([0.3000, 0.7000])
     """
     if "atoms" not in samples:
         raise ValueError("samples must contain 'atoms' (..., K, L)")

@@ -96,8 +96,8 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
         >>> data = psm.simulate(num_points=500, num_features=3, num_components=2,
         ...                     num_obs=20_000, seed=0)
         >>> fit = psm.fit_em(data.features, counts=data.counts, num_components=2, seed=0)
-        >>> fit.weights.shape, fit.atoms.shape
-        ((2,), (2, 3))
+        >>> tuple(fit.weights.shape), tuple(fit.atoms.shape), fit.converged
+        ((2,), (2, 3), True)
     """
     start_time = time.perf_counter()
     if tol is not None:

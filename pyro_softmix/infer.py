@@ -77,7 +77,17 @@ def init_to_em(fit, *, fallback=init_to_median):
         fallback: strategy for the other sites (default ``init_to_median``).
 
     Example:
-        >>> kernel = NUTS(sm.model, init_strategy=init_to_em(fit))  # doctest: +SKIP
+        >>> import pyro_softmix as psm
+        >>> data = psm.simulate(num_points=100, num_features=2, num_components=2,
+        ...                     num_obs=2000, seed=0)
+        >>> sm = psm.SoftmaxMixtureModel(data.features, num_components=2)
+        >>> fit = sm.fit_em(counts=data.counts, seed=0)
+        >>> kernel = NUTS(sm.model, init_strategy=init_to_em(fit))
+        >>> guide = AutoNormal(sm.model, init_loc_fn=init_to_em(fit))
+        >>> _ = guide(counts=data.counts)  # sets the guide up, at the EM fit
+        >>> median = guide.median()
+        >>> bool(torch.allclose(median["atoms"], fit.atoms, atol=1e-5))
+        True
     """
     return functools.partial(_init_to_em, values=_em_values(fit), fallback=fallback)
 

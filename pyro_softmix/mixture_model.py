@@ -51,12 +51,15 @@ class SoftmaxMixtureModel:
         dtype: float dtype of the model (default: the features' dtype if float64/float32).
 
     Example:
-        >>> data = psm.simulate(num_points=500, num_features=4, num_components=3,
-        ...                     num_obs=20_000, seed=0)                 # doctest: +SKIP
-        >>> sm = psm.SoftmaxMixtureModel(data.features, num_components=3)
-        >>> fit = sm.fit_em(counts=data.counts)                         # point estimate
-        >>> mcmc = sm.fit_mcmc(num_samples=200, warmup_steps=200)       # NUTS from EM
+        >>> import pyro_softmix as psm
+        >>> data = psm.simulate(num_points=200, num_features=2, num_components=2,
+        ...                     num_obs=500, seed=0)
+        >>> sm = psm.SoftmaxMixtureModel(data.features, num_components=2)
+        >>> fit = sm.fit_em(counts=data.counts, seed=0)                 # point estimate
+        >>> mcmc = sm.fit_mcmc(num_samples=30, warmup_steps=30, seed=0) # NUTS from EM
         >>> idata = sm.to_arviz()                                       # ArviZ diagnostics
+        >>> sorted(idata.posterior.data_vars)
+        ['atoms', 'weights']
     """
 
     def __init__(self, features, num_components: int, *, concentration: float = 1.0,

@@ -208,9 +208,13 @@ def enumerated_model(features, num_components: int, tokens=None, *, groups=None,
     Example:
         >>> x = torch.randn(50, 2)
         >>> elbo = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)
-        >>> def model(): enumerated_model(x, 2, torch.tensor([0, 3, 3]))
-        >>> def guide(): pass
-        >>> loss = elbo.loss(model, guide)  # doctest: +SKIP
+        >>> def model():
+        ...     enumerated_model(x, 2, torch.tensor([0, 3, 3]), weights=torch.tensor([0.4, 0.6]),
+        ...                      atoms=torch.zeros(2, 2))
+        >>> def guide():
+        ...     pass
+        >>> round(-elbo.loss(model, guide) / 3, 4) == round(-math.log(50), 4)  # uniform over 50
+        True
     """
     features = check_features(features) if validate else features
     k = check_num_components(num_components, features.shape[0]) if validate else num_components

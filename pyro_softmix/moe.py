@@ -153,9 +153,11 @@ class MixtureOfExperts:
         n_iter, converged, seconds, method, init: how the fit went.
 
     Example:
-        >>> data = simulate_moe(num_obs=2000, num_experts=3, seed=0)       # doctest: +SKIP
-        >>> moe = MixtureOfExperts(3).fit(data.x, data.y, seed=0)
-        >>> moe.predict(data.x[:5]), moe.bic
+        >>> import pyro_softmix as psm
+        >>> data = psm.simulate_moe(num_obs=2000, num_experts=3, seed=0)
+        >>> moe = psm.MixtureOfExperts(3).fit(data.x, data.y, seed=0)
+        >>> tuple(moe.predict(data.x[:5]).shape), moe.converged
+        ((5,), True)
     """
 
     def __init__(self, num_experts: int, expert: str = "linear", *, noise: str = "expert",
@@ -263,7 +265,11 @@ class MixtureOfExperts:
             warn: warn (``ConvergenceWarning``) when ``max_iter`` is reached.
 
         Example:
-            >>> moe = MixtureOfExperts(2, "logistic").fit(x, y, seed=0)   # doctest: +SKIP
+            >>> import pyro_softmix as psm
+            >>> data = psm.simulate_moe(num_obs=1000, num_experts=2, expert="logistic", seed=1)
+            >>> moe = MixtureOfExperts(2, "logistic").fit(data.x, data.y, seed=0)
+            >>> tuple(moe.predict_proba(data.x[:3]).shape)
+            (3, 2)
         """
         begin = time.perf_counter()
         if method not in METHODS:

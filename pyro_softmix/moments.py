@@ -157,7 +157,7 @@ def latent_moments(features, counts=None, tokens=None, *, design: Design | None 
         >>> import pyro_softmix as psm
         >>> data = psm.simulate(num_points=20_000, num_features=3, num_components=2, seed=0)
         >>> mom = psm.latent_moments(data.features, data.counts)
-        >>> mom.m1.shape, mom.m2.shape, mom.along(mom.m1, 3).shape
+        >>> tuple(mom.m1.shape), tuple(mom.m2.shape), tuple(mom.along(mom.m1, 3).shape)
         ((3,), (3, 3), (4,))
     """
     x = check_features(features)

@@ -215,7 +215,16 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
     """Load a fit written by :meth:`SoftmaxMixtureFit.save` (no pickle involved).
 
     Example:
-        >>> fit.save("fit.npz"); again = load_fit("fit.npz")  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> import pyro_softmix as psm
+        >>> data = psm.simulate(num_points=200, num_features=2, num_components=2,
+        ...                     num_obs=5000, seed=0)
+        >>> fit = psm.fit_em(data.features, counts=data.counts, num_components=2, seed=0)
+        >>> path = os.path.join(tempfile.mkdtemp(), "fit.npz")
+        >>> fit.save(path)
+        >>> again = psm.load_fit(path)
+        >>> bool((again.atoms == fit.atoms).all()), again.loglik == fit.loglik
+        (True, True)
     """
     meta, data = read_npz(path, FIT_FORMAT, "fit")
     dev = torch.device(device) if device is not None else torch.device("cpu")

@@ -237,7 +237,7 @@ def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms
         >>> z = torch.randn(50, 2, dtype=torch.float64)
         >>> w = torch.rand(50, 3, dtype=torch.float64)
         >>> t, lg, info = softmax_regression_step(z, w, torch.zeros(3, 2, dtype=torch.float64))
-        >>> t.shape, lg.shape, bool((info.step > 0).all())
+        >>> tuple(t.shape), tuple(lg.shape), bool((info.step > 0).all())
         ((3, 2), (50, 3), True)
     """
     if logits is None:

@@ -300,7 +300,7 @@ def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
         >>> data = psm.simulate(num_points=5000, num_features=4, num_components=2, seed=0)
         >>> start = psm.warm_start(data.features, data.counts, num_components=2,
         ...                        method="tensor", seed=0)
-        >>> start.weights.shape, start.atoms.shape
+        >>> tuple(start.weights.shape), tuple(start.atoms.shape)
         ((2,), (2, 4))
     """
     if not isinstance(method, str) or method not in WARM_START_METHODS:
