@@ -195,18 +195,11 @@ class MixtureOfExperts:
     def fitted(self) -> bool:
         return self.expert_weights is not None
 
-    def _design(self, x, gate_x, dtype=None, device=None, *, new_fit: bool = False):
-        """Expert and gate design matrices (see :func:`_design_matrices`)."""
-        return _design_matrices(self, x, gate_x, dtype, device, new_fit)
-
-    def _targets(self, y, n: int, like: torch.Tensor) -> torch.Tensor:
-        return _check_targets(self.expert, y, n, like)
-
     def _data(self, x, y, gate_x, dtype=None, device=None, *, new_fit: bool = False):
-        xe, xg = self._design(x, gate_x, dtype, device, new_fit=new_fit)
+        xe, xg = _design_matrices(self, x, gate_x, dtype, device, new_fit)
         if xe.shape[0] < 2:
             raise ValueError(f"x must have at least 2 rows (observations), got {xe.shape[0]}")
-        return xe, xg, self._targets(y, xe.shape[0], xe)
+        return xe, xg, _check_targets(self.expert, y, xe.shape[0], xe)
 
     # -- parameters ------------------------------------------------------------------------
     def _params(self) -> dict[str, torch.Tensor]:
@@ -231,9 +224,6 @@ class MixtureOfExperts:
         xe, xg, yt = self._data(x, y, gate_x, dtype, new_fit=True)
         return public_params(start_params(self, init, xe, xg, yt, make_generator(seed)))
 
-    # -- likelihood ------------------------------------------------------------------------
-    # -- EM --------------------------------------------------------------------------------
-    # -- gradient baselines ----------------------------------------------------------------
     # -- fitting ---------------------------------------------------------------------------
     @keyword_options
     def fit(self, x, y, gate_x=None, *, method: str = "em", init: Any = "auto",
@@ -310,12 +300,12 @@ class MixtureOfExperts:
     # -- using a fit -----------------------------------------------------------------------
     def gate_probs(self, x, gate_x=None) -> torch.Tensor:
         """(n, K) gate probabilities P(z = k | x)."""
-        _, xg = self._design(x, gate_x)
+        _, xg = _design_matrices(self, x, gate_x)
         return torch.softmax(xg @ self._params()["gate"].T, 1)
 
     def expert_predictions(self, x, gate_x=None) -> torch.Tensor:
         """(n, K) each expert's mean (linear) or P(y = 1) (logistic)."""
-        xe, _ = self._design(x, gate_x)
+        xe, _ = _design_matrices(self, x, gate_x)
         eta = xe @ self._params()["experts"].T
         return eta if self.expert == "linear" else torch.sigmoid(eta)
 
@@ -327,7 +317,7 @@ class MixtureOfExperts:
         if self.expert != "logistic":
             raise ValueError("predict_proba needs logistic experts; for linear experts use "
                              "predict (the mean), log_prob, or predict_proba(gate=True)")
-        xe, xg = self._design(x, gate_x)
+        xe, xg = _design_matrices(self, x, gate_x)
         p = self._params()
         p1 = (torch.softmax(xg @ p["gate"].T, 1) * torch.sigmoid(xe @ p["experts"].T)).sum(1)
         return torch.stack([1 - p1, p1], 1)
@@ -336,7 +326,7 @@ class MixtureOfExperts:
         """(n,) mixture mean E[y | x] (linear experts) or the more probable label (logistic)."""
         if self.expert == "logistic":
             return (self.predict_proba(x, gate_x)[:, 1] > 0.5).long()
-        xe, xg = self._design(x, gate_x)
+        xe, xg = _design_matrices(self, x, gate_x)
         p = self._params()
         return (torch.softmax(xg @ p["gate"].T, 1) * (xe @ p["experts"].T)).sum(1)
 
@@ -412,8 +402,8 @@ class MixtureOfExperts:
         ``obs``. With ``collapsed=True`` the assignment is summed out inside ``obs``
         (``MixtureSameFamily``): no discrete site, the fast choice for NUTS.
         """
-        xe, xg = self._design(x, gate_x, dtype=self._model_dtype(x))
-        yt = None if y is None else self._targets(y, xe.shape[0], xe)
+        xe, xg = _design_matrices(self, x, gate_x, self._model_dtype(x))
+        yt = None if y is None else _check_targets(self.expert, y, xe.shape[0], xe)
         return moe_model(self, xe, xg, yt, collapsed=collapsed, subsample_size=subsample_size)
 
     def _model_dtype(self, x):
