@@ -60,15 +60,17 @@ class LatentMoments:
     """
 
     def __init__(self, m1: torch.Tensor, m2: torch.Tensor | None, design: Design,
-                 z: torch.Tensor, pihat: torch.Tensor):
+                 z: torch.Tensor, pihat: torch.Tensor, chunk_size: int | None = None):
         self.m1, self._m2, self.design, self.z, self.pihat = m1, m2, design, z, pihat
+        #: Rows per chunk of the passes over the support points (None: the device's budget).
+        self.chunk_size = chunk_size
         #: Eigendecomposition of M2 (float64, CPU), computed once on first use by the starts.
         self._m2_eigh: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def m2(self) -> torch.Tensor:
         if self._m2 is None:
-            m2 = weighted_gram(self.z, self.pihat[:, None])[0]  # chunked: no (p, r) temporary
+            m2 = weighted_gram(self.z, self.pihat[:, None], self.chunk_size)[0]  # no (p, r) temporary
             eye = torch.eye(self.z.shape[1], dtype=self.z.dtype, device=self.z.device)
             self._m2 = 0.5 * (m2 + m2.T) - eye
         return self._m2
@@ -170,8 +172,10 @@ def latent_moments(features, counts=None, tokens=None, *, design: Design | None 
     return standardised_moments(z, n.to(device=device, dtype=torch.float64), design)
 
 
-def standardised_moments(z: torch.Tensor, counts: torch.Tensor, design: Design) -> LatentMoments:
+def standardised_moments(z: torch.Tensor, counts: torch.Tensor, design: Design,
+                         chunk_size: int | None = None) -> LatentMoments:
     """M1 (and M2 when first read) from standardised features z (p, r) and float64 counts (p,)
     on z's device."""
     pihat = (counts / counts.sum()).to(z.dtype)
-    return LatentMoments(m1=pihat @ z, m2=None, design=design, z=z, pihat=pihat)
+    return LatentMoments(m1=pihat @ z, m2=None, design=design, z=z, pihat=pihat,
+                         chunk_size=chunk_size)

@@ -332,7 +332,8 @@ def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
 # ----------------------------------------------------------------------------------------------
 def _tilted_centre(mom: LatentMoments) -> torch.Tensor:
     """The one-component MLE t_1 (r,): the tilt whose softmax mean matches M1 on this design."""
-    res = fit_softmax_regression(mom.z, mom.pihat[:, None], max_steps=50)
+    res = fit_softmax_regression(mom.z, mom.pihat[:, None], max_steps=50,
+                                 chunk_size=mom.chunk_size)
     return res.atoms[0]
 
 
@@ -510,7 +511,7 @@ def choose_start(setup: Setup, init, num_inits, max_iter, seed, progress,
         atoms_z, log_w = user_start(init, k, design, z)
         return atoms_z[None], log_w[None], "given"
     gen = make_generator(seed)
-    mom = standardised_moments(z, problem.counts64, design)
+    mom = standardised_moments(z, problem.counts64, design, problem.chunk_size)
     if init == "auto":
         atoms_z, log_w, spent = auto_start(problem, mom, k, num_inits, gen, max_iter, progress,
                                             accelerate)

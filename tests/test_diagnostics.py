@@ -153,3 +153,26 @@ def test_plots_and_compare_fits(tmp_path):
     assert cmp.plot(tmp_path / "cmp.png").endswith("cmp.png")
     idata = sm.to_arviz()
     assert idata.log_likelihood["obs"].shape == (1, 8, 4000)
+
+
+def test_one_matcher_for_relabelling_and_plots():
+    """match_components is the exact assignment (brute force over K!), batched; plots and
+    relabel_samples give its permutations."""
+    import itertools
+
+    from pyro_softmix._matching import match_components
+    from pyro_softmix.plots import match_components as plot_match
+
+    g = torch.Generator().manual_seed(4)
+    ref = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    draws = ref + 1.2 * torch.randn(2, 25, 4, 3, generator=g, dtype=torch.float64)
+    perm = match_components(draws, ref)
+    assert perm.shape == (2, 25, 4)
+    for c in range(2):
+        for s in range(25):
+            best = min(itertools.permutations(range(4)),
+                       key=lambda q: float(((draws[c, s, list(q)] - ref) ** 2).sum()))
+            assert perm[c, s].tolist() == list(best)
+    assert plot_match(draws[0, 3], ref).tolist() == perm[0, 3].tolist()
+    _, applied = psm.relabel_samples({"atoms": draws}, ref, return_permutations=True)
+    assert torch.equal(applied, perm)

@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
+"""SoftmaxMixture and MixtureCounts, and the one log-probability path they share with the fit."""
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
+import pyro_softmix as psm
 from pyro_softmix import SoftmaxMixture
 
 from .helpers import brute_mixture_log_probs
@@ -121,3 +124,29 @@ def test_bad_arguments_are_rejected():
     d = SoftmaxMixture(x, atoms, weights)
     with pytest.raises(ValueError):
         d.log_prob(torch.tensor([7]))
+
+
+def test_one_log_probability_path_for_fit_distributions_and_diagnostics():
+    """The fit, SoftmaxMixture, MixtureCounts and the pointwise log-likelihood of the
+    diagnostics give the same numbers (they share one path); a zero weight stays finite."""
+    from pyro_softmix.diagnostics import pointwise_log_likelihood
+    from pyro_softmix.models import MixtureCounts
+
+    d = psm.simulate(num_points=40, num_features=3, num_components=3, num_obs=2000, seed=2,
+                     dtype=torch.float64)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0)
+    mix = psm.SoftmaxMixture(d.features, fit.atoms, fit.weights)
+    counts = MixtureCounts(fit.component_log_probs(), fit.weights, d.num_obs)
+    assert torch.equal(fit.log_probs(), counts.mixture_logits())
+    # Categorical renormalises its logits: equal up to that rounding.
+    assert torch.allclose(fit.log_probs(), mix.logits, rtol=0, atol=1e-13)
+    assert float(counts.log_prob(d.counts.double())) == pytest.approx(fit.loglik, rel=1e-12)
+    point = pointwise_log_likelihood(d.features, fit.atoms[None], fit.weights[None],
+                                     counts=d.counts)
+    assert float(point.sum()) == pytest.approx(fit.loglik, rel=1e-12)
+    assert torch.allclose(fit.responsibilities().sum(1), torch.ones(40, dtype=torch.float64))
+    zero = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64, requires_grad=True)
+    logits = psm.SoftmaxMixture(d.features, fit.atoms, zero).logits
+    assert bool(torch.isfinite(logits).all())
+    (grad,) = torch.autograd.grad(logits.sum(), zero)
+    assert bool(torch.isfinite(grad).all())

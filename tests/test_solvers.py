@@ -1,9 +1,24 @@
 # SPDX-License-Identifier: Apache-2.0
+"""Weighted softmax, logistic, least-squares and multinomial-logit solvers, and their one Armijo
+line search."""
+
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from pyro_softmix import fit_softmax_regression, softmax_regression_step
-from pyro_softmix.solvers import weighted_gram
+from pyro_softmix.solvers import (
+    fit_logistic_regression,
+    fit_multinomial_logit,
+    logistic_objective,
+    multinomial_objective,
+    weighted_gram,
+    weighted_least_squares,
+)
+
+from .helpers import lbfgs
 
 
 def _problem(p=120, r=3, k=3, seed=0):
@@ -111,3 +126,99 @@ def test_bad_arguments_name_themselves():
         fit_softmax_regression(z, w, l2=-1.0)
     with pytest.raises(ValueError, match="init must have shape"):
         fit_softmax_regression(z, w, init=torch.zeros(2, 3))
+
+
+def _regression_data(n=80, d=3, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.rand(n, k, generator=g) * 2
+    return g, x, w
+
+
+# ----------------------------------------------------------------------------------------------
+# M-step solvers
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("l2", [0.0, 0.3])
+def test_weighted_least_squares_closed_form(l2):
+    g, x, w = _regression_data()
+    y = torch.randn(80, generator=g)
+    coef = weighted_least_squares(x, y, w, l2=l2)
+    for k in range(2):
+        sw = w[:, k].sqrt().numpy()
+        a = np.vstack([x.numpy() * sw[:, None], math.sqrt(l2) * np.eye(3)])
+        b = np.concatenate([y.numpy() * sw, np.zeros(3)])
+        ref = np.linalg.lstsq(a, b, rcond=None)[0]
+        np.testing.assert_allclose(coef[k].numpy(), ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.5])
+def test_logistic_regression_gradient_hessian_and_optimum(l2):
+    g, x, w = _regression_data()
+    y = (torch.rand(80, generator=g) < torch.sigmoid(x[:, 0] - x[:, 1])).double()
+    evaluate = logistic_objective(x, y, w, l2)
+    coef = torch.randn(2, 3, generator=g)
+    f, grad, hess = evaluate(coef, True)
+    for k in range(2):
+        fk = lambda b, k=k: evaluate(torch.stack([b if j == k else coef[j] for j in range(2)]),  # noqa: E731
+                                     False)[0][k]
+        assert torch.allclose(torch.autograd.functional.jacobian(fk, coef[k]), grad[k], atol=1e-10)
+        assert torch.allclose(-torch.autograd.functional.hessian(fk, coef[k]), hess[k],
+                              atol=1e-10)
+        ref = lbfgs(fk, torch.zeros(3))
+        res = fit_logistic_regression(x, y, w, l2=l2)
+        assert res.converged
+        assert torch.allclose(res.atoms[k], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.5])
+def test_multinomial_logit_gradient_hessian_and_optimum(l2):
+    g, x, _ = _regression_data()
+    targets = torch.rand(80, 4, generator=g)  # soft labels with unequal row totals
+    evaluate = multinomial_objective(x, targets, l2)
+    flat = torch.randn(1, 9, generator=g)
+    f, grad, hess = evaluate(flat, True)
+    fn = lambda v: evaluate(v[None], False)[0][0]  # noqa: E731
+    assert torch.allclose(torch.autograd.functional.jacobian(fn, flat[0]), grad[0], atol=1e-10)
+    assert torch.allclose(-torch.autograd.functional.hessian(fn, flat[0]), hess[0], atol=1e-10)
+    res = fit_multinomial_logit(x, targets, l2=l2)
+    assert res.converged and bool(res.atoms[-1].eq(0).all())
+    ref = lbfgs(fn, torch.zeros(9))
+    assert torch.allclose(res.atoms[:-1].reshape(-1), ref, atol=1e-6)
+
+
+def test_solver_bad_input():
+    x = torch.randn(10, 2)
+    with pytest.raises(ValueError, match="weights must be finite and nonnegative"):
+        weighted_least_squares(x, torch.randn(10), -torch.ones(10, 1))
+    with pytest.raises(ValueError, match="y must have shape"):
+        fit_logistic_regression(x, torch.full((10,), 2.0), torch.ones(10, 1))
+    with pytest.raises(ValueError, match="targets must have at least 2 columns"):
+        fit_multinomial_logit(x, torch.ones(10, 1))
+    with pytest.raises(ValueError, match="init must have shape"):
+        fit_multinomial_logit(x, torch.ones(10, 3), init=torch.zeros(3, 5))
+
+
+def test_armijo_search_takes_each_members_first_sufficient_step():
+    """Members accept at steps 1, 1/2 and 1/8 of f(s) = s slope - c s^2; a member whose gain
+    is negligible accepts the first finite value; one that never ascends keeps step 0, f0."""
+    from pyro_softmix.solvers import ARMIJO, armijo_search
+
+    f0 = torch.zeros(5, dtype=torch.float64)
+    slope = torch.ones(5, dtype=torch.float64)
+    curvature = torch.tensor([0.5, 1.2, 7.0, 0.0, 0.0], dtype=torch.float64)
+    calls = []
+
+    def evaluate(step):
+        calls.append(step.clone())
+        f = step * slope - curvature * step**2
+        f[3] = float("nan") if len(calls) == 1 else -1.0  # negligible: NaN first, then finite
+        f[4] = -1.0  # never an ascent
+        return f
+
+    negligible = torch.tensor([False, False, False, True, False])
+    step, f1, done = armijo_search(f0, slope, evaluate, 6, negligible)
+    assert step.tolist() == [1.0, 0.5, 0.125, 0.5, 0.0]
+    assert done.tolist() == [True, True, True, True, False] and f1[4] == 0.0
+    for s, c in zip(step[:3].tolist(), curvature[:3].tolist(), strict=True):
+        assert s - c * s * s >= ARMIJO * s and (2 * s) - c * (2 * s) ** 2 < ARMIJO * 2 * s
+    assert len(calls) == 6  # member 4 never accepts: every trial is spent

@@ -1,12 +1,55 @@
 # SPDX-License-Identifier: Apache-2.0
-"""EM on grouped data: all draws of one group share one component."""
+"""The EM engine: one iteration (E-step, M-step) on counts and on grouped data."""
 
+import numpy as np
 import pytest
 import torch
 
 import pyro_softmix as psm
+from pyro_softmix.engine import EMProblem
+from pyro_softmix.solvers import softmax_regression_step
 
-from .helpers import brute_grouped_loglik
+from .helpers import brute_grouped_loglik, simulated
+
+
+def test_em_gradient_is_the_loglik_gradient():
+    """Fisher's identity: the M-step gradient at the current point is grad of the loglik."""
+    d = simulated(p=40, L=3, K=2, N=2000)
+    design = psm.standardize(d.features)
+    z = design.transform(d.features)
+    atoms = torch.randn(2, 3)
+    log_w = torch.tensor([0.3, 0.7]).log()
+    problem = EMProblem(z, d.counts, 2)
+    logits = z @ atoms.T
+    ll, w = problem.e_step(logits, problem.normalise(logits), log_w)
+    _, _, info = softmax_regression_step(z, w, atoms)
+    a = atoms.clone().requires_grad_(True)
+    lw = log_w.clone().requires_grad_(True)
+    mix = psm.SoftmaxMixture(z, a, torch.softmax(lw, 0))
+    loglik = (d.counts * mix.logits).sum()
+    ga, gw = torch.autograd.grad(loglik, [a, lw])
+    assert ll == pytest.approx(float(loglik.detach()), rel=1e-12)
+    assert torch.allclose(info.grad, ga, atol=1e-8)
+    # For softmax weight logits: d l / d lw_k = W_k - N alpha_k.
+    assert torch.allclose(w.sum(0) - problem.total * log_w.exp(), gw, atol=1e-8)
+
+
+@pytest.mark.parametrize("rank, shared", [(40, 2), (64, 3)])
+def test_reused_covariances_at_large_rank_reach_the_same_mle(monkeypatch, rank, shared):
+    """From r = 32 on, consecutive M-steps share one covariance (quasi-Newton steps)."""
+    from pyro_softmix import engine
+
+    assert engine.EMProblem(torch.zeros(3, rank), torch.ones(3), 2).cov_reuse == shared
+    d = simulated(p=2000, L=rank, K=2, N=100_000, seed=4, norm=2.0)
+    kw = dict(num_components=2, init="random", seed=0, tol=1e-12, max_iter=5000,
+              accelerate=False)
+    reused = psm.fit_em(d.features, counts=d.counts, **kw)
+    monkeypatch.setattr(engine, "COV_REUSE", ())
+    fresh = psm.fit_em(d.features, counts=d.counts, **kw)
+    assert reused.converged and fresh.converged
+    assert reused.loglik == pytest.approx(fresh.loglik, rel=1e-10, abs=0)
+    h = np.asarray(reused.history)
+    assert np.all(np.diff(h) >= -1e-12 * np.abs(h[1:]))
 
 
 def _grouped(p=30, L=2, K=2, G=40, size=6, seed=0, norm=3.0):

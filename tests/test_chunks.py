@@ -1,0 +1,51 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One chunk budget per device, honoured by every chunked loop, the Newton Hessian included."""
+
+import pytest
+import torch
+
+import pyro_softmix as psm
+from pyro_softmix._chunks import CHUNK_BYTES, MIN_ROWS, rows_per_chunk
+
+from .helpers import simulated
+
+
+def test_rows_per_chunk_follows_the_device_budget_and_the_users_chunk_size():
+    row = 1024  # bytes per row
+    assert rows_per_chunk(10**7, row, "cpu") == CHUNK_BYTES["cpu"] // row
+    assert rows_per_chunk(10**7, row, torch.device("cuda", 0)) == CHUNK_BYTES["cuda"] // row
+    assert rows_per_chunk(10**7, row, "meta") == CHUNK_BYTES["cuda"] // row  # others: as cuda
+    assert rows_per_chunk(100, row, "cpu") == 100  # never more rows than there are
+    assert rows_per_chunk(10**7, 10**9, "cpu") == MIN_ROWS  # never fewer than MIN_ROWS
+    assert rows_per_chunk(10**7, row, "cpu", chunk_size=7) == 7  # the user's choice wins
+    assert rows_per_chunk(5, row, "cpu", chunk_size=7) == 5
+
+
+def test_the_users_chunk_size_reaches_every_chunked_loop(monkeypatch):
+    """fit_em(chunk_size=c): the standardisation, the M-step's Grams and the Newton finish's
+    Hessian all run in chunks of c rows, and give the fit of one pass."""
+    from pyro_softmix import _marginal, accelerate, design, solvers
+
+    d = simulated(p=700, L=3, K=2, N=50_000, seed=3)
+    seen = []
+    rows = _marginal.rows_per_chunk
+
+    def recording(num_rows, row_bytes, device, chunk_size=None):
+        seen.append(chunk_size)
+        return rows(num_rows, row_bytes, device, chunk_size)
+
+    for module in (_marginal, design, solvers):
+        monkeypatch.setattr(module, "rows_per_chunk", recording)
+    hessians = []
+    hessian = accelerate.marginal_hessian
+    monkeypatch.setattr(accelerate, "marginal_hessian",
+                        lambda *a, **kw: hessians.append(kw["chunk_size"]) or hessian(*a, **kw))
+    kw = dict(num_components=2, seed=0, tol=1e-13)
+    chunked = psm.fit_em(d.features, counts=d.counts, chunk_size=64, **kw)
+    assert hessians and set(hessians) == {64}  # the Newton finish ran, in chunks of 64 rows
+    assert set(seen) == {64}
+    seen.clear()
+    whole = psm.fit_em(d.features, counts=d.counts, **kw)
+    assert None in seen and 64 not in seen
+    assert chunked.loglik == pytest.approx(whole.loglik, rel=1e-12, abs=0)
+    assert torch.allclose(chunked.atoms, whole.atoms, atol=1e-7)

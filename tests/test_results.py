@@ -1,0 +1,96 @@
+# SPDX-License-Identifier: Apache-2.0
+"""SoftmaxMixtureFit: probabilities, reports and the file format."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import pyro_softmix as psm
+
+from .helpers import brute_loglik, simulated
+
+
+@pytest.mark.filterwarnings("ignore::pyro_softmix.ConvergenceWarning")
+def test_loglik_and_responsibilities_match_brute_force():
+    d = simulated(p=12, L=2, K=3, N=500)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=1, max_iter=30)
+    assert fit.loglik == pytest.approx(brute_loglik(d.features, d.counts, fit.atoms,
+                                                    fit.weights), rel=1e-12)
+    # Responsibilities: alpha_k q_k(j) / pi_j by explicit sums.
+    comp = torch.stack([torch.softmax(d.features @ a, 0) for a in fit.atoms], 1)
+    joint = comp * fit.weights
+    assert torch.allclose(fit.responsibilities(), joint / joint.sum(1, keepdim=True), atol=1e-12)
+    assert torch.allclose(fit.probs(), joint.sum(1), atol=1e-14)
+
+
+def test_save_and_load_round_trip_without_pickle(tmp_path):
+    d = simulated()
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0)
+    fit.save(tmp_path / "a.npz")
+    fit.save(tmp_path / "b.npz", include_features=True)
+    a = psm.load_fit(tmp_path / "a.npz")
+    b = psm.load_fit(tmp_path / "b.npz")
+    for loaded in (a, b):
+        assert torch.equal(loaded.atoms, fit.atoms) and torch.equal(loaded.weights, fit.weights)
+        assert loaded.loglik == fit.loglik and loaded.history == fit.history
+        assert loaded.bic == fit.bic and loaded.converged == fit.converged
+    assert torch.allclose(b.probs(), fit.probs())
+    with pytest.raises(ValueError, match="pass features="):
+        a.probs()
+    assert torch.allclose(a.probs(d.features), fit.probs())
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(ValueError, match="not a pyro-softmix fit"):
+        psm.load_fit(tmp_path / "other.npz")
+
+
+def test_summary_and_information_criteria():
+    d = simulated()
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0)
+    k = 2 + 3 * 4
+    assert fit.bic == pytest.approx(-2 * fit.loglik + k * math.log(50_000))
+    assert fit.aic == pytest.approx(-2 * fit.loglik + 2 * k)
+    text = fit.summary()
+    assert "K=3" in text and "converged" in text and f"{fit.loglik:.8g}" in text
+    assert repr(fit).startswith("SoftmaxMixtureFit(K=3, p=300, L=4")
+
+
+def test_files_of_the_earlier_layout_still_load(tmp_path):
+    """Fits saved before the shared file format (header written last) load unchanged."""
+    import json
+
+    d = simulated(p=100, L=2, K=2, N=2000)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=2, seed=0)
+    meta = {"format": "pyro-softmix-fit", "version": 1, "loglik": fit.loglik,
+            "n_iter": fit.n_iter, "converged": fit.converged, "num_obs": fit.num_obs,
+            "num_points": fit.num_points, "rank": fit.rank, "init": fit.init,
+            "seconds": fit.seconds, "dtype": "float64", "num_groups": None,
+            "prior_scale": None, "diverging": []}
+    np.savez(tmp_path / "old.npz", weights=fit.weights.numpy(), atoms=fit.atoms.numpy(),
+             history=np.asarray(fit.history), meta=np.array(json.dumps(meta)))
+    old = psm.load_fit(tmp_path / "old.npz")
+    assert torch.equal(old.atoms, fit.atoms) and old.history == fit.history
+    assert old.init == fit.init and old.converged == fit.converged
+
+
+def test_one_file_format_and_one_field_list(tmp_path):
+    from pyro_softmix.results import FIT_FORMAT, MOE_FORMAT, read_npz
+
+    d = simulated(p=100, L=2, K=2, N=2000)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=2, seed=0)
+    fit.save(tmp_path / "fit.npz")
+    meta, arrays = read_npz(tmp_path / "fit.npz", FIT_FORMAT, "fit")
+    record = fit.to_dict()
+    for name in fit.SCALAR_FIELDS:  # the header and the summary carry the same fields
+        assert meta[name] == record[name]
+    assert record["weights"] == fit.weights.tolist() and record["bic"] == fit.bic
+    assert set(arrays) == {"weights", "atoms", "history"}
+    m = psm.simulate_moe(num_obs=200, num_experts=2, seed=0)
+    moe = psm.MixtureOfExperts(2).fit(m.x, m.y, seed=0, init="random", num_inits=1)
+    moe.save(tmp_path / "moe.npz")
+    meta, arrays = read_npz(tmp_path / "moe.npz", MOE_FORMAT, "MoE")
+    assert meta["num_experts"] == 2 and torch.equal(torch.from_numpy(arrays["expert_weights"]),
+                                                    moe.expert_weights)
+    with pytest.raises(ValueError, match="not a pyro-softmix MoE file"):
+        read_npz(tmp_path / "fit.npz", MOE_FORMAT, "MoE")
