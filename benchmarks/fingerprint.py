@@ -48,6 +48,14 @@ def _moe_parts(moe):
             list(moe.history), moe.n_iter, moe.converged, moe.init)
 
 
+def _summary(parts) -> str:
+    """The readable numbers behind a hash: the log-likelihood (or first scalar) and the
+    iteration count where the case has them."""
+    scalars = [p for p in parts if isinstance(p, float)]
+    ints = [p for p in parts if isinstance(p, int) and not isinstance(p, bool)]
+    return (f"{scalars[0]:.12g}" if scalars else "-") + (f" n={ints[0]}" if ints else "")
+
+
 def cases():
     """(name, thunk returning a tuple of parts) for every fixed case."""
     d = psm.simulate(num_points=2000, num_features=6, num_components=3, num_obs=200_000,
@@ -132,7 +140,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     only = None if args.only is None else set(args.only.split(","))
-    result = {}
+    result, values = {}, {}
     for name, thunk in cases():
         if only is not None and name not in only:
             continue
@@ -140,12 +148,16 @@ def main(argv=None) -> int:
             warnings.simplefilter("ignore")
             parts = thunk()
         result[name] = _digest(*parts)
-        print(f"{name:<28} {result[name]}")
+        summary = _summary(parts)
+        values[name] = summary
+        print(f"{name:<28} {result[name]}  {summary}")
         if args.verbose:
             print("   ", [p.tolist() if isinstance(p, torch.Tensor) else p for p in parts][:4])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+        with open(args.json.replace(".json", "") + ".values.json", "w") as f:
+            json.dump(values, f, indent=1)
     if args.compare:
         with open(args.compare) as f:
             ref = json.load(f)

@@ -33,7 +33,7 @@ from .solvers import (
     softmax_regression_step,
     weighted_least_squares,
 )
-from .stopping import ConvergenceWarning, DivergenceWarning
+from .stopping import ConvergenceWarning, DivergenceWarning, NumericalError, StartWarning
 from .warmstart import WarmStart, warm_start
 
 __version__ = "0.1.0"
@@ -47,11 +47,13 @@ __all__ = [
     "IdentifiabilityWarning",
     "LatentMoments",
     "MixtureOfExperts",
+    "NumericalError",
     "SimulatedData",
     "SimulatedMoE",
     "SoftmaxMixture",
     "SoftmaxMixtureFit",
     "SoftmaxMixtureModel",
+    "StartWarning",
     "WarmStart",
     "compare_fits",
     "datasets",

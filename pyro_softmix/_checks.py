@@ -11,7 +11,10 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
+import os
 import random
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +22,18 @@ import numpy as np
 import torch
 
 ArrayLike = torch.Tensor | np.ndarray
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn_user(message: str, category: type[Warning]) -> None:
+    """``warnings.warn``, attributed to the first caller outside the package (so the warning
+    points at the user's line, however deep inside the package it was raised)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def keyword_options(fn: Callable) -> Callable:

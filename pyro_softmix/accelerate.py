@@ -18,7 +18,7 @@ import torch
 from ._marginal import MAX_NEWTON_PARAMS, marginal_gradient, marginal_hessian, mixed_precision
 from .engine import EMProblem, EMState
 from .solvers import armijo_search
-from .stopping import StoppingRule
+from .stopping import StoppingRule, check_finite
 
 __all__ = ["finish", "newton_finish", "run", "squarem_cycle"]
 
@@ -157,6 +157,7 @@ def newton_finish(problem: EMProblem, st: EMState, obj: float, tol: float, max_s
     last = 0.0  # the decrement of the last full step taken with a concave Hessian, else 0
     for _ in range(max_steps):
         grad, pieces = marginal_gradient(problem.z, problem.workspace.q, st.w, st.log_weights)
+        check_finite([float(grad.abs().max())], "the gradient of the Newton finish")
         if pen is not None:
             grad[:k * r] -= (st.atoms.double() @ pen).reshape(-1)
         fresh = True
@@ -241,6 +242,7 @@ def factor_hessian(problem: EMProblem, st: EMState, pieces, pen: torch.Tensor | 
         return hess.neg_()
 
     neg = negative_hessian(precise=False)
+    check_finite([float(neg.abs().max())], "the Hessian of the Newton finish")
     chol, info = torch.linalg.cholesky_ex(neg)
     if int(info) == 0:
         return chol, None
@@ -266,6 +268,7 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
     """
     st = problem.start(atoms, log_weights)
     values = torch.cat([problem.objective(st), atoms.norm(dim=1).double()]).tolist()
+    check_finite(values[:1], "the objective at the start")
     history, rule = [values[0]], StoppingRule(tol)
     norms = [values[1:]]  # after every update, as the history
     step_max = [1.0] if accelerate else None
@@ -277,6 +280,7 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
         num_steps = 2 if accelerate and max_iter - it >= 2 else 1
         st, objs, step_gains, step_norms = squarem_cycle(problem, st, num_steps, step_max)
         it += num_steps
+        check_finite([o[0] for o in objs] + [g[0] for g in step_gains], "the EM objective")
         history.extend(o[0] for o in objs)
         norms.extend(step_norms)
         if bar is not None:
@@ -324,8 +328,13 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
     The workspace then holds the winner's softmax (its state is restored when a later run
     overwrote it).
     """
-    runs = [run(problem, a, w, max_iter, tol, bar, accelerate)
-            for a, w in zip(starts_z, starts_w, strict=True)]
+    runs = []
+    for i, (a, w) in enumerate(zip(starts_z, starts_w, strict=True)):
+        if bar is not None:  # one bar per run, from 0 to max_iter
+            bar.reset(total=max_iter)
+            if len(starts_z) > 1:
+                bar.set_description(f"EM run {i + 1}/{len(starts_z)}")
+        runs.append(run(problem, a, w, max_iter, tol, bar, accelerate))
     best = max(runs, key=lambda run: run.history[-1])  # the first of equals
     if best is not runs[-1]:
         best.state = problem.start(best.state.atoms, best.state.log_weights)

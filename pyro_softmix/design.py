@@ -24,11 +24,11 @@ with no component along the null space of S, which gives exactly the same probab
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
+from . import _checks
 from ._checks import check_features
 from ._chunks import rows_per_chunk
 
@@ -171,11 +171,9 @@ def standardize(features, *, warn: bool = True, chunk_size: int | None = None) -
             what.append(f"constant column(s) {list(const_idx)}")
         if L - r > len(const_idx):
             what.append(f"{L - r - len(const_idx)} collinear direction(s)")
-        warnings.warn(
+        _checks.warn_user(
             f"features has rank {r} < {L} after centring ({' and '.join(what)}): only an "
             f"{r}-dimensional part of each atom is identified. Fitting on that part; atoms are "
-            "reported as the minimum-norm representative (same probabilities).",
-            IdentifiabilityWarning, stacklevel=2,
-        )
+            "reported as the minimum-norm representative (same probabilities).", IdentifiabilityWarning)
     return Design(mean=mean, whiten=whiten, to_atoms=to_atoms, from_atoms=from_atoms, rank=r,
                   num_features=L, constant_columns=const_idx)

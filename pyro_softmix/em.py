@@ -10,22 +10,28 @@ stopping rule and divergence check (:mod:`~pyro_softmix.stopping`) and the resul
 
 from __future__ import annotations
 
+import math
 import time
-import warnings
 from typing import Any
 
-from ._checks import check_positive_float, check_positive_int, check_seed, keyword_options
+import torch
+
+from ._checks import check_positive_float, check_positive_int, check_seed, keyword_options, warn_user
 from .accelerate import finish
 from .engine import prepare
 from .results import SoftmaxMixtureFit, make_fit
 from .stopping import (
+    DIVERGENCE_NORM,
+    GRADIENT_TOL,
     ConvergenceWarning,
     DivergenceWarning,
+    at_infinity,
     default_tol,
     find_diverging,
+    on_a_face,
     progress_bar,
 )
-from .warmstart import check_init, choose_start
+from .warmstart import check_init, choose_start, one_component_fit
 
 __all__ = ["fit_em"]
 
@@ -107,34 +113,86 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
         num_inits=num_inits, max_iter=max_iter, dtype=dtype, device=device, seed=seed,
         progress=progress, chunk_size=chunk_size, prior_scale=prior_scale, accelerate=accelerate)
     tol = default_tol(setup.dtype) if tol is None else tol
-    bar = progress_bar(progress, max_iter * starts_z.shape[0], "EM")
+    bar = progress_bar(progress, max_iter, "EM")
     try:
         run = finish(setup.problem, starts_z, starts_w, max_iter, tol, bar, accelerate)
     finally:
         if bar is not None:
             bar.close()
-    history, norms = run.history, run.norms
-    if not run.converged:
-        warnings.warn(
+    converged, diverging = _verify(setup, run, tol, max_iter)
+    return make_fit(setup, run.state.atoms, run.state.log_weights, run.history, converged,
+                    label, start_time, float(run.state.loglik[0]), diverging)
+
+
+def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...]]:
+    """Whether the run may report convergence, and the components at infinity (warning about
+    each problem found).
+
+    Convergence needs, besides the stopping rule, an objective at least the trivial fit's (the
+    one-component fit, :func:`~pyro_softmix.warmstart.one_component_fit`) and a gradient that
+    vanishes (:data:`~pyro_softmix.stopping.GRADIENT_TOL`). Atoms at infinity are found on the
+    path (norms that keep growing on a flat stretch) and at the end (a long atom whose
+    objective does not fall when it is doubled: its mass sits on a face of the hull; the race
+    may have carried it there before the final run began).
+    """
+    problem, history, norms, state = setup.problem, run.history, run.norms, run.state
+    converged = run.converged
+    if not converged:
+        warn_user(
             f"EM did not converge in max_iter={max_iter} iterations (estimated relative gap "
             f"{run.gap / abs(history[-1]):.2e} > tol={tol:.1e}); "
-            "increase max_iter or continue with init=fit",
-            ConvergenceWarning, stacklevel=2,
-        )
+            "increase max_iter or continue with init=fit", ConvergenceWarning)
     # After EM the workspace holds softmax(z @ atoms_z.T, 0) for the final atoms.
+    path = find_diverging(norms, history, problem.workspace.q)
+    objective = history[-1]
+    if converged:
+        _, reference = one_component_fit(setup)
+        gradient = problem.relative_gradient(state.atoms, state.log_weights)
+        why = []
+        if objective < reference - tol * abs(reference):
+            why.append(f"its objective {objective:.10g} is below a one-component fit's "
+                       f"({reference:.10g})")
+        if gradient > GRADIENT_TOL:
+            why.append(f"the objective's gradient is not zero there (relative norm "
+                       f"{gradient:.2e} > {GRADIENT_TOL:g})")
+        if why:
+            converged = False
+            warn_user(f"EM's stopping rule was met, but not at a maximum: {'; '.join(why)}. The "
+                 "start was poor: refit with init='auto' (or more num_inits)", ConvergenceWarning)
     # Under a prior the objective is coercive: no atom can run off to infinity.
-    diverging = () if prior_scale is not None else find_diverging(
-        norms, history, setup.problem.workspace.q)
+    if setup.prior_scale is not None:
+        return converged, ()
+    noise = (tol * max(abs(objective), problem.total)
+             + 64 * torch.finfo(problem.z.dtype).eps * problem.total)
+    lengths = state.atoms.norm(dim=1).tolist()
+    face = set(at_infinity(lengths, objective, _doubled(problem, state, lengths), noise))
+    probs = torch.softmax(problem.z @ state.atoms.T, 0)
+    face |= {k for k, length in enumerate(lengths)
+             if length >= DIVERGENCE_NORM and on_a_face(problem.z, probs[:, k])}
+    diverging = tuple(sorted(set(path) | set(face)))
     if diverging:
-        lengths = ", ".join(f"{norms[-1][k]:.3g}" for k in diverging)
-        warnings.warn(
-            f"the atoms of components {list(diverging)} keep growing (norms {lengths} in "
-            "standardised units) while the objective barely changes: EM is heading to infinity, "
-            "with a component concentrating on a few support points. This is a spurious optimum "
-            "(try other starts, num_inits=) or the MLE is at infinity; refit with prior_scale= "
-            "for a MAP estimate", DivergenceWarning, stacklevel=2)
-    return make_fit(setup, run.state.atoms, run.state.log_weights, history, run.converged,
-                    label, start_time, float(run.state.loglik[0]), diverging)
+        shown = ", ".join(f"{lengths[k]:.3g}" for k in diverging)
+        warn_user(
+            f"the atoms of components {list(diverging)} go to infinity (norms {shown} in "
+            "standardised units): each such component puts its mass on a face of the design's "
+            "convex hull (a few extreme support points), where the likelihood keeps rising "
+            "toward a supremum. This is a spurious optimum (try other starts, num_inits=) or "
+            "the MLE is at infinity; refit with prior_scale= for a MAP estimate", DivergenceWarning)
+    return converged, diverging
+
+
+def _doubled(problem, state, lengths: list[float]) -> list[float]:
+    """The objective with each long atom (norm >= the divergence norm) at twice its length,
+    the others as they are (NaN for short atoms)."""
+    out = []
+    for k, length in enumerate(lengths):
+        if length < DIVERGENCE_NORM:
+            out.append(math.nan)
+            continue
+        atoms = state.atoms.clone()
+        atoms[k] *= 2
+        out.append(float(problem.objective(problem.start(atoms, state.log_weights))[0]))
+    return out
 
 
 def prepare_fit(features, counts, tokens, groups, *, num_components, init, num_inits, max_iter,

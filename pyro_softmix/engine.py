@@ -114,7 +114,7 @@ class EMProblem:
         torch.amax(j3, 2, out=top)
         j3.sub_(top[:, :, None]).exp_()
         torch.sum(j3, 2, out=total)
-        log_pi = top.add_(total.log())  # (p, S)
+        log_pi = top.add_(total.log()).clamp_max_(0.0)  # (p, S); pi <= 1 despite rounding
         # w = n_j alpha_k q_k(j) / pi_j
         j3.mul_(total.reciprocal_().mul_(self.counts[:, None])[:, :, None])
         loglik = self.counts64 @ log_pi.to(torch.float64)
@@ -142,7 +142,7 @@ class EMProblem:
         # KL(a || b) to second order, 0.5 sum (a - b)^2 / b: no first-order cancellation.
         a, b = new_log_weights.double().exp(), log_weights.double().exp()
         kl = 0.5 * (a - b) ** 2 / b.clamp_min(1e-300)
-        newton = ((info.step - 0.5 * info.step**2) * info.gain).double()
+        newton = info.model_gain.double()
         gain = (self.weight_total * kl + newton).view(self.num_starts, -1).sum(1)
         return atoms, new_log_weights, logits, lse, gain
 
@@ -163,6 +163,25 @@ class EMProblem:
     def objective(self, st: EMState) -> torch.Tensor:
         """(S,) float64 objective: log-likelihood minus the prior's penalty."""
         return st.loglik - self.penalty_value(st.atoms)
+
+    def relative_gradient(self, atoms: torch.Tensor, log_weights: torch.Tensor) -> float:
+        """The largest entry of the objective's gradient at one start's (atoms (K, r),
+        log_weights (K,)), per unit of data: the atoms' part divided by N, the weight logits'
+        by the number of units (N draws, or G groups). 0 at a stationary point.
+
+        By Fisher's identity the M-step's gradient at the current point is the
+        log-likelihood's: z^T w_k - W_k m_k for the atoms, W - units alpha for the weight
+        logits. (Runs one E-step; the workspace then holds this point's softmax.)
+        """
+        st = self.start(atoms, log_weights)
+        total_w = st.w.sum(0)
+        g_t = st.w.T @ self.z - total_w[:, None] * (self.workspace.q.T @ self.z)
+        if self.penalty is not None:
+            g_t = g_t - atoms @ self.penalty
+        g_eta = self.weight_sums - self.weight_total * log_weights.exp()
+        atoms_part = float(g_t.abs().max()) / max(self.total, 1e-300)
+        weights_part = float(g_eta.abs().max()) / max(self.weight_total, 1e-300)
+        return max(atoms_part, weights_part)
 
 
 
@@ -254,6 +273,10 @@ class Setup:
     device: torch.device
     group_labels: torch.Tensor | None = None
     prior_scale: float | None = None
+    #: The one-component fit (standardised atom (r,)) and the objective of a mixture with every
+    #: atom there: the trivial fit every fit must beat (see warmstart.one_component_fit).
+    centre: torch.Tensor | None = None
+    reference: float | None = None
 
     @property
     def z(self) -> torch.Tensor:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -44,10 +43,11 @@ from ._checks import (
     keyword_options,
     make_generator,
     resolve_dtype,
+    warn_user,
 )
 from .moe_em import fit_starts, log_joint, public_params, start_params
 from .results import MOE_FORMAT, read_npz, write_npz
-from .stopping import ConvergenceWarning, default_tol
+from .stopping import ConvergenceWarning, NumericalError, default_tol
 
 __all__ = ["MixtureOfExperts", "load_moe"]
 
@@ -289,12 +289,11 @@ class MixtureOfExperts:
         self.seconds = time.perf_counter() - begin
         self.method, self.init, self.num_obs = method, label, xe.shape[0]
         if not math.isfinite(self.objective):
-            raise FloatingPointError(f"{method} diverged (objective {self.objective}); "
+            raise NumericalError(f"{method} diverged (objective {self.objective}); "
                                      "lower lr= or standardise the features")
         if warn and not converged:
-            warnings.warn(f"MoE {method} stopped at max_iter={max_iter} before converging "
-                          f"(last increase {history[-1] - history[-2]:.3g})",
-                          ConvergenceWarning, stacklevel=2)
+            warn_user(f"MoE {method} stopped at max_iter={max_iter} before converging "
+                      f"(last increase {history[-1] - history[-2]:.3g})", ConvergenceWarning)
         return self
 
     # -- using a fit -----------------------------------------------------------------------

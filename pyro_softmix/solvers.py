@@ -202,10 +202,13 @@ class NewtonStepInfo:
 
     Attributes:
         grad: (K, r) gradient g_k at the starting atoms.
-        step: (K,) accepted step length (0 where no ascent step was found).
+        step: (K,) accepted fraction of the step (of the Newton step, or of the trust-region
+            step where ``capped``; 0 where no ascent step was found).
         gain: (K,) predicted increase g_k . d_k of the full Newton step.
         objective: (K,) f_k at the accepted atoms.
         cov: (K, r, r) covariance of z under q_k at the starting atoms (or the one passed in).
+        model_gain: (K,) the quadratic model's increase for the step taken.
+        capped: (K,) which steps were cut to the trust region (dogleg steps), or None.
     """
 
     grad: torch.Tensor
@@ -213,6 +216,8 @@ class NewtonStepInfo:
     gain: torch.Tensor
     objective: torch.Tensor
     cov: torch.Tensor | None = None
+    model_gain: torch.Tensor | None = None
+    capped: torch.Tensor | None = None
 
 
 def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms: torch.Tensor,
@@ -255,9 +260,9 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
 
     ``l2`` may also be an (r, r) positive semidefinite matrix P (the penalty 0.5 t^T P t, a
     Normal prior with precision P). ``max_step`` caps the Euclidean length of a step (a trust
-    region): far from the maximiser, where q is concentrated on a few points and the Hessian
-    nearly singular, the full Newton step would be huge and backtracking could stall. The
-    reported ``step`` is then the fraction of the full Newton step taken.
+    region, :func:`trust_region_step`): far from the maximiser, where q is concentrated on a
+    few points and the Hessian nearly singular, the full Newton step would be huge and point
+    where the objective barely changes.
     ``lse`` is the column log-normaliser of ``logits`` when ``ws.q`` already holds their
     softmax (as after a previous step); if None both are computed. Returns ``(new_atoms,
     new_logits, new_lse, info)``; ``new_logits`` lives in one of ``ws.logits`` (never in the
@@ -285,13 +290,10 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     direction = newton_direction(grad, hess)
     gain = (grad * direction).sum(-1)
     f0 = _objective(lin, total, lse, atoms, l2)
+    capped = None
     if max_step is not None:
-        length = torch.linalg.vector_norm(direction, dim=-1)
-        shrink = (max_step / length.clamp_min(1e-300)).clamp(max=1.0)
-        direction = direction * shrink[:, None]
-    else:
-        shrink = None
-    slope = gain if shrink is None else gain * shrink  # derivative along the direction
+        direction, capped = trust_region_step(grad, hess, direction, max_step)
+    slope = gain if capped is None else torch.where(capped, (grad * direction).sum(-1), gain)
     # Below this predicted gain the objective cannot resolve the change in this dtype: a full
     # Newton step on a concave function is then taken without a test.
     noise = 64 * torch.finfo(features.dtype).eps * (
@@ -316,10 +318,55 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
         # No ascent step found for some components (at a maximum up to rounding): keep them.
         trial.copy_(torch.where(done[None, :], trial, logits))
         new_lse = column_logsumexp(trial, ws.q)
-    if shrink is not None:
-        step = step * shrink
-    info = NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1, cov=cov)
+    # The quadratic model's increase for the step taken: (s - s^2/2) g^T d for a fraction s of
+    # the Newton step d; s g^T p - s^2 p^T H p / 2 for a trust-region step p.
+    model_gain = (step - 0.5 * step**2) * gain
+    if capped is not None and bool(capped.any()):
+        curvature = torch.einsum("kr,krs,ks->k", direction, hess, direction)
+        model_gain = torch.where(capped, step * slope - 0.5 * step**2 * curvature, model_gain)
+    info = NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1, cov=cov,
+                          model_gain=model_gain, capped=capped)
     return new_atoms, trial, new_lse, info
+
+
+def trust_region_step(grad: torch.Tensor, hess: torch.Tensor, newton: torch.Tensor,
+                      radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dogleg steps of length at most ``radius`` for K concave problems at once.
+
+    Where the Newton step (K, r) is longer than the radius, the step follows the dogleg path
+    (Powell): along the gradient to the Cauchy point (the quadratic model's maximum along the
+    gradient), then towards the Newton step, and stops at the radius. Far from the maximiser
+    of a softmax regression, where q is concentrated on a few points and the Hessian nearly
+    singular, the Newton step points mostly along directions the objective barely changes in;
+    the dogleg step still takes the gradient's share, so EM keeps moving there.
+
+    Args:
+        grad: (K, r) gradients g.  hess: (K, r, r) negative Hessians H (positive definite).
+        newton: (K, r) Newton steps H^-1 g.
+    Returns:
+        ``(steps, capped)``: (K, r) steps and which of them were capped.
+    """
+    tiny = torch.finfo(grad.dtype).tiny
+    g2 = (grad * grad).sum(-1)
+    length = torch.linalg.vector_norm(newton, dim=-1)
+    # A zero Newton step with a nonzero gradient: the Hessian vanished (q on a single point);
+    # the quadratic model is then linear, and its trust-region step is along the gradient.
+    capped = (length > radius) | ((length == 0) & (g2 > 0))
+    if not bool(capped.any()):
+        return newton, capped
+    g_hg = torch.einsum("kr,krs,ks->k", grad, hess, grad)
+    cauchy = (g2 / g_hg.clamp_min(tiny))[:, None] * grad
+    c_len = torch.linalg.vector_norm(cauchy, dim=-1)
+    along_gradient = radius * grad / g2.sqrt().clamp_min(tiny)[:, None]
+    diff = newton - cauchy  # solve |cauchy + tau diff| = radius for tau in [0, 1]
+    a = (diff * diff).sum(-1).clamp_min(tiny)
+    b = 2 * (cauchy * diff).sum(-1)
+    c = c_len**2 - radius**2
+    tau = ((-b + (b * b - 4 * a * c).clamp_min(0).sqrt()) / (2 * a)).clamp(0, 1)
+    dogleg = cauchy + tau[:, None] * diff
+    outside = (c_len >= radius) | (g_hg <= 0)
+    step = torch.where(outside[:, None], along_gradient, dogleg)
+    return torch.where(capped[:, None], step, newton), capped
 
 
 @dataclass

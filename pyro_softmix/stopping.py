@@ -12,9 +12,16 @@ import math
 import sys
 from collections import deque
 
+import numpy as np
 import torch
 
-__all__ = ["ConvergenceWarning", "DivergenceWarning", "default_tol"]
+__all__ = ["ConvergenceWarning", "DivergenceWarning", "NumericalError", "StartWarning",
+           "default_tol"]
+
+#: A fit reports convergence only where the objective's gradient, per unit of data (see
+#: :meth:`~pyro_softmix.engine.EMProblem.relative_gradient`), is at most this (converged fits
+#: measure 1e-9 to 1e-7 in float64 and up to 1e-5 in float32).
+GRADIENT_TOL = 1e-3
 
 class ConvergenceWarning(UserWarning):
     """EM stopped at ``max_iter`` before its stopping rule was met."""
@@ -24,16 +31,80 @@ class DivergenceWarning(UserWarning):
     """Some atoms keep growing while the objective barely changes: the MLE may be at infinity."""
 
 
+class StartWarning(UserWarning):
+    """A given start was worse than a one-component fit and was repaired (its atoms were
+    moved toward that fit's)."""
+
+
+class NumericalError(ValueError, FloatingPointError):
+    """The objective, a gradient or a Hessian became NaN or infinite: the fit stops with this
+    instead of returning a result (causes: counts or features beyond the dtype's range,
+    float32 where float64 is needed)."""
+
+
+def check_finite(values, what: str) -> None:
+    """Raise :class:`NumericalError` naming ``what`` if any of ``values`` is NaN or infinite."""
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise NumericalError(
+            f"{what} became {bad[0]}: the fit cannot go on. Causes: counts or features beyond "
+            "the range of the dtype (use dtype=torch.float64, or rescale), or atoms so long "
+            "that every softmax underflows (use prior_scale=)")
+
+
+#: A support point holds part of a component's mass when its softmax probability is at least
+#: this fraction of the component's largest one.
+ACTIVE_MASS = 1e-12
+#: Largest p r for which the face test solves its linear program (7 s at p = 10^5, r = 50).
+FACE_TEST_SIZE = 2_000_000
+
+
+def on_a_face(z: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Whether the support points that carry a component's mass (softmax ``probs`` (p,)) lie
+    on a face of the convex hull of the standardised design ``z`` (p, r): some direction u has
+    them all at one height z.u and every other point below it. (Then pushing the atom out
+    along u raises the likelihood forever: the component is at infinity.) A single point is
+    always such a face (the atom's direction exposes it); for several points this is a linear
+    program, solved only for p r <= FACE_TEST_SIZE (else False)."""
+    active = (probs >= ACTIVE_MASS * probs.max()).nonzero().flatten()
+    if active.numel() == 1:
+        return True
+    p, r = z.shape
+    if active.numel() > r + 1 or p * r > FACE_TEST_SIZE:
+        return False
+    from scipy.optimize import linprog
+
+    zz = z.detach().double().cpu().numpy()
+    idx = active.cpu().numpy()
+    rest = np.setdiff1d(np.arange(p), idx)
+    base = zz[idx[0]]
+    result = linprog(np.zeros(r), A_ub=zz[rest] - base, b_ub=-np.ones(rest.shape[0]),
+                     A_eq=zz[idx[1:]] - base, b_eq=np.zeros(idx.shape[0] - 1),
+                     bounds=[(None, None)] * r, method="highs")
+    return result.status == 0
+
+
+def at_infinity(norms: list[float], objective: float, doubled: list[float], noise: float
+                ) -> tuple[int, ...]:
+    """Components whose atom is long and whose objective does not fall when the atom is
+    doubled (``doubled[k]``: the objective with atom k at twice its length, NaN if not
+    evaluated): the ray from the origin through the atom is a recession direction, so the
+    component's mass sits on a face of the design's convex hull and the supremum is at
+    infinity. ``noise`` is the objective's resolution."""
+    return tuple(k for k, (n, v) in enumerate(zip(norms, doubled, strict=True))
+                 if n >= DIVERGENCE_NORM and math.isfinite(v) and v >= objective - noise)
+
+
 #: An atom whose norm (standardised coordinates) grew by ``_DIVERGENCE_GROWTH`` (relative) over the
 #: last ``_DIVERGENCE_WINDOW`` updates while the objective changed by at most
-#: ``_DIVERGENCE_FLAT`` (relative), and which is long (``_DIVERGENCE_NORM``) or whose component
+#: ``_DIVERGENCE_FLAT`` (relative), and which is long (``DIVERGENCE_NORM``) or whose component
 #: puts at least ``_DIVERGENCE_MASS`` on a single support point, is reported as heading to infinity.
 #: So is a long atom whose norm grew by ``_RIDGE_GROWTH`` (relative) over the final stretch of the
 #: run in which the objective stayed within ``_RIDGE_FLAT`` (relative) of its final value: on a
 #: ridge towards a face of the design's convex hull (a component concentrating on a few support
 #: points) Newton steps can push an atom far out while the objective's last digits settle, and the
 #: growth over the last few updates then falls below any threshold.
-_DIVERGENCE_NORM = 10.0
+DIVERGENCE_NORM = 10.0
 _DIVERGENCE_MASS = 0.99
 _DIVERGENCE_GROWTH = 1e-5
 _DIVERGENCE_WINDOW = 3
@@ -58,7 +129,7 @@ def find_diverging(norm_history: list, history: list[float], probs: torch.Tensor
     floor = history[-1] - _RIDGE_FLAT * abs(history[-1])
     start = norm_history[next(i for i, v in enumerate(history) if v >= floor)]
     found = {k for k, (a, b) in enumerate(zip(now, start, strict=True))
-             if a >= _DIVERGENCE_NORM and a >= (1 + _RIDGE_GROWTH) * b}
+             if a >= DIVERGENCE_NORM and a >= (1 + _RIDGE_GROWTH) * b}
     # The short view: still growing over the last updates, and long or on one point.
     w = _DIVERGENCE_WINDOW
     if len(history) > w and abs(history[-1] - history[-1 - w]) <= _DIVERGENCE_FLAT * abs(
@@ -68,7 +139,7 @@ def find_diverging(norm_history: list, history: list[float], probs: torch.Tensor
         if growing:
             top_mass = probs[:, growing].amax(0).tolist()
             found.update(k for k, mass in zip(growing, top_mass, strict=True)
-                         if now[k] >= _DIVERGENCE_NORM or mass >= _DIVERGENCE_MASS)
+                         if now[k] >= DIVERGENCE_NORM or mass >= _DIVERGENCE_MASS)
     return tuple(sorted(found))
 
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import check_positive_int, keyword_options, make_generator
+from ._checks import check_positive_int, keyword_options, make_generator, warn_user
 from .accelerate import NEWTON_SWITCH, squarem_cycle
 from .engine import EMProblem, Setup, prepare, user_start
 from .moments import LatentMoments, standardised_moments
 from .solvers import fit_softmax_regression
-from .stopping import StoppingRule, progress_bar
+from .stopping import StartWarning, StoppingRule, check_finite, progress_bar
 
 __all__ = ["WarmStart", "warm_start", "WARM_START_METHODS"]
 
@@ -337,6 +337,59 @@ def _tilted_centre(mom: LatentMoments) -> torch.Tensor:
     return res.atoms[0]
 
 
+def one_component_fit(setup: Setup) -> tuple[torch.Tensor, float]:
+    """The trivial fit every fit must beat: the one-component MLE t_1 (r,) in standardised
+    coordinates, and the objective of a K-component mixture with every atom at t_1 (the
+    one-component log-likelihood, less the prior's penalty of K such atoms). Computed once per
+    set-up and kept on it."""
+    if setup.centre is None:
+        problem, k = setup.problem, setup.num_components
+        mom = standardised_moments(setup.z, problem.counts64, setup.design, problem.chunk_size)
+        centre = _tilted_centre(mom)
+        log_w = torch.full((k,), -math.log(k), dtype=centre.dtype, device=centre.device)
+        st = problem.start(centre.expand(k, -1).contiguous(), log_w)
+        setup.centre, setup.reference = centre, float(problem.objective(st)[0])
+    return setup.centre, setup.reference
+
+
+#: A component whose softmax puts at least this much mass on one support point is saturated.
+SATURATED = 1 - 1e-6
+
+
+def repair_start(setup: Setup, atoms_z: torch.Tensor, log_w: torch.Tensor
+                 ) -> tuple[torch.Tensor, str]:
+    """A given start (atoms (K, r), log-weights (K,)), moved toward the one-component fit
+    where it is worse than the uniform distribution over the support points (all atoms at 0)
+    and some component's softmax is saturated (all its mass on one point): its atoms are then
+    far from the data, where EM barely moves. The atoms become t_1 + s (t_k - t_1), t_1 the
+    one-component fit, with the largest s in 1/2, 1/4, ... whose objective beats the uniform
+    distribution's. Returns the atoms and the start's label; warns
+    (:class:`~pyro_softmix.StartWarning`) when it moved them."""
+    problem = setup.problem
+
+    def objective(atoms):
+        return float(problem.objective(problem.start(atoms, log_w))[0])
+
+    value = objective(atoms_z)
+    saturated = bool((problem.workspace.q.amax(0) >= SATURATED).any())
+    uniform = objective(torch.zeros_like(atoms_z))
+    if math.isfinite(value) and (value >= uniform or not saturated):
+        return atoms_z, "given"
+    centre, _ = one_component_fit(setup)
+    for i in range(1, 61):
+        moved = centre + 2.0**-i * (atoms_z - centre)
+        if (v := objective(moved)) >= uniform:
+            warn_user(
+                f"the start's objective ({value:.6g}) is below the uniform distribution's "
+                f"({uniform:.6g}): its atoms are far from the data, where EM barely moves. "
+                f"They were moved toward the one-component fit, to 2^-{i} of their distance "
+                f"(objective {v:.6g}); pass a better init or use init='auto'", StartWarning)
+            return moved, f"given (moved toward the one-component fit, scale 2^-{i})"
+    raise ValueError(f"init: the start's objective ({value:.6g}) is below the uniform "
+                     f"distribution's ({uniform:.6g}) and moving it toward a one-component fit "
+                     "does not help; use init='auto'")
+
+
 def _mixture_spread(z: torch.Tensor, dist2: torch.Tensor, atoms: torch.Tensor) -> float:
     """Mean over starts of sum_j pi(j) dist2_j for the equal-weight mixtures of atoms (S, K, r)."""
     s, k, r = atoms.shape
@@ -349,7 +402,7 @@ _CALIBRATION_STEPS = 7
 
 
 def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
-                     gen: torch.Generator) -> torch.Tensor:
+                     gen: torch.Generator, centre: torch.Tensor | None = None) -> torch.Tensor:
     """(S, K, r) random atoms around the one-component MLE, in all r directions, at a
     design-aware distance; on the device and in the dtype of ``mom.z``.
 
@@ -374,7 +427,7 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
         noise = _gaussian_draws((num_starts, num_components, r), gen)
         noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     noise = noise.to(z)
-    centre = _tilted_centre(mom).to(z)
+    centre = (_tilted_centre(mom) if centre is None else centre).to(z)
     dist2 = ((z - mom.m1) ** 2).sum(1)  # (p,)
     target = float(mom.pihat @ dist2)
     lo, hi = math.log(1e-2), math.log(1e1)
@@ -452,6 +505,7 @@ def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
             if bar is not None:
                 bar.update(s * RACE_CHECK_EVERY)
             obj = [-math.inf if math.isnan(v) else v for v in objs[-1]]
+            check_finite([max(obj)], "the objective of every raced start")
             for rule, pair in zip(rules, zip(*gains[-2:], strict=True), strict=True):
                 rule.record(list(pair), cycle=accelerate)
             order = sorted(range(s), key=obj.__getitem__, reverse=True)
@@ -477,8 +531,8 @@ def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
 
 
 def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
-                gen: torch.Generator, max_iter: int = 1000, progress: bool | None = False,
-                accelerate: bool = True):
+               gen: torch.Generator, max_iter: int = 1000, progress: bool | None = False,
+               accelerate: bool = True, centre: torch.Tensor | None = None):
     """The ``"auto"`` start: ``num_inits`` design-calibrated random starts in all r directions
     (:func:`calibrated_atoms`), raced in one batch.
 
@@ -490,7 +544,7 @@ def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
     start-iterations spent in the race.
     """
     n = num_inits or AUTO_NUM_INITS
-    atoms = calibrated_atoms(mom, k, n, gen)  # on problem.z's device, in its dtype
+    atoms = calibrated_atoms(mom, k, n, gen, centre)  # on problem.z's device, in its dtype
     log_w = torch.full((n, k), -math.log(k), dtype=atoms.dtype, device=atoms.device)
     if n == 1:
         return atoms, log_w, 0
@@ -509,12 +563,14 @@ def choose_start(setup: Setup, init, num_inits, max_iter, seed, progress,
     problem, design, z, k = setup.problem, setup.design, setup.z, setup.num_components
     if not isinstance(init, str):
         atoms_z, log_w = user_start(init, k, design, z)
-        return atoms_z[None], log_w[None], "given"
+        atoms_z, label = repair_start(setup, atoms_z, log_w)
+        return atoms_z[None], log_w[None], label
     gen = make_generator(seed)
     mom = standardised_moments(z, problem.counts64, design, problem.chunk_size)
     if init == "auto":
+        centre, _ = one_component_fit(setup)
         atoms_z, log_w, spent = auto_start(problem, mom, k, num_inits, gen, max_iter, progress,
-                                            accelerate)
+                                           accelerate, centre)
         n = num_inits or AUTO_NUM_INITS
         return atoms_z, log_w, ("auto" if n == 1 else race_label("auto", n, spent, atoms_z))
     n = num_inits or 1

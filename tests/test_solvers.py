@@ -222,3 +222,34 @@ def test_armijo_search_takes_each_members_first_sufficient_step():
     for s, c in zip(step[:3].tolist(), curvature[:3].tolist(), strict=True):
         assert s - c * s * s >= ARMIJO * s and (2 * s) - c * (2 * s) ** 2 < ARMIJO * 2 * s
     assert len(calls) == 6  # member 4 never accepts: every trial is spent
+
+
+def test_trust_region_step_is_the_dogleg():
+    """Inside the radius: the Newton step. Outside: a step of the radius' length whose
+    quadratic-model increase is at least the Cauchy point's (steepest ascent within the radius);
+    with a vanished Hessian: the gradient direction."""
+    from pyro_softmix.solvers import trust_region_step
+
+    g = torch.Generator().manual_seed(0)
+    r = 4
+    a = torch.randn(3, r, r, generator=g, dtype=torch.float64)
+    hess = a @ a.mT + 0.01 * torch.eye(r, dtype=torch.float64)
+    hess[2] = 0.0
+    grad = 5 * torch.randn(3, r, generator=g, dtype=torch.float64)
+    newton = torch.linalg.solve(hess[:2], grad[:2][..., None])[..., 0]
+    newton = torch.cat([newton, torch.zeros(1, r, dtype=torch.float64)])
+    radius = 0.5 * float(torch.linalg.vector_norm(newton[1]))
+    newton[0] *= radius / (2 * float(torch.linalg.vector_norm(newton[0])))  # fits inside
+    step, capped = trust_region_step(grad, hess, newton, radius)
+    assert capped.tolist() == [False, True, True]
+    assert torch.equal(step[0], newton[0])
+    lengths = torch.linalg.vector_norm(step, dim=-1)
+    assert torch.allclose(lengths[1:], torch.tensor([radius, radius], dtype=torch.float64))
+    assert torch.allclose(step[2] / lengths[2], grad[2] / grad[2].norm())
+
+    def model(p, k):
+        return float(grad[k] @ p - 0.5 * p @ hess[k] @ p)
+
+    cauchy = min(radius / float(grad[1].norm()),
+                 float(grad[1] @ grad[1] / (grad[1] @ hess[1] @ grad[1]))) * grad[1]
+    assert model(step[1], 1) >= model(cauchy, 1) - 1e-12

@@ -203,3 +203,98 @@ def test_stopping_rule_reads_monotone_and_gradient_runs_differently():
     assert cycles.bound(0.995) == math.inf  # no gains: nothing known
     cycles.record([2e-6, 1e-6])
     assert cycles.bound(0.995) == pytest.approx(1e-6 / 0.005)
+
+
+def _far_start(d, norm, seed, k=3):
+    design = psm.standardize(d.features)
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(k, design.rank, generator=g, dtype=torch.float64)
+    atoms = design.atoms_from_z(norm * dirs / dirs.norm(dim=1, keepdim=True))
+    return {"weights": torch.full((k,), 1 / k, dtype=torch.float64), "atoms": atoms}
+
+
+@pytest.mark.parametrize("accelerate", [True, False])
+def test_a_start_far_from_the_data_is_repaired_and_never_falsely_converges(accelerate):
+    """Atoms of norm 300 (standardised): every softmax sits on one point, EM's Newton steps
+    vanish there, and the stopping rule used to declare convergence after 3-5 updates at a
+    log-likelihood 100 times worse than a one-component fit's."""
+    from pyro_softmix.engine import prepare
+    from pyro_softmix.stopping import GRADIENT_TOL
+
+    d = psm.simulate(num_points=2000, num_features=5, num_components=3, num_obs=5000, seed=0)
+    one = psm.fit_em(d.features, counts=d.counts, num_components=1, seed=0)
+    best = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0)
+    with pytest.warns(psm.StartWarning, match="far from the data"):
+        fit = psm.fit_em(d.features, counts=d.counts, num_components=3,
+                         init=_far_start(d, 300.0, 0), accelerate=accelerate)
+    assert fit.converged and fit.init.startswith("given (moved toward")
+    assert fit.loglik > one.loglik
+    assert fit.loglik >= best.loglik - 1e-6 * abs(best.loglik)
+    setup = prepare(d.features, d.counts, None, None, 3, None, None, None)
+    atoms_z = setup.design.atoms_to_z(fit.atoms)
+    assert setup.problem.relative_gradient(atoms_z, fit.weights.log()) <= GRADIENT_TOL
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_far_starts_never_report_convergence_at_a_nonzero_gradient(seed):
+    from pyro_softmix.engine import prepare
+    from pyro_softmix.stopping import GRADIENT_TOL
+
+    d = psm.simulate(num_points=800, num_features=4, num_components=3, num_obs=20_000,
+                     atom_norm=2.0, seed=10 + seed)
+    one = psm.fit_em(d.features, counts=d.counts, num_components=1, seed=0).loglik
+    norm = [30.0, 60.0, 120.0, 250.0, 500.0][seed]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = psm.fit_em(d.features, counts=d.counts, num_components=3,
+                         init=_far_start(d, norm, seed), max_iter=300)
+    setup = prepare(d.features, d.counts, None, None, 3, None, None, None)
+    gradient = setup.problem.relative_gradient(setup.design.atoms_to_z(fit.atoms),
+                                               fit.weights.log())
+    if fit.converged:
+        assert gradient <= GRADIENT_TOL and fit.loglik >= one - 1e-10 * abs(one)
+
+
+def test_a_fooled_stopping_rule_cannot_report_convergence(monkeypatch):
+    """The final checks do not trust the stopping rule: with a rule that says "converged" at
+    once, a fit from a poor start reports converged=False and says why."""
+    import pyro_softmix.accelerate as accelerate
+
+    class Fooled(accelerate.StoppingRule):
+        def converged(self, objective):
+            return True
+
+    monkeypatch.setattr(accelerate, "StoppingRule", Fooled)
+    d = psm.simulate(num_points=500, num_features=3, num_components=2, num_obs=20_000, seed=3)
+    start = {"weights": d.weights, "atoms": 0.05 * d.atoms}  # valid, but far from the MLE
+    with pytest.warns(psm.ConvergenceWarning, match="not at a maximum.*gradient is not zero"):
+        fit = psm.fit_em(d.features, counts=d.counts, num_components=2, init=start)
+    assert not fit.converged and fit.n_iter == 2
+
+
+def _vertex_data(seed, vertices, p=300, L=3, k=3):
+    from scipy.spatial import ConvexHull
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(p, L, generator=g, dtype=torch.float64)
+    hull = torch.from_numpy(ConvexHull(x.numpy()).vertices)
+    chosen = hull[torch.randperm(hull.shape[0], generator=g)[:vertices]]
+    counts = torch.zeros(p, dtype=torch.float64)
+    counts[chosen] = torch.randint(50, 500, (vertices,), generator=g).double()
+    return x, counts
+
+
+@pytest.mark.parametrize("vertices", [1, 3])
+def test_atoms_at_infinity_are_reported_when_the_counts_sit_on_hull_vertices(vertices):
+    """With all draws on 1 or K vertices of the design's convex hull, every atom goes to
+    infinity (the likelihood's supremum is not attained): all are reported, on 10 designs,
+    also where the race carried them out before the final run began."""
+    for seed in range(10):
+        x, counts = _vertex_data(seed, vertices)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # EM may also run out of iterations on the ridge
+            fit = psm.fit_em(x, counts=counts, num_components=3, seed=seed)
+        assert any(w.category is psm.DivergenceWarning and "prior_scale=" in str(w.message)
+                   for w in caught)
+        assert fit.diverging == (0, 1, 2), (seed, fit.diverging)
+        assert fit.loglik <= 0.0  # a log-likelihood, despite rounding near 0
