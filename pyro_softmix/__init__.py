@@ -24,7 +24,7 @@ from .infer import EM, em_initial_params, init_to_em
 from .mixture_model import SoftmaxMixtureModel
 from .moe import MixtureOfExperts, load_moe
 from .moments import LatentMoments, latent_moments
-from .results import SoftmaxMixtureFit, load_fit
+from .results import FileFormatError, SoftmaxMixtureFit, load_fit
 from .simulate import SimulatedData, SimulatedMoE, simulate, simulate_moe
 from .solvers import (
     fit_logistic_regression,
@@ -43,6 +43,7 @@ __all__ = [
     "Design",
     "DivergenceWarning",
     "EM",
+    "FileFormatError",
     "FitComparison",
     "IdentifiabilityWarning",
     "LatentMoments",

@@ -64,47 +64,90 @@ def keyword_options(fn: Callable) -> Callable:
 
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:
-    """Convert a tensor or array-like to a tensor without copying when possible."""
+    """Convert a tensor or array-like to a real tensor, without copying when possible.
+
+    Accepts tensors, NumPy arrays (any byte order; ``longdouble`` becomes float64; read-only
+    arrays are wrapped, never written to), nested lists, numbers, and objects with a
+    ``to_numpy()`` method (pandas DataFrames and Series). Complex, string and object data are
+    refused with a ``TypeError`` naming ``name``.
+    """
     if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise TypeError(f"{name} must be real, got a complex tensor ({x.dtype}): pass "
+                            "its real part (x.real) if that is what you mean")
         return x.detach()
-    if isinstance(x, np.ndarray | list | tuple | numbers.Number):
-        arr = np.asarray(x)
+    if not isinstance(x, np.ndarray) and callable(getattr(x, "to_numpy", None)):
+        x = x.to_numpy()  # pandas
+    if isinstance(x, np.ndarray | np.generic | list | tuple | numbers.Number):
+        try:
+            arr = np.asarray(x)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"{name} must be a rectangular array: {e}") from None
         if arr.dtype == object:
             raise TypeError(f"{name} must be numeric, got an array of Python objects")
+        if arr.dtype.kind == "c":
+            raise TypeError(f"{name} must be real, got complex dtype {arr.dtype}")
         if arr.dtype.kind not in "biuf":
             raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:  # longdouble: torch has none
+            arr = arr.astype(np.float64)
+        arr = np.ascontiguousarray(arr)
+        if arr.flags.writeable:
+            return torch.from_numpy(arr)
+        with warnings.catch_warnings():  # read-only: wrapped, and never written to
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr)
     raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32,
+           "double": torch.float64}
+
+
 def resolve_dtype(dtype: Any, like: torch.Tensor) -> torch.dtype:
-    """The dtype to compute in: ``dtype`` if given, else ``like``'s when it is float32 or float64,
-    float32 for half-precision inputs, and the default dtype for integer inputs."""
+    """The dtype to compute in: ``dtype`` if given (``torch.float32``/``torch.float64``, their
+    names, or the NumPy ones), else ``like``'s when it is float32 or float64, float32 for
+    half-precision inputs, and the default dtype for integer inputs."""
     if dtype is None:
         if like.dtype in (torch.float32, torch.float64):
             return like.dtype
         return torch.float32 if like.is_floating_point() else torch.get_default_dtype()
+    if not isinstance(dtype, str | torch.dtype):
+        try:
+            dtype = np.dtype(dtype).name  # np.float32, np.dtype("float64"), ...
+        except TypeError:
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got "
+                            f"{type(dtype).__name__}") from None
     if isinstance(dtype, str):
-        table = {"float32": torch.float32, "float64": torch.float64,
-                 "float": torch.float32, "double": torch.float64}
-        if dtype not in table:
+        if dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-        dtype = table[dtype]
+        dtype = _DTYPES[dtype]
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     return dtype
 
 
-def resolve_device(device: Any, like: torch.Tensor) -> torch.device:
-    """The device to compute on: ``device`` if given, else ``like``'s."""
+def resolve_device(device: Any, like: torch.Tensor | None = None) -> torch.device:
+    """The device to compute on: ``device`` if given (checked to exist and work here), else
+    ``like``'s (the CPU without ``like``)."""
     if device is None:
-        return like.device
+        return like.device if like is not None else torch.device("cpu")
+    if not isinstance(device, str | torch.device | int):
+        raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', or a "
+                        f"torch.device, got {type(device).__name__}")
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError, ValueError) as e:
         raise ValueError(f"device {device!r} is not a valid torch device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was requested but CUDA is not available")
+    try:
+        torch.empty(1, device=device)
+    except Exception as e:  # noqa: BLE001 (an absent backend raises several kinds of error)
+        raise ValueError(f"device {str(device)!r} is not available here: "
+                         f"{str(e).splitlines()[0]}") from None
     return device
 
 

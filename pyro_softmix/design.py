@@ -93,8 +93,21 @@ class Design:
 def feature_scales(features: torch.Tensor) -> torch.Tensor:
     """(L,) standard deviation of every column, 1 for constant columns (the unit of the atoms'
     default prior)."""
-    sd = features.std(0)
+    unit = column_units(features, features.shape[0]).to(features.dtype)
+    sd = (features / unit).std(0) * unit
     return torch.where(sd > 0, sd, torch.ones_like(sd))
+
+
+def column_units(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(L,) float64 powers of two that bring columns of extreme magnitude (largest entry beyond
+    2^+-300) to about 1, and 1 for every other column (so ordinary designs are untouched to
+    the bit)."""
+    top = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], chunk):
+        top = torch.maximum(top, x[s:s + chunk].abs().amax(0).to(torch.float64))
+    extreme = (top > 2.0**300) | ((top < 2.0**-300) & (top > 0))
+    power = torch.where(extreme, torch.round(torch.log2(torch.where(top > 0, top, 1.0))), 0.0)
+    return torch.exp2(power)
 
 
 def _rank_tolerance(dtype: torch.dtype, num_features: int) -> float:
@@ -126,14 +139,17 @@ def standardize(features, *, warn: bool = True, chunk_size: int | None = None) -
     x = check_features(features)
     p, L = x.shape
     chunk = rows_per_chunk(p, L * 8, x.device, chunk_size)
+    # Columns of extreme magnitude (beyond 2^+-300) are scaled by a power of two first, so
+    # their squares do not overflow; everything below is then in scaled units, exactly.
+    unit = column_units(x, chunk)
     # Two passes in float64 (mean, then centred second moment) for accuracy on shifted data.
     total = torch.zeros(L, dtype=torch.float64, device=x.device)
     for s in range(0, p, chunk):
-        total += x[s:s + chunk].to(torch.float64).sum(0)
+        total += (x[s:s + chunk].to(torch.float64) / unit).sum(0)
     mean = total / p
     cov = torch.zeros(L, L, dtype=torch.float64, device=x.device)
     for s in range(0, p, chunk):
-        xc = x[s:s + chunk].to(torch.float64) - mean
+        xc = x[s:s + chunk].to(torch.float64) / unit - mean
         cov += xc.T @ xc
     cov /= p
     std = cov.diagonal().clamp_min(0).sqrt()
@@ -157,9 +173,12 @@ def standardize(features, *, warn: bool = True, chunk_size: int | None = None) -
     whiten = (v_r / scale[:, None]) * lam_r.rsqrt()
     # theta_z = W^T S theta. Any theta = W theta_z + n with n in null(S) has the same logits;
     # the minimum-norm one removes the component along null(S) = D^{-1} (null eigenvectors),
-    # which includes the constant columns (their rows of corr are zero).
-    from_atoms = cov @ whiten
-    null = evecs[:, ~keep] / scale[:, None]
+    # which includes the constant columns (their rows of corr are zero). Back from scaled
+    # units: x = unit * x_scaled, so W = W_scaled / unit and S W = unit * (S_scaled W_scaled).
+    from_atoms = (cov @ whiten) * unit[:, None]
+    whiten = whiten / unit[:, None]
+    mean = mean * unit
+    null = evecs[:, ~keep] / (scale * unit)[:, None]
     to_atoms = whiten
     if null.shape[1] > 0:
         q, _ = torch.linalg.qr(null)

@@ -53,8 +53,12 @@ class SoftmaxMixture(Categorical):
             features = check_features(features)
         elif validate_args is not False:
             check_features(features)  # raises on bad shape or values; keeps the autograd graph
+        # Tensors are kept as they are (the autograd graph flows through them), once checked.
         atoms = atoms if isinstance(atoms, torch.Tensor) else as_tensor(atoms, "atoms")
         weights = weights if isinstance(weights, torch.Tensor) else as_tensor(weights, "weights")
+        for value, name in ((atoms, "atoms"), (weights, "weights")):
+            if value.is_complex() or value.dtype == torch.bool:
+                raise TypeError(f"{name} must be real numbers, got dtype {value.dtype}")
         if atoms.dim() < 2 or atoms.shape[-1] != features.shape[-1]:
             raise ValueError(f"atoms must have shape (..., K, {features.shape[-1]}) to match "
                              f"features, got {tuple(atoms.shape)}")

@@ -208,6 +208,8 @@ def prepare_fit(features, counts, tokens, groups, *, num_components, init, num_i
     check_seed(seed)
     if not isinstance(accelerate, bool):
         raise TypeError(f"accelerate must be True or False, got {accelerate!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be None, True or False, got {progress!r}")
     setup = prepare(features, counts, tokens, groups, num_components, dtype, device, chunk_size,
                     prior_scale)
     starts_z, starts_w, label = choose_start(setup, init, num_inits, max_iter, seed, progress,

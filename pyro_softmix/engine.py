@@ -249,9 +249,9 @@ class GroupedEMProblem(EMProblem):
 
 
 def user_start(init: Any, num_components: int, design: Design, z: torch.Tensor):
+    """A given start (checked by ``warmstart.check_init``) in standardised coordinates:
+    atoms (K, r) and log-weights (K,) in z's dtype and device."""
     if isinstance(init, Mapping):
-        if set(init) < {"weights", "atoms"}:
-            raise ValueError("init as a mapping must have keys 'weights' and 'atoms'")
         weights, atoms = init["weights"], init["atoms"]
     else:
         weights, atoms = init.weights, init.atoms
@@ -301,8 +301,14 @@ def prepare(features, counts, tokens, groups, num_components, dtype, device, chu
     if groups is None:
         n = check_counts(counts, tokens, p)
         grouped = None
+        total = float(n.double().sum())
     else:
         grouped = check_groups(groups, counts, tokens, p)
+        total = float(grouped[2].sum())
+    if total > 1e-6 * torch.finfo(dtype).max:
+        raise ValueError(f"counts sum to {total:.3g}, beyond what {dtype} represents in sums "
+                         "of counts: use dtype=torch.float64, or rescale the counts (the "
+                         "estimate depends only on their proportions)")
     design = standardize(x, chunk_size=chunk_size)
     z = design.transform(x, dtype=dtype, device=device, chunk_size=chunk_size)
     if grouped is None:

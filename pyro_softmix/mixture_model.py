@@ -18,6 +18,7 @@ from ._checks import (
     check_num_components,
     check_positive_float,
     keyword_options,
+    resolve_dtype,
 )
 from ._logprob import component_log_probs, log_weights
 from .em import fit_em
@@ -65,10 +66,7 @@ class SoftmaxMixtureModel:
     def __init__(self, features, num_components: int, *, concentration: float = 1.0,
                  prior_scale: float = 5.0, atoms_prior=None, weights_prior=None, dtype=None):
         x = check_features(features)
-        if dtype is not None:
-            x = x.to(dtype)
-        elif x.dtype not in (torch.float32, torch.float64):
-            x = x.to(torch.get_default_dtype())
+        x = x.to(resolve_dtype(dtype, x))
         self.features = x
         self.num_components = check_num_components(num_components, x.shape[0])
         self.concentration = check_positive_float(concentration, "concentration")

@@ -42,11 +42,12 @@ from ._checks import (
     check_positive_int,
     keyword_options,
     make_generator,
+    resolve_device,
     resolve_dtype,
     warn_user,
 )
 from .moe_em import fit_starts, log_joint, public_params, start_params
-from .results import MOE_FORMAT, read_npz, write_npz
+from .results import MOE_FORMAT, FileReader, write_npz
 from .stopping import ConvergenceWarning, NumericalError, default_tol
 
 __all__ = ["MixtureOfExperts", "load_moe"]
@@ -86,7 +87,7 @@ def _design_matrices(spec, x, gate_x, dtype=None, device=None, new_fit: bool = F
     if dtype is None and fitted:
         dtype = spec.expert_weights.dtype
     dtype = resolve_dtype(dtype, xe)
-    device = device or (spec.expert_weights.device if fitted else xe.device)
+    device = resolve_device(device, spec.expert_weights if fitted else xe)
     out = []
     for t in (xe, xg):
         t = t.to(device=device, dtype=dtype)
@@ -268,7 +269,7 @@ class MixtureOfExperts:
         m_steps = check_positive_int(m_steps, "m_steps")
         if max_iter is None:
             max_iter = 1000 if method == "em" else 20000
-        max_iter = check_positive_int(max_iter, "max_iter", minimum=0)
+        max_iter = check_positive_int(max_iter, "max_iter")
         xe, xg, yt = self._data(x, y, gate_x, dtype, device, new_fit=True)
         if tol is None:
             tol = default_tol(xe.dtype)
@@ -377,17 +378,8 @@ class MixtureOfExperts:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MixtureOfExperts:
-        """Load what :meth:`save` wrote."""
-        meta, data = read_npz(path, MOE_FORMAT, "MoE")
-        obj = cls(**{k: meta[k] for k in cls._CONFIG})
-        for k in cls._STATE:
-            setattr(obj, k, meta[k])
-        obj.gate_weights = torch.from_numpy(data["gate_weights"])
-        obj.expert_weights = torch.from_numpy(data["expert_weights"])
-        obj.noise_scale = (torch.from_numpy(data["noise_scale"]) if "noise_scale" in data
-                           else None)
-        obj.history, obj.times = data["history"].tolist(), data["times"].tolist()
-        return obj
+        """Load what :meth:`save` wrote (see :func:`load_moe`)."""
+        return load_moe(path)
 
     # -- Pyro ------------------------------------------------------------------------------
     def model(self, x, y=None, gate_x=None, *, collapsed: bool = False,
@@ -505,5 +497,33 @@ def moe_model(spec, xe: torch.Tensor, xg: torch.Tensor, y: torch.Tensor | None, 
 
 
 def load_moe(path: str | os.PathLike) -> MixtureOfExperts:
-    """Load a :class:`MixtureOfExperts` written by :meth:`MixtureOfExperts.save`."""
-    return MixtureOfExperts.load(path)
+    """Load a :class:`MixtureOfExperts` written by :meth:`MixtureOfExperts.save`.
+
+    Every field is checked (see :func:`~pyro_softmix.load_fit`): a damaged or foreign file
+    raises :class:`~pyro_softmix.FileFormatError` naming the file and the field.
+    """
+    f = FileReader(path, MOE_FORMAT, "MoE")
+    config = {k: f.meta.get(k) for k in MixtureOfExperts._CONFIG}
+    try:
+        obj = MixtureOfExperts(**config)
+    except (TypeError, ValueError) as e:
+        raise f.error("the configuration", f"is invalid ({e})") from None
+    for k, kind in zip(MixtureOfExperts._STATE, (float, float, int, bool, float, str, str, int),
+                       strict=True):
+        setattr(obj, k, f.value(k, kind if kind is not float else (float, int)))
+    if obj.method not in METHODS:
+        raise f.error("field 'method'", f"must be one of {METHODS}, got {obj.method!r}")
+    k = obj.num_experts
+    experts = f.array("expert_weights", (k, None))
+    gate = f.array("gate_weights", (k, None))
+    if (gate[-1] != 0).any():
+        raise f.error("array 'gate_weights'", "must have a last row of zeros")
+    if obj.expert == "linear":
+        noise = f.array("noise_scale", (k,))
+        if (noise <= 0).any():
+            raise f.error("array 'noise_scale'", "must be positive")
+        obj.noise_scale = torch.from_numpy(noise)
+    obj.gate_weights, obj.expert_weights = torch.from_numpy(gate), torch.from_numpy(experts)
+    obj.history = f.array("history", (obj.n_iter + 1,), finite=False).tolist()
+    obj.times = f.array("times", (obj.n_iter + 1,)).tolist()
+    return obj

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._checks import check_features
+from ._checks import check_features, resolve_device
 from ._logprob import component_log_probs, mixture_log_probs, posterior
 from .engine import GroupedEMProblem, Setup
 
-__all__ = ["SoftmaxMixtureFit", "load_fit"]
+__all__ = ["FileFormatError", "SoftmaxMixtureFit", "load_fit"]
 
 
 @dataclass(repr=False)
@@ -183,9 +183,15 @@ class SoftmaxMixtureFit:
         write_npz(path, FIT_FORMAT, meta, arrays)
 
 
-#: The format tags in the JSON header of the package's files.
+#: The format tags in the JSON header of the package's files, and the version written.
 FIT_FORMAT = "pyro-softmix-fit"
 MOE_FORMAT = "pyro-softmix-moe"
+FORMAT_VERSION = 1
+
+
+class FileFormatError(ValueError):
+    """A file is not a valid pyro-softmix file (a fit or a mixture of experts): the message
+    names the file and the field that is missing or wrong. Files are never unpickled."""
 
 
 def write_npz(path: str | os.PathLike, kind: str, meta: dict, arrays: dict) -> None:
@@ -195,24 +201,110 @@ def write_npz(path: str | os.PathLike, kind: str, meta: dict, arrays: dict) -> N
     ``arrays`` maps names to tensors or arrays (moved to the CPU); ``meta`` must be
     JSON-serialisable.
     """
-    header = {"format": kind, "version": 1, **meta}
+    header = {"format": kind, "version": FORMAT_VERSION, **meta}
     data = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
             for k, v in arrays.items()}
     np.savez(path, meta=np.array(json.dumps(header)), **data)
 
 
+class FileReader:
+    """Reads a file of :func:`write_npz` with format ``kind`` and checks every field it hands
+    out (type, shape, finiteness), raising :class:`FileFormatError` that names the file and the
+    field. A missing file raises ``FileNotFoundError`` (an ``OSError``) with its path; a path
+    without its ``.npz`` suffix is found too (``np.savez`` adds it)."""
+
+    def __init__(self, path: str | os.PathLike, kind: str, what: str):
+        path = os.fspath(path)
+        if not os.path.exists(path) and os.path.exists(path + ".npz"):
+            path += ".npz"
+        self.path, self.what = path, what
+        try:
+            with open(path, "rb") as handle:  # ours to close, also when NumPy fails midway
+                data = np.load(handle, allow_pickle=False)
+                if not isinstance(data, np.lib.npyio.NpzFile):
+                    raise ValueError("not an .npz archive")
+                with data:
+                    arrays = {k: data[k] for k in data.files}
+        except OSError as e:
+            if isinstance(e, FileNotFoundError | IsADirectoryError | PermissionError):
+                raise
+            raise self.error("the file", f"cannot be read ({e})") from None
+        except Exception as e:  # noqa: BLE001 (zip, EOF, pickle and format errors of NumPy)
+            raise self.error("the file", f"cannot be read ({type(e).__name__}: {e})") from None
+        try:
+            self.meta = json.loads(str(arrays.pop("meta")))
+        except (KeyError, ValueError) as e:
+            raise self.error("header 'meta'", f"is missing or not JSON ({e})") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format") != kind:
+            raise self.error("header 'format'", f"is not {kind!r}")
+        version = self.meta.get("version")
+        if version != FORMAT_VERSION:
+            raise self.error("header 'version'", f"is {version!r}; this pyro-softmix reads "
+                             f"version {FORMAT_VERSION} (was the file written by a newer one?)")
+        self.arrays = arrays
+
+    def error(self, field: str, problem: str) -> FileFormatError:
+        return FileFormatError(f"{self.path!r} is not a valid pyro-softmix {self.what} file: "
+                               f"{field} {problem}")
+
+    def value(self, name: str, kind, *, optional: bool = False, check=None, default=None):
+        """Header field ``name`` of type ``kind`` (int, float, bool, str, or a tuple of them);
+        ``check(value)`` returns a problem or None."""
+        if name not in self.meta or (optional and self.meta[name] is None):
+            if optional:
+                return default
+            raise self.error(f"field {name!r}", "is missing")
+        v = self.meta[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = any(isinstance(v, k) and not (k in (int, float) and isinstance(v, bool))
+                 for k in kinds)
+        if not ok or (isinstance(v, float) and not math.isfinite(v)):
+            raise self.error(f"field {name!r}", f"must be {' or '.join(k.__name__ for k in kinds)}"
+                             f" (finite), got {v!r}")
+        problem = None if check is None else check(v)
+        if problem:
+            raise self.error(f"field {name!r}", problem)
+        return float(v) if kinds == (float,) or kinds == (float, int) else v
+
+    def array(self, name: str, shape: tuple, *, kinds: str = "f", optional: bool = False,
+              finite: bool = True) -> np.ndarray | None:
+        """Array ``name`` with ``shape`` (None: any length) and a dtype kind in ``kinds``."""
+        if name not in self.arrays:
+            if optional:
+                return None
+            raise self.error(f"array {name!r}", "is missing")
+        a = self.arrays[name]
+        if a.dtype.kind not in kinds or a.ndim != len(shape) or any(
+                want is not None and have != want for have, want in zip(a.shape, shape,
+                                                                          strict=True)):
+            want = "(" + ", ".join("*" if n is None else str(n) for n in shape) + ")"
+            raise self.error(f"array {name!r}", f"must have shape {want} and a "
+                             f"{'float' if kinds == 'f' else 'integer'} dtype, got "
+                             f"{a.dtype}{a.shape}")
+        if finite and a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise self.error(f"array {name!r}", "contains NaN or infinite values")
+        return a
+
+    def distribution(self, name: str, a: np.ndarray, axis: int = -1) -> None:
+        """Check that ``a`` is nonnegative and sums to 1 along ``axis``."""
+        tol = 1e-5 if a.dtype == np.float32 else 1e-9
+        if (a < 0).any() or not np.allclose(a.sum(axis), 1.0, rtol=0, atol=tol * a.shape[axis]):
+            raise self.error(f"array {name!r}", "must be nonnegative and sum to 1")
+
+
 def read_npz(path: str | os.PathLike, kind: str, what: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read a file written by :func:`write_npz` with format ``kind`` (never unpickling):
-    ``(meta, arrays)``. ``what`` names the file kind in errors."""
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(str(data["meta"])) if "meta" in data else {}
-        if meta.get("format") != kind:
-            raise ValueError(f"{os.fspath(path)!r} is not a pyro-softmix {what} file")
-        return meta, {k: data[k] for k in data.files if k != "meta"}
+    """The header and the arrays of a file of :func:`write_npz` with format ``kind`` (checks the
+    format and version only; :class:`FileReader` checks fields)."""
+    reader = FileReader(path, kind, what)
+    return reader.meta, reader.arrays
 
 
 def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
     """Load a fit written by :meth:`SoftmaxMixtureFit.save` (no pickle involved).
+
+    Every field is checked (type, shape, finiteness, weights on the simplex, the format's
+    version): a damaged or foreign file raises :class:`FileFormatError` naming the file and
+    the field, a missing one ``FileNotFoundError``.
 
     Example:
         >>> import os, tempfile
@@ -226,23 +318,47 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
         >>> bool((again.atoms == fit.atoms).all()), again.loglik == fit.loglik
         (True, True)
     """
-    meta, data = read_npz(path, FIT_FORMAT, "fit")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = resolve_device(device)
+    f = FileReader(path, FIT_FORMAT, "fit")
+    atoms = f.array("atoms", (None, None))
+    k, L = atoms.shape
+    if k < 1 or L < 1:
+        raise f.error("array 'atoms'", f"must have at least one row and column, got {atoms.shape}")
+    weights = f.array("weights", (k,))
+    f.distribution("weights", weights)
+    if weights.dtype != atoms.dtype:
+        raise f.error("array 'weights'", f"has dtype {weights.dtype}, atoms {atoms.dtype}")
+    n_iter = f.value("n_iter", int, check=lambda v: None if v >= 0 else "must be >= 0")
+    history = f.array("history", (n_iter + 1,))
+    num_points = f.value("num_points", int, check=lambda v: None if v >= 2 else "must be >= 2")
+    rank = f.value("rank", int, check=lambda v: None if 1 <= v <= L else f"must be in [1, {L}]")
+    num_groups = f.value("num_groups", int, optional=True,
+                         check=lambda v: None if v >= 1 else "must be >= 1")
+    features = f.array("features", (num_points, L), optional=True)
+    labels = resp = None
+    if num_groups is not None:
+        labels = f.array("group_labels", (num_groups,), kinds="iu")
+        resp = f.array("group_responsibilities", (num_groups, k))
+        f.distribution("group_responsibilities", resp)
 
-    def tensor(name):
-        return torch.from_numpy(data[name]).to(dev) if name in data else None
+    def tensor(a):
+        return None if a is None else torch.from_numpy(a).to(dev)
 
-    grouped = meta.get("num_groups") is not None
     return SoftmaxMixtureFit(
-        weights=tensor("weights"), atoms=tensor("atoms"),
-        loglik=float(meta["loglik"]), n_iter=int(meta["n_iter"]),
-        converged=bool(meta["converged"]), history=data["history"].tolist(),
-        num_obs=float(meta["num_obs"]), num_points=int(meta["num_points"]),
-        rank=int(meta["rank"]), init=str(meta["init"]), seconds=float(meta["seconds"]),
-        features=tensor("features"), num_groups=meta.get("num_groups"),
-        prior_scale=meta.get("prior_scale"), diverging=tuple(meta.get("diverging", ())),
-        group_labels=tensor("group_labels") if grouped else None,
-        group_responsibilities=tensor("group_responsibilities") if grouped else None,
+        weights=tensor(weights), atoms=tensor(atoms),
+        loglik=f.value("loglik", (float, int)), n_iter=n_iter,
+        converged=f.value("converged", bool), history=history.tolist(),
+        num_obs=f.value("num_obs", (float, int), check=lambda v: None if v > 0 else "must be > 0"),
+        num_points=num_points, rank=rank, init=f.value("init", str),
+        seconds=f.value("seconds", (float, int), check=lambda v: None if v >= 0 else "must be >= 0"),
+        features=tensor(features), num_groups=num_groups,
+        prior_scale=f.value("prior_scale", (float, int), optional=True,
+                            check=lambda v: None if v > 0 else "must be > 0"),
+        diverging=tuple(f.value("diverging", list, optional=True, default=[],
+                                check=lambda v: None if all(isinstance(i, int) and 0 <= i < k
+                                                            for i in v)
+                                else f"must list component indices in [0, {k})")),
+        group_labels=tensor(labels), group_responsibilities=tensor(resp),
     )
 
 

@@ -88,10 +88,10 @@ def simulate(num_points: int = 2000, num_features: int = 5, num_components: int 
         p = check_positive_int(num_points, "num_points", minimum=2)
         L = check_positive_int(num_features, "num_features")
         x = torch.randn(p, L, generator=gen, dtype=torch.float64)
-        dtype = dtype or torch.get_default_dtype()
+        dtype = resolve_dtype(dtype, torch.empty(0))
     else:
         x = check_features(features)
-        dtype = dtype or resolve_dtype(None, x)
+        dtype = resolve_dtype(dtype, x)
         x = x.to(torch.float64).cpu()
         p, L = x.shape
     if atoms is None:

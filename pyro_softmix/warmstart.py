@@ -21,6 +21,7 @@ All methods work in standardised coordinates and return atoms in the user's coor
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -444,9 +445,20 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
 # The race of starts (the "auto" start, and several starts of any method)
 # ----------------------------------------------------------------------------------------------
 def check_init(init, num_inits):
-    if isinstance(init, str) and init not in WARM_START_METHODS:
-        raise ValueError(f"init must be one of {WARM_START_METHODS} or a start with weights and "
-                         f"atoms, got {init!r}")
+    """``init`` is a start method's name, a mapping with ``weights`` and ``atoms``, or an object
+    with those attributes (a fit, a warm start); returns the checked ``num_inits``."""
+    if isinstance(init, str):
+        if init not in WARM_START_METHODS:
+            raise ValueError(f"init must be one of {WARM_START_METHODS} or a start with weights "
+                             f"and atoms, got {init!r}")
+    elif isinstance(init, Mapping):
+        missing = sorted({"weights", "atoms"} - set(init))
+        if missing:
+            raise ValueError(f"init as a mapping needs the keys 'weights' and 'atoms'; it has "
+                             f"{sorted(map(str, init))}, missing {missing}")
+    elif not (hasattr(init, "weights") and hasattr(init, "atoms")):
+        raise TypeError(f"init must be one of {WARM_START_METHODS}, a mapping with 'weights' "
+                        f"and 'atoms', or a fit; got {type(init).__name__}")
     if num_inits is not None:
         num_inits = check_positive_int(num_inits, "num_inits")
     return num_inits

@@ -41,7 +41,7 @@ def test_save_and_load_round_trip_without_pickle(tmp_path):
         a.probs()
     assert torch.allclose(a.probs(d.features), fit.probs())
     np.savez(tmp_path / "other.npz", x=np.zeros(2))
-    with pytest.raises(ValueError, match="not a pyro-softmix fit"):
+    with pytest.raises(ValueError, match="not a valid pyro-softmix fit file"):
         psm.load_fit(tmp_path / "other.npz")
 
 
@@ -92,5 +92,99 @@ def test_one_file_format_and_one_field_list(tmp_path):
     meta, arrays = read_npz(tmp_path / "moe.npz", MOE_FORMAT, "MoE")
     assert meta["num_experts"] == 2 and torch.equal(torch.from_numpy(arrays["expert_weights"]),
                                                     moe.expert_weights)
-    with pytest.raises(ValueError, match="not a pyro-softmix MoE file"):
+    with pytest.raises(ValueError, match="not a valid pyro-softmix MoE file.*format"):
         read_npz(tmp_path / "fit.npz", MOE_FORMAT, "MoE")
+
+
+def _saved(tmp_path, **arrays_and_meta):
+    """A valid fit file, then rewritten with some arrays or header fields replaced."""
+    import json
+
+    d = simulated(p=60, L=2, K=2, N=2000)
+    fit = psm.fit_em(d.features, counts=d.counts, num_components=2, seed=0)
+    fit.save(tmp_path / "good.npz", include_features=True)
+    with np.load(tmp_path / "good.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    for key, value in arrays_and_meta.items():
+        if key.startswith("meta_"):
+            meta[key[5:]] = value
+        else:
+            arrays[key] = value
+    np.savez(tmp_path / "bad.npz", meta=np.array(json.dumps(meta)), **arrays)
+    return tmp_path / "bad.npz"
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(weights=np.array([0.2, 0.3, 0.5])), "array 'weights'"),  # 3 weights, 2 atoms
+    (dict(weights=np.array([0.9, 0.9])), "array 'weights'"),  # sums to 1.8
+    (dict(weights=np.array([1.5, -0.5])), "array 'weights'"),
+    (dict(atoms=np.full((2, 2), np.nan)), "array 'atoms'"),
+    (dict(atoms=np.zeros((2, 2), dtype=np.int64)), "array 'atoms'"),
+    (dict(history=np.zeros(1)), "array 'history'"),
+    (dict(features=np.zeros((5, 2))), "array 'features'"),
+    (dict(meta_version=99), "header 'version'"),
+    (dict(meta_format="pyro-softmix-moe"), "header 'format'"),
+    (dict(meta_n_iter=-1), "field 'n_iter'"),
+    (dict(meta_n_iter="3"), "field 'n_iter'"),
+    (dict(meta_loglik=None), "field 'loglik'"),
+    (dict(meta_rank=7), "field 'rank'"),
+    (dict(meta_num_obs=0), "field 'num_obs'"),
+    (dict(meta_diverging=[5]), "field 'diverging'"),
+    (dict(meta_converged="yes"), "field 'converged'"),
+])
+def test_every_field_of_a_fit_file_is_checked(tmp_path, change, field):
+    path = _saved(tmp_path, **change)
+    with pytest.raises(psm.FileFormatError, match=f"bad.npz.*{field}"):
+        psm.load_fit(path)
+
+
+def test_damaged_or_foreign_files_raise_one_error_that_names_them(tmp_path):
+    good = _saved(tmp_path)
+    data = good.read_bytes()
+    cases = {"empty.npz": b"", "truncated.npz": data[: len(data) // 2],
+             "random.npz": bytes(range(256)) * 50}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(psm.FileFormatError, match=f"{name}.*cannot be read"):
+            psm.load_fit(tmp_path / name)
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    with pytest.raises(psm.FileFormatError, match="array.npy"):
+        psm.load_fit(tmp_path / "array.npy")
+    np.savez(tmp_path / "pickled.npz", meta=np.array([{"format": "pyro-softmix-fit"}],
+                                                     dtype=object))
+    with pytest.raises(psm.FileFormatError, match="pickled.npz.*cannot be read"):
+        psm.load_fit(tmp_path / "pickled.npz")  # never unpickled
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        psm.load_fit(tmp_path / "absent.npz")
+    with pytest.raises(ValueError, match="device 'cuda"):
+        psm.load_fit(good, device="cuda:7")
+    assert psm.load_fit(str(good)[:-4]).num_components == 2  # the suffix savez added
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(gate_weights=np.ones((2, 3))), "array 'gate_weights'"),  # last row not 0
+    (dict(gate_weights=np.zeros((3, 3))), "array 'gate_weights'"),  # wrong K
+    (dict(noise_scale=np.array([1.0, -1.0])), "array 'noise_scale'"),
+    (dict(expert_weights=np.full((2, 3), np.inf)), "array 'expert_weights'"),
+    (dict(meta_version=99), "header 'version'"),
+    (dict(meta_expert="quadratic"), "configuration"),
+    (dict(meta_method="sgd"), "field 'method'"),
+    (dict(meta_n_iter=10**6), "array 'history'"),
+])
+def test_every_field_of_a_moe_file_is_checked(tmp_path, change, field):
+    import json
+
+    m = psm.simulate_moe(num_obs=200, num_experts=2, num_features=2, seed=0)
+    psm.MixtureOfExperts(2).fit(m.x, m.y, seed=0, num_inits=1).save(tmp_path / "moe.npz")
+    with np.load(tmp_path / "moe.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    for key, value in change.items():
+        if key.startswith("meta_"):
+            meta[key[5:]] = value
+        else:
+            arrays[key] = value
+    np.savez(tmp_path / "bad.npz", meta=np.array(json.dumps(meta)), **arrays)
+    with pytest.raises(psm.FileFormatError, match=f"bad.npz.*{field}"):
+        psm.load_moe(tmp_path / "bad.npz")
