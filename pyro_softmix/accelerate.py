@@ -254,8 +254,8 @@ def factor_hessian(problem: EMProblem, st: EMState, pieces, pen: torch.Tensor | 
             return chol, None
     return None, eig  # where the float64 Hessian is not concave either, the first one's
 
-def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int, tol: float,
-        bar=None, accelerate: bool = True) -> Run:
+def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int,
+        tol: float, bar=None, accelerate: bool = True, on_update=None) -> Run:
     """Iterate one start from (atoms, log_weights) until the estimated gap is <= tol.
 
     With ``accelerate``, EM runs in SQUAREM cycles (two EM steps and an extrapolation, see
@@ -263,7 +263,8 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
     estimated gap is below ``NEWTON_SWITCH`` (relative) it switches to Newton steps on the
     full objective (:func:`newton_finish`, when K r + K - 1 <= ``MAX_NEWTON_PARAMS``), which
     converge quadratically; if no Newton step is accepted EM goes on and Newton is tried
-    again after a growing number of iterations.
+    again after a growing number of iterations. ``on_update(state, history)``, if given, is
+    called after every cycle and every phase of Newton steps (for checkpoints).
     Returns a :class:`Run`; the workspace then holds the final softmax.
     """
     st = problem.start(atoms, log_weights)
@@ -286,6 +287,8 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
         if bar is not None:
             bar.update(num_steps)
             bar.set_postfix(loglik=f"{history[-1]:.8g}", refresh=False)
+        if on_update is not None:
+            on_update(st, history)
         rule.record([g[0] for g in step_gains], cycle=num_steps == 2 and accelerate)
         if rule.converged(history[-1]):
             converged = True
@@ -299,6 +302,8 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
             norms.extend(step_norms)
             if bar is not None and objs:
                 bar.update(len(objs))
+            if on_update is not None and objs:
+                on_update(st, history)
             if converged:
                 break
             if failed:  # EM goes on; try again after a growing number of iterations
@@ -322,11 +327,12 @@ class Run:
 
 
 def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, max_iter: int,
-            tol: float, bar=None, accelerate: bool = True) -> Run:
+           tol: float, bar=None, accelerate: bool = True, checkpoint=None) -> Run:
     """Run each start (S, K, r) to convergence (:func:`run`) and keep the best.
 
     The workspace then holds the winner's softmax (its state is restored when a later run
-    overwrote it).
+    overwrote it). ``checkpoint`` (a :class:`~pyro_softmix.results.Checkpoint`) is given the
+    current run's state, the starts still to run and the best finished run as they go.
     """
     runs = []
     for i, (a, w) in enumerate(zip(starts_z, starts_w, strict=True)):
@@ -334,7 +340,17 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
             bar.reset(total=max_iter)
             if len(starts_z) > 1:
                 bar.set_description(f"EM run {i + 1}/{len(starts_z)}")
-        runs.append(run(problem, a, w, max_iter, tol, bar, accelerate))
+        on_update = None
+        if checkpoint is not None:
+            rest_z, rest_w = starts_z[i + 1:], starts_w[i + 1:]
+            if runs:  # the best finished run goes on as one more start
+                done = max(runs, key=lambda run: run.history[-1]).state
+                rest_z = torch.cat([rest_z, done.atoms[None]])
+                rest_w = torch.cat([rest_w, done.log_weights[None]])
+
+            def on_update(st, history, rest_z=rest_z, rest_w=rest_w):
+                checkpoint.progress(st.atoms, st.log_weights, history, rest_z, rest_w)
+        runs.append(run(problem, a, w, max_iter, tol, bar, accelerate, on_update))
     best = max(runs, key=lambda run: run.history[-1])  # the first of equals
     if best is not runs[-1]:
         best.state = problem.start(best.state.atoms, best.state.log_weights)

@@ -19,7 +19,7 @@ import torch
 from ._checks import check_positive_float, check_positive_int, check_seed, keyword_options, warn_user
 from .accelerate import finish
 from .engine import prepare
-from .results import SoftmaxMixtureFit, make_fit
+from .results import Checkpoint, SoftmaxMixtureFit, make_fit, save_atomically
 from .stopping import (
     DIVERGENCE_NORM,
     GRADIENT_TOL,
@@ -44,7 +44,8 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
            num_inits: int | None = None, max_iter: int = DEFAULT_MAX_ITER,
            tol: float | None = None, device=None, dtype=None, seed=None,
            progress: bool | None = None, chunk_size: int | None = None, groups=None,
-           prior_scale: float | None = None, accelerate: bool = True) -> SoftmaxMixtureFit:
+           prior_scale: float | None = None, accelerate: bool = True, checkpoint=None,
+           checkpoint_every: float = 60.0) -> SoftmaxMixtureFit:
     """Maximum-likelihood (or MAP) fit of a softmax mixture by EM on counts.
 
     The model: P(Y = j) = sum_k alpha_k softmax(X theta_k)_j for support points j = 0..p-1.
@@ -87,6 +88,12 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
             that is kept only when it raises the objective), which cuts the iterations of slow
             EM runs several-fold; ``False`` gives plain EM. Either way the objective never
             decreases.
+        checkpoint: a file (``.npz``) to write the fit in progress to, every
+            ``checkpoint_every`` seconds during the final runs and once at the end. Each write
+            replaces the file atomically (a killed process leaves the previous checkpoint),
+            and ``fit_em(..., init=psm.load_fit(checkpoint))`` goes on from it to the optimum
+            the uninterrupted fit would reach (``softmix fit --resume``).
+        checkpoint_every: seconds between checkpoints (0: after every update).
 
     Returns:
         :class:`SoftmaxMixtureFit` with ``weights`` (K,), ``atoms`` (K, L), ``loglik`` and more
@@ -113,15 +120,22 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
         num_inits=num_inits, max_iter=max_iter, dtype=dtype, device=device, seed=seed,
         progress=progress, chunk_size=chunk_size, prior_scale=prior_scale, accelerate=accelerate)
     tol = default_tol(setup.dtype) if tol is None else tol
+    saver = None
+    if checkpoint is not None:
+        every = check_positive_float(checkpoint_every, "checkpoint_every", allow_zero=True)
+        saver = Checkpoint(checkpoint, every, setup, start_time)
     bar = progress_bar(progress, max_iter, "EM")
     try:
-        run = finish(setup.problem, starts_z, starts_w, max_iter, tol, bar, accelerate)
+        run = finish(setup.problem, starts_z, starts_w, max_iter, tol, bar, accelerate, saver)
     finally:
         if bar is not None:
             bar.close()
     converged, diverging = _verify(setup, run, tol, max_iter)
-    return make_fit(setup, run.state.atoms, run.state.log_weights, run.history, converged,
-                    label, start_time, float(run.state.loglik[0]), diverging)
+    fit = make_fit(setup, run.state.atoms, run.state.log_weights, run.history, converged,
+                   label, start_time, float(run.state.loglik[0]), diverging)
+    if saver is not None:
+        save_atomically(fit, saver.path)
+    return fit
 
 
 def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...]]:

@@ -45,6 +45,10 @@ class SoftmaxMixtureFit:
         prior_scale: the scale of the Normal prior on the atoms for a MAP fit (None: MLE).
         diverging: components whose atoms were still growing along a flat ridge of the
             objective when EM stopped (the MLE is then at infinity; refit with ``prior_scale``).
+        pending: for a checkpoint of an unfinished fit (``fit_em(checkpoint=...)``): the
+            starts still to run after this one, and the best finished run, as weights (S, K)
+            and atoms (S, K, L); ``fit_em(init=fit)`` runs them too, so a resumed fit ends
+            where the uninterrupted one would. None for a finished fit.
     """
 
     weights: torch.Tensor
@@ -64,6 +68,7 @@ class SoftmaxMixtureFit:
     group_responsibilities: torch.Tensor | None = None
     prior_scale: float | None = None
     diverging: tuple[int, ...] = ()
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_components(self) -> int:
@@ -180,6 +185,8 @@ class SoftmaxMixtureFit:
             if self.features is None:
                 raise ValueError("include_features=True but this fit holds no features")
             arrays["features"] = self.features
+        if self.pending is not None:
+            arrays["pending_weights"], arrays["pending_atoms"] = self.pending
         write_npz(path, FIT_FORMAT, meta, arrays)
 
 
@@ -335,7 +342,11 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
     num_groups = f.value("num_groups", int, optional=True,
                          check=lambda v: None if v >= 1 else "must be >= 1")
     features = f.array("features", (num_points, L), optional=True)
-    labels = resp = None
+    labels = resp = pending = None
+    pending_w = f.array("pending_weights", (None, k), optional=True)
+    if pending_w is not None:
+        pending = (pending_w, f.array("pending_atoms", (pending_w.shape[0], k, L)))
+        f.distribution("pending_weights", pending_w)
     if num_groups is not None:
         labels = f.array("group_labels", (num_groups,), kinds="iu")
         resp = f.array("group_responsibilities", (num_groups, k))
@@ -359,6 +370,7 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
                                                             for i in v)
                                 else f"must list component indices in [0, {k})")),
         group_labels=tensor(labels), group_responsibilities=tensor(resp),
+        pending=None if pending is None else tuple(map(tensor, pending)),
     )
 
 
@@ -384,3 +396,55 @@ def make_fit(setup: Setup, atoms_z: torch.Tensor, log_w: torch.Tensor, history: 
         group_labels=labels, group_responsibilities=group_resp,
         prior_scale=setup.prior_scale, diverging=tuple(diverging),
     )
+
+
+class Checkpoint:
+    """Writes a fit in progress to ``path`` (``.npz``) at most every ``every`` seconds, so an
+    interrupted fit can go on with ``fit_em(init=psm.load_fit(path))``.
+
+    Each write goes to a temporary file in the same folder, flushed to disk, then renamed
+    over ``path``: a process killed at any moment leaves the previous complete checkpoint (or
+    none), never a partial one.
+    """
+
+    def __init__(self, path: str | os.PathLike, every: float, setup: Setup, start_time: float):
+        path = os.fspath(path)
+        self.path = path if path.endswith(".npz") else path + ".npz"
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"checkpoint {self.path!r}: folder {folder!r} does not exist")
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(f"checkpoint {self.path!r} is a folder")
+        self.every, self.setup, self.start_time = every, setup, start_time
+        self.last = time.perf_counter()
+
+    def progress(self, atoms_z, log_w, history, pending_z, pending_w) -> None:
+        """Write the state (atoms (K, r), log-weights (K,), objective history) and the starts
+        still to run (S, K, r), (S, K) if ``every`` seconds have passed since the last write."""
+        if time.perf_counter() - self.last >= self.every:
+            self.write(atoms_z, log_w, history, pending_z, pending_w, False)
+
+    def write(self, atoms_z, log_w, history, pending_z=None, pending_w=None,
+              converged: bool = False, label: str = "checkpoint") -> SoftmaxMixtureFit:
+        fit = make_fit(self.setup, atoms_z, log_w, list(history), converged, label,
+                       self.start_time)
+        if pending_z is not None and pending_z.shape[0] > 0:
+            to = self.setup.design.to_atoms
+            atoms = self.setup.design.atoms_from_z(pending_z.to(torch.float64).to(to.device))
+            fit.pending = (pending_w.exp().to(fit.weights), atoms.to(fit.atoms))
+        save_atomically(fit, self.path)
+        self.last = time.perf_counter()
+        return fit
+
+
+def save_atomically(fit: SoftmaxMixtureFit, path: str) -> None:
+    """``fit.save(path)`` through a temporary file in the same folder, synced, then renamed."""
+    tmp = f"{path[:-4]}.{os.getpid()}.tmp.npz"
+    try:
+        fit.save(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

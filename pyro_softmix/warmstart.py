@@ -576,7 +576,15 @@ def choose_start(setup: Setup, init, num_inits, max_iter, seed, progress,
     if not isinstance(init, str):
         atoms_z, log_w = user_start(init, k, design, z)
         atoms_z, label = repair_start(setup, atoms_z, log_w)
-        return atoms_z[None], log_w[None], label
+        pending = getattr(init, "pending", None)
+        if pending is None:
+            return atoms_z[None], log_w[None], label
+        # A checkpoint: its state, then the starts it had still to run and its best run.
+        more = [user_start({"weights": w, "atoms": a}, k, design, z)
+                for w, a in zip(*pending, strict=True)]
+        atoms = torch.stack([atoms_z] + [a for a, _ in more])
+        log_ws = torch.stack([log_w] + [w for _, w in more])
+        return atoms, log_ws, "given (resumed from a checkpoint)"
     gen = make_generator(seed)
     mom = standardised_moments(z, problem.counts64, design, problem.chunk_size)
     if init == "auto":

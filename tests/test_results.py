@@ -188,3 +188,51 @@ def test_every_field_of_a_moe_file_is_checked(tmp_path, change, field):
     np.savez(tmp_path / "bad.npz", meta=np.array(json.dumps(meta)), **arrays)
     with pytest.raises(psm.FileFormatError, match=f"bad.npz.*{field}"):
         psm.load_moe(tmp_path / "bad.npz")
+
+
+_CHILD = """
+import sys, torch, warnings
+import pyro_softmix as psm
+torch.set_default_dtype(torch.float64)
+d = psm.simulate(num_points=2000, num_features=4, num_components=4, num_obs=100_000,
+                 atom_norm=1.5, seed=3)
+warnings.simplefilter("ignore")
+psm.fit_em(d.features, counts=d.counts, num_components=4, init="random", num_inits=3, seed=2,
+           accelerate=False, max_iter=20_000, tol=1e-12, checkpoint=sys.argv[1],
+           checkpoint_every=0)
+"""
+
+
+def test_a_killed_fit_leaves_a_checkpoint_that_resumes_to_the_same_optimum(tmp_path):
+    """SIGKILL a fit that checkpoints after every update, at several moments: the file is
+    always a complete checkpoint (or absent), and resuming from it reaches the optimum of the
+    uninterrupted fit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d = psm.simulate(num_points=2000, num_features=4, num_components=4, num_obs=100_000,
+                     atom_norm=1.5, seed=3)
+    kw = dict(num_components=4, accelerate=False, max_iter=20_000, tol=1e-12)
+    full = psm.fit_em(d.features, counts=d.counts, init="random", num_inits=3, seed=2, **kw)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    states = []
+    for delay in (0.0, 0.3, 0.9):
+        path = tmp_path / f"fit-{delay}.npz"
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path)], env=env)
+        deadline = time.time() + 60
+        while not path.exists() and time.time() < deadline and child.poll() is None:
+            time.sleep(0.01)
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        saved = psm.load_fit(path)  # complete, whatever the moment of the kill
+        assert saved.pending is None or saved.pending[1].shape[1:] == (4, 4)
+        states.append((saved.converged, saved.n_iter))
+    assert not all(converged for converged, _ in states)  # killed mid-fit at least once
+    assert len({n for _, n in states}) > 1  # at different moments
+    resumed = psm.fit_em(d.features, counts=d.counts, init=saved, **kw)
+    assert resumed.init.startswith("given (resumed")
+    assert resumed.loglik == pytest.approx(full.loglik, rel=1e-11, abs=0)
