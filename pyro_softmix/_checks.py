@@ -259,10 +259,11 @@ def check_mixing(weights: Any, atoms: Any, num_components: int | None, num_featu
     return w / w.sum(), a
 
 
-#: The seed convention of every random function here (its ``seed`` argument): None (fresh
-#: entropy: not reproducible; for Pyro inference, Pyro's global random state is left as it
-#: is), an int in [0, 2**64), or a ``torch.Generator`` (drawn from, so advanced). The same seed
-#: gives the same result on the same device and dtype.
+#: The seed convention of every random function here (its ``seed`` argument): None (drawn
+#: from torch's global random state, so ``torch.manual_seed`` or ``pyro.set_rng_seed`` make it
+#: reproducible; Pyro's inference then uses that state as it is), an int in [0, 2**64), or a
+#: ``torch.Generator`` (drawn from, so advanced). The same seed gives the same result on the
+#: same device and dtype.
 SEED_DOC = "None, an int in [0, 2**64) or a torch.Generator"
 
 
@@ -283,10 +284,9 @@ def make_generator(seed: Any) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         return seed
     g = torch.Generator()
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
+    if seed is None:  # from the global state, as NumPy-based libraries draw from np.random
+        seed = int(torch.randint(2**62, ()))
+    g.manual_seed(seed)
     return g
 
 

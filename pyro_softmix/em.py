@@ -71,8 +71,8 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
             gradients and so stay accurate in float32; a slow stretch does not stop EM early.
         device: where to compute (default: the features' device).
         dtype: ``torch.float32`` or ``torch.float64`` (default: the features' floating dtype).
-        seed: None (default: not reproducible), an int or a ``torch.Generator``, for the
-            random starts (same seed, same result).
+        seed: for the random starts: an int, a ``torch.Generator``, or None (default:
+            drawn from torch's global random state). The same seed gives the same fit.
         progress: show a progress bar (default: only when stderr is a terminal).
         chunk_size: rows per chunk for the Hessian products and the standardisation pass
             (default: about 4 MB of temporaries per chunk on a CPU, 256 MB on a GPU).

@@ -30,7 +30,7 @@ from pyro.infer.autoguide import (
     init_to_median,
 )
 
-from ._checks import check_positive_float, check_positive_int, seed_global
+from ._checks import check_positive_float, check_positive_int, check_seed, seed_global
 from .accelerate import finish
 from .em import DEFAULT_MAX_ITER, prepare_fit
 from .results import SoftmaxMixtureFit, make_fit
@@ -111,6 +111,25 @@ _GUIDES = {"normal": AutoNormal, "lowrank": AutoLowRankMultivariateNormal,
            "mvn": AutoMultivariateNormal, "delta": AutoDelta}
 
 
+def check_svi_options(guide, num_steps, lr, seed) -> int:
+    """Check SVI's options before any work is done; returns ``num_steps``."""
+    if isinstance(guide, str) and guide not in _GUIDES:
+        raise ValueError(f"guide must be one of {sorted(_GUIDES)} or an AutoGuide, got {guide!r}")
+    if not isinstance(guide, str) and not callable(guide):
+        raise TypeError(f"guide must be a name or a guide, got {type(guide).__name__}")
+    check_positive_float(lr, "lr")
+    check_seed(seed)
+    return check_positive_int(num_steps, "num_steps")
+
+
+def check_nuts_options(num_samples, warmup_steps, num_chains, seed) -> tuple[int, int, int]:
+    """Check NUTS's options before any work is done."""
+    check_seed(seed)
+    return (check_positive_int(num_samples, "num_samples"),
+            check_positive_int(warmup_steps, "warmup_steps", minimum=0),
+            check_positive_int(num_chains, "num_chains"))
+
+
 def run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: bool,
              num_particles: int = 1, init_scale: float = 0.01, seed=None,
              progress: bool | None = None):
@@ -120,18 +139,12 @@ def run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: bo
     ready guide; ``enumerated`` selects ``TraceEnum_ELBO`` (the assignment summed out by
     enumeration) instead of ``Trace_ELBO``.
     """
-    num_steps = check_positive_int(num_steps, "num_steps")
-    check_positive_float(lr, "lr")
+    num_steps = check_svi_options(guide, num_steps, lr, seed)
     seed_global(seed)
     if isinstance(guide, str):
-        if guide not in _GUIDES:
-            raise ValueError(f"guide must be one of {sorted(_GUIDES)} or an AutoGuide, got "
-                             f"{guide!r}")
         cls = _GUIDES[guide]
         kw = {} if cls is AutoDelta else {"init_scale": init_scale}
         guide = cls(poutine.block(model, hide=["assignment"]), init_loc_fn=strategy, **kw)
-    elif not callable(guide):
-        raise TypeError(f"guide must be a name or a guide, got {type(guide).__name__}")
     loss = (TraceEnum_ELBO(max_plate_nesting=1, num_particles=num_particles) if enumerated
             else Trace_ELBO(num_particles=num_particles))
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss)
@@ -150,9 +163,8 @@ def run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: bo
 def run_nuts(model, strategy, num_samples: int, warmup_steps: int, num_chains: int, *,
               seed=None, progress: bool | None = None, **nuts_options) -> MCMC:
     """NUTS on ``model`` started by ``strategy``; returns the run ``MCMC`` object."""
-    num_samples = check_positive_int(num_samples, "num_samples")
-    warmup_steps = check_positive_int(warmup_steps, "warmup_steps", minimum=0)
-    num_chains = check_positive_int(num_chains, "num_chains")
+    num_samples, warmup_steps, num_chains = check_nuts_options(num_samples, warmup_steps,
+                                                               num_chains, seed)
     seed_global(seed)
     nuts_options.setdefault("max_plate_nesting", 1)
     kernel = NUTS(model, init_strategy=strategy, **nuts_options)

@@ -22,7 +22,7 @@ from ._checks import (
 )
 from ._logprob import component_log_probs, log_weights
 from .em import fit_em
-from .infer import init_to_em, run_nuts, run_svi
+from .infer import check_nuts_options, check_svi_options, init_to_em, run_nuts, run_svi
 from .models import collapsed_model, count_matrix, enumerated_model, expand_counts, pad_groups
 from .results import SoftmaxMixtureFit
 
@@ -218,6 +218,7 @@ class SoftmaxMixtureModel:
 
         The guide and the losses are stored as :attr:`guide` and :attr:`svi_losses`.
         """
+        check_svi_options(guide, num_steps, lr, seed)  # before EM runs
         self.set_data(tokens, counts, groups)
         start = time.perf_counter()
         strategy = self._init_strategy(init, em_options)
@@ -244,6 +245,7 @@ class SoftmaxMixtureModel:
             num_chains: chains; Pyro runs them in parallel processes when CPUs allow.
             nuts_options: passed to ``NUTS`` (``target_accept_prob``, ``max_tree_depth``, ...).
         """
+        check_nuts_options(num_samples, warmup_steps, num_chains, seed)  # before EM runs
         self.set_data(tokens, counts, groups)
         start = time.perf_counter()
         strategy = self._init_strategy(init, em_options)

@@ -249,8 +249,8 @@ class MixtureOfExperts:
                 experts, the gate). A full Newton step is tried first; if the log-likelihood
                 falls, the iteration is redone with damped steps that increase Q, so EM is
                 monotone.
-            seed: None (default: not reproducible), an int or a ``torch.Generator``, for
-                the random starts (same seed, same result).
+            seed: for the random starts: an int, a ``torch.Generator``, or None (default:
+                drawn from torch's global random state). The same seed gives the same fit.
             dtype: ``"float32"``/``"float64"`` (default: x's if floating, else the default).
             progress: a tqdm bar (default: when stderr is a terminal).
             warn: warn (``ConvergenceWarning``) when ``max_iter`` is reached.

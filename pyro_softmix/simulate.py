@@ -67,8 +67,8 @@ def simulate(num_points: int = 2000, num_features: int = 5, num_components: int 
         features: (p, L) design to use instead of a Gaussian one.
         weights: (K,) true weights to use.  atoms: (K, L) true atoms to use.
         return_tokens: also return the (N,) draws and their true components.
-        seed: None (fresh data each call), an int or a ``torch.Generator``; the same seed
-            gives the same data.
+        seed: an int, a ``torch.Generator``, or None (drawn from torch's global random
+            state); the same seed gives the same data.
         dtype: floating dtype of the returned tensors (default ``torch.get_default_dtype()``).
 
     Returns:

@@ -73,6 +73,10 @@ def test_every_random_entry_point_takes_the_seed_the_same_way():
         assert not torch.equal(run(11), run(12)), name
         with pytest.raises(ValueError, match="seed must be"):
             run(-3)
+        torch.manual_seed(5)  # None draws from the global state: seeding that reproduces
+        first = run(None)
+        torch.manual_seed(5)
+        assert torch.equal(run(None), first), name
 
 
 def _bad_arguments():
