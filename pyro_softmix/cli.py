@@ -88,7 +88,7 @@ def _write_json(path: Path, obj) -> None:
 # Commands
 # ---------------------------------------------------------------------------------------------
 def _cmd_simulate(args) -> int:
-    from .simulate import simulate
+    from .simulation import simulate
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def _cmd_fit(args) -> int:
 def _cmd_demo(args) -> int:
     from .em import fit_em
     from .plots import match_components, plot_convergence, plot_recovery
-    from .simulate import simulate
+    from .simulation import simulate
 
     cfg = DEMO_QUICK if args.quick else DEMO
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]

@@ -135,6 +135,31 @@ def test_private_names_stay_in_their_module():
     assert len(private) <= MAX_PRIVATE_IMPORTS, private
 
 
+def test_every_public_name_resolves_and_no_module_shadows_one():
+    """The package's names are imported on first use: each resolves to its object, and no
+    submodule has the name of a public function (importing it would replace the function)."""
+    import types
+
+    import pyro_softmix as psm
+
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert not set(psm._HOMES) & modules
+    for name in psm.__all__:
+        value = getattr(psm, name)
+        assert isinstance(value, types.ModuleType) == (name in ("datasets", "models", "moe"))
+        if not isinstance(value, types.ModuleType):
+            assert value.__module__ == f"pyro_softmix.{psm._HOMES[name]}", name
+
+
+def test_importing_the_package_loads_neither_torch_nor_pyro():
+    import subprocess
+    import sys
+
+    code = "import sys, pyro_softmix; print(sorted({'torch', 'pyro'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_the_checker_sees_cycles_and_function_body_imports(tmp_path):
     """The checks above can fail: a lazy import inside a function closes a cycle."""
     tree = ast.parse("def f():\n    from .b import _x\n")
