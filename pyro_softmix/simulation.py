@@ -113,19 +113,16 @@ def simulate(num_points: int = 2000, num_features: int = 5, num_components: int 
     probs = (w64[:, None] * logits.exp()).sum(0)
     out = SimulatedData(features=x.to(dtype), weights=w64.to(dtype), atoms=a64.to(dtype),
                         probs=probs.to(dtype), counts=torch.zeros(p, dtype=torch.int64))
+    # The counts are drawn the same way with or without tokens (same seed, same counts); the
+    # tokens are then the counted draws in a random order, and each draw's component is drawn
+    # from its posterior given the draw (the same joint law as drawing the component first).
+    out.counts = _multinomial_counts(probs, num_obs, gen)
     if return_tokens:
-        z = torch.multinomial(w64, num_obs, replacement=True, generator=gen)
-        # Draw, per component, the tokens of the draws assigned to it.
-        tokens = torch.empty(num_obs, dtype=torch.int64)
-        for k in range(w64.shape[0]):
-            idx = (z == k).nonzero().flatten()
-            if idx.numel():
-                tokens[idx] = torch.multinomial(logits[k].exp(), idx.numel(), replacement=True,
-                                                generator=gen)
-        out.tokens, out.assignments = tokens, z
-        out.counts = torch.bincount(tokens, minlength=p)
-    else:
-        out.counts = _multinomial_counts(probs, num_obs, gen)
+        order = torch.randperm(num_obs, generator=gen)
+        tokens = torch.repeat_interleave(torch.arange(p), out.counts)[order]
+        posterior = (w64[:, None] * logits.exp()).T / probs[:, None]  # (p, K)
+        out.tokens = tokens
+        out.assignments = torch.multinomial(posterior[tokens], 1, generator=gen)[:, 0]
     return out
 
 

@@ -28,6 +28,13 @@ def test_tokens_follow_counts_and_mixture():
     d = psm.simulate(num_points=8, num_features=2, num_components=2, num_obs=100_000,
                      return_tokens=True, seed=1)
     assert torch.equal(torch.bincount(d.tokens, minlength=8), d.counts)
+    same = psm.simulate(num_points=8, num_features=2, num_components=2, num_obs=100_000, seed=1)
+    assert torch.equal(same.counts, d.counts)  # asking for the tokens changes no count
+    # Each component's draws follow its own softmax (the assignments are the true ones).
+    for k in range(2):
+        own = torch.bincount(d.tokens[d.assignments == k], minlength=8).double()
+        expect = own.sum() * torch.softmax(d.features @ d.atoms[k], 0)
+        assert float(((own - expect) ** 2 / expect).sum()) < 24.3
     # Assignment frequencies match the weights within 4 binomial standard deviations.
     freq = torch.bincount(d.assignments, minlength=2).double() / 100_000
     sd = (d.weights * (1 - d.weights) / 100_000).sqrt()
