@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Rows per chunk for every loop over the support points: one memory budget per device.
+"""The compute budget: rows per chunk for every loop over the support points (one memory
+budget per device), and the threads a fit runs on.
 
 A loop over the p rows that needs a (rows, width) temporary takes
 ``rows_per_chunk(p, width * itemsize, device, chunk_size)`` rows at a time: the user's
@@ -9,6 +10,9 @@ allocations; on a GPU large chunks keep the device busy.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -26,3 +30,81 @@ def rows_per_chunk(num_rows: int, row_bytes: int, device: torch.device | str,
         budget = CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES["cuda"])
         chunk_size = max(MIN_ROWS, budget // max(1, row_bytes))
     return max(1, min(int(chunk_size), num_rows))
+
+
+#: Problems with fewer multiply-adds per pass over the data than this (p r K for a softmax
+#: mixture, n d K for a mixture of experts) run on one thread: their operations are too small
+#: to share, and a second thread then only adds overhead (idle) or waits for a core (loaded).
+SMALL_WORK = 300_000
+
+
+def busy_cores(samples: int = 5) -> int:
+    """Runnable threads of other programs, now: the kernel's count of runnable tasks less this
+    process's own (its thread pool spins for a while after each parallel operation); the
+    median of a few reads, 0 where the system does not report it (not Linux)."""
+    reads = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                total = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        reads.append(total - _own_running())
+    return max(0, sorted(reads)[len(reads) // 2])
+
+
+def _own_running() -> int:
+    """This process's threads that are running or runnable (at least 1: the caller)."""
+    running = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                running += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue
+    return max(1, running)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def choose_threads(work: float, num_threads: int | None = None, device=None) -> int:
+    """Threads for a fit of ``work`` multiply-adds per pass: ``num_threads`` if given; one for
+    small problems; else the caller's torch setting, less the cores other programs keep busy
+    (on a loaded machine, threads beyond the free cores wait for one and slow every
+    operation down: 2.4-5x measured on 2 cores beside one busy process)."""
+    if num_threads is not None:
+        return num_threads
+    if device is not None:
+        try:
+            on_cpu = torch.device(device).type == "cpu"
+        except (RuntimeError, TypeError, ValueError):  # the fit's checks report a bad device
+            on_cpu = True
+        if not on_cpu:
+            return torch.get_num_threads()  # the work is on the device
+    if work < SMALL_WORK:
+        return 1
+    return max(1, min(torch.get_num_threads(), usable_cores() - busy_cores()))
+
+
+@contextlib.contextmanager
+def thread_budget(work: float, num_threads: int | None = None, device=None):
+    """Run the block on :func:`choose_threads` threads, and give the caller back its own
+    torch thread count afterwards."""
+    before = torch.get_num_threads()
+    threads = choose_threads(work, num_threads, device)
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

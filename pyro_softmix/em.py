@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ._checks import check_positive_float, check_positive_int, check_seed, keyword_options, warn_user
+from ._chunks import thread_budget
 from .accelerate import finish
 from .engine import prepare
 from .results import Checkpoint, SoftmaxMixtureFit, make_fit, save_atomically
@@ -45,7 +46,8 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
            tol: float | None = None, device=None, dtype=None, seed=None,
            progress: bool | None = None, chunk_size: int | None = None, groups=None,
            prior_scale: float | None = None, accelerate: bool = True, checkpoint=None,
-           checkpoint_every: float = 60.0) -> SoftmaxMixtureFit:
+           checkpoint_every: float = 60.0, num_threads: int | None = None
+           ) -> SoftmaxMixtureFit:
     """Maximum-likelihood (or MAP) fit of a softmax mixture by EM on counts.
 
     The model: P(Y = j) = sum_k alpha_k softmax(X theta_k)_j for support points j = 0..p-1.
@@ -94,6 +96,11 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
             and ``fit_em(..., init=psm.load_fit(checkpoint))`` goes on from it to the optimum
             the uninterrupted fit would reach (``softmix fit --resume``).
         checkpoint_every: seconds between checkpoints (0: after every update).
+        num_threads: CPU threads for the fit (the caller's torch setting is restored after).
+            Default: one for small problems (p L K below 300,000 multiply-adds), else the
+            caller's setting less the cores other programs keep busy right now. Results can
+            differ in the last bits between thread counts (parallel sums add in another
+            order): pass ``num_threads`` for bit-for-bit reproducibility across machines.
 
     Returns:
         :class:`SoftmaxMixtureFit` with ``weights`` (K,), ``atoms`` (K, L), ``loglik`` and more
@@ -115,6 +122,21 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
     start_time = time.perf_counter()
     if tol is not None:
         tol = check_positive_float(tol, "tol", allow_zero=True)
+    if num_threads is not None:
+        num_threads = check_positive_int(num_threads, "num_threads")
+    shape = getattr(features, "shape", None)
+    work = math.prod(shape) * num_components if shape is not None and isinstance(
+        num_components, int) else math.inf
+    with thread_budget(work, num_threads, device):
+        return _fit(start_time, features, counts, tokens, groups, num_components, init,
+                    num_inits, max_iter, tol, device, dtype, seed, progress, chunk_size,
+                    prior_scale, accelerate, checkpoint, checkpoint_every)
+
+
+def _fit(start_time, features, counts, tokens, groups, num_components, init, num_inits,
+         max_iter, tol, device, dtype, seed, progress, chunk_size, prior_scale, accelerate,
+         checkpoint, checkpoint_every) -> SoftmaxMixtureFit:
+    """fit_em's work, on the threads it chose."""
     setup, starts_z, starts_w, label = prepare_fit(
         features, counts, tokens, groups, num_components=num_components, init=init,
         num_inits=num_inits, max_iter=max_iter, dtype=dtype, device=device, seed=seed,

@@ -13,6 +13,7 @@ starting points directly through ``initial_params``, which must be *unconstraine
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +32,7 @@ from pyro.infer.autoguide import (
 )
 
 from ._checks import check_positive_float, check_positive_int, check_seed, seed_global
+from ._chunks import thread_budget
 from .accelerate import finish
 from .em import DEFAULT_MAX_ITER, prepare_fit
 from .results import SoftmaxMixtureFit, make_fit
@@ -131,13 +133,14 @@ def check_nuts_options(num_samples, warmup_steps, num_chains, seed) -> tuple[int
 
 
 def run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: bool,
-             num_particles: int = 1, init_scale: float = 0.01, seed=None,
-             progress: bool | None = None):
+            num_particles: int = 1, init_scale: float = 0.01, seed=None,
+            progress: bool | None = None, work: float = math.inf):
     """Adam SVI on ``model`` with an autoguide started by ``strategy``; returns (guide, losses).
 
     ``guide`` is a name in ``_GUIDES`` (built over the model with ``"assignment"`` hidden) or a
     ready guide; ``enumerated`` selects ``TraceEnum_ELBO`` (the assignment summed out by
-    enumeration) instead of ``Trace_ELBO``.
+    enumeration) instead of ``Trace_ELBO``. ``work`` (multiply-adds per evaluation of the
+    model) sets the threads (:func:`~pyro_softmix._chunks.choose_threads`).
     """
     num_steps = check_svi_options(guide, num_steps, lr, seed)
     seed_global(seed)
@@ -150,19 +153,22 @@ def run_svi(model, strategy, guide, num_steps: int, lr: float, *, enumerated: bo
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss)
     losses = []
     bar = progress_bar(progress, num_steps, "SVI")
-    for _ in range(num_steps):
-        losses.append(float(svi.step()))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.6g}", refresh=False)
+    with thread_budget(work):
+        for _ in range(num_steps):
+            losses.append(float(svi.step()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.6g}", refresh=False)
     if bar is not None:
         bar.close()
     return guide, losses
 
 
 def run_nuts(model, strategy, num_samples: int, warmup_steps: int, num_chains: int, *,
-              seed=None, progress: bool | None = None, **nuts_options) -> MCMC:
-    """NUTS on ``model`` started by ``strategy``; returns the run ``MCMC`` object."""
+             seed=None, progress: bool | None = None, work: float = math.inf,
+             **nuts_options) -> MCMC:
+    """NUTS on ``model`` started by ``strategy``; returns the run ``MCMC`` object (``work`` as
+    in :func:`run_svi`)."""
     num_samples, warmup_steps, num_chains = check_nuts_options(num_samples, warmup_steps,
                                                                num_chains, seed)
     seed_global(seed)
@@ -170,7 +176,8 @@ def run_nuts(model, strategy, num_samples: int, warmup_steps: int, num_chains: i
     kernel = NUTS(model, init_strategy=strategy, **nuts_options)
     mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
                 num_chains=num_chains, disable_progbar=not progress)
-    mcmc.run()
+    with thread_budget(work):
+        mcmc.run()
     return mcmc
 
 

@@ -226,7 +226,8 @@ class SoftmaxMixtureModel:
         model = self._bound_model(self._collapsed, subsample_size)
         guide, losses = run_svi(model, strategy, guide, num_steps, lr,
                                  enumerated=not self._collapsed, num_particles=num_particles,
-                                 init_scale=init_scale, seed=seed, progress=progress)
+                                init_scale=init_scale, seed=seed, progress=progress,
+                                work=self._work())
         self.guide, self.svi_losses = guide, losses
         self.svi_seconds = time.perf_counter() - start
         return losses
@@ -251,10 +252,15 @@ class SoftmaxMixtureModel:
         strategy = self._init_strategy(init, em_options)
         self._collapsed = bool(collapsed)
         mcmc = run_nuts(self._bound_model(self._collapsed), strategy, num_samples, warmup_steps,
-                         num_chains, seed=seed, progress=bool(progress), **nuts_options)
+                        num_chains, seed=seed, progress=bool(progress), work=self._work(),
+                        **nuts_options)
         self.mcmc = mcmc
         self.mcmc_seconds = time.perf_counter() - start
         return mcmc
+
+    def _work(self) -> float:
+        """Multiply-adds of one evaluation of the collapsed model (for the thread count)."""
+        return float(self.features.numel() * self.num_components)
 
     # -- after fitting ---------------------------------------------------------------------
     def _params(self, params) -> dict[str, torch.Tensor]:

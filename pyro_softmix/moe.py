@@ -46,6 +46,7 @@ from ._checks import (
     resolve_dtype,
     warn_user,
 )
+from ._chunks import thread_budget
 from .moe_em import fit_starts, log_joint, public_params, start_params
 from .results import MOE_FORMAT, FileReader, write_npz
 from .stopping import ConvergenceWarning, NumericalError, default_tol
@@ -230,7 +231,8 @@ class MixtureOfExperts:
     def fit(self, x, y, gate_x=None, *, method: str = "em", init: Any = "auto",
             num_inits: int = 4, max_iter: int | None = None, tol: float | None = None,
             m_steps: int = 1, lr: float | None = None, seed=None, dtype=None, device=None,
-            progress: bool | None = None, warn: bool = True) -> MixtureOfExperts:
+            progress: bool | None = None, warn: bool = True,
+            num_threads: int | None = None) -> MixtureOfExperts:
         """Maximum-likelihood (or ridge-penalised) fit; returns ``self``.
 
         Args:
@@ -254,6 +256,7 @@ class MixtureOfExperts:
             dtype: ``"float32"``/``"float64"`` (default: x's if floating, else the default).
             progress: a tqdm bar (default: when stderr is a terminal).
             warn: warn (``ConvergenceWarning``) when ``max_iter`` is reached.
+            num_threads: CPU threads (default: as :func:`~pyro_softmix.fit_em` chooses).
 
         Example:
             >>> import pyro_softmix as psm
@@ -267,6 +270,8 @@ class MixtureOfExperts:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         num_inits = check_positive_int(num_inits, "num_inits")
         m_steps = check_positive_int(m_steps, "m_steps")
+        if num_threads is not None:
+            num_threads = check_positive_int(num_threads, "num_threads")
         if max_iter is None:
             max_iter = 1000 if method == "em" else 20000
         max_iter = check_positive_int(max_iter, "max_iter")
@@ -276,9 +281,10 @@ class MixtureOfExperts:
         tol = check_positive_float(tol, "tol", allow_zero=True)
         if method != "em":
             lr = check_positive_float(DEFAULT_LR[method] if lr is None else lr, "lr")
-        label, (params, history, times, converged) = fit_starts(
-            self, xe, xg, yt, init, num_inits, make_generator(seed), method, max_iter, tol,
-            m_steps, lr, progress)
+        with thread_budget(self._work(xe), num_threads, xe.device):
+            label, (params, history, times, converged) = fit_starts(
+                self, xe, xg, yt, init, num_inits, make_generator(seed), method, max_iter, tol,
+                m_steps, lr, progress)
         self.gate_weights = params["gate"].detach()
         self.expert_weights = params["experts"].detach()
         self.noise_scale = params["scale"].detach() if "scale" in params else None
@@ -397,6 +403,11 @@ class MixtureOfExperts:
         yt = None if y is None else _check_targets(self.expert, y, xe.shape[0], xe)
         return moe_model(self, xe, xg, yt, collapsed=collapsed, subsample_size=subsample_size)
 
+    def _work(self, x) -> float:
+        """Multiply-adds of one pass over the data (for the thread count)."""
+        shape = getattr(x, "shape", None)
+        return math.prod(shape) * self.num_experts if shape is not None else math.inf
+
     def _model_dtype(self, x):
         if self.fitted:
             return self.expert_weights.dtype
@@ -441,7 +452,8 @@ class MixtureOfExperts:
         model = self._bound(x, y, gate_x, bool(collapsed), subsample_size)
         self.guide, self.svi_losses = run_svi(model, self.init_strategy(), guide, num_steps, lr,
                                                enumerated=not collapsed, init_scale=init_scale,
-                                               seed=seed, progress=progress)
+                                              seed=seed, progress=progress,
+                                              work=self._work(x))
         return self.svi_losses
 
     @keyword_options
@@ -455,7 +467,8 @@ class MixtureOfExperts:
         self._params()
         model = self._bound(x, y, gate_x, bool(collapsed))
         self.mcmc = run_nuts(model, self.init_strategy(), num_samples, warmup_steps, num_chains,
-                              seed=seed, progress=progress, **nuts_options)
+                             seed=seed, progress=progress, work=self._work(x),
+                             **nuts_options)
         return self.mcmc
 
 
