@@ -516,8 +516,8 @@ def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
             spent += s * RACE_CHECK_EVERY
             if bar is not None:
                 bar.update(s * RACE_CHECK_EVERY)
-            obj = [-math.inf if math.isnan(v) else v for v in objs[-1]]
-            check_finite([max(obj)], "the objective of every raced start")
+            obj = objs[-1]
+            check_finite(obj, "the objective of a raced start")
             for rule, pair in zip(rules, zip(*gains[-2:], strict=True), strict=True):
                 rule.record(list(pair), cycle=accelerate)
             order = sorted(range(s), key=obj.__getitem__, reverse=True)

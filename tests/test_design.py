@@ -1,7 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
+"""Standardisation of the design: moments, identifiability, extreme magnitudes."""
+
 import pytest
 import torch
 
+import pyro_softmix as psm
 from pyro_softmix import IdentifiabilityWarning, standardize
 
 
@@ -67,3 +70,18 @@ def test_nearly_collinear_but_identified_columns_are_kept():
     a = torch.randn(1000, 1, generator=g)
     x = torch.cat([a, a + 1e-3 * torch.randn(1000, 1, generator=g)], 1)
     assert standardize(x).rank == 2
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-160, 1e300, 2.0**-1000])
+def test_features_of_extreme_magnitude_fit_like_ordinary_ones(scale):
+    """Squares of 1e160 overflow float64: such columns were called constant. Scaled columns
+    give the same fit, with atoms scaled back."""
+    d = psm.simulate(num_points=300, num_features=3, num_components=2, num_obs=20_000, seed=1)
+    ref = psm.fit_em(d.features, counts=d.counts, num_components=2, seed=0)
+    x = d.features.clone()
+    x[:, 1] *= scale  # one column only: the others stay ordinary
+    fit = psm.fit_em(x, counts=d.counts, num_components=2, seed=0)
+    assert fit.loglik == pytest.approx(ref.loglik, rel=1e-12)
+    assert torch.allclose(fit.probs(), ref.probs(), atol=1e-12)
+    # Both within the stopping rule's tolerance of the same maximum.
+    assert torch.allclose(fit.atoms[:, 1] * scale, ref.atoms[:, 1], rtol=1e-4, atol=0)

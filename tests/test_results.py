@@ -236,3 +236,21 @@ def test_a_killed_fit_leaves_a_checkpoint_that_resumes_to_the_same_optimum(tmp_p
     resumed = psm.fit_em(d.features, counts=d.counts, init=saved, **kw)
     assert resumed.init.startswith("given (resumed")
     assert resumed.loglik == pytest.approx(full.loglik, rel=1e-11, abs=0)
+
+
+def test_checkpoint_options_and_files(tmp_path):
+    d = simulated(p=300, L=3, K=3, N=20_000, seed=2)
+    kw = dict(num_components=3, seed=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        psm.fit_em(d.features, counts=d.counts, checkpoint=tmp_path / "no" / "c.npz", **kw)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        psm.fit_em(d.features, counts=d.counts, checkpoint=tmp_path, **kw)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        psm.fit_em(d.features, counts=d.counts, checkpoint=tmp_path / "c", checkpoint_every=-1,
+                   **kw)
+    fit = psm.fit_em(d.features, counts=d.counts, checkpoint=tmp_path / "c", **kw)
+    final = psm.load_fit(tmp_path / "c.npz")  # the suffix is added; the end is written
+    assert final.converged and final.pending is None and final.loglik == fit.loglik
+    again = psm.fit_em(d.features, counts=d.counts, init=final, num_components=3)
+    assert again.n_iter <= 2 and again.loglik >= fit.loglik - 1e-9 * abs(fit.loglik)
+    assert not list(tmp_path.glob("*.tmp.npz"))  # no temporary file is left behind

@@ -298,3 +298,36 @@ def test_atoms_at_infinity_are_reported_when_the_counts_sit_on_hull_vertices(ver
                    for w in caught)
         assert fit.diverging == (0, 1, 2), (seed, fit.diverging)
         assert fit.loglik <= 0.0  # a log-likelihood, despite rounding near 0
+
+
+def test_a_nan_or_inf_anywhere_ends_the_fit_with_a_named_error(monkeypatch):
+    """Counts beyond float32's range used to end in a bare StopIteration; a NaN objective was
+    never detected. Now: a ValueError before any work, or NumericalError (a ValueError) as
+    soon as the objective, a gradient or a Hessian is not finite."""
+    import pyro_softmix.accelerate as accelerate
+    import pyro_softmix.engine as engine
+
+    d = psm.simulate(num_points=300, num_features=3, num_components=2, num_obs=20_000, seed=1)
+    with pytest.raises(ValueError, match="counts sum to .* torch.float32"):
+        psm.fit_em(d.features.float(), counts=d.counts.double() * 1e37, num_components=2)
+    calls = []
+    e_step = engine.EMProblem.e_step
+
+    def poisoned(self, *args):
+        loglik, w = e_step(self, *args)
+        calls.append(1)
+        return (loglik * math.nan, w) if len(calls) >= 12 else (loglik, w)  # from then on
+
+    monkeypatch.setattr(engine.EMProblem, "e_step", poisoned)
+    for init in ("random", "auto"):  # in the final run, and in the race
+        calls.clear()
+        with pytest.raises(psm.NumericalError, match="became nan"):
+            psm.fit_em(d.features, counts=d.counts, num_components=2, init=init, seed=0,
+                       num_inits=None if init == "random" else 2)
+    monkeypatch.undo()
+    gradient = accelerate.marginal_gradient
+    monkeypatch.setattr(accelerate, "marginal_gradient", lambda *a: (
+        gradient(*a)[0] * math.inf, gradient(*a)[1]))
+    with pytest.raises(psm.NumericalError, match="gradient of the Newton finish"):
+        psm.fit_em(d.features, counts=d.counts, num_components=2, seed=0)
+    assert issubclass(psm.NumericalError, ValueError)
