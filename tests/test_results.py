@@ -243,8 +243,9 @@ def test_checkpoint_options_and_files(tmp_path):
     kw = dict(num_components=3, seed=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         psm.fit_em(d.features, counts=d.counts, checkpoint=tmp_path / "no" / "c.npz", **kw)
+    (tmp_path / "d.npz").mkdir()
     with pytest.raises(IsADirectoryError, match="is a folder"):
-        psm.fit_em(d.features, counts=d.counts, checkpoint=tmp_path, **kw)
+        psm.fit_em(d.features, counts=d.counts, checkpoint=tmp_path / "d.npz", **kw)
     with pytest.raises(ValueError, match="checkpoint_every"):
         psm.fit_em(d.features, counts=d.counts, checkpoint=tmp_path / "c", checkpoint_every=-1,
                    **kw)
