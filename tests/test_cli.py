@@ -234,3 +234,30 @@ def test_help_and_version_do_not_import_torch():
             "print(sorted({'torch', 'numpy', 'pyro'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("[]") and "softmix 0.1.0" in out.stdout
+
+
+def test_a_real_ctrl_c_exits_130_with_one_line(tmp_path):
+    """SIGINT to a running ``softmix fit``: one line on stderr, status 130, no outputs."""
+    import os
+    import signal
+    import time
+
+    d = psm.simulate(num_points=20_000, num_features=16, num_components=6, num_obs=10**6,
+                     seed=0)
+    np.save(tmp_path / "x.npy", d.features.numpy())
+    np.save(tmp_path / "n.npy", d.counts.numpy())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pyro_softmix.cli", "fit", str(tmp_path / "x.npy"), "--counts",
+         str(tmp_path / "n.npy"), "-k", "6", "--quiet", "--no-accelerate", "--max-iter",
+         "100000", "--tol", "0", "--out", str(tmp_path / "o")],
+        stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60  # wait until the fit runs: the output folder exists by then
+    while not (tmp_path / "o").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    child.send_signal(signal.SIGINT)
+    err = child.communicate(timeout=60)[1]
+    assert child.returncode == 130, err
+    assert _one_error_line(err) == "softmix fit: interrupted; nothing was written"
+    assert list((tmp_path / "o").iterdir()) == []

@@ -98,21 +98,27 @@ def test_one_file_format_and_one_field_list(tmp_path):
 
 def _saved(tmp_path, **arrays_and_meta):
     """A valid fit file, then rewritten with some arrays or header fields replaced."""
-    import json
-
     d = simulated(p=60, L=2, K=2, N=2000)
     fit = psm.fit_em(d.features, counts=d.counts, num_components=2, seed=0)
     fit.save(tmp_path / "good.npz", include_features=True)
-    with np.load(tmp_path / "good.npz") as data:
+    return _rewritten(tmp_path / "good.npz", tmp_path / "bad.npz", arrays_and_meta)
+
+
+def _rewritten(source, target, changes):
+    """``source`` written again to ``target`` with arrays (by name) or header fields
+    (``meta_`` + name) replaced by ``changes``."""
+    import json
+
+    with np.load(source) as data:
         arrays = {k: data[k] for k in data.files}
     meta = json.loads(str(arrays.pop("meta")))
-    for key, value in arrays_and_meta.items():
+    for key, value in changes.items():
         if key.startswith("meta_"):
             meta[key[5:]] = value
         else:
             arrays[key] = value
-    np.savez(tmp_path / "bad.npz", meta=np.array(json.dumps(meta)), **arrays)
-    return tmp_path / "bad.npz"
+    np.savez(target, meta=np.array(json.dumps(meta)), **arrays)
+    return target
 
 
 @pytest.mark.parametrize("change,field", [
@@ -173,19 +179,9 @@ def test_damaged_or_foreign_files_raise_one_error_that_names_them(tmp_path):
     (dict(meta_n_iter=10**6), "array 'history'"),
 ])
 def test_every_field_of_a_moe_file_is_checked(tmp_path, change, field):
-    import json
-
     m = psm.simulate_moe(num_obs=200, num_experts=2, num_features=2, seed=0)
     psm.MixtureOfExperts(2).fit(m.x, m.y, seed=0, num_inits=1).save(tmp_path / "moe.npz")
-    with np.load(tmp_path / "moe.npz") as data:
-        arrays = {k: data[k] for k in data.files}
-    meta = json.loads(str(arrays.pop("meta")))
-    for key, value in change.items():
-        if key.startswith("meta_"):
-            meta[key[5:]] = value
-        else:
-            arrays[key] = value
-    np.savez(tmp_path / "bad.npz", meta=np.array(json.dumps(meta)), **arrays)
+    _rewritten(tmp_path / "moe.npz", tmp_path / "bad.npz", change)
     with pytest.raises(psm.FileFormatError, match=f"bad.npz.*{field}"):
         psm.load_moe(tmp_path / "bad.npz")
 
