@@ -25,7 +25,7 @@ _HOMES = {
     "FitComparison": "diagnostics", "compare_fits": "diagnostics",
     "fisher_intervals": "diagnostics", "plot_diagnostics": "diagnostics",
     "posterior_summary": "diagnostics", "relabel_samples": "diagnostics",
-    "to_arviz": "diagnostics",
+    "to_arviz": "arviz_bridge", "loo": "arviz_bridge", "LooResult": "arviz_bridge",
     "SoftmaxMixture": "distributions",
     "fit_em": "em",
     "EM": "infer", "em_initial_params": "infer", "init_to_em": "infer",
@@ -42,6 +42,7 @@ _HOMES = {
 }
 #: Submodules reachable as attributes (``psm.models``, ...).
 _MODULES = {"datasets", "models", "moe", "moe_em", "plots", "diagnostics", "infer", "engine",
+            "arviz_bridge",
             "accelerate", "stopping", "results", "warmstart", "solvers", "design", "moments",
             "distributions", "simulation", "mixture_model", "em", "cli"}
 
@@ -65,6 +66,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from . import datasets, models, moe  # noqa: F401
+    from .arviz_bridge import LooResult, loo, to_arviz  # noqa: F401
     from .design import Design, IdentifiabilityWarning, standardize  # noqa: F401
     from .diagnostics import (  # noqa: F401
         FitComparison,
@@ -73,7 +75,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         plot_diagnostics,
         posterior_summary,
         relabel_samples,
-        to_arviz,
     )
     from .distributions import SoftmaxMixture  # noqa: F401
     from .em import fit_em  # noqa: F401

@@ -28,7 +28,7 @@ from ._matching import match_components
 from .models import expand_counts
 
 __all__ = ["FitComparison", "compare_fits", "fisher_intervals", "plot_diagnostics",
-           "posterior_summary", "relabel_samples", "to_arviz"]
+           "posterior_summary", "relabel_samples"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,68 +97,53 @@ def relabel_samples(samples: Mapping[str, Any], reference, *, return_permutation
 # Pointwise log-likelihood and ArviZ
 # ----------------------------------------------------------------------------------------------
 def pointwise_log_likelihood(features, atoms, weights, *, tokens=None, counts=None, groups=None,
-                             max_size: int = 50_000_000) -> torch.Tensor:
-    """Marginal log-likelihood of each observation unit for S draws: (S, N) or (S, G).
+                             units: str = "draws", max_size: int = 50_000_000) -> torch.Tensor:
+    """Marginal log-likelihood of each observation unit for S draws of the parameters.
 
-    Units are the draws (``tokens``, or ``counts`` expanded to draws) or, for grouped data,
-    the groups: log sum_k w_k prod_j q_k(j)^{n_gj}. Summed over units it is the log-likelihood
-    that EM maximises; this is what ``arviz.loo`` needs.
+    Units:
+
+    - ``"draws"`` (default): one column per draw of Y (``tokens``, or ``counts`` expanded to
+      draws), (S, N); for grouped data one column per group, (S, G):
+      log sum_k w_k prod_j q_k(j)^{n_gj}. Summed over units it is the log-likelihood EM
+      maximises; this is what ``arviz.loo`` needs.
+    - ``"points"``: one column per support point with a draw, (S, P): log pi_j, the
+      log-likelihood of *one* draw at point j. Every draw at j has this same column, so
+      N columns collapse to P; :func:`pointwise_counts` gives each column's number of draws
+      (the weights that :func:`~pyro_softmix.loo` uses). Not for grouped data.
 
     Raises:
-        ValueError: if S x units exceeds ``max_size`` (thin the draws or raise the limit).
+        ValueError: if S x units exceeds ``max_size`` (thin the draws, use ``units="points"``,
+        or raise the limit).
     """
+    if units not in ("draws", "points"):
+        raise ValueError(f"units must be 'draws' or 'points', got {units!r}")
     x = torch.as_tensor(features, dtype=torch.float64)
     atoms = torch.as_tensor(atoms).to(torch.float64).reshape(-1, *atoms.shape[-2:])
     weights = torch.as_tensor(weights).to(torch.float64).reshape(-1, weights.shape[-1])
-    unit_loglik, units = _unit_loglik(x, counts, tokens, groups, per_draw=True)
-    if atoms.shape[0] * units > max_size:
-        raise ValueError(f"{atoms.shape[0]} draws x {units} units exceeds max_size={max_size}: "
-                         "thin the draws or raise max_size")
+    if units == "points":
+        if groups is not None:
+            raise ValueError("units='points' is for ungrouped data: a group's draws are not "
+                             "independent given the parameters")
+        support = pointwise_counts(x.shape[0], counts=counts, tokens=tokens)[0]
+
+        def unit_loglik(a, w):
+            return mixture_log_probs(component_log_probs(x, a), w)[support]
+        num_units = support.shape[0]
+    else:
+        unit_loglik, num_units = _unit_loglik(x, counts, tokens, groups, per_draw=True)
+    if atoms.shape[0] * num_units > max_size:
+        hint = "" if units == "points" or groups is not None else ", use units='points'"
+        raise ValueError(f"{atoms.shape[0]} draws x {num_units} units exceeds max_size="
+                         f"{max_size}: thin the draws{hint} or raise max_size")
     return torch.stack([unit_loglik(a, w) for a, w in zip(atoms, weights, strict=True)])
 
 
-def _arviz_major() -> int:
-    import arviz as az
-
-    return int(az.__version__.split(".")[0])
-
-
-def to_arviz(samples, *, features=None, tokens=None, counts=None, groups=None,
-             num_chains: int | None = None, reference=None, log_likelihood: bool = True,
-             var_names=("weights", "atoms")):
-    """Posterior draws as ArviZ data (``InferenceData`` in ArviZ 0.x, ``DataTree`` in 1.x).
-
-    Args:
-        samples: a Pyro ``MCMC`` (draws grouped by chain) or a dict of draws, either
-            (chains, draws, ...) or, with ``num_chains``, flat (chains * draws, ...).
-        features, tokens / counts / groups: the data, to add the marginal pointwise
-            ``log_likelihood`` (per draw, or per group; see :func:`pointwise_log_likelihood`),
-            so ``arviz.loo`` and ``arviz.waic`` work. Omit ``features`` or pass
-            ``log_likelihood=False`` to skip it.
-        num_chains: see ``samples``; for a dict without it, a single chain is assumed.
-        reference: relabel the draws against this fit first (see :func:`relabel_samples`).
-        var_names: the sites to convert.
-
-    Returns:
-        ArviZ data with groups ``posterior`` (dims ``component``, ``feature``) and, when
-        requested, ``log_likelihood`` (variable ``obs``, dim ``obs_id``).
-    """
-    import arviz as az
-
-    samples = _chain_samples(samples, num_chains, reference, var_names)
-    posterior = {k: v.detach().cpu().numpy() for k, v in samples.items()}
-    dims = {"weights": ["component"], "atoms": ["component", "feature"]}
-    groups_out: dict[str, dict[str, np.ndarray]] = {"posterior": posterior}
-    if log_likelihood and features is not None:
-        c, d = posterior["weights"].shape[:2]
-        ll = pointwise_log_likelihood(features, samples["atoms"].reshape(c * d, *samples[
-            "atoms"].shape[-2:]), samples["weights"].reshape(c * d, -1), tokens=tokens,
-            counts=counts, groups=groups)
-        groups_out["log_likelihood"] = {"obs": ll.reshape(c, d, -1).numpy()}
-        dims["obs"] = ["obs_id"]
-    if _arviz_major() >= 1:
-        return az.from_dict(groups_out, dims=dims)
-    return az.from_dict(**groups_out, dims=dims)
+def pointwise_counts(num_points: int, *, counts=None, tokens=None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support points with at least one draw, (P,) int64, and their counts (P,)."""
+    n = check_counts(counts, tokens, num_points).to(torch.float64).cpu()
+    support = (n > 0).nonzero().flatten()
+    return support, n[support]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +161,7 @@ def _flat_params(samples: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _chain_samples(samples, num_chains, reference, names=("weights", "atoms")
+def chain_samples(samples, num_chains, reference, names=("weights", "atoms")
                    ) -> dict[str, torch.Tensor]:
     """Draws of ``names`` as (chains, draws, ...) tensors, relabelled against ``reference``.
 
@@ -223,7 +208,7 @@ def posterior_summary(samples: Mapping[str, Any], *, num_chains: int | None = No
     Returns:
         One dict per scalar (``name``, ``mean``, ``sd``, ``lo``, ``hi``, ``r_hat``, ``ess``).
     """
-    samples = _chain_samples(samples, num_chains, reference)
+    samples = chain_samples(samples, num_chains, reference)
     rows = []
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     for name, v in _flat_params(samples).items():
@@ -260,7 +245,7 @@ def plot_diagnostics(samples, out_dir: str | os.PathLike, *, num_chains: int | N
     Returns:
         ``{"trace": path, "forest": path, "pair": path}``.
     """
-    samples = _chain_samples(samples, num_chains, reference)
+    samples = chain_samples(samples, num_chains, reference)
     flat = _flat_params(samples)
     names = list(flat)
     os.makedirs(out_dir, exist_ok=True)

@@ -357,14 +357,17 @@ class SoftmaxMixtureModel:
             kw["num_obs"] = int(round(num_obs))
         return pred(**kw)
 
-    def to_arviz(self, *, log_likelihood: bool = True):
+    def to_arviz(self, *, log_likelihood: bool = True, units: str = "auto",
+                 max_size: int = 50_000_000):
         """The NUTS draws as ArviZ data, relabelled against EM, with the pointwise
-        log-likelihood (see :func:`pyro_softmix.to_arviz`)."""
-        from .diagnostics import to_arviz
+        log-likelihood (see :func:`pyro_softmix.to_arviz` for ``units`` and ``max_size``;
+        :func:`pyro_softmix.loo` reads either form)."""
+        from .arviz_bridge import to_arviz
 
         if self.mcmc is None:
             raise ValueError("no MCMC run: call fit_mcmc(...) first")
         data = self.data_kwargs() if log_likelihood else {}
         return to_arviz(self.mcmc, features=self.features if log_likelihood else None,
-                        reference=self.em_fit, log_likelihood=log_likelihood, **data)
+                        reference=self.em_fit, log_likelihood=log_likelihood, units=units,
+                        max_size=max_size, **data)
 

@@ -3,11 +3,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix import diagnostics
+from pyro_softmix import arviz_bridge, diagnostics
 from pyro_softmix.diagnostics import pointwise_log_likelihood
 
 from .helpers import brute_grouped_loglik, brute_loglik
@@ -93,7 +94,7 @@ def test_to_arviz_uses_the_v1_signature(monkeypatch):
     def fake_from_dict(data=None, **kwargs):
         calls["data"], calls["kwargs"] = data, kwargs
         return "tree"
-    monkeypatch.setattr(diagnostics, "_arviz_major", lambda: 1)
+    monkeypatch.setattr(arviz_bridge, "arviz_major", lambda: 1)
     monkeypatch.setattr(az, "from_dict", fake_from_dict)
     ref, atoms, weights = _draws()
     assert psm.to_arviz({"atoms": atoms, "weights": weights}) == "tree"
@@ -176,3 +177,82 @@ def test_one_matcher_for_relabelling_and_plots():
     assert plot_match(draws[0, 3], ref).tolist() == perm[0, 3].tolist()
     _, applied = psm.relabel_samples({"atoms": draws}, ref, return_permutations=True)
     assert torch.equal(applied, perm)
+
+
+@pytest.fixture(scope="module")
+def nuts_runs():
+    """Two small real NUTS runs (K = 2 and K = 3 on the same data) whose chains move."""
+    import pyro
+
+    d = psm.simulate(num_points=40, num_features=2, num_components=2, num_obs=600,
+                     atom_norm=2.5, seed=3, return_tokens=True, dtype=torch.float64)
+    runs = {}
+    for k in (2, 3):
+        pyro.set_rng_seed(0)
+        sm = psm.SoftmaxMixtureModel(d.features, k, prior_scale=2.0)
+        sm.fit_em(counts=d.counts, seed=0, prior_scale=2.0)
+        sm.fit_mcmc(num_samples=30, warmup_steps=40, seed=0, max_tree_depth=5)
+        runs[k] = sm
+    return d, runs
+
+
+def test_arviz_loo_and_compare_on_real_nuts_draws_match_a_direct_computation(nuts_runs):
+    """On the installed ArviZ major: az.loo and az.compare read to_arviz's output; elpd is the
+    sum over draws of log sum_s w_s p(y_i | theta_s) with ArviZ's PSIS weights, p_loo is lppd
+    less elpd, and psm.loo gives the same from the P distinct support points."""
+    import warnings
+
+    import arviz as az
+    from scipy.special import logsumexp
+
+    d, runs = nuts_runs
+    datas = {}
+    for k, sm in runs.items():
+        samples = sm.mcmc.get_samples()["weights"]
+        assert torch.unique(samples, dim=0).shape[0] > 25  # the chain moves: 30 draws
+        datas[k] = sm.to_arviz(units="draws")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ArviZ 0.x: an import-time FutureWarning
+        res = az.loo(datas[2], pointwise=True)
+        rounding = {"round_to": "none"} if arviz_bridge.arviz_major() >= 1 else {}  # 1.x rounds
+        table = az.compare({"K=2": datas[2], "K=3": datas[3]}, **rounding)
+    ll = datas[2].log_likelihood["obs"].values.reshape(30, -1)  # (draws, N)
+    assert ll.shape[1] == 600
+    lppd = logsumexp(ll, axis=0) - np.log(30)
+    mine = psm.loo(datas[2])
+    major = arviz_bridge.arviz_major()
+    if major >= 1:
+        log_w = res.log_weights.transpose("chain", "draw", "obs_id").values.reshape(30, -1)
+        elpd, p = res.elpd, res.p
+    else:
+        log_w, _ = az.psislw(-ll.T.copy())
+        log_w = log_w.T
+        elpd, p = res.elpd_loo, res.p_loo
+    direct = logsumexp(log_w + ll, axis=0)
+    assert float(direct.sum()) == pytest.approx(elpd, rel=1e-10)
+    assert p == pytest.approx(float(lppd.sum()) - elpd, rel=1e-8)
+    assert mine.elpd == pytest.approx(elpd, rel=1e-12) and mine.p == pytest.approx(p, rel=1e-8)
+    assert mine.se == pytest.approx(res.se, rel=1e-8)
+    elpds = {k: psm.loo(v).elpd for k, v in datas.items()}
+    worse = "K=3" if elpds[3] < elpds[2] else "K=2"
+    diff = abs(elpds[3] - elpds[2])
+    reported = float(table.loc[worse, "elpd_diff"])
+    assert abs(reported) == pytest.approx(diff, rel=1e-8)
+    assert np.sign(reported) == (-1 if major >= 1 else 1)  # the majors' conventions
+
+
+def test_loo_on_distinct_points_equals_loo_on_every_draw(nuts_runs):
+    """units="points" keeps one column per support point; psm.loo weights them by counts:
+    the same elpd, se, p and Pareto k as the N-column table."""
+    d, runs = nuts_runs
+    sm = runs[2]
+    draws, points = sm.to_arviz(units="draws"), sm.to_arviz(units="points")
+    assert points.log_likelihood["obs"].shape[-1] == int((d.counts > 0).sum()) < 600
+    a, b = psm.loo(draws), psm.loo(points)
+    assert b.num_units == a.num_units == 600
+    for name in ("elpd", "se", "p"):
+        assert getattr(b, name) == pytest.approx(getattr(a, name), rel=1e-10)
+    assert float(np.max(b.pareto_k)) == pytest.approx(float(np.max(a.pareto_k)), rel=1e-10)
+    # "auto" keeps the draws while they are cheap, and switches to points when they are not.
+    assert sm.to_arviz().log_likelihood["obs"].shape[-1] == 600
+    assert sm.to_arviz(max_size=1000).log_likelihood["obs"].shape[-1] < 600
