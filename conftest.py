@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Doctest set-up: examples that read an optional data package run where it is installed."""
+"""Test selection: the slow tests run with ``--slow``; examples that read an optional data
+package run where it is installed."""
 
 import importlib.util
 
@@ -12,8 +13,18 @@ OPTIONAL = {
 }
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (tutorials, killed processes)")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         package = OPTIONAL.get(item.name)
         if package is not None and importlib.util.find_spec(package) is None:
             item.add_marker(pytest.mark.skip(reason=f"needs the optional package {package}"))
+    if not config.getoption("--slow"):
+        slow = [item for item in items if item.get_closest_marker("slow") is not None]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if item.get_closest_marker("slow") is None]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -168,12 +169,15 @@ def run_nuts(model, strategy, num_samples: int, warmup_steps: int, num_chains: i
              seed=None, progress: bool | None = None, work: float = math.inf,
              **nuts_options) -> MCMC:
     """NUTS on ``model`` started by ``strategy``; returns the run ``MCMC`` object (``work`` as
-    in :func:`run_svi`)."""
+    in :func:`run_svi`; Pyro's progress bar shows when ``progress`` is True, or is None and
+    stderr is a terminal)."""
     num_samples, warmup_steps, num_chains = check_nuts_options(num_samples, warmup_steps,
                                                                num_chains, seed)
     seed_global(seed)
     nuts_options.setdefault("max_plate_nesting", 1)
     kernel = NUTS(model, init_strategy=strategy, **nuts_options)
+    if progress is None:
+        progress = sys.stderr.isatty()
     mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
                 num_chains=num_chains, disable_progbar=not progress)
     with thread_budget(work):

@@ -244,6 +244,7 @@ class SoftmaxMixtureModel:
             collapsed: sample the collapsed model (default; cost independent of N) or the
                 enumerated one (the assignment summed out by Pyro's enumeration).
             num_chains: chains; Pyro runs them in parallel processes when CPUs allow.
+            progress: Pyro's progress bar (default: shown when stderr is a terminal).
             nuts_options: passed to ``NUTS`` (``target_accept_prob``, ``max_tree_depth``, ...).
         """
         check_nuts_options(num_samples, warmup_steps, num_chains, seed)  # before EM runs
@@ -252,7 +253,7 @@ class SoftmaxMixtureModel:
         strategy = self._init_strategy(init, em_options)
         self._collapsed = bool(collapsed)
         mcmc = run_nuts(self._bound_model(self._collapsed), strategy, num_samples, warmup_steps,
-                        num_chains, seed=seed, progress=bool(progress), work=self._work(),
+                        num_chains, seed=seed, progress=progress, work=self._work(),
                         **nuts_options)
         self.mcmc = mcmc
         self.mcmc_seconds = time.perf_counter() - start

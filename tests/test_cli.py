@@ -236,6 +236,7 @@ def test_help_and_version_do_not_import_torch():
     assert out.stdout.strip().endswith("[]") and "softmix 0.1.0" in out.stdout
 
 
+@pytest.mark.slow
 def test_a_real_ctrl_c_exits_130_with_one_line(tmp_path):
     """SIGINT to a running ``softmix fit``: one line on stderr, status 130, no outputs."""
     import os

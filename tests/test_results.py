@@ -199,6 +199,7 @@ psm.fit_em(d.features, counts=d.counts, num_components=4, init="random", num_ini
 """
 
 
+@pytest.mark.slow
 def test_a_killed_fit_leaves_a_checkpoint_that_resumes_to_the_same_optimum(tmp_path):
     """SIGKILL a fit that checkpoints after every update, at several moments: the file is
     always a complete checkpoint (or absent), and resuming from it reaches the optimum of the

@@ -8,6 +8,7 @@ import pytest
 TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("*.md"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(path, tmp_path, monkeypatch):
     jupytext = pytest.importorskip("jupytext", reason="install the dev extra to run tutorials")
