@@ -190,11 +190,43 @@ def chain_samples(samples, num_chains, reference, names=("weights", "atoms")
 
 def _subplots(nrows: int = 1, ncols: int = 1, **kwargs):
     """A figure for a file, without pyplot (so the user's backend and figures are untouched)."""
-    from matplotlib.figure import Figure
+    from .plots import figure_with_axes
 
-    figsize = kwargs.pop("figsize", None)
-    fig = Figure(figsize=figsize)
-    return fig, fig.subplots(nrows, ncols, **kwargs)
+    return figure_with_axes(nrows, ncols, **kwargs)
+
+
+def forest_figure(flat: dict[str, torch.Tensor], reference=None, level: float = 0.9):
+    """The forest plot of :func:`plot_diagnostics`: one panel for the weights and one for the
+    atoms, each interval drawn relative to its centre (the reference's value, or the posterior
+    median), which the labels give, so that intervals of very different scales stay visible."""
+    ref = None
+    if reference is not None and hasattr(reference, "weights"):
+        ref = _flat_params({"weights": reference.weights.detach().cpu()[None, None],
+                            "atoms": reference.atoms.detach().cpu()[None, None]})
+    q = torch.tensor([(1 - level) / 2, 0.5, (1 + level) / 2], dtype=torch.float64)
+    groups = [[n for n in flat if n.startswith(kind)] for kind in ("weights", "atoms")]
+    groups = [g for g in groups if g]
+    sizes = [len(g) for g in groups]
+    fig, axes = _subplots(len(groups), 1, figsize=(6.5, 0.28 * sum(sizes) + 1.2 * len(groups)),
+                          squeeze=False, gridspec_kw={"height_ratios": sizes})
+    for ax, names in zip(axes[:, 0], groups, strict=True):
+        labels = []
+        for i, name in enumerate(names):
+            lo, mid, hi = torch.quantile(flat[name].reshape(-1), q).tolist()
+            centre = float(ref[name].reshape(-1)[0]) if ref is not None else mid
+            ax.plot([lo - centre, hi - centre], [i, i], color="C0")
+            ax.plot(mid - centre, i, "o", color="C0", ms=4)
+            labels.append(f"{name} = {centre:.4g}")
+        if ref is not None:
+            ax.axvline(0.0, color="C3", lw=0.8, ls="--")
+        ax.set_yticks(range(len(names)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", alpha=0.3)
+        centre_name = "the reference (red line)" if ref is not None else "the posterior median"
+        ax.set_xlabel(f"difference from {centre_name}", fontsize=8)
+    axes[0, 0].set_title(f"{100 * level:g}% intervals and medians", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def posterior_summary(samples: Mapping[str, Any], *, num_chains: int | None = None,
@@ -264,22 +296,7 @@ def plot_diagnostics(samples, out_dir: str | os.PathLike, *, num_chains: int | N
     paths["trace"] = os.path.join(out_dir, "trace.png")
     fig.savefig(paths["trace"], dpi=90)
 
-    ref_values = None
-    if reference is not None and hasattr(reference, "weights"):
-        ref_values = _flat_params({"weights": reference.weights.detach().cpu()[None, None],
-                                   "atoms": reference.atoms.detach().cpu()[None, None]})
-    q = torch.tensor([(1 - level) / 2, 0.5, (1 + level) / 2], dtype=torch.float64)
-    fig, ax = _subplots(figsize=(6, 0.3 * len(names) + 1))
-    for i, name in enumerate(names):
-        lo, mid, hi = torch.quantile(flat[name].reshape(-1), q).tolist()
-        ax.plot([lo, hi], [i, i], color="C0")
-        ax.plot(mid, i, "o", color="C0", ms=4)
-        if ref_values is not None:
-            ax.plot(float(ref_values[name].reshape(-1)[0]), i, "x", color="C3", ms=6)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_title(f"{100 * level:g}% intervals" + ("  (x: reference)" if ref_values else ""))
-    fig.tight_layout()
+    fig = forest_figure(flat, reference, level)
     paths["forest"] = os.path.join(out_dir, "forest.png")
     fig.savefig(paths["forest"], dpi=90)
 

@@ -20,7 +20,8 @@ def match_components(atoms: torch.Tensor, reference: torch.Tensor) -> np.ndarray
     matcher, also used by :func:`~pyro_softmix.relabel_samples`).
 
     Args:
-        atoms: (K, L) estimated atoms.  reference: (K, L) atoms to match against.
+        atoms: (K, L) estimated atoms.
+        reference: (K, L) atoms to match against.
     Returns:
         (K,) int array.
     """
@@ -30,35 +31,48 @@ def match_components(atoms: torch.Tensor, reference: torch.Tensor) -> np.ndarray
     return _match(a, b).numpy()
 
 
-def _pyplot():
-    import matplotlib
+def figure_with_axes(nrows: int = 1, ncols: int = 1, **kwargs):
+    """A matplotlib figure and its axes for a file, without pyplot (the user's backend and open
+    figures are left alone)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=kwargs.pop("figsize", None), layout=kwargs.pop("layout", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
-    return plt
+
+def convergence_figure(fit):
+    """The figure of :func:`plot_convergence` (returned, not saved)."""
+    from matplotlib.ticker import MaxNLocator
+
+    h = np.asarray(fit.history, dtype=np.float64)
+    it = np.arange(h.size)
+    fig, (ax1, ax2) = figure_with_axes(1, 2, figsize=(9, 3.6), layout="constrained")
+    ax1.plot(it, h, marker="o", ms=3, lw=1)
+    ax1.set_ylabel("log-likelihood")
+    ax1.set_title("objective after each update", fontsize=10)
+    gap = np.maximum(h.max() - h, 0.0)
+    positive = gap > 0
+    ax2.semilogy(it[positive], gap[positive], marker="o", ms=3, lw=1)
+    ax2.set_ylabel("gap to the final log-likelihood")
+    ax2.set_title("gap (the final point, 0, is off the log scale)", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("update (0: the chosen start)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.5, max(h.size - 0.5, 1.5))
+        ax.grid(True, which="both", alpha=0.3)
+    status = "converged" if fit.converged else "not converged"
+    fig.suptitle(f"EM {status} after {fit.n_iter} updates (start: {fit.init})", fontsize=9)
+    return fig
 
 
 def plot_convergence(fit, path: str | os.PathLike) -> str:
-    """Save the log-likelihood gap l* - l_t (log scale) against EM iteration.
+    """Save the log-likelihood after every update of the kept run, and its gap to the final
+    value (log scale), against the update number (0: the chosen start).
 
-    ``l*`` is the final log-likelihood; the last point (gap 0) is not shown.
     Returns the path written.
     """
-    plt = _pyplot()
-    h = np.asarray(fit.history, dtype=np.float64)
-    gap = np.maximum(h.max() - h, 0.0)[:-1]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
-    it = np.arange(gap.size)
-    positive = gap > 0
-    ax.semilogy(it[positive], gap[positive], marker="o", ms=2.5, lw=1)
-    ax.set_xlabel("EM iteration")
-    ax.set_ylabel("log-likelihood gap to final")
-    status = "converged" if fit.converged else "not converged"
-    ax.set_title(f"EM convergence ({status}, {fit.n_iter} iterations)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
+    fig = convergence_figure(fit)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return os.fspath(path)
 
 
@@ -67,14 +81,13 @@ def plot_recovery(fit, true_weights, true_atoms, path: str | os.PathLike) -> str
 
     Components are matched to the truth by :func:`match_components`. Returns the path written.
     """
-    plt = _pyplot()
     tw = torch.as_tensor(true_weights).detach().cpu().double().numpy()
     ta = torch.as_tensor(true_atoms).detach().cpu().double()
     perm = match_components(fit.atoms, ta)
     ea = fit.atoms.detach().cpu().double()[perm].numpy()
     ew = fit.weights.detach().cpu().double()[perm].numpy()
     ta = ta.numpy()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
+    fig, (ax1, ax2) = figure_with_axes(1, 2, figsize=(9, 3.8), layout="constrained")
     for k in range(ta.shape[0]):
         ax1.scatter(ta[k], ea[k], s=12, label=f"component {k}")
     lo, hi = float(min(ta.min(), ea.min())), float(max(ta.max(), ea.max()))
@@ -93,5 +106,4 @@ def plot_recovery(fit, true_weights, true_atoms, path: str | os.PathLike) -> str
     ax2.set_title("weights", fontsize=10)
     ax2.legend(fontsize=7)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return os.fspath(path)

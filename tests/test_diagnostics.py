@@ -256,3 +256,37 @@ def test_loo_on_distinct_points_equals_loo_on_every_draw(nuts_runs):
     # "auto" keeps the draws while they are cheap, and switches to points when they are not.
     assert sm.to_arviz().log_likelihood["obs"].shape[-1] == 600
     assert sm.to_arviz(max_size=1000).log_likelihood["obs"].shape[-1] < 600
+
+
+def test_forest_plot_has_a_panel_per_kind_and_intervals_wider_than_dots():
+    from pyro_softmix.diagnostics import forest_figure
+
+    g = torch.Generator().manual_seed(0)
+    flat = {"weights[0]": 0.3 + 0.005 * torch.randn(1, 200, generator=g),
+            "weights[1]": 0.7 + 0.005 * torch.randn(1, 200, generator=g)}
+    flat |= {f"atoms[0,{i}]": 3.0 * i + 0.01 * torch.randn(1, 200, generator=g) for i in range(4)}
+    fig = forest_figure(flat, level=0.9)
+    axes = fig.get_axes()
+    assert len(axes) == 2
+    for ax in axes:
+        lo, hi = ax.get_xlim()
+        intervals = [line for line in ax.get_lines() if len(line.get_xdata()) == 2]
+        assert intervals
+        for line in intervals:  # each interval spans a visible part of its panel
+            x0, x1 = line.get_xdata()
+            assert (x1 - x0) / (hi - lo) > 0.2
+    labels = [t.get_text() for t in axes[1].get_yticklabels()]
+    assert labels[3].startswith("atoms[0,3] = ") and abs(float(labels[3][13:]) - 9) < 0.01
+
+
+def test_convergence_plot_shows_every_update_on_integer_ticks():
+    from pyro_softmix.plots import convergence_figure
+
+    data = psm.simulate(num_points=300, num_features=3, num_components=2, num_obs=5000, seed=0)
+    fit = psm.fit_em(data.features, counts=data.counts, num_components=2, seed=0)
+    fig = convergence_figure(fit)
+    left, right = fig.get_axes()
+    assert len(left.get_lines()[0].get_xdata()) == len(fit.history)  # the final point too
+    for ax in (left, right):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
