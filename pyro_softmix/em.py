@@ -19,6 +19,7 @@ import torch
 from ._checks import check_positive_float, check_positive_int, check_seed, keyword_options, warn_user
 from ._chunks import thread_budget
 from .accelerate import finish
+from .design import IdentifiabilityWarning
 from .engine import prepare
 from .results import Checkpoint, SoftmaxMixtureFit, make_fit, save_atomically
 from .stopping import (
@@ -108,7 +109,8 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
 
     Warns:
         ConvergenceWarning: if ``max_iter`` was reached first.
-        IdentifiabilityWarning: if the centred features have rank below L.
+        IdentifiabilityWarning: if the centred features have rank below L, or if fitted
+            components coincide (num_components is then more than the data support).
         DivergenceWarning: if some atoms were still growing along a flat ridge of the objective.
 
     Example:
@@ -181,11 +183,13 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
     # After EM the workspace holds softmax(z @ atoms_z.T, 0) for the final atoms.
     path = find_diverging(norms, history, problem.workspace.q)
     objective = history[-1]
+    noise = (tol * max(abs(objective), problem.total)
+             + 64 * torch.finfo(problem.z.dtype).eps * problem.total)
     if converged:
         _, reference = one_component_fit(setup)
         gradient = problem.relative_gradient(state.atoms, state.log_weights)
         why = []
-        if objective < reference - tol * abs(reference):
+        if objective < reference - noise:
             why.append(f"its objective {objective:.10g} is below a one-component fit's "
                        f"({reference:.10g})")
         if gradient > GRADIENT_TOL:
@@ -198,8 +202,6 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
     # Under a prior the objective is coercive: no atom can run off to infinity.
     if setup.prior_scale is not None:
         return converged, ()
-    noise = (tol * max(abs(objective), problem.total)
-             + 64 * torch.finfo(problem.z.dtype).eps * problem.total)
     lengths = state.atoms.norm(dim=1).tolist()
     face = set(at_infinity(lengths, objective, _doubled(problem, state, lengths), noise))
     probs = torch.softmax(problem.z @ state.atoms.T, 0)
@@ -214,7 +216,34 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
             "convex hull (a few extreme support points), where the likelihood keeps rising "
             "toward a supremum. This is a spurious optimum (try other starts, num_inits=) or "
             "the MLE is at infinity; refit with prior_scale= for a MAP estimate", DivergenceWarning)
+    _warn_coinciding(state.atoms)
     return converged, diverging
+
+
+#: Atoms closer than this (relative to their length, at least 1, in standardised units) are
+#: the same component: sampling error alone puts distinct fitted components much further apart.
+COINCIDE_TOL = 1e-3
+
+
+def _warn_coinciding(atoms: torch.Tensor) -> None:
+    """Warn when some fitted components coincide: the fit is then a mixture of fewer distinct
+    components, and num_components is more than the data support."""
+    k = atoms.shape[0]
+    if k < 2:
+        return
+    scale = atoms.norm(dim=1).clamp(min=1.0)
+    close = torch.cdist(atoms, atoms) <= COINCIDE_TOL * torch.maximum(scale[:, None], scale)
+    distinct, seen = 0, set()
+    for i in range(k):
+        if i not in seen:
+            distinct += 1
+            seen |= set(torch.nonzero(close[i]).flatten().tolist())
+    if distinct < k:
+        groups = sorted({tuple(torch.nonzero(close[i]).flatten().tolist()) for i in range(k)})
+        shown = "; ".join(str(list(g)) for g in groups if len(g) > 1)
+        warn_user(f"fitted components coincide ({shown}): the fit is a mixture of {distinct} "
+                  f"distinct component(s), so num_components={k} is more than these data "
+                  "support; refit with fewer components (compare fit.bic)", IdentifiabilityWarning)
 
 
 def _doubled(problem, state, lengths: list[float]) -> list[float]:

@@ -151,8 +151,13 @@ class MixtureOfExperts:
         noise_scale: (K,) noise standard deviations (linear experts), else None.
         loglik: log-likelihood sum_i log p(y_i | x_i) at the estimate.
         objective: loglik minus the ridge penalty (what the methods maximise).
-        history: objective per iteration (index 0: the start).  times: seconds at each entry.
-        n_iter, converged, seconds, method, init: how the fit went.
+        history: objective per iteration (index 0: the start).
+        times: seconds since the call at each entry of ``history``.
+        n_iter: iterations run.
+        converged: whether the stopping rule was met.
+        seconds: wall time of the fit.
+        method: the method used (``"em"``, ``"gd"`` or ``"adam"``).
+        init: how the kept run was started.
 
     Example:
         >>> import pyro_softmix as psm
@@ -170,15 +175,12 @@ class MixtureOfExperts:
             raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
         if noise not in NOISE:
             raise ValueError(f"noise must be one of {NOISE}, got {noise!r}")
-        self.expert = expert
-        self.noise = noise
-        self.intercept = bool(intercept)
+        self.expert, self.noise, self.intercept = expert, noise, bool(intercept)
         self.l2 = check_positive_float(l2, "l2", allow_zero=True)
         self.min_noise = check_positive_float(min_noise, "min_noise", allow_zero=True)
         self.prior_scale = check_positive_float(prior_scale, "prior_scale")
         self.gate_weights: torch.Tensor | None = None
-        self.expert_weights: torch.Tensor | None = None
-        self.noise_scale: torch.Tensor | None = None
+        self.expert_weights = self.noise_scale = self.gate_weights
         self.loglik = self.objective = math.nan
         self.history: list[float] = []
         self.times: list[float] = []
@@ -236,7 +238,8 @@ class MixtureOfExperts:
         """Maximum-likelihood (or ridge-penalised) fit; returns ``self``.
 
         Args:
-            x: (n, d_x) expert features.  y: (n,) targets (0/1 for logistic experts).
+            x: (n, d_x) expert features.
+            y: (n,) targets (0/1 for logistic experts).
             gate_x: (n, d_g) gate features (default: ``x``).
             method: ``"em"`` (default), or the baselines ``"gd"`` / ``"adam"`` (full-batch
                 gradient ascent on the mean log-likelihood with learning rate ``lr``).

@@ -331,3 +331,34 @@ def test_a_nan_or_inf_anywhere_ends_the_fit_with_a_named_error(monkeypatch):
     with pytest.raises(psm.NumericalError, match="gradient of the Newton finish"):
         psm.fit_em(d.features, counts=d.counts, num_components=2, seed=0)
     assert issubclass(psm.NumericalError, ValueError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_counts_on_a_hull_vertex_give_a_log_likelihood_of_at_most_zero(dtype):
+    from scipy.spatial import ConvexHull
+
+    x = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
+    counts = torch.zeros(200)
+    counts[int(ConvexHull(x.numpy()).vertices[0])] = 1000
+    with pytest.warns(psm.DivergenceWarning):
+        fit = psm.fit_em(x, counts=counts, num_components=3, seed=0, dtype=dtype)
+    assert fit.loglik <= 0 and max(fit.history) <= 0  # log pi_j <= 0 whatever the rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_components_that_coincide_say_num_components_is_too_large(dtype):
+    x = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
+    counts = torch.zeros(200)
+    counts[int(x.norm(dim=1).argmin())] = 1000  # one interior point: one component suffices
+    with pytest.warns(psm.IdentifiabilityWarning, match=r"coincide \(\[0, 1, 2\]\).* 1 distinct"):
+        fit = psm.fit_em(x, counts=counts, num_components=3, seed=0, dtype=dtype)
+    assert fit.converged  # at the one-component fit's value, up to the dtype's rounding
+    single = psm.fit_em(x, counts=counts, num_components=1, dtype=dtype)
+    assert fit.loglik == pytest.approx(single.loglik, rel=1e-6)
+
+
+def test_distinct_components_raise_no_coincidence_warning():
+    data = psm.simulate(num_points=400, num_features=3, num_components=3, num_obs=20_000, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", psm.IdentifiabilityWarning)
+        psm.fit_em(data.features, counts=data.counts, num_components=3, seed=0)
