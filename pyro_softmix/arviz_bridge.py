@@ -67,7 +67,7 @@ def to_arviz(samples, *, features=None, tokens=None, counts=None, groups=None,
     Returns:
         ArviZ data with groups ``posterior`` (dims ``component``, ``feature``) and, when
         requested, ``log_likelihood`` (variable ``obs``, dim ``obs_id``). Save it with
-        ``.to_netcdf(path)`` (ArviZ 1.x needs ``h5netcdf``: ``pip install h5netcdf``).
+        ``.to_netcdf(path)`` (ArviZ 1.x needs ``h5netcdf``: ``pip install "pyro-softmix[arviz]"``).
 
     Example:
         >>> import pyro_softmix as psm

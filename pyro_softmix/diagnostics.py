@@ -199,6 +199,8 @@ def forest_figure(flat: dict[str, torch.Tensor], reference=None, level: float = 
     """The forest plot of :func:`plot_diagnostics`: one panel for the weights and one for the
     atoms, each interval drawn relative to its centre (the reference's value, or the posterior
     median), which the labels give, so that intervals of very different scales stay visible."""
+    from matplotlib.ticker import MaxNLocator
+
     ref = None
     if reference is not None and hasattr(reference, "weights"):
         ref = _flat_params({"weights": reference.weights.detach().cpu()[None, None],
@@ -222,6 +224,7 @@ def forest_figure(flat: dict[str, torch.Tensor], reference=None, level: float = 
         ax.set_yticks(range(len(names)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.grid(True, axis="x", alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         centre_name = "the reference (red line)" if ref is not None else "the posterior median"
         ax.set_xlabel(f"difference from {centre_name}", fontsize=8)
     axes[0, 0].set_title(f"{100 * level:g}% intervals and medians", fontsize=10)

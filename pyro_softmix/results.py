@@ -36,12 +36,15 @@ class SoftmaxMixtureFit:
             log-likelihood; with ``prior_scale`` the log-likelihood plus the atoms' log prior,
             up to a constant).
         num_obs: N, the total count.
-        num_points: p.  rank: number of identified directions r (= L for full-rank features).
-        init: how the final run was started.  seconds: wall time of the whole fit.
+        num_points: p, the number of support points.
+        rank: the number of identified directions r (= L for full-rank features).
+        init: how the final run was started.
+        seconds: wall time of the whole fit.
         features: the (p, L) features the fit was made on (a reference, not a copy), or None
             after :func:`load_fit` of a file saved without features.
-        num_groups, group_labels, group_responsibilities: for grouped data only (else None):
-            G, the (G,) group ids in the order used, and (G, K) P(component k | group g).
+        num_groups: for grouped data, G (else None).
+        group_labels: for grouped data, the (G,) group ids in the order used (else None).
+        group_responsibilities: for grouped data, (G, K) P(component k | group g) (else None).
         prior_scale: the scale of the Normal prior on the atoms for a MAP fit (None: MLE).
         diverging: components whose atoms were still growing along a flat ridge of the
             objective when EM stopped (the MLE is then at infinity; refit with ``prior_scale``).
@@ -80,17 +83,19 @@ class SoftmaxMixtureFit:
 
     @property
     def num_params(self) -> int:
-        """Free parameters: K - 1 weights and K r identified atom coordinates."""
+        """The number of free parameters, K - 1 weights plus K r identified atom coordinates."""
         return self.num_components - 1 + self.num_components * self.rank
 
     @property
     def bic(self) -> float:
-        """-2 loglik + num_params log(n), with n the independent units: N draws, or G groups."""
+        """The Bayesian information criterion -2 loglik + num_params log(n), with n the number
+        of independent units (N draws, or G groups for grouped data); smaller is better."""
         units = self.num_obs if self.num_groups is None else self.num_groups
         return -2.0 * self.loglik + self.num_params * math.log(units)
 
     @property
     def aic(self) -> float:
+        """The Akaike information criterion -2 loglik + 2 num_params; smaller is better."""
         return -2.0 * self.loglik + 2.0 * self.num_params
 
     def _features(self, features) -> torch.Tensor:

@@ -27,8 +27,11 @@ class SimulatedData:
     """A synthetic data set and the truth that generated it.
 
     Attributes:
-        features: (p, L) design.  weights: (K,) true weights.  atoms: (K, L) true atoms.
-        probs: (p,) true mixture probabilities.  counts: (p,) int64 counts, summing to N.
+        features: (p, L) design.
+        weights: (K,) true weights.
+        atoms: (K, L) true atoms.
+        probs: (p,) true mixture probabilities.
+        counts: (p,) int64 counts, summing to N.
         tokens: (N,) int64 draws, or None when not requested.
         assignments: (N,) int64 true components of the draws, or None.
     """
@@ -65,7 +68,8 @@ def simulate(num_points: int = 2000, num_features: int = 5, num_components: int 
         atom_norm: length of the random atoms in standardised coordinates.
         concentration: Dirichlet concentration of the random weights (large = near uniform).
         features: (p, L) design to use instead of a Gaussian one.
-        weights: (K,) true weights to use.  atoms: (K, L) true atoms to use.
+        weights: (K,) true weights to use.
+        atoms: (K, L) true atoms to use.
         return_tokens: also return the (N,) draws and their true components.
         seed: an int, a ``torch.Generator``, or None (drawn from torch's global random
             state); the same seed gives the same data.
@@ -166,9 +170,11 @@ class SimulatedMoE:
     """Synthetic mixture-of-experts data and its truth (see :func:`simulate_moe`).
 
     Attributes:
-        x: (n, d) features (used by the gate and the experts).  y: (n,) targets.
-        assignments: (n,) true experts.  gate_weights: (K, d + 1) true gate (intercept last,
-        last row 0).  expert_weights: (K, d + 1) true experts (intercept last).
+        x: (n, d) features (used by the gate and the experts).
+        y: (n,) targets.
+        assignments: (n,) true experts.
+        gate_weights: (K, d + 1) true gate (intercept last, last row 0).
+        expert_weights: (K, d + 1) true experts (intercept last).
         noise_scale: (K,) true noise scales (linear experts), else None.
     """
 

@@ -290,3 +290,25 @@ def test_convergence_plot_shows_every_update_on_integer_ticks():
     for ax in (left, right):
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_arviz_data_saves_to_netcdf_and_reads_back(nuts_runs, tmp_path):
+    """``to_netcdf`` works on the installed major with the [arviz] extra (h5netcdf, h5py)."""
+    import warnings
+
+    import arviz as az
+
+    pytest.importorskip("h5netcdf")
+    pytest.importorskip("h5py")
+    _, runs = nuts_runs
+    data = runs[2].to_arviz(units="points")
+    path = tmp_path / "posterior.nc"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ArviZ 0.x
+        data.to_netcdf(str(path))
+        again = az.from_netcdf(str(path))
+    np.testing.assert_array_equal(again.posterior["atoms"].values,
+                                  data.posterior["atoms"].values)
+    np.testing.assert_array_equal(again.log_likelihood["obs"].values,
+                                  data.log_likelihood["obs"].values)
+    assert psm.loo(again).elpd == pytest.approx(psm.loo(data).elpd, rel=1e-12)
