@@ -147,6 +147,7 @@ def test_init_to_em_for_an_autoguide_and_bad_input():
                                                   (True, False, False), (False, True, True)])
 def test_nuts_progress_bar_follows_the_terminal_by_default(monkeypatch, tty, progress, shown):
     """fit_mcmc shows Pyro's progress bar when stderr is a terminal, unless told otherwise."""
+    import io
     import sys
 
     from pyro_softmix import infer
@@ -161,7 +162,11 @@ def test_nuts_progress_bar_follows_the_terminal_by_default(monkeypatch, tty, pro
             pass
 
     monkeypatch.setattr(infer, "MCMC", RecordingMCMC)
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    class Stderr(io.StringIO):
+        def isatty(self):
+            return tty
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
     d = psm.simulate(num_points=30, num_features=2, num_components=2, num_obs=300, seed=0)
     sm = psm.SoftmaxMixtureModel(d.features, 2)
     sm.fit_mcmc(counts=d.counts, num_samples=5, warmup_steps=5, seed=0, progress=progress)
