@@ -18,7 +18,7 @@ import torch
 from ._marginal import MAX_NEWTON_PARAMS, marginal_gradient, marginal_hessian, mixed_precision
 from .engine import EMProblem, EMState
 from .solvers import armijo_search
-from .stopping import StoppingRule, check_finite
+from .stopping import StoppingRule, check_finite, next_run
 
 __all__ = ["finish", "newton_finish", "run", "squarem_cycle"]
 
@@ -336,10 +336,7 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
     """
     runs = []
     for i, (a, w) in enumerate(zip(starts_z, starts_w, strict=True)):
-        if bar is not None:  # one bar per run, from 0 to max_iter
-            bar.reset(total=max_iter)
-            if len(starts_z) > 1:
-                bar.set_description(f"EM run {i + 1}/{len(starts_z)}")
+        next_run(bar, i, len(starts_z), max_iter, "EM")
         on_update = None
         if checkpoint is not None:
             rest_z, rest_w = starts_z[i + 1:], starts_w[i + 1:]

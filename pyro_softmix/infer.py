@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -37,7 +36,7 @@ from ._chunks import thread_budget
 from .accelerate import finish
 from .em import DEFAULT_MAX_ITER, prepare_fit
 from .results import SoftmaxMixtureFit, make_fit
-from .stopping import StoppingRule, default_tol, progress_bar
+from .stopping import StoppingRule, default_tol, progress_bar, show_progress
 from .warmstart import check_init
 
 __all__ = ["EM", "em_initial_params", "init_to_em"]
@@ -176,10 +175,8 @@ def run_nuts(model, strategy, num_samples: int, warmup_steps: int, num_chains: i
     seed_global(seed)
     nuts_options.setdefault("max_plate_nesting", 1)
     kernel = NUTS(model, init_strategy=strategy, **nuts_options)
-    if progress is None:
-        progress = sys.stderr.isatty()
     mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
-                num_chains=num_chains, disable_progbar=not progress)
+                num_chains=num_chains, disable_progbar=not show_progress(progress))
     with thread_budget(work):
         mcmc.run()
     return mcmc

@@ -24,7 +24,7 @@ from .solvers import (
     newton_direction,
     weighted_least_squares,
 )
-from .stopping import StoppingRule, progress_bar
+from .stopping import StoppingRule, next_run, progress_bar
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -251,8 +251,9 @@ def fit_starts(spec, xe, xg, y, init, num_inits: int, gen: torch.Generator, meth
     else:
         labels, starts = ["given"], [check_start(spec, init, xe, xg)]
     best = None
-    bar = progress_bar(progress, max_iter * len(starts), f"MoE {method}")
-    for label, start in zip(labels, starts, strict=True):
+    bar = progress_bar(progress, max_iter, f"MoE {method}")
+    for i, (label, start) in enumerate(zip(labels, starts, strict=True)):
+        next_run(bar, i, len(starts), max_iter, f"MoE {method}")
         if method == "em":
             run = run_em(spec, start, xe, xg, y, max_iter, tol, m_steps, bar)
         else:

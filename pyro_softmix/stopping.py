@@ -247,13 +247,26 @@ def cycle_rate(rates: deque, gains) -> float:
     return max(rates)
 
 
+def show_progress(progress: bool | None) -> bool:
+    """The package's progress convention: shown when ``progress`` is True, or when it is None
+    and stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
 def progress_bar(progress: bool | None, total: int | None, desc: str):
-    """A tqdm bar, or None: shown when ``progress`` is True, or (None) when stderr is a
-    terminal."""
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
+    """A tqdm bar, or None (see :func:`show_progress`)."""
+    if not show_progress(progress):
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def next_run(bar, index: int, count: int, total: int, desc: str) -> None:
+    """Restart ``bar`` (if any) for run ``index`` of ``count``, from 0 to ``total`` updates
+    (a bar over all runs would show an ETA for the worst case of every run)."""
+    if bar is None:
+        return
+    bar.reset(total=total)
+    if count > 1:
+        bar.set_description(f"{desc} run {index + 1}/{count}")

@@ -220,3 +220,12 @@ def test_pyro_model_samples_and_composes():
     assert trace.nodes["gate_weights"]["value"].shape == (1, 5)
     enum = poutine.trace(moe.model).get_trace(data.x, None)
     assert enum.nodes["assignment"]["value"].shape == (100,)
+
+
+def test_progress_bar_counts_each_start_from_zero_to_max_iter(capsys):
+    """One bar per start (0 to max_iter), not one over all starts (an ETA for the worst case
+    of every start)."""
+    data = psm.simulate_moe(num_obs=300, num_features=2, num_experts=2, seed=0)
+    psm.MixtureOfExperts(2).fit(data.x, data.y, seed=0, num_inits=3, max_iter=500, progress=True)
+    err = capsys.readouterr().err
+    assert "/500" in err and "/1500" not in err and "run 3/3" in err
