@@ -229,8 +229,8 @@ class EM:
                              dtype=dtype, device=device, chunk_size=chunk_size)
         self._state = None
         self._data_key = None
+        self._rule: StoppingRule | None = None
         self.history: list[float] = []
-        self.gains: list[float] = []
 
     # -- set-up ----------------------------------------------------------------------------
     def _setup(self, tokens, counts, groups):
@@ -247,9 +247,9 @@ class EM:
             em = finish(setup.problem, atoms_z, log_w, DEFAULT_MAX_ITER, tol).state
         else:
             em = setup.problem.start(atoms_z[0], log_w[0])
-        self._state = dict(setup=setup, em=em, label=label, tol=tol, start=start)
+        self._state = dict(setup=setup, em=em, label=label, start=start)
         self.history = [float(em.loglik[0])]
-        self.gains = []
+        self._rule = StoppingRule(tol)
         self._write_guide(tokens, counts, groups)
 
     def _write_guide(self, tokens, counts, groups):
@@ -290,7 +290,7 @@ class EM:
         s["em"], gain = s["setup"].problem.iterate(s["em"])
         loglik, gain = torch.cat([s["em"].loglik, gain]).tolist()
         self.history.append(loglik)
-        self.gains.append(gain)
+        self._rule.record(gain)
         self._write_guide(tokens, counts, groups)
         return -loglik
 
@@ -306,9 +306,7 @@ class EM:
             return False
         # A race's best survivor is already converged: the steps from it have gains at rounding
         # level, which the rule reads as a stationary point.
-        rule = StoppingRule(self._state["tol"])
-        rule.record(self.gains)
-        return rule.converged(self.history[-1])
+        return self._rule.converged(self.history[-1])
 
     @property
     def fit(self) -> SoftmaxMixtureFit:

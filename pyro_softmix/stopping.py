@@ -219,6 +219,7 @@ class StoppingRule:
         self.gains.extend(gains if isinstance(gains, list | tuple) else [gains])
         if cycle:
             self.rate = cycle_rate(self.rates, self.gains)
+        del self.gains[:-2]  # the rule reads the last two only
 
     def reset(self) -> None:
         """Forget the gains (after steps of another kind, e.g. Newton steps); keep the rates."""
