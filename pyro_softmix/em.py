@@ -204,9 +204,10 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
         return converged, ()
     lengths = state.atoms.norm(dim=1).tolist()
     face = set(at_infinity(lengths, objective, _doubled(problem, state, lengths), noise))
-    probs = torch.softmax(problem.z @ state.atoms.T, 0)
-    face |= {k for k, length in enumerate(lengths)
-             if length >= DIVERGENCE_NORM and on_a_face(problem.z, probs[:, k])}
+    long = [k for k, length in enumerate(lengths) if length >= DIVERGENCE_NORM]
+    if long:  # (the workspace's softmax is no longer this point's after the checks above)
+        probs = torch.softmax(problem.z @ state.atoms[long].T, 0)
+        face |= {k for k, col in zip(long, probs.T, strict=True) if on_a_face(problem.z, col)}
     diverging = tuple(sorted(set(path) | set(face)))
     if diverging:
         shown = ", ".join(f"{lengths[k]:.3g}" for k in diverging)
@@ -232,16 +233,16 @@ def _warn_coinciding(atoms: torch.Tensor) -> None:
     if k < 2:
         return
     scale = atoms.norm(dim=1).clamp(min=1.0)
-    close = torch.cdist(atoms, atoms) <= COINCIDE_TOL * torch.maximum(scale[:, None], scale)
-    distinct, seen = 0, set()
-    for i in range(k):
+    close = (torch.cdist(atoms, atoms) <= COINCIDE_TOL * torch.maximum(scale[:, None], scale)
+             ).cpu().tolist()
+    groups, seen = [], set()
+    for i in range(k):  # each component not yet grouped, with every one close to it
         if i not in seen:
-            distinct += 1
-            seen |= set(torch.nonzero(close[i]).flatten().tolist())
-    if distinct < k:
-        groups = sorted({tuple(torch.nonzero(close[i]).flatten().tolist()) for i in range(k)})
-        shown = "; ".join(str(list(g)) for g in groups if len(g) > 1)
-        warn_user(f"fitted components coincide ({shown}): the fit is a mixture of {distinct} "
+            groups.append([j for j in range(k) if close[i][j]])
+            seen.update(groups[-1])
+    if len(groups) < k:
+        shown = "; ".join(str(g) for g in groups if len(g) > 1)
+        warn_user(f"fitted components coincide ({shown}): the fit is a mixture of {len(groups)} "
                   f"distinct component(s), so num_components={k} is more than these data "
                   "support; refit with fewer components (compare fit.bic)", IdentifiabilityWarning)
 
