@@ -160,13 +160,17 @@ class SoftmaxMixtureFit:
     SCALAR_FIELDS = ("loglik", "n_iter", "converged", "num_obs", "num_points", "rank", "init",
                      "seconds", "num_groups", "prior_scale", "diverging")
 
+    def _scalars(self) -> dict:
+        """The scalar fields, JSON-ready."""
+        out = {name: getattr(self, name) for name in self.SCALAR_FIELDS}
+        out["diverging"] = list(self.diverging)
+        return out
+
     def to_dict(self) -> dict:
         """The fit as JSON-ready data: its scalar fields, K, L, BIC, AIC, and the weights (K,)
         and atoms (K, L) as nested lists."""
-        out = {name: getattr(self, name) for name in self.SCALAR_FIELDS}
-        out["diverging"] = list(self.diverging)
         return {"num_components": self.num_components, "num_features": self.num_features,
-                **out, "bic": self.bic, "aic": self.aic,
+                **self._scalars(), "bic": self.bic, "aic": self.aic,
                 "weights": self.weights.tolist(), "atoms": self.atoms.tolist()}
 
     # -- persistence (no pickle) -----------------------------------------------------------
@@ -178,9 +182,7 @@ class SoftmaxMixtureFit:
             include_features: also store the (p, L) features, so :meth:`probs` works after
                 :func:`load_fit` without passing them.
         """
-        meta = {name: getattr(self, name) for name in self.SCALAR_FIELDS}
-        meta["diverging"] = list(self.diverging)
-        meta["dtype"] = str(self.atoms.dtype).replace("torch.", "")
+        meta = self._scalars() | {"dtype": str(self.atoms.dtype).replace("torch.", "")}
         arrays = {"weights": self.weights, "atoms": self.atoms,
                   "history": np.asarray(self.history, dtype=np.float64)}
         if self.num_groups is not None:
@@ -302,13 +304,6 @@ class FileReader:
         tol = 1e-5 if a.dtype == np.float32 else 1e-9
         if (a < 0).any() or not np.allclose(a.sum(axis), 1.0, rtol=0, atol=tol * a.shape[axis]):
             raise self.error(f"array {name!r}", "must be nonnegative and sum to 1")
-
-
-def read_npz(path: str | os.PathLike, kind: str, what: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """The header and the arrays of a file of :func:`write_npz` with format ``kind`` (checks the
-    format and version only; :class:`FileReader` checks fields)."""
-    reader = FileReader(path, kind, what)
-    return reader.meta, reader.arrays
 
 
 def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:

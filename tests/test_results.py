@@ -75,7 +75,11 @@ def test_files_of_the_earlier_layout_still_load(tmp_path):
 
 
 def test_one_file_format_and_one_field_list(tmp_path):
-    from pyro_softmix.results import FIT_FORMAT, MOE_FORMAT, read_npz
+    from pyro_softmix.results import FIT_FORMAT, MOE_FORMAT, FileReader
+
+    def read_npz(path, kind, what):
+        reader = FileReader(path, kind, what)
+        return reader.meta, reader.arrays
 
     d = simulated(p=100, L=2, K=2, N=2000)
     fit = psm.fit_em(d.features, counts=d.counts, num_components=2, seed=0)
