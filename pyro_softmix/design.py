@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
-from ._checks import check_features
+from ._checks import check_features, warn_user
 from ._chunks import rows_per_chunk
 
 
@@ -190,7 +189,7 @@ def standardize(features, *, warn: bool = True, chunk_size: int | None = None) -
             what.append(f"constant column(s) {list(const_idx)}")
         if L - r > len(const_idx):
             what.append(f"{L - r - len(const_idx)} collinear direction(s)")
-        _checks.warn_user(
+        warn_user(
             f"features has rank {r} < {L} after centring ({' and '.join(what)}): only an "
             f"{r}-dimensional part of each atom is identified. Fitting on that part; atoms are "
             "reported as the minimum-norm representative (same probabilities).", IdentifiabilityWarning)

@@ -26,6 +26,7 @@ from ._checks import check_counts, check_groups, seed_global
 from ._logprob import component_log_probs, group_log_joint, log_weights, mixture_log_probs
 from ._matching import match_components
 from .models import expand_counts
+from .plots import figure_with_axes
 
 __all__ = ["FitComparison", "compare_fits", "fisher_intervals", "plot_diagnostics",
            "posterior_summary", "relabel_samples"]
@@ -188,13 +189,6 @@ def chain_samples(samples, num_chains, reference, names=("weights", "atoms")
     return samples
 
 
-def _subplots(nrows: int = 1, ncols: int = 1, **kwargs):
-    """A figure for a file, without pyplot (so the user's backend and figures are untouched)."""
-    from .plots import figure_with_axes
-
-    return figure_with_axes(nrows, ncols, **kwargs)
-
-
 def forest_figure(flat: dict[str, torch.Tensor], reference=None, level: float = 0.9):
     """The forest plot of :func:`plot_diagnostics`: one panel for the weights and one for the
     atoms, each interval drawn relative to its centre (the reference's value, or the posterior
@@ -209,7 +203,7 @@ def forest_figure(flat: dict[str, torch.Tensor], reference=None, level: float = 
     groups = [[n for n in flat if n.startswith(kind)] for kind in ("weights", "atoms")]
     groups = [g for g in groups if g]
     sizes = [len(g) for g in groups]
-    fig, axes = _subplots(len(groups), 1, figsize=(6.5, 0.28 * sum(sizes) + 1.2 * len(groups)),
+    fig, axes = figure_with_axes(len(groups), 1, figsize=(6.5, 0.28 * sum(sizes) + 1.2 * len(groups)),
                           squeeze=False, gridspec_kw={"height_ratios": sizes})
     for ax, names in zip(axes[:, 0], groups, strict=True):
         labels = []
@@ -286,7 +280,7 @@ def plot_diagnostics(samples, out_dir: str | os.PathLike, *, num_chains: int | N
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
 
-    fig, axes = _subplots(len(names), 2, figsize=(9, 1.4 * len(names)), squeeze=False)
+    fig, axes = figure_with_axes(len(names), 2, figsize=(9, 1.4 * len(names)), squeeze=False)
     for row, name in enumerate(names):
         v = flat[name].numpy()
         for c in range(v.shape[0]):
@@ -305,7 +299,7 @@ def plot_diagnostics(samples, out_dir: str | os.PathLike, *, num_chains: int | N
 
     chosen = names[:max_pairs]
     m = len(chosen)
-    fig, axes = _subplots(m, m, figsize=(2 * m, 2 * m), squeeze=False)
+    fig, axes = figure_with_axes(m, m, figsize=(2 * m, 2 * m), squeeze=False)
     for i, a in enumerate(chosen):
         for j, b in enumerate(chosen):
             ax = axes[i, j]
@@ -441,7 +435,7 @@ class FitComparison:
     def plot(self, path: str | os.PathLike) -> str:
         """Forest plot: each parameter's estimate and interval per method (and the truth)."""
         names = list(self.params[self.methods[0]])
-        fig, ax = _subplots(figsize=(7, 0.35 * len(names) + 1.2))
+        fig, ax = figure_with_axes(figsize=(7, 0.35 * len(names) + 1.2))
         offsets = np.linspace(-0.25, 0.25, len(self.methods))
         for off, m in zip(offsets, self.methods, strict=True):
             est = [self.params[m][n][0] for n in names]
