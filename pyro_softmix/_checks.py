@@ -180,7 +180,7 @@ def check_counts(counts: Any, tokens: Any, num_points: int) -> torch.Tensor:
         raise ValueError("pass exactly one of counts= (shape (num_points,)) or tokens= (shape (N,))")
     if tokens is not None:
         t = as_tensor(tokens, "tokens")
-        if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+        if t.is_floating_point() or t.dtype == torch.bool:
             raise TypeError(f"tokens must be integers, got dtype {t.dtype}")
         if t.dim() != 1:
             raise ValueError(f"tokens must be 1-D with shape (N,), got shape {tuple(t.shape)}")
@@ -194,7 +194,7 @@ def check_counts(counts: Any, tokens: Any, num_points: int) -> torch.Tensor:
             )
         return torch.bincount(t.to(torch.int64).cpu(), minlength=num_points).to(t.device)
     n = as_tensor(counts, "counts")
-    if n.dtype == torch.bool or n.is_complex():
+    if n.dtype == torch.bool:
         raise TypeError(f"counts must be a real numeric array, got dtype {n.dtype}")
     if n.dim() != 1 or n.shape[0] != num_points:
         raise ValueError(
@@ -320,7 +320,7 @@ def check_groups(groups: Any, counts: Any, tokens: Any, num_points: int):
         if g.shape[1] != num_points:
             raise ValueError(f"groups as a count matrix must have shape (G, {num_points}), "
                              f"got {tuple(g.shape)}")
-        if g.dtype == torch.bool or g.is_complex():
+        if g.dtype == torch.bool:
             raise TypeError(f"groups as a count matrix must be real numeric, got dtype {g.dtype}")
         g = g.to(torch.float64).cpu()
         if not bool(torch.isfinite(g).all()):
@@ -339,7 +339,7 @@ def check_groups(groups: Any, counts: Any, tokens: Any, num_points: int):
     if tokens is None:
         raise ValueError("groups given as ids per observation needs tokens= (shape (N,)), "
                          "not counts=")
-    if g.is_floating_point() or g.dtype == torch.bool or g.is_complex():
+    if g.is_floating_point() or g.dtype == torch.bool:
         raise TypeError(f"groups ids must be integers, got dtype {g.dtype}")
     check_counts(None, tokens, num_points)  # validates the tokens
     tok = as_tensor(tokens, "tokens").to(torch.int64).cpu()

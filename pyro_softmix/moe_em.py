@@ -29,6 +29,12 @@ from .stopping import StoppingRule, next_run, progress_bar
 _LOG_2PI = math.log(2 * math.pi)
 
 
+def bad_init(got: str) -> str:
+    """The message for an unusable ``init`` (``got``: its repr, or its type's name)."""
+    return (f"init must be 'auto', 'random', 'kmeans', a fitted MixtureOfExperts or a mapping, "
+            f"got {got}")
+
+
 def noise_floor(spec, y: torch.Tensor) -> float:
     return spec.min_noise * max(float(y.std()), 1e-12) if y.numel() > 1 else spec.min_noise
 
@@ -55,8 +61,7 @@ def start_params(spec, init: str, xe, xg, y, gen) -> dict[str, torch.Tensor]:
         labels = kmeans(torch.cat([xe, y[:, None]], 1), k, gen)
         soft = 0.8 * torch.nn.functional.one_hot(labels, k).to(xe) + 0.2 / k
         return m_step(spec, xe, xg, y, soft, None, exact=True)
-    raise ValueError(f"init must be 'auto', 'random', 'kmeans', a fitted MixtureOfExperts or "
-                     f"a mapping, got {init!r}")
+    raise ValueError(bad_init(repr(init)))
 
 
 def log_joint(spec, params, xe, xg, y) -> torch.Tensor:
@@ -199,8 +204,7 @@ def check_start(spec, init, xe, xg) -> dict[str, torch.Tensor]:
         init = {"gate_weights": init.gate_weights, "expert_weights": init.expert_weights,
                 "noise_scale": init.noise_scale}
     if not isinstance(init, Mapping):
-        raise TypeError("init must be 'auto', 'random', 'kmeans', a fitted "
-                        f"MixtureOfExperts or a mapping, got {type(init).__name__}")
+        raise TypeError(bad_init(type(init).__name__))
     k = spec.num_experts
     shapes = {"gate_weights": (k, xg.shape[1]), "expert_weights": (k, xe.shape[1])}
     if spec.expert == "linear":
@@ -227,6 +231,7 @@ def check_start(spec, init, xe, xg) -> dict[str, torch.Tensor]:
         params["scale"] = out["noise_scale"]
     return params
 
+
 def public_params(params) -> dict[str, torch.Tensor]:
     """Internal parameters under the estimator's attribute names."""
     out = {"gate_weights": params["gate"], "expert_weights": params["experts"]}
@@ -245,8 +250,7 @@ def fit_starts(spec, xe, xg, y, init, num_inits: int, gen: torch.Generator, meth
         elif init in ("random", "kmeans"):
             labels = [init] * num_inits
         else:
-            raise ValueError(f"init must be 'auto', 'random', 'kmeans', a fitted "
-                             f"MixtureOfExperts or a mapping, got {init!r}")
+            raise ValueError(bad_init(repr(init)))
         starts = [start_params(spec, lab, xe, xg, y, gen) for lab in labels]
     else:
         labels, starts = ["given"], [check_start(spec, init, xe, xg)]
