@@ -89,12 +89,12 @@ def to_arviz(samples, *, features=None, tokens=None, counts=None, groups=None,
     coords = {}
     if log_likelihood and features is not None:
         c, d = posterior["weights"].shape[:2]
+        support = n = None
+        if groups is None and units != "draws":
+            support, n = pointwise_counts(torch.as_tensor(features).shape[0], counts=counts,
+                                          tokens=tokens)
         if units == "auto":
-            units = "draws"
-            if groups is None:
-                n = pointwise_counts(torch.as_tensor(features).shape[0], counts=counts,
-                                     tokens=tokens)[1]
-                units = "draws" if c * d * float(n.sum()) <= max_size else "points"
+            units = "draws" if n is None or c * d * float(n.sum()) <= max_size else "points"
         atoms = samples["atoms"].reshape(c * d, *samples["atoms"].shape[-2:])
         ll = pointwise_log_likelihood(features, atoms, samples["weights"].reshape(c * d, -1),
                                       tokens=tokens, counts=counts, groups=groups, units=units,
@@ -102,8 +102,6 @@ def to_arviz(samples, *, features=None, tokens=None, counts=None, groups=None,
         out["log_likelihood"] = {"obs": ll.reshape(c, d, -1).numpy()}
         dims["obs"] = ["obs_id"]
         if units == "points":
-            support, n = pointwise_counts(torch.as_tensor(features).shape[0], counts=counts,
-                                          tokens=tokens)
             out["constant_data"] = {"obs_count": n.numpy()}
             dims["obs_count"] = ["obs_id"]
             coords["obs_id"] = support.numpy()

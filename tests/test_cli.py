@@ -264,3 +264,10 @@ def test_a_real_ctrl_c_exits_130_with_one_line(tmp_path):
     assert child.returncode in (130, -signal.SIGINT), err
     assert _one_error_line(err) == "softmix fit: interrupted; nothing was written"
     assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_the_commands_start_methods_are_the_packages():
+    from pyro_softmix.cli import START_METHODS
+    from pyro_softmix.warmstart import WARM_START_METHODS
+
+    assert START_METHODS == WARM_START_METHODS
