@@ -97,6 +97,12 @@ def test_chunked_fit_equals_unchunked():
     assert b.loglik == pytest.approx(a.loglik, rel=1e-12, abs=0)
     perm = list(best_permutation(b.atoms, a.atoms))
     assert torch.allclose(b.atoms[perm], a.atoms, atol=1e-4)  # both within tol of the MLE
+    # From one given start (no race to choose among survivors) chunking changes only the
+    # order of sums: the same path, iteration for iteration.
+    start = {"weights": d.weights, "atoms": d.atoms}
+    a = psm.fit_em(d.features, counts=d.counts, num_components=3, init=start)
+    b = psm.fit_em(d.features, counts=d.counts, num_components=3, init=start, chunk_size=64)
+    assert b.n_iter == a.n_iter and torch.allclose(b.atoms, a.atoms, atol=1e-8)
 
 
 def test_seeded_starts_are_reproducible():
