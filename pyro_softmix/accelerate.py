@@ -101,6 +101,7 @@ def squarem_cycle(problem: EMProblem, st: EMState, num_steps: int = 2, step_max:
     return (EMState(atoms, log_weights, logits, lse, w, loglik), objs[:-1] + [best],
             gain_lists, norms[:-1] + [last_norms])
 
+
 def squarem_point(problem: EMProblem, t0: EMState, t1: EMState, t2: EMState, step_max: list[float]):
     """The SQUAREM point from three successive states, evaluated (logits and E-step)."""
     s, k = problem.num_starts, problem.num_components
@@ -123,9 +124,11 @@ def squarem_point(problem: EMProblem, t0: EMState, t1: EMState, t2: EMState, ste
     loglik, w = problem.e_step(logits, lse, log_weights)
     return EMState(atoms, log_weights, logits, lse, w, loglik), alpha.double()
 
+
 def num_free(problem: EMProblem) -> int:
     """Free coordinates of one start: K r atoms and K - 1 weight logits."""
     return problem.num_components * (problem.z.shape[1] + 1) - 1
+
 
 def newton_finish(problem: EMProblem, st: EMState, obj: float, tol: float, max_steps: int):
     """Newton steps on the full marginal objective from ``st`` (one start, S = 1), whose
@@ -201,6 +204,7 @@ def newton_finish(problem: EMProblem, st: EMState, obj: float, tol: float, max_s
         norms.append(values[1:])
     return st, objs, norms, False, False, gap
 
+
 def _newton_line_search(problem: EMProblem, st: EMState, direction: torch.Tensor, obj: float,
                         decrement: float, noise: float) -> tuple[EMState | None, float]:
     """The Armijo-damped step from ``st`` along ``direction`` (atoms, then the free weight
@@ -253,6 +257,7 @@ def factor_hessian(problem: EMProblem, st: EMState, pieces, pen: torch.Tensor | 
         if int(info) == 0:
             return chol, None
     return None, eig  # where the float64 Hessian is not concave either, the first one's
+
 
 def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int,
         tol: float, bar=None, accelerate: bool = True, on_update=None) -> Run:

@@ -148,9 +148,6 @@ class MixtureCounts(TorchDistribution):
             batch = torch.broadcast_shapes(batch + (1,), self.total_count.shape)
         super().__init__(batch, torch.Size([p]), validate_args=validate_args)
 
-    def _log_weights(self):
-        return log_weights(self.weights)
-
     def mixture_logits(self) -> torch.Tensor:
         """(..., p) log pi_j."""
         return mixture_log_probs(self.component_logits, self.weights)
@@ -162,7 +159,7 @@ class MixtureCounts(TorchDistribution):
             return (value * self.mixture_logits()).sum(-1)
         # (..., G, p) x (..., K, p) -> (..., G, K)
         per_comp = value @ self.component_logits.transpose(-1, -2)
-        return torch.logsumexp(per_comp + self._log_weights()[..., None, :], -1)
+        return torch.logsumexp(per_comp + log_weights(self.weights)[..., None, :], -1)
 
     def sample(self, sample_shape=()):
         shape = torch.Size(sample_shape) + self.batch_shape

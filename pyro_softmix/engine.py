@@ -184,7 +184,6 @@ class EMProblem:
         return max(atoms_part, weights_part)
 
 
-
 @dataclass
 class EMState:
     """Where EM stands: atoms (S K, r), log-weights (S K,), logits z @ atoms.T (p, S K) with

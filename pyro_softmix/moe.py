@@ -300,7 +300,7 @@ class MixtureOfExperts:
         self.method, self.init, self.num_obs = method, label, xe.shape[0]
         if not math.isfinite(self.objective):
             raise NumericalError(f"{method} diverged (objective {self.objective}); "
-                                     "lower lr= or standardise the features")
+                                 "lower lr= or standardise the features")
         if warn and not converged:
             warn_user(f"MoE {method} stopped at max_iter={max_iter} before converging "
                       f"(last increase {history[-1] - history[-2]:.3g})", ConvergenceWarning)
@@ -454,7 +454,7 @@ class MixtureOfExperts:
         self._params()
         model = self._bound(x, y, gate_x, bool(collapsed), subsample_size)
         self.guide, self.svi_losses = run_svi(model, self.init_strategy(), guide, num_steps, lr,
-                                               enumerated=not collapsed, init_scale=init_scale,
+                                              enumerated=not collapsed, init_scale=init_scale,
                                               seed=seed, progress=progress,
                                               work=self._work(x))
         return self.svi_losses

@@ -23,6 +23,7 @@ __all__ = ["ConvergenceWarning", "DivergenceWarning", "NumericalError", "StartWa
 #: measure 1e-9 to 1e-7 in float64 and up to 1e-5 in float32).
 GRADIENT_TOL = 1e-3
 
+
 class ConvergenceWarning(UserWarning):
     """EM stopped at ``max_iter`` before its stopping rule was met."""
 
