@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -488,5 +489,18 @@ def main(argv: list[str] | None = None) -> int:
             out.discard()
 
 
+def run() -> None:
+    """The ``softmix`` program: :func:`main`, then its exit status. After Ctrl-C the process
+    ends by SIGINT, the way shells expect of an interrupted program: they report status 130,
+    and a shell loop running the command stops too."""
+    code = main()
+    if code == EXIT_INTERRUPTED and hasattr(signal, "SIGKILL"):  # POSIX
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
