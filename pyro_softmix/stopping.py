@@ -210,7 +210,7 @@ class StoppingRule:
     def __init__(self, tol: float, *, monotone: bool = True):
         self.tol = tol
         self.monotone = monotone
-        self.gains: list[float] = []
+        self.gains: deque[float] = deque(maxlen=2)  # the rule reads the last two only
         self.rates: deque[float] = deque(maxlen=RATE_WINDOW)
         self.rate = 0.0
 
@@ -220,7 +220,6 @@ class StoppingRule:
         self.gains.extend(gains if isinstance(gains, list | tuple) else [gains])
         if cycle:
             self.rate = cycle_rate(self.rates, self.gains)
-        del self.gains[:-2]  # the rule reads the last two only
 
     def reset(self) -> None:
         """Forget the gains (after steps of another kind, e.g. Newton steps); keep the rates."""

@@ -199,7 +199,7 @@ def test_stopping_rule_reads_monotone_and_gradient_runs_differently():
     cycles.record([1e-3, 1e-5], cycle=True)  # fast decay right after an extrapolation
     assert cycles.gap(obj) == pytest.approx(1e-5 / (1 - 0.99))
     cycles.reset()
-    assert cycles.gains == [] and cycles.rate == pytest.approx(0.99)
+    assert not cycles.gains and cycles.rate == pytest.approx(0.99)
     assert cycles.bound(0.995) == math.inf  # no gains: nothing known
     cycles.record([2e-6, 1e-6])
     assert cycles.bound(0.995) == pytest.approx(1e-6 / 0.005)
