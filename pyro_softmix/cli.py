@@ -494,7 +494,7 @@ def run() -> None:
     ends by SIGINT, the way shells expect of an interrupted program: they report status 130,
     and a shell loop running the command stops too."""
     code = main()
-    if code == EXIT_INTERRUPTED and hasattr(signal, "SIGKILL"):  # POSIX
+    if code == EXIT_INTERRUPTED and os.name == "posix":
         sys.stdout.flush()
         sys.stderr.flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)

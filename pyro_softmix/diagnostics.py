@@ -203,8 +203,9 @@ def forest_figure(flat: dict[str, torch.Tensor], reference=None, level: float = 
     groups = [[n for n in flat if n.startswith(kind)] for kind in ("weights", "atoms")]
     groups = [g for g in groups if g]
     sizes = [len(g) for g in groups]
-    fig, axes = figure_with_axes(len(groups), 1, figsize=(6.5, 0.28 * sum(sizes) + 1.2 * len(groups)),
-                          squeeze=False, gridspec_kw={"height_ratios": sizes})
+    fig, axes = figure_with_axes(len(groups), 1,
+                                 figsize=(6.5, 0.28 * sum(sizes) + 1.2 * len(groups)),
+                                 squeeze=False, gridspec_kw={"height_ratios": sizes})
     for ax, names in zip(axes[:, 0], groups, strict=True):
         labels = []
         for i, name in enumerate(names):

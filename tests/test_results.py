@@ -77,14 +77,11 @@ def test_files_of_the_earlier_layout_still_load(tmp_path):
 def test_one_file_format_and_one_field_list(tmp_path):
     from pyro_softmix.results import FIT_FORMAT, MOE_FORMAT, FileReader
 
-    def read_npz(path, kind, what):
-        reader = FileReader(path, kind, what)
-        return reader.meta, reader.arrays
-
     d = simulated(p=100, L=2, K=2, N=2000)
     fit = psm.fit_em(d.features, counts=d.counts, num_components=2, seed=0)
     fit.save(tmp_path / "fit.npz")
-    meta, arrays = read_npz(tmp_path / "fit.npz", FIT_FORMAT, "fit")
+    reader = FileReader(tmp_path / "fit.npz", FIT_FORMAT, "fit")
+    meta, arrays = reader.meta, reader.arrays
     record = fit.to_dict()
     for name in fit.SCALAR_FIELDS:  # the header and the summary carry the same fields
         assert meta[name] == record[name]
@@ -93,11 +90,12 @@ def test_one_file_format_and_one_field_list(tmp_path):
     m = psm.simulate_moe(num_obs=200, num_experts=2, seed=0)
     moe = psm.MixtureOfExperts(2).fit(m.x, m.y, seed=0, init="random", num_inits=1)
     moe.save(tmp_path / "moe.npz")
-    meta, arrays = read_npz(tmp_path / "moe.npz", MOE_FORMAT, "MoE")
+    reader = FileReader(tmp_path / "moe.npz", MOE_FORMAT, "MoE")
+    meta, arrays = reader.meta, reader.arrays
     assert meta["num_experts"] == 2 and torch.equal(torch.from_numpy(arrays["expert_weights"]),
                                                     moe.expert_weights)
     with pytest.raises(ValueError, match="not a valid pyro-softmix MoE file.*format"):
-        read_npz(tmp_path / "fit.npz", MOE_FORMAT, "MoE")
+        FileReader(tmp_path / "fit.npz", MOE_FORMAT, "MoE")
 
 
 def _saved(tmp_path, **arrays_and_meta):
