@@ -210,6 +210,29 @@ def check_counts(counts: Any, tokens: Any, num_points: int) -> torch.Tensor:
     return n
 
 
+def check_offset(offset: Any, num_points: int, like: torch.Tensor | None = None
+                 ) -> torch.Tensor | None:
+    """A known per-point offset b (p,) added to every component's logits, or None.
+
+    Returned detached and finite, in the dtype and on the device of ``like`` if given, else in
+    its own floating dtype (float64 for integer input); -inf
+    entries (points a proposal never draws) are refused: drop those rows from the features."""
+    if offset is None:
+        return None
+    b = as_tensor(offset, "offset")
+    if b.dtype == torch.bool:
+        raise TypeError(f"offset must be a real numeric array, got dtype {b.dtype}")
+    if b.dim() != 1 or b.shape[0] != num_points:
+        raise ValueError(f"offset must have shape ({num_points},) (one per row of features), "
+                         f"got shape {tuple(b.shape)}")
+    if not b.is_floating_point():
+        b = b.double()
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("offset contains NaN or infinite values (a point with offset -inf can "
+                         "never be drawn: drop its row from features and counts instead)")
+    return b if like is None else b.to(like)
+
+
 def check_num_components(num_components: Any, num_points: int) -> int:
     if isinstance(num_components, bool) or not isinstance(num_components, numbers.Integral):
         raise TypeError(f"num_components must be an int, got {type(num_components).__name__}")

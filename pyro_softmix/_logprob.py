@@ -5,7 +5,7 @@ The fit (:class:`~pyro_softmix.SoftmaxMixtureFit`), the distributions
 (:class:`~pyro_softmix.SoftmaxMixture`, :class:`~pyro_softmix.models.MixtureCounts`), the Pyro
 model object and the diagnostics all compute
 
-    log q_k(j) = log softmax(X theta_k)_j,      log pi_j = logsumexp_k (log w_k + log q_k(j))
+    log q_k(j) = log softmax(X theta_k + b)_j,      log pi_j = logsumexp_k (log w_k + log q_k(j))
 
 through these functions (differentiable, any leading batch shape). The EM engine has its own
 in-place version of the same arithmetic on the standardised design, for speed.
@@ -22,9 +22,12 @@ def log_weights(weights: torch.Tensor) -> torch.Tensor:
     return weights.clamp_min(torch.finfo(weights.dtype).tiny).log()
 
 
-def component_log_probs(features: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
-    """(..., K, p) log q_k(j) from features (p, L) and atoms (..., K, L)."""
-    return torch.log_softmax(atoms @ features.T, dim=-1)
+def component_log_probs(features: torch.Tensor, atoms: torch.Tensor,
+                        offset: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., K, p) log q_k(j) = log softmax(X theta_k + b)_j from features (p, L), atoms
+    (..., K, L) and an optional offset b (p,)."""
+    logits = atoms @ features.T
+    return torch.log_softmax(logits if offset is None else logits + offset, dim=-1)
 
 
 def mixture_log_probs(component: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,7 @@ def squarem_point(problem: EMProblem, t0: EMState, t1: EMState, t2: EMState, ste
     atoms = t0.atoms - (2 * a)[:, None] * r_a + (a * a)[:, None] * v_a
     log_weights = t0.log_weights - 2 * a * r_w + a * a * v_w
     log_weights = log_weights.view(s, k).log_softmax(1).view(-1)
-    logits = torch.mm(problem.z, atoms.T, out=problem.workspace.trial_buffer(t2.logits))
+    logits = problem.logits(atoms, out=problem.workspace.trial_buffer(t2.logits))
     lse = problem.normalise(logits)
     loglik, w = problem.e_step(logits, lse, log_weights)
     return EMState(atoms, log_weights, logits, lse, w, loglik), alpha.double()

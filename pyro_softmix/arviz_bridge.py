@@ -44,7 +44,8 @@ def arviz_major() -> int:
 
 def to_arviz(samples, *, features=None, tokens=None, counts=None, groups=None,
              num_chains: int | None = None, reference=None, log_likelihood: bool = True,
-             units: str = "auto", max_size: int = 50_000_000, var_names=("weights", "atoms")):
+             units: str = "auto", max_size: int = 50_000_000, var_names=("weights", "atoms"),
+             offset=None):
     """Posterior draws as ArviZ data (``InferenceData`` in ArviZ 0.x, ``DataTree`` in 1.x).
 
     Args:
@@ -63,6 +64,7 @@ def to_arviz(samples, *, features=None, tokens=None, counts=None, groups=None,
             ``max_size`` values, else ``"points"``.
         max_size: the largest log-likelihood table (draws x units) to build.
         var_names: the sites to convert.
+        offset: the (p,) known offset of the logits, if the model has one.
 
     Returns:
         ArviZ data with groups ``posterior`` (dims ``component``, ``feature``) and, when
@@ -98,7 +100,7 @@ def to_arviz(samples, *, features=None, tokens=None, counts=None, groups=None,
         atoms = samples["atoms"].reshape(c * d, *samples["atoms"].shape[-2:])
         ll = pointwise_log_likelihood(features, atoms, samples["weights"].reshape(c * d, -1),
                                       tokens=tokens, counts=counts, groups=groups, units=units,
-                                      max_size=max_size)
+                                      max_size=max_size, offset=offset)
         out["log_likelihood"] = {"obs": ll.reshape(c, d, -1).numpy()}
         dims["obs"] = ["obs_id"]
         if units == "points":

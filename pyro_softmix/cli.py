@@ -238,6 +238,8 @@ def _fit_data(args) -> dict:
         data["tokens"] = load_array(args.tokens, "tokens", "--tokens")
     if args.groups:
         data["groups"] = load_array(args.groups, "groups", "--groups")
+    if args.offset:
+        data["offset"] = load_array(args.offset, "offset", "--offset")
     if not (args.counts or args.tokens or (args.groups and data["groups"].ndim == 2)):
         raise CommandError("pass --counts or --tokens (or --groups with a (G, p) count matrix)")
     return data
@@ -382,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tokens", help="(N,) integer draws in [0, p)")
     fit.add_argument("--groups", help="grouped data: (N,) group id per token (with --tokens), "
                      "or alone a (G, p) count matrix; each group comes from one component")
+    fit.add_argument("--offset", metavar="FILE", help="(p,) known offset of every component's "
+                     "logits (an output bias, a known alternative-specific term, the log of a "
+                     "sampling proposal)")
     fit.add_argument("-k", "--num-components", type=int, required=True,
                      help="number of mixture components K")
     fit.add_argument("--init", default="auto",

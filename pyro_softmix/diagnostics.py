@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
-from ._checks import check_counts, check_groups, seed_global
+from ._checks import check_counts, check_groups, check_offset, seed_global
 from ._logprob import component_log_probs, group_log_joint, log_weights, mixture_log_probs
 from ._matching import match_components
 from .models import expand_counts
@@ -98,7 +98,8 @@ def relabel_samples(samples: Mapping[str, Any], reference, *, return_permutation
 # Pointwise log-likelihood and ArviZ
 # ----------------------------------------------------------------------------------------------
 def pointwise_log_likelihood(features, atoms, weights, *, tokens=None, counts=None, groups=None,
-                             units: str = "draws", max_size: int = 50_000_000) -> torch.Tensor:
+                             units: str = "draws", max_size: int = 50_000_000,
+                             offset=None) -> torch.Tensor:
     """Marginal log-likelihood of each observation unit for S draws of the parameters.
 
     Units:
@@ -112,6 +113,8 @@ def pointwise_log_likelihood(features, atoms, weights, *, tokens=None, counts=No
       N columns collapse to P; :func:`pointwise_counts` gives each column's number of draws
       (the weights that :func:`~pyro_softmix.loo` uses). Not for grouped data.
 
+    ``offset`` (p,) is the known offset of the logits, as in :func:`~pyro_softmix.fit_em`.
+
     Raises:
         ValueError: if S x units exceeds ``max_size`` (thin the draws, use ``units="points"``,
         or raise the limit).
@@ -119,6 +122,7 @@ def pointwise_log_likelihood(features, atoms, weights, *, tokens=None, counts=No
     if units not in ("draws", "points"):
         raise ValueError(f"units must be 'draws' or 'points', got {units!r}")
     x = torch.as_tensor(features, dtype=torch.float64)
+    b = check_offset(offset, x.shape[0], like=x)
     atoms = torch.as_tensor(atoms).to(torch.float64).reshape(-1, *atoms.shape[-2:])
     weights = torch.as_tensor(weights).to(torch.float64).reshape(-1, weights.shape[-1])
     if units == "points":
@@ -128,10 +132,11 @@ def pointwise_log_likelihood(features, atoms, weights, *, tokens=None, counts=No
         support = pointwise_counts(x.shape[0], counts=counts, tokens=tokens)[0]
 
         def unit_loglik(a, w):
-            return mixture_log_probs(component_log_probs(x, a), w)[support]
+            return mixture_log_probs(component_log_probs(x, a, b), w)[support]
         num_units = support.shape[0]
     else:
-        unit_loglik, num_units = _unit_loglik(x, counts, tokens, groups, per_draw=True)
+        unit_loglik, num_units = _unit_loglik(x, counts, tokens, groups, per_draw=True,
+                                              offset=b)
     if atoms.shape[0] * num_units > max_size:
         hint = "" if units == "points" or groups is not None else ", use units='points'"
         raise ValueError(f"{atoms.shape[0]} draws x {num_units} units exceeds max_size="
@@ -322,26 +327,29 @@ def plot_diagnostics(samples, out_dir: str | os.PathLike, *, num_chains: int | N
 # ----------------------------------------------------------------------------------------------
 # Intervals for the EM estimate and the comparison
 # ----------------------------------------------------------------------------------------------
-def _unit_loglik(features, counts=None, tokens=None, groups=None, per_draw: bool = False):
+def _unit_loglik(features, counts=None, tokens=None, groups=None, per_draw: bool = False,
+                 offset=None):
     """A differentiable ``f(atoms, weights)`` -> log-likelihood per unit, and the unit count.
 
     Units are groups (grouped data), else draws of Y when ``per_draw`` (counts are expanded),
-    else support points weighted by their counts (the cheap form for the total).
+    else support points weighted by their counts (the cheap form for the total). ``offset``:
+    the logits' known (p,) offset, or None.
     """
     x = torch.as_tensor(features, dtype=torch.float64)
     p = x.shape[0]
+    offset = check_offset(offset, p, like=x)
     if groups is not None:
         gi, pi, values, labels = check_groups(groups, counts, tokens, p)
         g, values = int(labels.shape[0]), values[:, None]
 
         def grouped(atoms, weights):
-            log_q = component_log_probs(x, atoms).T  # (p, K)
+            log_q = component_log_probs(x, atoms, offset).T  # (p, K)
             joint = group_log_joint(log_q, gi, pi, values, g)
             return torch.logsumexp(joint + log_weights(weights), -1)
         return grouped, g
 
     def log_pi(atoms, weights):
-        return mixture_log_probs(component_log_probs(x, atoms), weights)
+        return mixture_log_probs(component_log_probs(x, atoms, offset), weights)
     if per_draw:
         tok = (torch.as_tensor(tokens).long().cpu() if tokens is not None
                else expand_counts(counts, None, p)[0])
@@ -357,7 +365,8 @@ def fisher_intervals(fit, *, counts=None, tokens=None, groups=None, features=Non
 
     The free parameters are the atoms and the first K - 1 weights (the last is 1 minus their
     sum); the covariance is the pseudo-inverse of minus the Hessian of the log-likelihood, so
-    non-identified directions (rank-deficient features) get no spurious variance.
+    non-identified directions (rank-deficient features) get no spurious variance. A fit made
+    with an offset is evaluated with it (``fit.offset``).
 
     Returns:
         ``{"weights": (K, 2), "atoms": (K, L, 2), "weights_se": (K,), "atoms_se": (K, L)}``
@@ -367,7 +376,7 @@ def fisher_intervals(fit, *, counts=None, tokens=None, groups=None, features=Non
     if x is None:
         raise ValueError("this fit holds no features: pass features=")
     x = torch.as_tensor(x).detach().cpu().to(torch.float64)
-    unit_loglik, _ = _unit_loglik(x, counts, tokens, groups)
+    unit_loglik, _ = _unit_loglik(x, counts, tokens, groups, offset=getattr(fit, "offset", None))
     a0 = fit.atoms.detach().cpu().to(torch.float64)
     w0 = fit.weights.detach().cpu().to(torch.float64)
     k, dim = a0.shape
@@ -493,7 +502,8 @@ def compare_fits(model, *, level: float = 0.9, num_samples: int = 1000, truth=No
         raise ValueError("compare_fits needs the model's EM fit: call model.fit_em(...) first")
     data = model.data_kwargs()
     em = model.em_fit
-    unit_loglik, _ = _unit_loglik(model.features.detach().cpu().to(torch.float64), **data)
+    unit_loglik, _ = _unit_loglik(model.features.detach().cpu().to(torch.float64), **data,
+                                  offset=model.offset)
 
     def loglik(weights, atoms) -> float:  # permutation invariant: no relabelling needed
         return float(unit_loglik(atoms.detach().cpu().double(),

@@ -11,7 +11,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.ops.indexing import Vindex
 from torch.distributions import constraints
 
-from ._checks import as_tensor, check_features
+from ._checks import as_tensor, check_features, check_offset
 from ._logprob import component_log_probs, log_weights, mixture_log_probs
 
 __all__ = ["MixtureCounts", "SoftmaxMixture"]
@@ -21,7 +21,7 @@ class SoftmaxMixture(Categorical):
     r"""Mixture of K softmax (multinomial-logit) distributions over p support points.
 
     .. math::
-        P(Y = j) = \sum_k w_k \, \mathrm{softmax}(X \theta_k)_j, \qquad j = 0, \dots, p - 1.
+        P(Y = j) = \sum_k w_k \, \mathrm{softmax}(X \theta_k + b)_j, \qquad j = 0, \dots, p - 1.
 
     The component assignment is marginalised, so :meth:`log_prob` is the marginal log-probability
     and the distribution is a :class:`pyro.distributions.Categorical` over the support points:
@@ -32,6 +32,7 @@ class SoftmaxMixture(Categorical):
         features: (p, L) support-point features X (shared by every batch member).
         atoms: (..., K, L) component atoms theta.
         weights: (..., K) mixture weights on the simplex.
+        offset: (p,) known offset b of every component's logits (default: none, b = 0).
         validate_args: check the arguments (Pyro's/torch's global default if None).
 
     Shapes: ``batch_shape`` is the broadcast of ``atoms.shape[:-2]`` and ``weights.shape[:-1]``;
@@ -48,7 +49,7 @@ class SoftmaxMixture(Categorical):
     arg_constraints = {"atoms": constraints.real, "weights": constraints.simplex}
     has_enumerate_support = True
 
-    def __init__(self, features, atoms, weights, validate_args=None):
+    def __init__(self, features, atoms, weights, offset=None, validate_args=None):
         if not isinstance(features, torch.Tensor):
             features = check_features(features)
         elif validate_args is not False:
@@ -69,6 +70,7 @@ class SoftmaxMixture(Categorical):
         if not dtype.is_floating_point:
             dtype = torch.get_default_dtype()
         self.features = features.to(dtype)
+        self.offset = check_offset(offset, features.shape[0], like=self.features)
         batch_shape = torch.broadcast_shapes(atoms.shape[:-2], weights.shape[:-1])
         k = atoms.shape[-2]
         self.atoms = atoms.to(dtype).expand(batch_shape + atoms.shape[-2:])
@@ -81,7 +83,7 @@ class SoftmaxMixture(Categorical):
 
     def component_logits(self) -> torch.Tensor:
         """(..., K, p) normalised log-probabilities log q_k(j) of each component."""
-        return component_log_probs(self.features, self.atoms)
+        return component_log_probs(self.features, self.atoms, self.offset)
 
     def _mixture_logits(self) -> torch.Tensor:
         return mixture_log_probs(self.component_logits(), self.weights)
@@ -103,7 +105,7 @@ class SoftmaxMixture(Categorical):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(SoftmaxMixture, _instance)
         batch_shape = torch.Size(batch_shape)
-        new.features = self.features
+        new.features, new.offset = self.features, self.offset
         new.atoms = self.atoms.expand(batch_shape + self.atoms.shape[-2:])
         new.weights = self.weights.expand(batch_shape + self.weights.shape[-1:])
         Categorical.__init__(new, logits=self.logits.expand(batch_shape + self.logits.shape[-1:]),

@@ -47,11 +47,12 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
            tol: float | None = None, device=None, dtype=None, seed=None,
            progress: bool | None = None, chunk_size: int | None = None, groups=None,
            prior_scale: float | None = None, accelerate: bool = True, checkpoint=None,
-           checkpoint_every: float = 60.0, num_threads: int | None = None
+           checkpoint_every: float = 60.0, num_threads: int | None = None, offset=None
            ) -> SoftmaxMixtureFit:
     """Maximum-likelihood (or MAP) fit of a softmax mixture by EM on counts.
 
-    The model: P(Y = j) = sum_k alpha_k softmax(X theta_k)_j for support points j = 0..p-1.
+    The model: P(Y = j) = sum_k alpha_k softmax(X theta_k + b)_j for support points
+    j = 0..p-1, with b a known offset (zero unless ``offset`` is given).
 
     Args:
         features: (p, L) features X of the support points (tensor or array; not modified).
@@ -102,6 +103,10 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
             caller's setting less the cores other programs keep busy right now. Results can
             differ in the last bits between thread counts (parallel sums add in another
             order): pass ``num_threads`` for bit-for-bit reproducibility across machines.
+        offset: (p,) known offset b added to every component's logits: a language model's
+            output bias, a known alternative-specific term in discrete choice, or the log of
+            the proposal in sampled-softmax data. A constant offset changes nothing; b = X c
+            shifts every atom by -c. The fit keeps it (``fit.offset``) for its probabilities.
 
     Returns:
         :class:`SoftmaxMixtureFit` with ``weights`` (K,), ``atoms`` (K, L), ``loglik`` and more
@@ -132,17 +137,18 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
     with thread_budget(work, num_threads, device):
         return _fit(start_time, features, counts, tokens, groups, num_components, init,
                     num_inits, max_iter, tol, device, dtype, seed, progress, chunk_size,
-                    prior_scale, accelerate, checkpoint, checkpoint_every)
+                    prior_scale, accelerate, checkpoint, checkpoint_every, offset)
 
 
 def _fit(start_time, features, counts, tokens, groups, num_components, init, num_inits,
          max_iter, tol, device, dtype, seed, progress, chunk_size, prior_scale, accelerate,
-         checkpoint, checkpoint_every) -> SoftmaxMixtureFit:
+         checkpoint, checkpoint_every, offset) -> SoftmaxMixtureFit:
     """fit_em's work, on the threads it chose."""
     setup, starts_z, starts_w, label = prepare_fit(
         features, counts, tokens, groups, num_components=num_components, init=init,
         num_inits=num_inits, max_iter=max_iter, dtype=dtype, device=device, seed=seed,
-        progress=progress, chunk_size=chunk_size, prior_scale=prior_scale, accelerate=accelerate)
+        progress=progress, chunk_size=chunk_size, prior_scale=prior_scale, accelerate=accelerate,
+        offset=offset)
     tol = default_tol(setup.dtype) if tol is None else tol
     saver = None
     if checkpoint is not None:
@@ -206,7 +212,7 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
     face = set(at_infinity(lengths, objective, _doubled(problem, state, lengths), noise))
     long = [k for k, length in enumerate(lengths) if length >= DIVERGENCE_NORM]
     if long:  # (the workspace's softmax is no longer this point's after the checks above)
-        probs = torch.softmax(problem.z @ state.atoms[long].T, 0)
+        probs = torch.softmax(problem.logits(state.atoms[long]), 0)
         face |= {k for k, col in zip(long, probs.T, strict=True) if on_a_face(problem.z, col)}
     diverging = tuple(sorted(set(path) | set(face)))
     if diverging:
@@ -262,7 +268,8 @@ def _doubled(problem, state, lengths: list[float]) -> list[float]:
 
 
 def prepare_fit(features, counts, tokens, groups, *, num_components, init, num_inits, max_iter,
-                dtype, device, seed, progress, chunk_size, prior_scale=None, accelerate=True):
+                dtype, device, seed, progress, chunk_size, prior_scale=None, accelerate=True,
+                offset=None):
     """What every EM fit does before its final runs (:func:`fit_em`, :class:`~pyro_softmix.EM`):
     check the options and the data, standardise, build the engine, and choose the starts.
 
@@ -277,7 +284,7 @@ def prepare_fit(features, counts, tokens, groups, *, num_components, init, num_i
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be None, True or False, got {progress!r}")
     setup = prepare(features, counts, tokens, groups, num_components, dtype, device, chunk_size,
-                    prior_scale)
+                    prior_scale, offset)
     starts_z, starts_w, label = choose_start(setup, init, num_inits, max_iter, seed, progress,
                                              accelerate)
     return setup, starts_z, starts_w, label

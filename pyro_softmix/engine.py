@@ -28,6 +28,7 @@ from ._checks import (
     check_groups,
     check_mixing,
     check_num_components,
+    check_offset,
     check_positive_float,
     check_positive_int,
     resolve_device,
@@ -59,8 +60,10 @@ class EMProblem:
 
     def __init__(self, z: torch.Tensor, counts: torch.Tensor, num_components: int,
                  chunk_size: int | None = None, num_starts: int = 1,
-                 penalty: torch.Tensor | None = None):
+                 penalty: torch.Tensor | None = None, offset: torch.Tensor | None = None):
         self.z = z
+        #: (p,) known term of every component's logits (None: zero), in z's dtype and device.
+        self.offset = None if offset is None else offset.to(z)
         self.counts = counts.to(z)
         self.counts64 = counts.to(device=z.device, dtype=torch.float64)
         self.total = float(self.counts64.sum())
@@ -87,7 +90,12 @@ class EMProblem:
     def with_starts(self, num_starts: int) -> EMProblem:
         """The same problem for another number of starts (fresh buffers)."""
         return EMProblem(self.z, self.counts64, self.num_components, self.chunk_size,
-                          num_starts, self.penalty)
+                          num_starts, self.penalty, self.offset)
+
+    def logits(self, atoms: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(p, S K) logits z @ atoms.T + offset of atoms (S K, r), into ``out`` if given."""
+        out = self.z @ atoms.T if out is None else torch.mm(self.z, atoms.T, out=out)
+        return out if self.offset is None else out.add_(self.offset[:, None])
 
     def normalise(self, logits: torch.Tensor) -> torch.Tensor:
         """Column log-normalisers of fresh logits (and their softmax into the workspace)."""
@@ -137,7 +145,8 @@ class EMProblem:
         reuse = self.cov is not None and self.cov_age < self.cov_reuse
         atoms, logits, lse, info = softmax_newton_step(self.z, w, atoms, logits, self.workspace, lse,
                                                 l2=l2, max_step=EM_MAX_STEP,
-                                                cov=self.cov if reuse else None)
+                                                cov=self.cov if reuse else None,
+                                                offset=self.offset)
         self.cov, self.cov_age = info.cov, (self.cov_age + 1 if reuse else 1)
         # KL(a || b) to second order, 0.5 sum (a - b)^2 / b: no first-order cancellation.
         a, b = new_log_weights.double().exp(), log_weights.double().exp()
@@ -148,7 +157,7 @@ class EMProblem:
 
     def start(self, atoms: torch.Tensor, log_weights: torch.Tensor) -> EMState:
         """The state at (atoms (S K, r), log_weights (S K,)): logits, normalisers, E-step."""
-        logits = self.z @ atoms.T
+        logits = self.logits(atoms)
         lse = self.normalise(logits)
         loglik, w = self.e_step(logits, lse, log_weights)
         return EMState(atoms, log_weights, logits, lse, w, loglik)
@@ -210,10 +219,10 @@ class GroupedEMProblem(EMProblem):
     def __init__(self, z: torch.Tensor, group_index: torch.Tensor, point_index: torch.Tensor,
                  values: torch.Tensor, num_groups: int, num_components: int,
                  chunk_size: int | None = None, num_starts: int = 1,
-                 penalty: torch.Tensor | None = None):
+                 penalty: torch.Tensor | None = None, offset: torch.Tensor | None = None):
         counts = torch.zeros(z.shape[0], dtype=torch.float64).index_add_(
             0, point_index.cpu(), values.cpu().double())
-        super().__init__(z, counts, num_components, chunk_size, num_starts, penalty)
+        super().__init__(z, counts, num_components, chunk_size, num_starts, penalty, offset)
         self.newton_capable = False
         dev = z.device
         self.triplets = (group_index, point_index, values)
@@ -225,7 +234,7 @@ class GroupedEMProblem(EMProblem):
 
     def with_starts(self, num_starts: int) -> GroupedEMProblem:
         return GroupedEMProblem(self.z, *self.triplets, self.num_groups, self.num_components,
-                                 self.chunk_size, num_starts, self.penalty)
+                                 self.chunk_size, num_starts, self.penalty, self.offset)
 
     def _joint(self, log_q: torch.Tensor) -> torch.Tensor:
         return group_log_joint(log_q, self.group_index, self.point_index, self.values,
@@ -243,7 +252,7 @@ class GroupedEMProblem(EMProblem):
 
     def responsibilities(self, atoms, log_weights) -> torch.Tensor:
         """(G, K) P(component k | group g) at (atoms, log_weights)."""
-        log_q = torch.log_softmax(self.z @ atoms.T, 0)
+        log_q = torch.log_softmax(self.logits(atoms), 0)
         return torch.softmax(self._joint(log_q) + log_weights, 1)
 
 
@@ -276,6 +285,8 @@ class Setup:
     #: atom there: the trivial fit every fit must beat (see warmstart.one_component_fit).
     centre: torch.Tensor | None = None
     reference: float | None = None
+    #: The checked offset (p,) in the features' coordinates (None: no offset).
+    offset: torch.Tensor | None = None
 
     @property
     def z(self) -> torch.Tensor:
@@ -287,12 +298,14 @@ class Setup:
 
 
 def prepare(features, counts, tokens, groups, num_components, dtype, device, chunk_size,
-            prior_scale: float | None = None) -> Setup:
+            prior_scale: float | None = None, offset=None) -> Setup:
     """Validate the data, build the standardised design and the EM engine (a MAP engine under
-    the atoms' prior when ``prior_scale`` is given, see :func:`set_prior`)."""
+    the atoms' prior when ``prior_scale`` is given, see :func:`set_prior`; with a known
+    per-point ``offset`` (p,) in every component's logits)."""
     x = check_features(features)
     p = x.shape[0]
     k = check_num_components(num_components, p)
+    b = check_offset(offset, p)
     dtype = resolve_dtype(dtype, as_tensor(features, "features"))
     device = resolve_device(device, x)
     if chunk_size is not None:
@@ -310,13 +323,16 @@ def prepare(features, counts, tokens, groups, num_components, dtype, device, chu
                          "estimate depends only on their proportions)")
     design = standardize(x, chunk_size=chunk_size)
     z = design.transform(x, dtype=dtype, device=device, chunk_size=chunk_size)
+    # Softmax ignores a constant shift: centring keeps the logits' scale (float32) small.
+    b_z = None if b is None else (b.double() - b.double().mean()).to(device=device, dtype=dtype)
     if grouped is None:
-        problem = EMProblem(z, n.to(device), k, chunk_size)
+        problem = EMProblem(z, n.to(device), k, chunk_size, offset=b_z)
         labels = None
     else:
         gi, pi, values, labels = grouped
-        problem = GroupedEMProblem(z, gi, pi, values, int(labels.shape[0]), k, chunk_size)
-    setup = Setup(x, design, problem, dtype, device, labels)
+        problem = GroupedEMProblem(z, gi, pi, values, int(labels.shape[0]), k, chunk_size,
+                                   offset=b_z)
+    setup = Setup(x, design, problem, dtype, device, labels, offset=b)
     setup.prior_scale = set_prior(problem, x, design, prior_scale)
     return setup
 

@@ -241,7 +241,8 @@ class EM:
             self.mixture.features, counts, tokens, groups,
             num_components=self.mixture.num_components, init=init, num_inits=o["num_inits"],
             max_iter=DEFAULT_MAX_ITER, dtype=o["dtype"], device=o["device"], seed=o["seed"],
-            progress=False, chunk_size=o["chunk_size"])
+            progress=False, chunk_size=o["chunk_size"],
+            offset=getattr(self.mixture, "offset", None))
         tol = default_tol(setup.dtype) if o["tol"] is None else o["tol"]
         if atoms_z.shape[0] > 1:  # a race left several survivors: keep the best after EM
             em = finish(setup.problem, atoms_z, log_w, DEFAULT_MAX_ITER, tol).state

@@ -16,6 +16,7 @@ from ._checks import (
     check_counts,
     check_features,
     check_num_components,
+    check_offset,
     check_positive_float,
     keyword_options,
     resolve_dtype,
@@ -35,7 +36,7 @@ class SoftmaxMixtureModel:
     The model (site names ``"weights"``, ``"atoms"``, ``"assignment"``, ``"obs"``)::
 
         weights ~ Dirichlet(concentration * ones(K));   atoms ~ atoms_prior  (K, L)
-        obs: draws from sum_k weights_k softmax(X atoms_k)     (assignment enumerated or summed)
+        obs: draws from sum_k weights_k softmax(X atoms_k + b)   (assignment enumerated or summed)
 
     In the style of ``pyro.contrib.epidemiology.CompartmentalModel``: the fit methods take the
     data once, remember it, and keep their results as attributes (:attr:`em_fit`,
@@ -50,6 +51,8 @@ class SoftmaxMixtureModel:
             deviation of each feature (see :func:`~pyro_softmix.models.default_atoms_prior`).
         atoms_prior, weights_prior: distributions replacing the defaults.
         dtype: float dtype of the model (default: the features' dtype if float64/float32).
+        offset: (p,) known offset b of every component's logits (default: none); every fit,
+            model and diagnostic of this object uses it.
 
     Example:
         >>> import pyro_softmix as psm
@@ -64,10 +67,12 @@ class SoftmaxMixtureModel:
     """
 
     def __init__(self, features, num_components: int, *, concentration: float = 1.0,
-                 prior_scale: float = 5.0, atoms_prior=None, weights_prior=None, dtype=None):
+                 prior_scale: float = 5.0, atoms_prior=None, weights_prior=None, dtype=None,
+                 offset=None):
         x = check_features(features)
         x = x.to(resolve_dtype(dtype, x))
         self.features = x
+        self.offset = check_offset(offset, x.shape[0], like=x)
         self.num_components = check_num_components(num_components, x.shape[0])
         self.concentration = check_positive_float(concentration, "concentration")
         self.prior_scale = check_positive_float(prior_scale, "prior_scale")
@@ -85,7 +90,8 @@ class SoftmaxMixtureModel:
     # -- the model -------------------------------------------------------------------------
     def _priors(self) -> dict[str, Any]:
         return dict(weights_prior=self.weights_prior, atoms_prior=self.atoms_prior,
-                    concentration=self.concentration, prior_scale=self.prior_scale)
+                    concentration=self.concentration, prior_scale=self.prior_scale,
+                    offset=self.offset)
 
     def model(self, tokens=None, counts=None, groups=None, *, num_obs=None,
               subsample_size: int | None = None, collapsed: bool | None = None,
@@ -182,8 +188,11 @@ class SoftmaxMixtureModel:
         ``options`` go to :func:`~pyro_softmix.fit_em` (``init``, ``seed``, ``max_iter``, ...).
         """
         self.set_data(tokens, counts, groups)
+        if "offset" in options:
+            raise TypeError("fit_em() got offset=: the model's offset is set when it is made "
+                            "(SoftmaxMixtureModel(..., offset=b))")
         self.em_fit = fit_em(self.features, num_components=self.num_components,
-                             **self.data_kwargs(), **options)
+                             **self.data_kwargs(), offset=self.offset, **options)
         return self.em_fit
 
     def _init_strategy(self, init, em_options):
@@ -295,7 +304,7 @@ class SoftmaxMixtureModel:
                 check_counts(None, tok, self.features.shape[0])
         values = self._params(params)
         if not sample:
-            comp = component_log_probs(self.features, values["atoms"])  # (K, p)
+            comp = component_log_probs(self.features, values["atoms"], self.offset)  # (K, p)
             log_w = log_weights(values["weights"])
             if tok.dim() == 2:
                 per = torch.where(tok[..., None] >= 0, comp.T[tok.clamp_min(0)], 0.0).sum(1)
@@ -370,5 +379,5 @@ class SoftmaxMixtureModel:
         data = self.data_kwargs() if log_likelihood else {}
         return to_arviz(self.mcmc, features=self.features if log_likelihood else None,
                         reference=self.em_fit, log_likelihood=log_likelihood, units=units,
-                        max_size=max_size, **data)
+                        max_size=max_size, offset=self.offset, **data)
 

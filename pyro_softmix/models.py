@@ -27,7 +27,14 @@ import pyro.distributions as dist
 import torch
 from pyro.ops.indexing import Vindex
 
-from ._checks import as_tensor, check_counts, check_features, check_groups, check_num_components
+from ._checks import (
+    as_tensor,
+    check_counts,
+    check_features,
+    check_groups,
+    check_num_components,
+    check_offset,
+)
 from ._logprob import component_log_probs
 from .design import feature_scales
 from .distributions import MixtureCounts
@@ -88,8 +95,11 @@ def _global_sites(features, k, weights, atoms, weights_prior, atoms_prior, conce
     return weights, atoms
 
 
-def _component_logits(features, atoms):
-    return component_log_probs(features, atoms)  # (..., K, p)
+def _component_logits(features, atoms, offset, validate: bool):
+    """(..., K, p) log softmax(X atoms_k + offset) (the offset checked when ``validate``)."""
+    if offset is not None and validate:
+        offset = check_offset(offset, features.shape[0], like=features)
+    return component_log_probs(features, atoms, offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +178,8 @@ def _check_tokens(tokens, p: int) -> torch.Tensor:
 def enumerated_model(features, num_components: int, tokens=None, *, groups=None,
                      num_obs: int | None = None, weights=None, atoms=None, weights_prior=None,
                      atoms_prior=None, concentration: float = 1.0, prior_scale: float = 5.0,
-                     subsample_size: int | None = None, validate: bool = True) -> torch.Tensor:
+                     subsample_size: int | None = None, validate: bool = True,
+                     offset=None) -> torch.Tensor:
     """The per-observation softmax mixture with an enumerated ``"assignment"`` site.
 
     ::
@@ -177,7 +188,7 @@ def enumerated_model(features, num_components: int, tokens=None, *, groups=None,
         atoms   ~ atoms_prior (default: default_atoms_prior)     (K, L)
         for i in plate("data", N, subsample_size):
             assignment[i] ~ Categorical(weights)                 enumerated in parallel
-            obs[i] ~ Categorical(log_softmax(X atoms[assignment[i]]))
+            obs[i] ~ Categorical(log_softmax(X atoms[assignment[i]] + offset))
 
     Grouped data (``groups=`` ids per token, or ``tokens`` already padded to (G, T) with -1 by
     :func:`pad_groups`): the plate is ``"groups"`` over G, one assignment per group, and
@@ -201,6 +212,8 @@ def enumerated_model(features, num_components: int, tokens=None, *, groups=None,
         prior_scale: scale of the default atoms prior (see :func:`default_atoms_prior`).
         subsample_size: minibatch size of the data plate (for SVI).
         validate: check the data (turn off inside tight loops once checked).
+        offset: (p,) known offset b of every component's logits (as in
+            :func:`~pyro_softmix.fit_em`; default none).
 
     Returns:
         The observed (or generated) ``"obs"`` values of the plate's (sub)sample.
@@ -227,7 +240,7 @@ def enumerated_model(features, num_components: int, tokens=None, *, groups=None,
         tokens = _check_tokens(tokens, p)
     weights, atoms = _global_sites(features, k, weights, atoms, weights_prior, atoms_prior,
                                    concentration, prior_scale)
-    comp = _component_logits(features, atoms)  # (..., K, p)
+    comp = _component_logits(features, atoms, offset, validate)  # (..., K, p)
     if tokens is not None and tokens.dim() == 2:
         num_groups, width = tokens.shape
         with pyro.plate("groups", num_groups, subsample_size=subsample_size) as idx:
@@ -251,7 +264,8 @@ def enumerated_model(features, num_components: int, tokens=None, *, groups=None,
 def collapsed_model(features, num_components: int, counts=None, *, tokens=None, groups=None,
                     num_obs: float | None = None, weights=None, atoms=None, weights_prior=None,
                     atoms_prior=None, concentration: float = 1.0, prior_scale: float = 5.0,
-                    subsample_size: int | None = None, validate: bool = True) -> torch.Tensor:
+                    subsample_size: int | None = None, validate: bool = True,
+                    offset=None) -> torch.Tensor:
     """The softmax mixture on counts, with the assignment summed out (no discrete site).
 
     ::
@@ -269,7 +283,8 @@ def collapsed_model(features, num_components: int, counts=None, *, tokens=None, 
         counts: (p,) counts; or ``tokens`` (N,) (counted here); or ``groups``: a (G, p) count
             matrix alone, or (N,) group ids with ``tokens``. None of them: generate ``num_obs``
             draws.
-        others: as in :func:`enumerated_model`; ``subsample_size`` applies to groups.
+        others: as in :func:`enumerated_model` (``offset`` too); ``subsample_size`` applies
+            to groups.
 
     Returns:
         The observed (or generated) counts.
@@ -290,7 +305,7 @@ def collapsed_model(features, num_components: int, counts=None, *, tokens=None, 
                          "(to generate data)")
     weights, atoms = _global_sites(features, k, weights, atoms, weights_prior, atoms_prior,
                                    concentration, prior_scale)
-    comp = _component_logits(features, atoms)
+    comp = _component_logits(features, atoms, offset, validate)
     if matrix is not None:
         with pyro.plate("groups", matrix.shape[0], subsample_size=subsample_size) as idx:
             rows = matrix[idx]

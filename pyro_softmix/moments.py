@@ -60,8 +60,14 @@ class LatentMoments:
     """
 
     def __init__(self, m1: torch.Tensor, m2: torch.Tensor | None, design: Design,
-                 z: torch.Tensor, pihat: torch.Tensor, chunk_size: int | None = None):
+                 z: torch.Tensor, pihat: torch.Tensor, chunk_size: int | None = None,
+                 offset: torch.Tensor | None = None):
         self.m1, self._m2, self.design, self.z, self.pihat = m1, m2, design, z, pihat
+        #: (p,) known offset of the logits (None: none). The moments above do not use it: they
+        #: assume the uniform base measure (see ``warmstart.moment_start`` for the starts).
+        self.offset = offset
+        #: What the offset moves a component by (r,), computed once by the starts.
+        self._offset_shift: torch.Tensor | None = None
         #: Rows per chunk of the passes over the support points (None: the device's budget).
         self.chunk_size = chunk_size
         #: Eigendecomposition of M2 (float64, CPU), computed once on first use by the starts.
@@ -173,9 +179,10 @@ def latent_moments(features, counts=None, tokens=None, *, design: Design | None 
 
 
 def standardised_moments(z: torch.Tensor, counts: torch.Tensor, design: Design,
-                         chunk_size: int | None = None) -> LatentMoments:
+                         chunk_size: int | None = None,
+                         offset: torch.Tensor | None = None) -> LatentMoments:
     """M1 (and M2 when first read) from standardised features z (p, r) and float64 counts (p,)
-    on z's device."""
+    on z's device (``offset``: the engine's (p,) offset, kept for the starts)."""
     pihat = (counts / counts.sum()).to(z.dtype)
     return LatentMoments(m1=pihat @ z, m2=None, design=design, z=z, pihat=pihat,
-                         chunk_size=chunk_size)
+                         chunk_size=chunk_size, offset=offset)

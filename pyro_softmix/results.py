@@ -48,6 +48,8 @@ class SoftmaxMixtureFit:
         prior_scale: the scale of the Normal prior on the atoms for a MAP fit (None: MLE).
         diverging: components whose atoms were still growing along a flat ridge of the
             objective when EM stopped (the MLE is then at infinity; refit with ``prior_scale``).
+        offset: the (p,) known offset b of the logits the fit was made with (None: none);
+            every probability of the fit is then of softmax(X theta_k + b).
         pending: for a checkpoint of an unfinished fit (``fit_em(checkpoint=...)``): the
             starts still to run after this one, and the best finished run, as weights (S, K)
             and atoms (S, K, L); ``fit_em(init=fit)`` runs them too, so a resumed fit ends
@@ -72,6 +74,7 @@ class SoftmaxMixtureFit:
     prior_scale: float | None = None
     diverging: tuple[int, ...] = ()
     pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    offset: torch.Tensor | None = None
 
     @property
     def num_components(self) -> int:
@@ -105,12 +108,18 @@ class SoftmaxMixtureFit:
                              "without them): pass features=")
         if x.shape[1] != self.num_features:
             raise ValueError(f"features must have {self.num_features} columns, got {x.shape[1]}")
+        if self.offset is not None and x.shape[0] != self.offset.shape[0]:
+            raise ValueError(f"features must have {self.offset.shape[0]} rows, one per entry of "
+                             f"the fit's offset, got {x.shape[0]}")
         return x.to(device=self.atoms.device, dtype=self.atoms.dtype)
 
+    def _offset(self) -> torch.Tensor | None:
+        return None if self.offset is None else self.offset.to(self.atoms)
+
     def component_log_probs(self, features=None) -> torch.Tensor:
-        """(K, p) log q_k(j) = log softmax(X theta_k)_j."""
+        """(K, p) log q_k(j) = log softmax(X theta_k + b)_j (b the fit's offset, if any)."""
         x = self._features(features)
-        return component_log_probs(x, self.atoms)
+        return component_log_probs(x, self.atoms, self._offset())
 
     def log_probs(self, features=None) -> torch.Tensor:
         """(p,) log pi_j of the fitted mixture."""
@@ -129,7 +138,8 @@ class SoftmaxMixtureFit:
         """The fitted :class:`~pyro_softmix.SoftmaxMixture` distribution."""
         from .distributions import SoftmaxMixture
 
-        return SoftmaxMixture(self._features(features), self.atoms, self.weights)
+        return SoftmaxMixture(self._features(features), self.atoms, self.weights,
+                              offset=self._offset())
 
     # -- reporting -------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -194,6 +204,8 @@ class SoftmaxMixtureFit:
             arrays["features"] = self.features
         if self.pending is not None:
             arrays["pending_weights"], arrays["pending_atoms"] = self.pending
+        if self.offset is not None:
+            arrays["offset"] = self.offset
         write_npz(path, FIT_FORMAT, meta, arrays)
 
 
@@ -342,6 +354,7 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
     num_groups = f.value("num_groups", int, optional=True,
                          check=lambda v: None if v >= 1 else "must be >= 1")
     features = f.array("features", (num_points, L), optional=True)
+    offset = f.array("offset", (num_points,), optional=True)
     labels = resp = pending = None
     pending_w = f.array("pending_weights", (None, k), optional=True)
     if pending_w is not None:
@@ -371,6 +384,7 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
                                 else f"must list component indices in [0, {k})")),
         group_labels=tensor(labels), group_responsibilities=tensor(resp),
         pending=None if pending is None else tuple(map(tensor, pending)),
+        offset=tensor(offset),
     )
 
 
@@ -395,6 +409,7 @@ def make_fit(setup: Setup, atoms_z: torch.Tensor, log_w: torch.Tensor, history: 
         num_groups=None if labels is None else int(labels.shape[0]),
         group_labels=labels, group_responsibilities=group_resp,
         prior_scale=setup.prior_scale, diverging=tuple(diverging),
+        offset=None if setup.offset is None else setup.offset.to(device=device, dtype=dtype),
     )
 
 

@@ -12,11 +12,13 @@ from ._checks import (
     check_features,
     check_mixing,
     check_num_components,
+    check_offset,
     check_positive_float,
     check_positive_int,
     make_generator,
     resolve_dtype,
 )
+from ._logprob import component_log_probs
 from .design import standardize
 
 __all__ = ["SimulatedData", "SimulatedMoE", "simulate", "simulate_moe"]
@@ -52,7 +54,7 @@ class SimulatedData:
 def simulate(num_points: int = 2000, num_features: int = 5, num_components: int = 3,
              num_obs: int = 100_000, *, atom_norm: float = 2.0, concentration: float = 5.0,
              features=None, weights=None, atoms=None, return_tokens: bool = False,
-             seed=None, dtype=None) -> SimulatedData:
+             seed=None, dtype=None, offset=None) -> SimulatedData:
     """Simulate draws from a softmax mixture.
 
     By default the design is Gaussian (rows i.i.d. N(0, I_L)), the weights are drawn from a
@@ -74,6 +76,8 @@ def simulate(num_points: int = 2000, num_features: int = 5, num_components: int 
         seed: an int, a ``torch.Generator``, or None (drawn from torch's global random
             state); the same seed gives the same data.
         dtype: floating dtype of the returned tensors (default ``torch.get_default_dtype()``).
+        offset: (p,) known offset b of every component's logits, softmax(X theta_k + b)
+            (default: none; as in :func:`~pyro_softmix.fit_em`).
 
     Returns:
         :class:`SimulatedData`.
@@ -113,7 +117,7 @@ def simulate(num_points: int = 2000, num_features: int = 5, num_components: int 
         g = _gamma(torch.full((k,), concentration, dtype=torch.float64), gen)
         weights = g / g.sum()
     w64, a64 = check_mixing(weights, atoms64 if atoms is None else atoms, None, L, name="true")
-    logits = torch.log_softmax(a64 @ x.T, dim=-1)  # (K, p)
+    logits = component_log_probs(x, a64, check_offset(offset, p, like=x))  # (K, p)
     probs = (w64[:, None] * logits.exp()).sum(0)
     out = SimulatedData(features=x.to(dtype), weights=w64.to(dtype), atoms=a64.to(dtype),
                         probs=probs.to(dtype), counts=torch.zeros(p, dtype=torch.int64))

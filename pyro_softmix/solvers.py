@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import as_tensor, check_positive_float, check_positive_int
+from ._checks import as_tensor, check_offset, check_positive_float, check_positive_int
 from ._chunks import rows_per_chunk
 
 #: Armijo's sufficient-increase constant: a step s along d is accepted when
@@ -255,7 +255,8 @@ def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms
 
 def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=None, *,
                  l2: float | torch.Tensor = 0.0, max_backtracks: int = 30,
-                 max_step: float | None = None, cov: torch.Tensor | None = None):
+                 max_step: float | None = None, cov: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None):
     """:func:`softmax_regression_step` on preallocated buffers.
 
     ``l2`` may also be an (r, r) positive semidefinite matrix P (the penalty 0.5 t^T P t, a
@@ -269,7 +270,8 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     ``logits`` passed in) and ``ws.q`` then holds its softmax. ``cov`` is a (K, r, r) covariance
     of z under q from an earlier step to use instead of the current one (it is the p r^2 K part
     of the cost); the step is then a quasi-Newton step, still an ascent step under the line
-    search. ``info.cov`` is the covariance used.
+    search. ``info.cov`` is the covariance used. ``offset`` (p,) is a fixed term of every
+    column's logits (``logits = features @ atoms.T + offset[:, None]``).
     """
     total = weights.sum(0)  # (K,)
     if lse is None:
@@ -305,6 +307,8 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     def evaluate(step):
         last["atoms"] = atoms + step[:, None] * direction
         torch.mm(features, last["atoms"].T, out=trial)
+        if offset is not None:
+            trial.add_(offset[:, None])
         last["lse"] = column_logsumexp(trial, ws.scratch)  # the trial's softmax in ws.scratch
         return _objective(lin, total, last["lse"], last["atoms"], l2)
 
@@ -387,7 +391,7 @@ class SoftmaxRegressionResult:
 
 def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
                            max_steps: int = 100, tol: float | None = None,
-                           chunk_size: int | None = None) -> SoftmaxRegressionResult:
+                           chunk_size: int | None = None, offset=None) -> SoftmaxRegressionResult:
     """Maximise every component's weighted softmax log-likelihood by damped Newton.
 
     Args:
@@ -399,6 +403,7 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
         max_steps: Newton steps at most.
         tol: stop when ``norm(g_k) <= tol * (W_k + 1)`` for every k (default: 1e3 * eps of the dtype).
         chunk_size: rows per chunk for the Hessian.
+        offset: (p,) known term added to every column's logits, softmax(Z t_k + offset).
 
     Returns:
         :class:`SoftmaxRegressionResult`.
@@ -410,28 +415,22 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
         >>> res.converged
         True
     """
-    z = as_tensor(features, "features")
-    w = as_tensor(weights, "weights")
-    if z.dim() != 2 or not z.is_floating_point():
-        raise ValueError(f"features must be a 2-D floating tensor, got shape {tuple(z.shape)}")
-    if w.dim() != 2 or w.shape[0] != z.shape[0]:
-        raise ValueError(f"weights must have shape ({z.shape[0]}, K), got {tuple(w.shape)}")
-    w = w.to(z)
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError("weights must be finite and nonnegative")
+    z, w = _check_regression(features, weights, name_x="features")
     l2 = check_positive_float(l2, "l2", allow_zero=True)
     max_steps = check_positive_int(max_steps, "max_steps")
     k, r = w.shape[1], z.shape[1]
     t = z.new_zeros(k, r) if init is None else as_tensor(init, "init").to(z).clone()
     if t.shape != (k, r):
         raise ValueError(f"init must have shape ({k}, {r}), got {tuple(t.shape)}")
+    offset = check_offset(offset, z.shape[0], like=z)
     tol = 1e3 * torch.finfo(z.dtype).eps if tol is None else tol
     scale = w.sum(0) + 1
-    logits, lse = z @ t.T, None
+    logits, lse = (z @ t.T if offset is None else torch.addmm(offset[:, None], z, t.T)), None
     ws = Workspace(z, k, chunk_size)
     steps, info, converged = 0, None, False
     for steps in range(1, max_steps + 1):  # noqa: B007
-        t, logits, lse, info = softmax_newton_step(z, w, t, logits, ws, lse, l2=l2)
+        t, logits, lse, info = softmax_newton_step(z, w, t, logits, ws, lse, l2=l2,
+                                                   offset=offset)
         converged = bool((info.grad.norm(dim=-1) <= tol * scale).all())
         if converged or bool((info.step == 0).all()):
             break
@@ -483,10 +482,10 @@ def newton_solve(params: torch.Tensor, evaluate, max_steps: int, tol: float, sca
     return params, f, grad, steps, bool((grad.norm(dim=-1) <= tol * scale).all())
 
 
-def _check_regression(x, weights, name_w="weights"):
-    x = as_tensor(x, "x")
+def _check_regression(x, weights, name_w="weights", name_x="x"):
+    x = as_tensor(x, name_x)
     if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"x must be a 2-D floating tensor, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name_x} must be a 2-D floating tensor, got shape {tuple(x.shape)}")
     w = as_tensor(weights, name_w)
     if w.dim() != 2 or w.shape[0] != x.shape[0]:
         raise ValueError(f"{name_w} must have shape ({x.shape[0]}, K), got {tuple(w.shape)}")

@@ -260,22 +260,43 @@ def tensor_start(mom: LatentMoments, k: int, gen: torch.Generator
 # ----------------------------------------------------------------------------------------------
 def moment_start(mom: LatentMoments, k: int, method: str, gen: torch.Generator
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights (K,), atoms_z (K, r)) in float64 on the CPU for the moment-based methods."""
+    """(weights (K,), atoms_z (K, r)) in float64 on the CPU for the moment-based methods.
+
+    The latent moments assume the uniform base measure over the support points. With an
+    offset b the base is softmax(b): the atoms are then estimated as without it and shifted by
+    :func:`offset_shift`, which is exact when b = X c (every atom moves by -c) and otherwise
+    corrects the atoms' common part to first order."""
     if method == "projection":
-        return projection_start(mom, k, gen)
-    if method == "tensor":
-        return tensor_start(mom, k, gen)
-    basis = None
-    if method == "subspace":
-        _, basis = _top_eigen(mom, min(k, mom.m1.shape[0]))
-    atoms = random_atoms(mom, k, 1, gen, basis)[0]
-    return torch.full((k,), 1.0 / k, dtype=torch.float64), atoms
+        weights, atoms = projection_start(mom, k, gen)
+    elif method == "tensor":
+        weights, atoms = tensor_start(mom, k, gen)
+    else:
+        basis = None
+        if method == "subspace":
+            _, basis = _top_eigen(mom, min(k, mom.m1.shape[0]))
+        atoms = random_atoms(mom, k, 1, gen, basis)[0]
+        weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    if mom.offset is not None:
+        atoms = atoms + offset_shift(mom)
+    return weights, atoms
+
+
+def offset_shift(mom: LatentMoments) -> torch.Tensor:
+    """(r,) float64 CPU: the one-component fit with the offset minus the one without it (what
+    the offset moves a component by). Computed once per moments object."""
+    if mom._offset_shift is None:
+        with_offset = _tilted_centre(mom).double().cpu()
+        without = fit_softmax_regression(mom.z, mom.pihat[:, None], max_steps=50,
+                                         chunk_size=mom.chunk_size).atoms[0].double().cpu()
+        mom._offset_shift = with_offset - without
+    return mom._offset_shift
 
 
 @keyword_options
 def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
                method: str = "auto", seed=None, dtype=None, device=None,
-               num_inits: int | None = None, prior_scale: float | None = None) -> WarmStart:
+               num_inits: int | None = None, prior_scale: float | None = None,
+               offset=None) -> WarmStart:
     """A starting point for EM from the latent moments of the counts.
 
     Args:
@@ -291,6 +312,10 @@ def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
         dtype, device: precision and device of the computation.
         num_inits: for ``"auto"``, the number of raced starts (as in :func:`~pyro_softmix.fit_em`).
         prior_scale: for ``"auto"``, race on the MAP objective of ``fit_em(prior_scale=...)``.
+        offset: (p,) known term of every component's logits, as in :func:`~pyro_softmix.fit_em`.
+            The moment methods assume a uniform base measure; with an offset their atoms are
+            shifted by the difference of the one-component fits with and without it (exact
+            when the offset is X c: every atom then moves by -c).
 
     Returns:
         :class:`WarmStart` with ``weights`` (K,) and ``atoms`` (K, L), usable as
@@ -311,9 +336,9 @@ def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
     if num_inits is not None:
         num_inits = check_positive_int(num_inits, "num_inits")
     setup = prepare(features, counts, tokens, None, num_components, dtype, device, None,
-                    prior_scale)
+                    prior_scale, offset)
     problem, design, z, k = setup.problem, setup.design, setup.z, setup.num_components
-    mom = standardised_moments(z, problem.counts64, design)
+    mom = standardised_moments(z, problem.counts64, design, offset=problem.offset)
     gen = make_generator(seed)
     if method == "auto":
         atoms_z, log_w, _ = auto_start(problem, mom, k, num_inits, gen)
@@ -334,7 +359,7 @@ def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
 def _tilted_centre(mom: LatentMoments) -> torch.Tensor:
     """The one-component MLE t_1 (r,): the tilt whose softmax mean matches M1 on this design."""
     res = fit_softmax_regression(mom.z, mom.pihat[:, None], max_steps=50,
-                                 chunk_size=mom.chunk_size)
+                                 chunk_size=mom.chunk_size, offset=mom.offset)
     return res.atoms[0]
 
 
@@ -345,7 +370,8 @@ def one_component_fit(setup: Setup) -> tuple[torch.Tensor, float]:
     set-up and kept on it."""
     if setup.centre is None:
         problem, k = setup.problem, setup.num_components
-        mom = standardised_moments(setup.z, problem.counts64, setup.design, problem.chunk_size)
+        mom = standardised_moments(setup.z, problem.counts64, setup.design, problem.chunk_size,
+                                   problem.offset)
         centre = _tilted_centre(mom)
         log_w = torch.full((k,), -math.log(k), dtype=centre.dtype, device=centre.device)
         st = problem.start(centre.expand(k, -1).contiguous(), log_w)
@@ -391,10 +417,14 @@ def repair_start(setup: Setup, atoms_z: torch.Tensor, log_w: torch.Tensor
                      "does not help; use init='auto'")
 
 
-def _mixture_spread(z: torch.Tensor, dist2: torch.Tensor, atoms: torch.Tensor) -> float:
+def _mixture_spread(z: torch.Tensor, dist2: torch.Tensor, atoms: torch.Tensor,
+                    offset: torch.Tensor | None = None) -> float:
     """Mean over starts of sum_j pi(j) dist2_j for the equal-weight mixtures of atoms (S, K, r)."""
     s, k, r = atoms.shape
-    pi = torch.softmax(z @ atoms.reshape(s * k, r).T, 0).view(-1, s, k).mean(2)  # (p, S)
+    logits = z @ atoms.reshape(s * k, r).T
+    if offset is not None:
+        logits.add_(offset[:, None])
+    pi = torch.softmax(logits, 0).view(-1, s, k).mean(2)  # (p, S)
     return float((dist2 @ pi).mean())
 
 
@@ -434,7 +464,7 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
     lo, hi = math.log(1e-2), math.log(1e1)
     for _ in range(_CALIBRATION_STEPS):
         mid = 0.5 * (lo + hi)
-        if _mixture_spread(z, dist2, centre + math.exp(mid) * noise) < target:
+        if _mixture_spread(z, dist2, centre + math.exp(mid) * noise, mom.offset) < target:
             lo = mid
         else:
             hi = mid
@@ -586,7 +616,7 @@ def choose_start(setup: Setup, init, num_inits, max_iter, seed, progress,
         log_ws = torch.stack([log_w] + [w for _, w in more])
         return atoms, log_ws, "given (resumed from a checkpoint)"
     gen = make_generator(seed)
-    mom = standardised_moments(z, problem.counts64, design, problem.chunk_size)
+    mom = standardised_moments(z, problem.counts64, design, problem.chunk_size, problem.offset)
     if init == "auto":
         centre, _ = one_component_fit(setup)
         atoms_z, log_w, spent = auto_start(problem, mom, k, num_inits, gen, max_iter, progress,
