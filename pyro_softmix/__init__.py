@@ -39,12 +39,13 @@ _HOMES = {
     "fit_softmax_regression": "solvers", "softmax_regression_step": "solvers",
     "weighted_least_squares": "solvers",
     "WarmStart": "warmstart", "warm_start": "warmstart",
+    "ComponentSelection": "selection", "select_num_components": "selection",
 }
 #: Submodules reachable as attributes (``psm.models``, ...).
 _MODULES = {"datasets", "models", "moe", "moe_em", "plots", "diagnostics", "infer", "engine",
             "arviz_bridge",
             "accelerate", "stopping", "results", "warmstart", "solvers", "design", "moments",
-            "distributions", "simulation", "mixture_model", "em", "cli"}
+            "distributions", "simulation", "mixture_model", "em", "cli", "selection"}
 
 __all__ = sorted(_HOMES) + ["datasets", "models", "moe"]
 
@@ -83,6 +84,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .moe import MixtureOfExperts, load_moe  # noqa: F401
     from .moments import LatentMoments, latent_moments  # noqa: F401
     from .results import FileFormatError, SoftmaxMixtureFit, load_fit  # noqa: F401
+    from .selection import ComponentSelection, select_num_components  # noqa: F401
     from .simulation import SimulatedData, SimulatedMoE, simulate, simulate_moe  # noqa: F401
     from .solvers import (  # noqa: F401
         fit_logistic_regression,

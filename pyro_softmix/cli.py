@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``softmix`` command: ``demo``, ``fit`` and ``simulate``.
+"""The ``softmix`` command: ``demo``, ``fit``, ``select`` and ``simulate``.
 
 Every failure ends with one line on stderr that names the file or option and what is wrong,
 never a traceback; the exit status says how it ended (:data:`EXIT_CODES`). Outputs are written
@@ -291,6 +291,25 @@ def _cmd_fit(args, out: Outputs) -> int:
     return EXIT_OK if fit.converged else EXIT_NOT_CONVERGED
 
 
+def _cmd_select(args, out: Outputs) -> int:
+    from .selection import select_num_components
+
+    data = _fit_data(args)
+    features = data.pop("features")
+    sel = select_num_components(features, **data, num_components=range(args.k_min,
+                                                                       args.k_max + 1),
+                                criterion=args.criterion, cv=args.cv, seed=args.seed,
+                                prior_scale=args.prior_scale, dtype=args.dtype,
+                                progress=not args.quiet)
+    sel.best.save(out.path("fit.npz"))
+    sel.plot(out.path("selection.png"))
+    sel.save_json(out.path("selection.json"))  # last: the outputs are complete
+    written = out.commit()
+    print(sel.table())
+    print("wrote " + ", ".join(str(p) for p in written))
+    return EXIT_OK
+
+
 def _cmd_demo(args, out: Outputs) -> int:
     import torch
 
@@ -347,6 +366,20 @@ def _version() -> str:
     return __version__
 
 
+def _data_arguments(command) -> None:
+    """The data options of ``fit`` and ``select`` (read by :func:`_fit_data`)."""
+    command.add_argument("features", help="(p, L) feature matrix of the support points")
+    data = command.add_mutually_exclusive_group()
+    data.add_argument("--counts", help="(p,) counts per support point")
+    data.add_argument("--tokens", help="(N,) integer draws in [0, p)")
+    command.add_argument("--groups", help="grouped data: (N,) group id per token (with "
+                         "--tokens), or alone a (G, p) count matrix; each group comes from one "
+                         "component")
+    command.add_argument("--offset", metavar="FILE", help="(p,) known offset of every "
+                         "component's logits (an output bias, a known alternative-specific "
+                         "term, the log of a sampling proposal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     codes = "; ".join(f"{k}: {v}" for k, v in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
@@ -378,15 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "skipped), .txt or .pt. Writes OUT/fit.npz (load with "
                     "pyro_softmix.load_fit), OUT/summary.json and OUT/convergence.png; exits 3 "
                     "when the fit did not converge.")
-    fit.add_argument("features", help="(p, L) feature matrix of the support points")
-    data = fit.add_mutually_exclusive_group()
-    data.add_argument("--counts", help="(p,) counts per support point")
-    data.add_argument("--tokens", help="(N,) integer draws in [0, p)")
-    fit.add_argument("--groups", help="grouped data: (N,) group id per token (with --tokens), "
-                     "or alone a (G, p) count matrix; each group comes from one component")
-    fit.add_argument("--offset", metavar="FILE", help="(p,) known offset of every component's "
-                     "logits (an output bias, a known alternative-specific term, the log of a "
-                     "sampling proposal)")
+    _data_arguments(fit)
     fit.add_argument("-k", "--num-components", type=int, required=True,
                      help="number of mixture components K")
     fit.add_argument("--init", default="auto",
@@ -417,6 +442,29 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", default="softmix-fit", help="output folder (default: %(default)s)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_cmd_fit)
+
+    sel = sub.add_parser(
+        "select", help="fit K = 1..K_max along a grown path and choose K",
+        description="Fit K = 1..K_max (each K from the previous fit with a component split), "
+                    "print the criteria per K (BIC, AIC, CAIC, sample-size-adjusted BIC, ICL, "
+                    "held-out log-likelihood with --cv) and save OUT/selection.json, "
+                    "OUT/selection.png and the chosen fit as OUT/fit.npz.")
+    _data_arguments(sel)
+    sel.add_argument("--k-max", type=int, default=8, help="largest K (default: %(default)s)")
+    sel.add_argument("--k-min", type=int, default=1, help="smallest K (default: %(default)s)")
+    sel.add_argument("--criterion", default="bic", choices=["bic", "aic", "caic", "sabic",
+                     "icl", "cv"], help="how K is chosen (default: %(default)s)")
+    sel.add_argument("--cv", type=int, default=None, metavar="FOLDS",
+                     help="folds for a held-out log-likelihood per K")
+    sel.add_argument("--prior-scale", type=float, default=None,
+                     help="MAP fits under a Normal prior of this scale on the atoms")
+    sel.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                     help="floating precision (default: that of the features)")
+    sel.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    sel.add_argument("--out", default="softmix-select", help="output folder (default: "
+                     "%(default)s)")
+    sel.add_argument("--quiet", action="store_true", help="no line per K")
+    sel.set_defaults(func=_cmd_select)
 
     sim = sub.add_parser(
         "simulate", help="write a synthetic data set and its truth",
