@@ -45,7 +45,8 @@ _HOMES = {
 _MODULES = {"datasets", "models", "moe", "moe_em", "plots", "diagnostics", "infer", "engine",
             "arviz_bridge",
             "accelerate", "stopping", "results", "warmstart", "solvers", "design", "moments",
-            "distributions", "simulation", "mixture_model", "em", "cli", "selection"}
+            "distributions", "simulation", "mixture_model", "em", "cli", "selection",
+            "uncertainty"}
 
 __all__ = sorted(_HOMES) + ["datasets", "models", "moe"]
 

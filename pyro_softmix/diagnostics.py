@@ -361,43 +361,23 @@ def _unit_loglik(features, counts=None, tokens=None, groups=None, per_draw: bool
 
 def fisher_intervals(fit, *, counts=None, tokens=None, groups=None, features=None,
                      level: float = 0.9) -> dict[str, torch.Tensor]:
-    """Wald intervals for an EM fit from the observed information (exact Hessian by autograd).
-
-    The free parameters are the atoms and the first K - 1 weights (the last is 1 minus their
-    sum); the covariance is the pseudo-inverse of minus the Hessian of the log-likelihood, so
-    non-identified directions (rank-deficient features) get no spurious variance. A fit made
-    with an offset is evaluated with it (``fit.offset``).
+    """Wald intervals for an EM fit from the observed information
+    (:func:`~pyro_softmix.uncertainty.standard_errors` with ``kind="observed"``: the
+    closed-form Hessian in the identified coordinates, so non-identified directions of
+    rank-deficient features get no spurious variance; a fit's offset is used).
 
     Returns:
         ``{"weights": (K, 2), "atoms": (K, L, 2), "weights_se": (K,), "atoms_se": (K, L)}``
         with interval columns (lo, hi), in float64 on the CPU.
     """
-    x = fit.features if features is None else features
-    if x is None:
-        raise ValueError("this fit holds no features: pass features=")
-    x = torch.as_tensor(x).detach().cpu().to(torch.float64)
-    unit_loglik, _ = _unit_loglik(x, counts, tokens, groups, offset=getattr(fit, "offset", None))
+    from .uncertainty import standard_errors
+
+    se = standard_errors(fit, "observed", counts=counts, tokens=tokens, groups=groups,
+                         features=features)
     a0 = fit.atoms.detach().cpu().to(torch.float64)
     w0 = fit.weights.detach().cpu().to(torch.float64)
-    k, dim = a0.shape
-    size = k * dim + k - 1
-    if size > 3000:
-        raise ValueError(f"{size} free parameters: the dense Hessian would be too large")
-
-    def f(theta):
-        atoms = theta[:k * dim].reshape(k, dim)
-        head = theta[k * dim:]
-        weights = torch.cat([head, 1 - head.sum(0, keepdim=True)])
-        return unit_loglik(atoms, weights).sum()
-
-    theta0 = torch.cat([a0.reshape(-1), w0[:-1]])
-    hess = torch.autograd.functional.hessian(f, theta0)
-    cov = torch.linalg.pinv(-hess, hermitian=True)
-    var = cov.diagonal().clamp_min(0)
-    w_var = torch.cat([var[k * dim:], cov[k * dim:, k * dim:].sum().reshape(1).clamp_min(0)])
     z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor((1 + level) / 2)))
-    a_se = var[:k * dim].sqrt().reshape(k, dim)
-    w_se = w_var.sqrt()
+    a_se, w_se = se["atoms"], se["weights"]
     return {"atoms": torch.stack([a0 - z * a_se, a0 + z * a_se], -1),
             "weights": torch.stack([w0 - z * w_se, w0 + z * w_se], -1),
             "atoms_se": a_se, "weights_se": w_se}

@@ -134,6 +134,21 @@ class SoftmaxMixtureFit:
         """(p, K) posterior P(component k | Y = j) for every support point."""
         return posterior(self.component_log_probs(features), self.weights)
 
+    def standard_errors(self, kind: str = "observed", **data) -> dict[str, torch.Tensor]:
+        """Standard errors of the weights (K,) and atoms (K, L): ``kind`` is ``"observed"``,
+        ``"sandwich"`` or ``"bootstrap"``; ``data`` are the fit's data (``counts=``,
+        ``tokens=``, ``groups=``). See :func:`pyro_softmix.uncertainty.standard_errors`."""
+        from .uncertainty import standard_errors
+
+        return standard_errors(self, kind, **data)
+
+    def coefficient_table(self, kind: str = "observed", *, level: float = 0.95, **data):
+        """Weights and atoms with standard errors, z and Wald intervals (a
+        :class:`~pyro_softmix.uncertainty.CoefficientTable`; print it for the table)."""
+        from .uncertainty import coefficient_table
+
+        return coefficient_table(self, kind, level=level, **data)
+
     def distribution(self, features=None):
         """The fitted :class:`~pyro_softmix.SoftmaxMixture` distribution."""
         from .distributions import SoftmaxMixture
