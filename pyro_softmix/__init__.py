@@ -46,7 +46,7 @@ _MODULES = {"datasets", "models", "moe", "moe_em", "plots", "diagnostics", "infe
             "arviz_bridge",
             "accelerate", "stopping", "results", "warmstart", "solvers", "design", "moments",
             "distributions", "simulation", "mixture_model", "em", "cli", "selection",
-            "uncertainty"}
+            "uncertainty", "membership"}
 
 __all__ = sorted(_HOMES) + ["datasets", "models", "moe"]
 

@@ -21,6 +21,7 @@ from ._chunks import thread_budget
 from .accelerate import finish
 from .design import IdentifiabilityWarning
 from .engine import prepare
+from .membership import check_group_features, fit_membership
 from .results import Checkpoint, SoftmaxMixtureFit, make_fit, save_atomically
 from .stopping import (
     DIVERGENCE_NORM,
@@ -47,8 +48,8 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
            tol: float | None = None, device=None, dtype=None, seed=None,
            progress: bool | None = None, chunk_size: int | None = None, groups=None,
            prior_scale: float | None = None, accelerate: bool = True, checkpoint=None,
-           checkpoint_every: float = 60.0, num_threads: int | None = None, offset=None
-           ) -> SoftmaxMixtureFit:
+           checkpoint_every: float = 60.0, num_threads: int | None = None, offset=None,
+           group_features=None) -> SoftmaxMixtureFit:
     """Maximum-likelihood (or MAP) fit of a softmax mixture by EM on counts.
 
     The model: P(Y = j) = sum_k alpha_k softmax(X theta_k + b)_j for support points
@@ -107,6 +108,12 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
             output bias, a known alternative-specific term in discrete choice, or the log of
             the proposal in sampled-softmax data. A constant offset changes nothing; b = X c
             shifts every atom by -c. The fit keeps it (``fit.offset``) for its probabilities.
+        group_features: with ``groups``, (G, d) covariates of the groups (rows in the order of
+            the sorted group ids, ``fit.group_labels``; include a column of ones for an
+            intercept): group g's class shares are softmax(Gamma c_g) instead of one set of
+            weights (see :mod:`pyro_softmix.membership`). The fit then has
+            ``membership_coef`` Gamma (K, d) (last row 0) and ``group_weights(C)``; its
+            ``weights`` are the shares averaged over the groups.
 
     Returns:
         :class:`SoftmaxMixtureFit` with ``weights`` (K,), ``atoms`` (K, L), ``loglik`` and more
@@ -137,18 +144,19 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
     with thread_budget(work, num_threads, device):
         return _fit(start_time, features, counts, tokens, groups, num_components, init,
                     num_inits, max_iter, tol, device, dtype, seed, progress, chunk_size,
-                    prior_scale, accelerate, checkpoint, checkpoint_every, offset)
+                    prior_scale, accelerate, checkpoint, checkpoint_every, offset,
+                    group_features)
 
 
 def _fit(start_time, features, counts, tokens, groups, num_components, init, num_inits,
          max_iter, tol, device, dtype, seed, progress, chunk_size, prior_scale, accelerate,
-         checkpoint, checkpoint_every, offset) -> SoftmaxMixtureFit:
+         checkpoint, checkpoint_every, offset, group_features) -> SoftmaxMixtureFit:
     """fit_em's work, on the threads it chose."""
     setup, starts_z, starts_w, label = prepare_fit(
         features, counts, tokens, groups, num_components=num_components, init=init,
         num_inits=num_inits, max_iter=max_iter, dtype=dtype, device=device, seed=seed,
         progress=progress, chunk_size=chunk_size, prior_scale=prior_scale, accelerate=accelerate,
-        offset=offset)
+        offset=offset, group_features=group_features)
     tol = default_tol(setup.dtype) if tol is None else tol
     saver = None
     if checkpoint is not None:
@@ -161,8 +169,16 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
         if bar is not None:
             bar.close()
     converged, diverging = _verify(setup, run, tol, max_iter)
-    fit = make_fit(setup, run.state.atoms, run.state.log_weights, run.history, converged,
-                   label, start_time, float(run.state.loglik[0]), diverging)
+    if setup.group_features is not None:
+        atoms, gamma, log_shares, more, converged = fit_membership(
+            setup.problem, run.state.atoms, run.state.log_weights, setup.group_features,
+            max_iter, tol)
+        log_w = torch.logsumexp(log_shares, 0) - math.log(log_shares.shape[0])
+        fit = make_fit(setup, atoms, log_w, run.history + more[1:], converged, label,
+                       start_time, more[-1], diverging, membership=(gamma, log_shares))
+    else:
+        fit = make_fit(setup, run.state.atoms, run.state.log_weights, run.history, converged,
+                       label, start_time, float(run.state.loglik[0]), diverging)
     if saver is not None:
         save_atomically(fit, saver.path)
     return fit
@@ -269,7 +285,7 @@ def _doubled(problem, state, lengths: list[float]) -> list[float]:
 
 def prepare_fit(features, counts, tokens, groups, *, num_components, init, num_inits, max_iter,
                 dtype, device, seed, progress, chunk_size, prior_scale=None, accelerate=True,
-                offset=None):
+                offset=None, group_features=None):
     """What every EM fit does before its final runs (:func:`fit_em`, :class:`~pyro_softmix.EM`):
     check the options and the data, standardise, build the engine, and choose the starts.
 
@@ -285,6 +301,8 @@ def prepare_fit(features, counts, tokens, groups, *, num_components, init, num_i
         raise TypeError(f"progress must be None, True or False, got {progress!r}")
     setup = prepare(features, counts, tokens, groups, num_components, dtype, device, chunk_size,
                     prior_scale, offset)
+    num_groups = None if setup.group_labels is None else int(setup.group_labels.shape[0])
+    setup.group_features = check_group_features(group_features, num_groups)
     starts_z, starts_w, label = choose_start(setup, init, num_inits, max_iter, seed, progress,
                                              accelerate)
     return setup, starts_z, starts_w, label

@@ -287,6 +287,9 @@ class Setup:
     reference: float | None = None
     #: The checked offset (p,) in the features' coordinates (None: no offset).
     offset: torch.Tensor | None = None
+    #: Covariates of the groups (G, d), float64, for class shares softmax(Gamma c_g) (None: one
+    #: set of weights for all groups; see :mod:`pyro_softmix.membership`).
+    group_features: torch.Tensor | None = None
 
     @property
     def z(self) -> torch.Tensor:

@@ -12,8 +12,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._checks import check_features, resolve_device
-from ._logprob import component_log_probs, mixture_log_probs, posterior
+from ._checks import as_tensor, check_features, check_groups, resolve_device
+from ._logprob import (
+    component_log_probs,
+    group_log_joint,
+    log_weights,
+    mixture_log_probs,
+    posterior,
+)
 from .engine import GroupedEMProblem, Setup
 
 __all__ = ["FileFormatError", "SoftmaxMixtureFit", "load_fit"]
@@ -50,6 +56,9 @@ class SoftmaxMixtureFit:
             objective when EM stopped (the MLE is then at infinity; refit with ``prior_scale``).
         offset: the (p,) known offset b of the logits the fit was made with (None: none);
             every probability of the fit is then of softmax(X theta_k + b).
+        membership_coef: for grouped data with ``group_features``, Gamma (K, d), last row 0:
+            group g's class shares are softmax(Gamma c_g) (see :meth:`group_weights`); else
+            None.
         pending: for a checkpoint of an unfinished fit (``fit_em(checkpoint=...)``): the
             starts still to run after this one, and the best finished run, as weights (S, K)
             and atoms (S, K, L); ``fit_em(init=fit)`` runs them too, so a resumed fit ends
@@ -75,6 +84,7 @@ class SoftmaxMixtureFit:
     diverging: tuple[int, ...] = ()
     pending: tuple[torch.Tensor, torch.Tensor] | None = None
     offset: torch.Tensor | None = None
+    membership_coef: torch.Tensor | None = None
 
     @property
     def num_components(self) -> int:
@@ -86,8 +96,11 @@ class SoftmaxMixtureFit:
 
     @property
     def num_params(self) -> int:
-        """The number of free parameters, K - 1 weights plus K r identified atom coordinates."""
-        return self.num_components - 1 + self.num_components * self.rank
+        """The number of free parameters, K - 1 weights (or (K - 1) d membership coefficients)
+        plus K r identified atom coordinates."""
+        k = self.num_components
+        d = 1 if self.membership_coef is None else int(self.membership_coef.shape[1])
+        return (k - 1) * d + k * self.rank
 
     @property
     def bic(self) -> float:
@@ -134,6 +147,53 @@ class SoftmaxMixtureFit:
         """(p, K) posterior P(component k | Y = j) for every support point."""
         return posterior(self.component_log_probs(features), self.weights)
 
+    # -- groups -----------------------------------------------------------------------------
+    def group_weights(self, group_features=None) -> torch.Tensor:
+        """(G, K) class shares of groups: softmax(Gamma c_g) for covariates ``group_features``
+        (G, d) of a fit with ``membership_coef``; for a fit without covariates, the weights
+        (K,) (``group_features`` must then be None)."""
+        if self.membership_coef is None:
+            if group_features is not None:
+                raise ValueError("this fit has no class-membership covariates: "
+                                 "group_features must be None")
+            return self.weights
+        from .membership import check_group_features
+
+        if group_features is None:
+            raise ValueError("this fit's class shares depend on covariates: pass "
+                             "group_features (G, d)")
+        gamma = self.membership_coef
+        c = as_tensor(group_features, "group_features")
+        c = check_group_features(c, c.shape[0] if c.dim() else -1)
+        if c.shape[1] != gamma.shape[1]:
+            raise ValueError(f"group_features must have {gamma.shape[1]} columns (as in the "
+                             f"fit), got {c.shape[1]}")
+        return torch.softmax(c.to(gamma) @ gamma.T, 1)
+
+    def group_posterior(self, groups, tokens=None, *, group_features=None, features=None
+                        ) -> torch.Tensor:
+        """(G, K) P(component k | group g) for groups given like ``fit_em``'s ``groups``: a
+        (G, p) count matrix, or (N,) group ids with ``tokens`` (rows in the order of the
+        sorted ids); new groups need not be the fitted ones. ``group_features`` (G, d): their
+        covariates, for a fit with ``membership_coef``."""
+        x = self._features(features)
+        gi, pi, values, labels = check_groups(groups, None, tokens, x.shape[0])
+        log_q = self.component_log_probs(x).T  # (p, K)
+        dev = log_q.device
+        joint = group_log_joint(log_q, gi.to(dev), pi.to(dev), values.to(log_q)[:, None],
+                                int(labels.shape[0]))
+        prior = self.group_weights(group_features)
+        if self.membership_coef is not None and prior.shape[0] != labels.shape[0]:
+            raise ValueError(f"group_features must have one row per group "
+                             f"({labels.shape[0]}), got {prior.shape[0]}")
+        return torch.softmax(joint + log_weights(prior), -1)
+
+    def predict_groups(self, groups, tokens=None, *, group_features=None, features=None
+                       ) -> torch.Tensor:
+        """(G,) the most probable component of each group (see :meth:`group_posterior`)."""
+        return self.group_posterior(groups, tokens, group_features=group_features,
+                                    features=features).argmax(-1)
+
     def standard_errors(self, kind: str = "observed", **data) -> dict[str, torch.Tensor]:
         """Standard errors of the weights (K,) and atoms (K, L): ``kind`` is ``"observed"``,
         ``"sandwich"`` or ``"bootstrap"``; ``data`` are the fit's data (``counts=``,
@@ -167,7 +227,9 @@ class SoftmaxMixtureFit:
         lines = [
             f"Softmax mixture: K={self.num_components}, p={self.num_points}, "
             f"L={self.num_features} (rank {self.rank}), N={self.num_obs:,.0f}"
-            + ("" if self.num_groups is None else f" in G={self.num_groups:,} groups"),
+            + ("" if self.num_groups is None else f" in G={self.num_groups:,} groups")
+            + ("" if self.membership_coef is None else
+               f", class shares on {self.membership_coef.shape[1]} group covariate(s)"),
             f"log-likelihood {self.loglik:.8g}   BIC {self.bic:.6g}   AIC {self.aic:.6g}",
             f"{'converged' if self.converged else 'NOT converged'} after {self.n_iter} EM "
             f"iterations ({self.seconds:.2f} s, init={self.init})",
@@ -221,6 +283,8 @@ class SoftmaxMixtureFit:
             arrays["pending_weights"], arrays["pending_atoms"] = self.pending
         if self.offset is not None:
             arrays["offset"] = self.offset
+        if self.membership_coef is not None:
+            arrays["membership_coef"] = self.membership_coef
         write_npz(path, FIT_FORMAT, meta, arrays)
 
 
@@ -370,6 +434,7 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
                          check=lambda v: None if v >= 1 else "must be >= 1")
     features = f.array("features", (num_points, L), optional=True)
     offset = f.array("offset", (num_points,), optional=True)
+    membership = f.array("membership_coef", (k, None), optional=True)
     labels = resp = pending = None
     pending_w = f.array("pending_weights", (None, k), optional=True)
     if pending_w is not None:
@@ -399,20 +464,22 @@ def load_fit(path: str | os.PathLike, device=None) -> SoftmaxMixtureFit:
                                 else f"must list component indices in [0, {k})")),
         group_labels=tensor(labels), group_responsibilities=tensor(resp),
         pending=None if pending is None else tuple(map(tensor, pending)),
-        offset=tensor(offset),
+        offset=tensor(offset), membership_coef=tensor(membership),
     )
 
 
 def make_fit(setup: Setup, atoms_z: torch.Tensor, log_w: torch.Tensor, history: list[float],
              converged: bool, label: str, start_time: float, loglik: float | None = None,
-             diverging=()) -> SoftmaxMixtureFit:
+             diverging=(), membership=None) -> SoftmaxMixtureFit:
     """The fit at standardised atoms (K, r) and log-weights (K,), reported in the features'
-    coordinates, dtype and device."""
+    coordinates, dtype and device; ``membership``: (Gamma (K, d), log shares (G, K)) of a fit
+    with group covariates."""
     design, dtype, device = setup.design, setup.dtype, setup.device
     atoms = design.atoms_from_z(atoms_z.to(torch.float64).to(design.to_atoms.device))
     group_resp = None
     if isinstance(setup.problem, GroupedEMProblem):
-        group_resp = setup.problem.responsibilities(atoms_z, log_w).to(device=device, dtype=dtype)
+        prior = log_w if membership is None else membership[1]
+        group_resp = setup.problem.responsibilities(atoms_z, prior).to(device=device, dtype=dtype)
     labels = setup.group_labels
     return SoftmaxMixtureFit(
         weights=log_w.exp().to(device=device, dtype=dtype),
@@ -425,6 +492,8 @@ def make_fit(setup: Setup, atoms_z: torch.Tensor, log_w: torch.Tensor, history: 
         group_labels=labels, group_responsibilities=group_resp,
         prior_scale=setup.prior_scale, diverging=tuple(diverging),
         offset=None if setup.offset is None else setup.offset.to(device=device, dtype=dtype),
+        membership_coef=None if membership is None else membership[0].to(device=device,
+                                                                          dtype=dtype),
     )
 
 

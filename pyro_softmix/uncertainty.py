@@ -41,6 +41,7 @@ from ._chunks import rows_per_chunk
 from ._matching import match_components
 from .design import IdentifiabilityWarning
 from .engine import GroupedEMProblem, Setup, prepare
+from .membership import check_group_features, fit_membership
 from .solvers import weighted_gram
 
 __all__ = ["CoefficientTable", "coefficient_table", "standard_errors"]
@@ -50,19 +51,28 @@ KINDS = ("observed", "sandwich", "bootstrap")
 MAX_INFORMATION_BYTES = 2 * 1024**3
 
 
-def _setup(fit, counts=None, tokens=None, groups=None, features=None) -> Setup:
+def _setup(fit, counts=None, tokens=None, groups=None, features=None,
+           group_features=None) -> Setup:
     x = fit.features if features is None else features
     if x is None:
         raise ValueError("this fit holds no features: pass features=")
+    if (fit.membership_coef is None) != (group_features is None):
+        raise ValueError("pass group_features= (the groups' covariates) exactly when the fit "
+                         "has membership_coef")
     with warnings.catch_warnings():  # the fit has already said what is identified
         warnings.simplefilter("ignore", IdentifiabilityWarning)
-        return prepare(x, counts, tokens, groups, fit.num_components, torch.float64, "cpu",
-                       None, offset=fit.offset)
+        setup = prepare(x, counts, tokens, groups, fit.num_components, torch.float64, "cpu",
+                        None, offset=fit.offset)
+    if group_features is not None:
+        num_groups = None if setup.group_labels is None else int(setup.group_labels.shape[0])
+        setup.group_features = check_group_features(group_features, num_groups)
+    return setup
 
 
-def _units(setup: Setup, atoms_z: torch.Tensor, log_w: torch.Tensor):
-    """Per unit: summed design Z_u (U, r), size N_u (U,), multiplicity c_u (U,) and
-    responsibilities R (U, K); and q (p, K) at the point."""
+def _units(setup: Setup, atoms_z: torch.Tensor, log_shares: torch.Tensor):
+    """Per unit: summed design Z_u (U, r), size N_u (U,), multiplicity c_u (U,),
+    responsibilities R (U, K), class shares S (U, K) and covariates C (U, d) (a column of ones
+    without covariates); and q (p, K) at the point. ``log_shares`` is (K,) or (G, K)."""
     problem, z = setup.problem, setup.z
     q = torch.softmax(problem.logits(atoms_z), 0)
     if isinstance(problem, GroupedEMProblem):
@@ -70,56 +80,73 @@ def _units(setup: Setup, atoms_z: torch.Tensor, log_w: torch.Tensor):
         g = problem.num_groups
         zu = z.new_zeros(g, z.shape[1]).index_add_(0, gi, z[pi] * values[:, None])
         size = z.new_zeros(g).index_add_(0, gi, values)
-        resp = problem.responsibilities(atoms_z, log_w)
-        return zu, size, torch.ones_like(size), resp, q
-    support = torch.nonzero(problem.counts64 > 0).squeeze(1)
-    joint = torch.log(q[support]) + log_w
-    resp = torch.softmax(joint, 1)
-    zu = z[support]
-    return zu, torch.ones(zu.shape[0], dtype=z.dtype), problem.counts64[support], resp, q
+        resp = problem.responsibilities(atoms_z, log_shares)
+        mult = torch.ones_like(size)
+    else:
+        support = torch.nonzero(problem.counts64 > 0).squeeze(1)
+        resp = torch.softmax(torch.log(q[support]) + log_shares, 1)
+        zu, mult = z[support], problem.counts64[support]
+        size = torch.ones_like(mult)
+    covariates = setup.group_features
+    if covariates is None:
+        covariates = z.new_ones(zu.shape[0], 1)
+    shares = log_shares.exp().expand(zu.shape[0], -1)
+    return zu, size, mult, resp, shares, covariates.to(z), q
 
 
-def information(setup: Setup, atoms_z: torch.Tensor, log_w: torch.Tensor
+def information(setup: Setup, atoms_z: torch.Tensor, log_shares: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, meat): the (D, D) Hessian of the log-likelihood and sum_u c_u b_u b_u^T at
-    (atoms_z (K, r), log_w (K,)), in float64, D = K r + K - 1."""
+    """(H, meat): the Hessian of the log-likelihood and sum_u c_u b_u b_u^T at atoms_z (K, r)
+    and class shares ``log_shares`` ((K,), or (G, K) with covariates), in float64, over the
+    D = K r + (K - 1) d free coordinates (atoms, then the class-share coefficients of classes
+    1..K-1; d = 1 without covariates, where they are the weight logits)."""
     z = setup.z
     k, r = atoms_z.shape
-    dim = k * r + k
+    zu, size, mult, resp, shares, cov_u, q = _units(setup, atoms_z, log_shares)
+    d = cov_u.shape[1]
+    dim = k * r + k * d
     if dim * dim * 8 > MAX_INFORMATION_BYTES:
-        raise ValueError(f"{dim - 1} free coordinates: the information matrix would take "
-                         f"{dim * dim * 8 / 1024**3:.1f} GB (more than 2 GB); use "
+        raise ValueError(f"{k * r + (k - 1) * d} free coordinates: the information matrix "
+                         f"would take {dim * dim * 8 / 1024**3:.1f} GB (more than 2 GB); use "
                          "kind='bootstrap'")
-    zu, size, mult, resp, q = _units(setup, atoms_z, log_w)
-    alpha = log_w.exp()
     mean = q.T @ z  # (K, r)
     cw = mult[:, None] * resp  # c_u r_uk (U, K)
     big_w = (cw * size[:, None]).sum(0)  # W_k
-    g = cw.T @ zu - big_w[:, None] * mean  # (K, r): gradient blocks sum_u c_u r_uk d_uk
-    # sum_u c_u r_uk d_uk d_uk^T from sums over the units (no (U, K, r) temporary):
+    # Atoms: sum_u c_u r_uk d_uk d_uk^T from sums over the units (no (U, K, r) temporary):
     # sum c r Z Z^T - m (sum c r N Z)^T - (sum c r N Z) m^T + (sum c r N^2) m m^T.
-    s2 = weighted_gram(zu, cw)  # (K, r, r)
-    szn = (cw * size[:, None]).T @ zu  # sum c r N Z
-    n2 = (cw * size[:, None] ** 2).sum(0)  # sum c r N^2
-    outer = s2 - mean[:, :, None] * szn[:, None, :] - szn[:, :, None] * mean[:, None, :] \
-        + n2[:, None, None] * mean[:, :, None] * mean[:, None, :]
+    szn = (cw * size[:, None]).T @ zu
+    n2 = (cw * size[:, None] ** 2).sum(0)
+    outer = weighted_gram(zu, cw) - mean[:, :, None] * szn[:, None, :] \
+        - szn[:, :, None] * mean[:, None, :] + n2[:, None, None] * mean[:, :, None] * mean[:, None, :]
     cov = weighted_gram(z, q) - mean[:, :, None] * mean[:, None, :]
     h = z.new_zeros(dim, dim)
     h[:k * r, :k * r] = torch.block_diag(*(outer - big_w[:, None, None] * cov))
-    e_minus = torch.eye(k, dtype=z.dtype) - alpha
-    h[:k * r, k * r:] = (g[:, :, None] * e_minus[:, None, :]).reshape(k * r, k)
+    # Atoms x shares, block (k, l): sum_u c_u r_uk (delta_kl - s_ul) d_uk c_u^T.
+    eye = torch.eye(k, dtype=z.dtype)
+    wkl = cw[:, :, None] * (eye - shares[:, None, :])  # (U, K, K)
+    cross = (torch.einsum("ukl,ur,ua->krla", wkl, zu, cov_u)
+             - mean[:, :, None, None] * torch.einsum("ukl,u,ua->kla", wkl, size, cov_u)[:, None])
+    h[:k * r, k * r:] = cross.reshape(k * r, k * d)
     h[k * r:, :k * r] = h[:k * r, k * r:].T
-    h[k * r:, k * r:] = (e_minus.T * cw.sum(0)) @ e_minus - mult.sum() * (
-        torch.diag(alpha) - alpha[:, None] * alpha)
+    # Shares: sum_u c_u [sum_k r_uk (e_k - s)(e_k - s)^T - (diag s - s s^T)] (x) c_u c_u^T,
+    # and sum_k r_k (e_k - s)(e_k - s)^T = diag r - r s^T - s r^T + s s^T.
+    rs = resp[:, :, None] * shares[:, None, :]
+    inner = (torch.diag_embed(resp - shares) - rs - rs.transpose(1, 2)
+             + 2 * shares[:, :, None] * shares[:, None, :])
+    h[k * r:, k * r:] = torch.einsum("u,ukl,ua,ub->kalb", mult, inner, cov_u,
+                                     cov_u).reshape(k * d, k * d)
     meat = z.new_zeros(dim, dim)
     chunk = rows_per_chunk(zu.shape[0], dim * 8, z.device, None)
     for s in range(0, zu.shape[0], chunk):
         sl = slice(s, s + chunk)
-        d = zu[sl, None, :] - size[sl, None, None] * mean  # (c, K, r)
-        rows = torch.cat([(resp[sl, :, None] * d).reshape(-1, k * r), resp[sl] - alpha], 1)
+        dev = zu[sl, None, :] - size[sl, None, None] * mean  # (c, K, r)
+        gate = (resp[sl] - shares[sl])[:, :, None] * cov_u[sl, None, :]  # (c, K, d)
+        rows = torch.cat([(resp[sl, :, None] * dev).reshape(-1, k * r),
+                          gate.reshape(-1, k * d)], 1)
         meat.addmm_(rows.T * mult[sl], rows)
     h -= meat
-    return h[:-1, :-1], meat[:-1, :-1]
+    keep = k * r + (k - 1) * d  # the last class's coefficients are held at 0
+    return h[:keep, :keep], meat[:keep, :keep]
 
 
 def _covariance(kind: str, h: torch.Tensor, meat: torch.Tensor) -> torch.Tensor:
@@ -133,21 +160,32 @@ def _covariance(kind: str, h: torch.Tensor, meat: torch.Tensor) -> torch.Tensor:
     return inv if kind == "observed" else inv @ meat @ inv
 
 
-def _to_features(setup: Setup, cov: torch.Tensor, alpha: torch.Tensor, k: int
+def _to_features(setup: Setup, cov: torch.Tensor, log_shares: torch.Tensor, k: int
                  ) -> dict[str, torch.Tensor]:
-    """Standard errors of the weights (K,) and atoms (K, L) from the (D, D) covariance."""
+    """Standard errors of the atoms (K, L), the weights (K,) (the shares averaged over the
+    units, by the delta method) and, with covariates, the coefficients (K, d)."""
     a = setup.design.to_atoms.to(torch.float64).cpu()  # (L, r)
     r = a.shape[1]
     atoms_se = torch.stack([((a @ cov[i * r:(i + 1) * r, i * r:(i + 1) * r]) * a).sum(1)
                             for i in range(k)]).clamp_min(0).sqrt()
-    jac = (torch.diag(alpha) - alpha[:, None] * alpha)[:, :k - 1]
-    eta = cov[k * r:, k * r:]
-    weights_se = ((jac @ eta) * jac).sum(1).clamp_min(0).sqrt()
-    return {"weights": weights_se, "atoms": atoms_se}
+    block = cov[k * r:, k * r:]
+    shares = log_shares.exp()
+    if setup.group_features is None:  # weights alpha = softmax(eta)
+        jac = (torch.diag(shares) - shares[:, None] * shares)[:, :k - 1]
+        return {"atoms": atoms_se, "weights": ((jac @ block) * jac).sum(1).clamp_min(0).sqrt()}
+    c = setup.group_features.to(cov)
+    d = c.shape[1]
+    # alpha = mean_g softmax(Gamma c_g): d alpha / d Gamma_l = mean_g (diag s - s s^T)_{:, l} c_g
+    ds = torch.diag_embed(shares) - shares[:, :, None] * shares[:, None, :]  # (G, K, K)
+    jac = torch.einsum("gkl,ga->kla", ds[:, :, :k - 1], c).reshape(k, -1) / c.shape[0]
+    coef_se = torch.cat([block.diagonal().clamp_min(0).sqrt().reshape(k - 1, d),
+                         cov.new_zeros(1, d)])
+    return {"atoms": atoms_se, "weights": ((jac @ block) * jac).sum(1).clamp_min(0).sqrt(),
+            "membership_coef": coef_se}
 
 
 def standard_errors(fit, kind: str = "observed", *, counts=None, tokens=None, groups=None,
-                    features=None, num_replicates: int = 200, seed=None,
+                    features=None, group_features=None, num_replicates: int = 200, seed=None,
                     ) -> dict[str, torch.Tensor]:
     """Standard errors of a fit's weights (K,) and atoms (K, L), in feature coordinates.
 
@@ -157,11 +195,14 @@ def standard_errors(fit, kind: str = "observed", *, counts=None, tokens=None, gr
             per-unit scores: groups when grouped, else draws) or ``"bootstrap"``.
         counts, tokens, groups: the data the fit was made on.
         features: the features, if the fit holds none.
+        group_features: the groups' covariates, for a fit with ``membership_coef``.
         num_replicates, seed: for ``"bootstrap"``.
 
     Returns:
-        ``{"weights": (K,), "atoms": (K, L)}`` in float64 on the CPU; ``"bootstrap"`` adds
-        ``"replicates"`` (used) and ``"unaligned"`` (left out: labels not clear-cut).
+        ``{"weights": (K,), "atoms": (K, L)}`` in float64 on the CPU, and
+        ``"membership_coef"`` (K, d) for a fit with covariates (the weights are then the
+        shares averaged over the groups); ``"bootstrap"`` adds ``"replicates"`` (used) and
+        ``"unaligned"`` (left out: labels not clear-cut).
 
     The likelihood's information is used also for a MAP fit (``prior_scale``): the prior is
     not counted. See the module docstring for the formulas.
@@ -177,14 +218,22 @@ def standard_errors(fit, kind: str = "observed", *, counts=None, tokens=None, gr
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    setup = _setup(fit, counts, tokens, groups, features)
+    setup = _setup(fit, counts, tokens, groups, features, group_features)
     if kind == "bootstrap":
         return _bootstrap(fit, setup, counts, tokens, groups, num_replicates, seed)
     atoms_z = setup.design.atoms_to_z(fit.atoms.detach().cpu().double())
-    log_w = fit.weights.detach().cpu().double().log()
-    h, meat = information(setup, atoms_z, log_w)
+    log_shares = _log_shares(fit, setup)
+    h, meat = information(setup, atoms_z, log_shares)
     cov = _covariance(kind, h, meat)
-    return _to_features(setup, cov, log_w.exp(), fit.num_components)
+    return _to_features(setup, cov, log_shares, fit.num_components)
+
+
+def _log_shares(fit, setup: Setup) -> torch.Tensor:
+    """log class shares: (K,) log weights, or (G, K) log softmax(Gamma c_g) with covariates."""
+    if fit.membership_coef is None:
+        return fit.weights.detach().cpu().double().log()
+    gamma = fit.membership_coef.detach().cpu().double()
+    return torch.log_softmax(setup.group_features @ gamma.T, 1)
 
 
 def _bootstrap(fit, setup: Setup, counts, tokens, groups, num_replicates, seed):
@@ -201,8 +250,9 @@ def _bootstrap(fit, setup: Setup, counts, tokens, groups, num_replicates, seed):
     ref_w = fit.weights.detach().cpu().double().log()
     sep = torch.cdist(ref_z, ref_z) + torch.diag(torch.full((fit.num_components,), math.inf))
     half_gap = 0.5 * sep.min(1).values  # (K,)
-    weights, atoms, unaligned = [], [], 0
+    weights, atoms, coefs, unaligned = [], [], [], 0
     grouped = isinstance(problem, GroupedEMProblem)
+    tol = default_tol(torch.float64)
     for _ in range(num_replicates):
         if grouped:
             gi, pi, values = (t.cpu() for t in problem.triplets)
@@ -217,26 +267,39 @@ def _bootstrap(fit, setup: Setup, counts, tokens, groups, num_replicates, seed):
             reps = values[rows].long()
             data = {"tokens": pi[rows].repeat_interleave(reps),
                     "groups": new_g.repeat_interleave(reps)}
+            covariates = None if setup.group_features is None else setup.group_features[pick]
         else:
             n = problem.counts64
             data = {"counts": _multinomial_counts(n / n.sum(), int(round(float(n.sum()))), gen)}
+            covariates = None
         # Each replicate is refitted from the fit by the engine (the same standardised design).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rep = _setup(fit, features=x, **data)
-            state = run(rep.problem, ref_z, ref_w, 1000, default_tol(torch.float64)).state
-        perm = match_components(state.atoms, ref_z)
-        if bool(((state.atoms[perm] - ref_z).norm(dim=1) >= half_gap).any()):
+            rep = _setup(fit, features=x, group_features=covariates, **data)
+            if fit.membership_coef is None:
+                state = run(rep.problem, ref_z, ref_w, 1000, tol).state
+                rep_z, rep_w, gamma = state.atoms, state.log_weights.exp(), None
+            else:
+                rep_z, gamma, log_shares, _, _ = fit_membership(rep.problem, ref_z, ref_w,
+                                                                covariates, 1000, tol)
+                rep_w = log_shares.exp().mean(0)
+        perm = match_components(rep_z, ref_z)
+        if bool(((rep_z[perm] - ref_z).norm(dim=1) >= half_gap).any()):
             unaligned += 1
             continue
-        weights.append(state.log_weights.exp()[perm])
-        atoms.append(setup.design.atoms_from_z(state.atoms[perm]))
+        weights.append(rep_w[perm])
+        atoms.append(setup.design.atoms_from_z(rep_z[perm]))
+        if gamma is not None:  # relabelled, then measured against the last class again
+            coefs.append(gamma[perm] - gamma[perm][-1])
     if len(weights) < 2:
         raise ValueError(f"only {len(weights)} of {num_replicates} bootstrap replicates could "
                          "be matched to the fit's components: the components are not "
                          "separated enough for bootstrap standard errors")
-    return {"weights": torch.stack(weights).std(0), "atoms": torch.stack(atoms).std(0),
-            "replicates": len(weights), "unaligned": unaligned}
+    out = {"weights": torch.stack(weights).std(0), "atoms": torch.stack(atoms).std(0),
+           "replicates": len(weights), "unaligned": unaligned}
+    if coefs:
+        out["membership_coef"] = torch.stack(coefs).std(0)
+    return out
 
 
 @dataclass
