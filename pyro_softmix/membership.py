@@ -70,6 +70,10 @@ def fit_membership(problem: GroupedEMProblem, atoms: torch.Tensor, log_weights: 
     z = problem.z
     c = group_features.to(z)
     k = atoms.shape[0]
+    if k == 1:  # one class: every share is 1 and there is nothing to regress
+        st = problem.start(atoms, log_weights)
+        return (atoms, c.new_zeros(1, c.shape[1]), c.new_zeros(c.shape[0], 1),
+                [float(st.loglik[0])], True)
     ws = Workspace(z, k, problem.chunk_size)
     # Gamma's start: the M-step for the current responsibilities (exactly log alpha_k - log
     # alpha_K in the intercept's coefficient when the covariates are an intercept alone).

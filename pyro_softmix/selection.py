@@ -140,8 +140,8 @@ class ComponentSelection:
 def select_num_components(features, counts=None, tokens=None, *, groups=None,
                           num_components: Iterable[int] = range(1, 9), criterion: str = "bic",
                           cv: int | None = None, seed=None, num_splits: int = 2,
-                          race: str = "first", offset=None, progress: bool | None = False,
-                          **fit_options) -> ComponentSelection:
+                          race: str = "first", offset=None, group_features=None,
+                          progress: bool | None = False, **fit_options) -> ComponentSelection:
     """Fit K = 1..K_max (or the K given) along a path grown from the smaller fits, and choose K.
 
     The first K runs :func:`~pyro_softmix.fit_em`'s default race of starts. Each next K starts
@@ -162,6 +162,8 @@ def select_num_components(features, counts=None, tokens=None, *, groups=None,
         num_splits: split starts tried per K (each from a different component).
         race: ``"first"`` (the default race at the first K only) or ``"all"``.
         offset: a known (p,) offset of the logits, as in :func:`~pyro_softmix.fit_em`.
+        group_features: (G, d) covariates of the groups for class shares softmax(Gamma c_g),
+            as in :func:`~pyro_softmix.fit_em` (the folds of ``cv`` take their rows).
         progress: print one line per K.
         fit_options: passed to every :func:`~pyro_softmix.fit_em` call (``dtype``, ``tol``,
             ``prior_scale``, ``max_iter``, ...).
@@ -194,7 +196,8 @@ def select_num_components(features, counts=None, tokens=None, *, groups=None,
         if name in fit_options:
             raise TypeError(f"select_num_components() got {name}= among the fit options")
     gen = make_generator(seed)
-    data = dict(counts=counts, tokens=tokens, groups=groups, offset=offset)
+    data = dict(counts=counts, tokens=tokens, groups=groups, offset=offset,
+                group_features=group_features)
     folds = None if cv is None else _folds(x.shape[0], cv, counts, tokens, groups, gen)
     fits, rows, prev = [], [], None
     for k in ks:
@@ -216,7 +219,7 @@ def select_num_components(features, counts=None, tokens=None, *, groups=None,
         row["at_best"] = (sum(f.loglik >= fit.loglik - slack for f in runs), len(runs))
         row["notes"] = _notes(fit, caught)
         if folds is not None:
-            row["cv"] = _held_out(x, fit, folds, offset, fit_options)
+            row["cv"] = _held_out(x, fit, folds, offset, group_features, fit_options)
         fits.append(fit)
         rows.append(row)
         prev = fit
@@ -347,10 +350,10 @@ def _criteria(fit: SoftmaxMixtureFit, counts, tokens, groups) -> dict:
     if fit.num_groups is None:
         r = fit.responsibilities().detach().cpu().double()
         n, _ = _pooled(fit.num_points, counts, tokens, groups)
-        entropy = max(float(-(n[:, None] * torch.xlogy(r, r)).sum()), 0.0)
+        entropy = max(float(-(n[:, None] * torch.xlogy(r, r)).sum()), 0.0) + 0.0
     else:
         r = fit.group_responsibilities.detach().cpu().double()
-        entropy = max(float(-torch.xlogy(r, r).sum()), 0.0)
+        entropy = max(float(-torch.xlogy(r, r).sum()), 0.0) + 0.0
     return {"K": fit.num_components, "loglik": ll, "params": d, "bic": fit.bic, "aic": fit.aic,
             "caic": -2 * ll + d * (math.log(n_units) + 1),
             "sabic": -2 * ll + d * math.log((n_units + 2) / 24),
@@ -394,22 +397,28 @@ def _folds(num_points: int, num_folds, counts, tokens, groups, gen: torch.Genera
     return out
 
 
-def _held_out(x: torch.Tensor, fit: SoftmaxMixtureFit, folds, offset, fit_options) -> float:
+def _held_out(x: torch.Tensor, fit: SoftmaxMixtureFit, folds, offset, group_features,
+              fit_options) -> float:
     """The held-out log-likelihood summed over the folds: each fold scored under the fit to the
     other folds (started from ``fit``, the fit to all the data)."""
     total = 0.0
     for train, held in folds:
         with warnings.catch_warnings():  # a fold's fit is reported through its score
             warnings.simplefilter("ignore")
+            covariates = None
+            if group_features is not None:  # the rows of the training groups, in id order
+                covariates = torch.as_tensor(group_features)[torch.unique(train["groups"])]
             sub = fit_em(x, **train, num_components=fit.num_components, init=fit, offset=offset,
-                         **fit_options)
+                         group_features=covariates, **fit_options)
         log_q = sub.component_log_probs().detach().cpu().double()  # (K, p)
         log_w = sub.weights.detach().cpu().double().log()
-        if isinstance(held, tuple):  # groups: log sum_k w_k prod_j q_k(j)^n_gj per group
+        if isinstance(held, tuple):  # groups: log sum_k w_gk prod_j q_k(j)^n_gj per group
             gi, pi, values = held
-            _, group_ids = torch.unique(gi, return_inverse=True)
-            joint = group_log_joint(log_q.T, group_ids, pi, values[:, None],
-                                    int(group_ids.max()) + 1 if gi.numel() else 0)
+            ids, group_ids = torch.unique(gi, return_inverse=True)
+            joint = group_log_joint(log_q.T, group_ids, pi, values[:, None], int(ids.shape[0]))
+            if group_features is not None:
+                shares = sub.group_weights(torch.as_tensor(group_features)[ids])
+                log_w = shares.detach().cpu().double().log()
             total += float(torch.logsumexp(joint + log_w, 1).sum())
         else:
             total += float(held @ mixture_log_probs(log_q, log_w.exp()))

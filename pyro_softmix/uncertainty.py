@@ -307,7 +307,8 @@ class CoefficientTable:
     """Weights and atoms with standard errors, z-values and Wald intervals.
 
     Attributes:
-        rows: one dict per coefficient: ``name`` ("weight[k]" or "atom[k, l]"), ``estimate``,
+        rows: one dict per coefficient: ``name`` ("weight[k]", "atom[k, l]", or
+            "membership[k, l]" for the class-membership coefficients), ``estimate``,
             ``se``, ``z`` (estimate / se), ``lo``, ``hi`` (the ``level`` interval).
         kind, level: how the errors were computed and the intervals' level.
     """
@@ -318,10 +319,10 @@ class CoefficientTable:
 
     def __str__(self) -> str:
         pct = f"{100 * self.level:g}%"
-        lines = [f"{'coefficient':<16}{'estimate':>12}{'se':>12}{'z':>10}"
+        lines = [f"{'coefficient':<18}{'estimate':>12}{'se':>12}{'z':>10}"
                  f"{pct + ' lo':>12}{pct + ' hi':>12}"]
         for row in self.rows:
-            lines.append(f"{row['name']:<16}{row['estimate']:>12.5f}{row['se']:>12.5f}"
+            lines.append(f"{row['name']:<18}{row['estimate']:>12.5f}{row['se']:>12.5f}"
                          f"{row['z']:>10.2f}{row['lo']:>12.5f}{row['hi']:>12.5f}")
         lines.append(f"standard errors: {self.kind}")
         return "\n".join(lines)
@@ -350,4 +351,10 @@ def coefficient_table(fit, kind: str = "observed", *, level: float = 0.95, **dat
     for k in range(fit.num_components):
         for col in range(fit.num_features):
             add(f"atom[{k}, {col}]", float(a[k, col]), float(se["atoms"][k, col]))
+    if fit.membership_coef is not None:  # the last class is the reference (row 0)
+        gamma = fit.membership_coef.detach().cpu().double()
+        for k in range(fit.num_components - 1):
+            for col in range(gamma.shape[1]):
+                add(f"membership[{k}, {col}]", float(gamma[k, col]),
+                    float(se["membership_coef"][k, col]))
     return CoefficientTable(rows, kind, level)

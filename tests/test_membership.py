@@ -52,6 +52,10 @@ def test_membership_coefficients_are_recovered(fitted):
     assert fit.loglik == pytest.approx(float(torch.logsumexp(per_group + shares, 1).sum()),
                                        rel=1e-12)
     assert fit.num_params == 1 * 2 + 2 * 3
+    table = fit.coefficient_table(tokens=tokens, groups=groups, group_features=c)
+    rows = {row["name"]: row for row in table.rows}
+    assert rows["membership[0, 1]"]["se"] == pytest.approx(float(se["membership_coef"][0, 1]))
+    assert "membership[1, 0]" not in rows  # the reference class
 
 
 def test_an_intercept_alone_is_the_grouped_fit(fitted):

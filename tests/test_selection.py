@@ -171,3 +171,17 @@ def test_cli_select(two, tmp_path):
     assert saved["best"] == 2
     assert psm.load_fit(out / "fit.npz").num_components == 2
     assert (out / "selection.png").exists()
+
+
+def test_selection_with_group_covariates():
+    from tests.test_membership import panel
+
+    data, c, _, tokens, groups = panel(num_groups=500, seed=4)
+    sel = psm.select_num_components(data.features, tokens=tokens, groups=groups,
+                                    group_features=c, num_components=[1, 2, 3], seed=0, cv=3)
+    assert sel.best.num_components == 2
+    assert sel.best.membership_coef.shape == (2, 2)
+    # Two covariates: (K - 1) d class-share coefficients.
+    assert [row["params"] for row in sel.rows] == [3, 1 * 2 + 2 * 3, 2 * 2 + 3 * 3]
+    cv = [row["cv"] for row in sel.rows]
+    assert cv[1] > cv[0]
