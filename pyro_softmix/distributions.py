@@ -132,22 +132,29 @@ class MixtureCounts(TorchDistribution):
         weights: (..., K) mixture weights.
         total_count: N (ungrouped) or (G,) draws per group (grouped).
         grouped: see above.
+        group_weights: grouped only: ``weights`` are (..., G, K), one set of class shares
+            per group (class membership on group covariates).
     """
 
     arg_constraints: dict = {}
     support = constraints.independent(constraints.nonnegative, 1)
 
     def __init__(self, component_logits: torch.Tensor, weights: torch.Tensor, total_count,
-                 grouped: bool = False, validate_args=None):
+                 grouped: bool = False, validate_args=None, group_weights: bool = False):
         self.component_logits = component_logits
         self.weights = weights
         self.grouped = grouped
+        self.group_weights = group_weights and grouped
         self.total_count = torch.as_tensor(total_count, dtype=component_logits.dtype,
                                            device=component_logits.device)
         p = component_logits.shape[-1]
-        batch = torch.broadcast_shapes(component_logits.shape[:-2], weights.shape[:-1])
-        if grouped:
-            batch = torch.broadcast_shapes(batch + (1,), self.total_count.shape)
+        if self.group_weights:
+            batch = torch.broadcast_shapes(component_logits.shape[:-2] + (1,), weights.shape[:-1],
+                                           self.total_count.shape)
+        else:
+            batch = torch.broadcast_shapes(component_logits.shape[:-2], weights.shape[:-1])
+            if grouped:
+                batch = torch.broadcast_shapes(batch + (1,), self.total_count.shape)
         super().__init__(batch, torch.Size([p]), validate_args=validate_args)
 
     def mixture_logits(self) -> torch.Tensor:
@@ -161,14 +168,15 @@ class MixtureCounts(TorchDistribution):
             return (value * self.mixture_logits()).sum(-1)
         # (..., G, p) x (..., K, p) -> (..., G, K)
         per_comp = value @ self.component_logits.transpose(-1, -2)
-        return torch.logsumexp(per_comp + log_weights(self.weights)[..., None, :], -1)
+        lw = log_weights(self.weights)
+        return torch.logsumexp(per_comp + (lw if self.group_weights else lw[..., None, :]), -1)
 
     def sample(self, sample_shape=()):
         shape = torch.Size(sample_shape) + self.batch_shape
         with torch.no_grad():
             if self.grouped:
-                k = dist.Categorical(self.weights[..., None, :].expand(shape + self.weights.shape[-1:])
-                                     ).sample()
+                w = self.weights if self.group_weights else self.weights[..., None, :]
+                k = dist.Categorical(w.expand(shape + self.weights.shape[-1:])).sample()
                 logits = Vindex(self.component_logits.unsqueeze(-3))[..., k, :]
             else:
                 logits = self.mixture_logits().expand(shape + self.event_shape)
@@ -186,7 +194,7 @@ class MixtureCounts(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         new.component_logits = self.component_logits
         new.weights = self.weights
-        new.grouped = self.grouped
+        new.grouped, new.group_weights = self.grouped, self.group_weights
         new.total_count = self.total_count.expand(batch_shape) if self.grouped else self.total_count
         super(MixtureCounts, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args

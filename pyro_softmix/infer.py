@@ -50,7 +50,11 @@ def _em_values(fit) -> dict[str, torch.Tensor]:
     if not (hasattr(fit, "weights") and hasattr(fit, "atoms")):
         raise TypeError(f"init_to_em needs a fit (with .weights and .atoms) or a mapping, got "
                         f"{type(fit).__name__}")
-    return {"weights": fit.weights.detach(), "atoms": fit.atoms.detach()}
+    values = {"weights": fit.weights.detach(), "atoms": fit.atoms.detach()}
+    gamma = getattr(fit, "membership_coef", None)
+    if gamma is not None:  # the site holds the K - 1 free rows
+        values["membership_coef"] = gamma.detach()[:-1]
+    return values
 
 
 def _init_to_em(site, values, fallback):
@@ -67,7 +71,8 @@ def _init_to_em(site, values, fallback):
 
 
 def init_to_em(fit, *, fallback=init_to_median):
-    """Init strategy that sets ``"weights"`` and ``"atoms"`` to an EM solution.
+    """Init strategy that sets ``"weights"`` and ``"atoms"`` (and ``"membership_coef"``, the
+    first K - 1 rows, for a fit with group covariates) to an EM solution.
 
     For autoguides (``init_loc_fn=``) and ``NUTS``/``HMC`` (``init_strategy=``). Values are
     *constrained* (weights on the simplex), cast to the model's dtype and device; other latent
@@ -104,6 +109,8 @@ def em_initial_params(fit, num_chains: int = 1) -> dict[str, torch.Tensor]:
     values = _em_values(fit)
     w = torch.distributions.biject_to(constraints.simplex).inv(values["weights"])
     out = {"weights": w, "atoms": values["atoms"].clone()}
+    if "membership_coef" in values:  # class shares on covariates: no "weights" site
+        out = {"atoms": out["atoms"], "membership_coef": values["membership_coef"].clone()}
     if num_chains > 1:
         out = {k: v.expand((num_chains,) + v.shape).clone() for k, v in out.items()}
     return out

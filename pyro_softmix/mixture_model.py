@@ -95,7 +95,7 @@ class SoftmaxMixtureModel:
 
     def model(self, tokens=None, counts=None, groups=None, *, num_obs=None,
               subsample_size: int | None = None, collapsed: bool | None = None,
-              validate: bool = True):
+              validate: bool = True, group_features=None):
         """The Pyro model on the given data (composable; see :mod:`pyro_softmix.models`).
 
         Args:
@@ -105,21 +105,25 @@ class SoftmaxMixtureModel:
                 are counts) or :func:`~pyro_softmix.models.enumerated_model` (default for
                 tokens and for generation).
             subsample_size: minibatch size of the data plate (enumerated) or groups plate.
+            group_features: (G, d) covariates of the groups: class shares softmax(Gamma c_g)
+                (a ``"membership_coef"`` site) instead of shared ``"weights"``.
         """
         if collapsed is None:
             collapsed = tokens is None and (counts is not None or groups is not None)
         if collapsed:
             return collapsed_model(self.features, self.num_components, counts, tokens=tokens,
                                    groups=groups, num_obs=num_obs, subsample_size=subsample_size,
-                                   validate=validate, **self._priors())
+                                   validate=validate, group_features=group_features,
+                                   **self._priors())
         if counts is not None or (groups is not None and as_tensor(groups, "groups").dim() == 2):
             tokens, groups = expand_counts(counts, groups, self.features.shape[0])
         return enumerated_model(self.features, self.num_components, tokens, groups=groups,
                                 num_obs=num_obs, subsample_size=subsample_size,
-                                validate=validate, **self._priors())
+                                validate=validate, group_features=group_features,
+                                **self._priors())
 
     # -- data ------------------------------------------------------------------------------
-    def set_data(self, tokens=None, counts=None, groups=None) -> None:
+    def set_data(self, tokens=None, counts=None, groups=None, group_features=None) -> None:
         """Give the model its data (done by the fit methods); drops results of earlier data.
 
         Validates once, and keeps the forms each model needs (counts or a count matrix for
@@ -127,6 +131,8 @@ class SoftmaxMixtureModel:
         :meth:`model_kwargs`). With no arguments, keeps the current data.
         """
         if tokens is None and counts is None and groups is None:
+            if group_features is not None:
+                raise ValueError("group_features= comes with the grouped data (groups=)")
             if self._data is None:
                 raise ValueError("no data: pass tokens=, counts= or groups=")
             return
@@ -136,10 +142,18 @@ class SoftmaxMixtureModel:
             padded = None
             if tokens is not None:
                 padded, _ = pad_groups(tokens, groups)
-            self._data = dict(given=dict(tokens=tokens, counts=counts, groups=groups),
-                              collapsed={"groups": matrix},
-                              enumerated=None if padded is None else {"tokens": padded})
+            extra = {}
+            if group_features is not None:
+                from .membership import check_group_features
+
+                extra = {"group_features": check_group_features(group_features, matrix.shape[0])
+                         .to(self.features)}
+            self._data = dict(given=dict(tokens=tokens, counts=counts, groups=groups, **extra),
+                              collapsed={"groups": matrix, **extra},
+                              enumerated=None if padded is None else {"tokens": padded, **extra})
         else:
+            if group_features is not None:
+                raise ValueError("group_features= needs grouped data (groups=)")
             n = check_counts(counts, tokens, p)
             tok = None if tokens is None else as_tensor(tokens, "tokens").long()
             self._data = dict(given=dict(tokens=tokens, counts=counts, groups=None),
@@ -168,6 +182,8 @@ class SoftmaxMixtureModel:
             tokens, groups = expand_counts(c.get("counts"), c.get("groups"),
                                             self.features.shape[0])
             enum = {"tokens": tokens if groups is None else pad_groups(tokens, groups)[0]}
+            if "group_features" in c:
+                enum["group_features"] = c["group_features"]
             self._data["enumerated"] = enum
         return dict(enum, collapsed=False, validate=False)
 
@@ -182,12 +198,14 @@ class SoftmaxMixtureModel:
 
     # -- inference -------------------------------------------------------------------------
     @keyword_options
-    def fit_em(self, tokens=None, counts=None, groups=None, **options) -> SoftmaxMixtureFit:
+    def fit_em(self, tokens=None, counts=None, groups=None, *, group_features=None,
+               **options) -> SoftmaxMixtureFit:
         """Maximum-likelihood fit by EM (:func:`~pyro_softmix.fit_em`); stored as :attr:`em_fit`.
 
-        ``options`` go to :func:`~pyro_softmix.fit_em` (``init``, ``seed``, ``max_iter``, ...).
+        ``options`` go to :func:`~pyro_softmix.fit_em` (``init``, ``seed``, ``max_iter``, ...);
+        ``group_features`` (G, d) are covariates of the groups (class membership on them).
         """
-        self.set_data(tokens, counts, groups)
+        self.set_data(tokens, counts, groups, group_features)
         if "offset" in options:
             raise TypeError("fit_em() got offset=: the model's offset is set when it is made "
                             "(SoftmaxMixtureModel(..., offset=b))")
@@ -206,7 +224,8 @@ class SoftmaxMixtureModel:
         return init_to_em(init)
 
     @keyword_options
-    def fit_svi(self, tokens=None, counts=None, groups=None, *, init: Any = "em",
+    def fit_svi(self, tokens=None, counts=None, groups=None, *, group_features=None,
+                init: Any = "em",
                 guide: str | AutoGuide = "normal", num_steps: int = 1000, lr: float = 0.01,
                 collapsed: bool = True, subsample_size: int | None = None,
                 num_particles: int = 1, init_scale: float = 0.01, seed=None,
@@ -228,7 +247,7 @@ class SoftmaxMixtureModel:
         The guide and the losses are stored as :attr:`guide` and :attr:`svi_losses`.
         """
         check_svi_options(guide, num_steps, lr, seed)  # before EM runs
-        self.set_data(tokens, counts, groups)
+        self.set_data(tokens, counts, groups, group_features)
         start = time.perf_counter()
         strategy = self._init_strategy(init, em_options)
         self._collapsed = bool(collapsed)
@@ -242,7 +261,8 @@ class SoftmaxMixtureModel:
         return losses
 
     @keyword_options
-    def fit_mcmc(self, tokens=None, counts=None, groups=None, *, init: Any = "em",
+    def fit_mcmc(self, tokens=None, counts=None, groups=None, *, group_features=None,
+                 init: Any = "em",
                  num_samples: int = 500, warmup_steps: int = 500, num_chains: int = 1,
                  collapsed: bool = True, seed=None, progress: bool | None = None,
                  em_options: dict | None = None, **nuts_options) -> MCMC:
@@ -257,7 +277,7 @@ class SoftmaxMixtureModel:
             nuts_options: passed to ``NUTS`` (``target_accept_prob``, ``max_tree_depth``, ...).
         """
         check_nuts_options(num_samples, warmup_steps, num_chains, seed)  # before EM runs
-        self.set_data(tokens, counts, groups)
+        self.set_data(tokens, counts, groups, group_features)
         start = time.perf_counter()
         strategy = self._init_strategy(init, em_options)
         self._collapsed = bool(collapsed)

@@ -75,9 +75,10 @@ def _as_atoms_prior(prior, k: int, l_dim: int):
 
 
 def _global_sites(features, k, weights, atoms, weights_prior, atoms_prior, concentration,
-                  prior_scale):
-    """Sample (or take) the weights and atoms; returns them."""
-    if weights is None:
+                  prior_scale, shared_weights: bool = True):
+    """Sample (or take) the weights and atoms; returns them (weights None when the class
+    shares depend on group covariates instead, ``shared_weights=False``)."""
+    if weights is None and shared_weights:
         if weights_prior is None:
             conc = torch.full((k,), float(concentration), dtype=features.dtype,
                               device=features.device)
@@ -90,9 +91,32 @@ def _global_sites(features, k, weights, atoms, weights_prior, atoms_prior, conce
     if atoms.shape[-2:] != (k, features.shape[1]):
         raise ValueError(f"atoms must have shape (..., {k}, {features.shape[1]}), "
                          f"got {tuple(atoms.shape)}")
-    if weights.shape[-1] != k:
+    if weights is not None and weights.shape[-1] != k:
         raise ValueError(f"weights must have shape (..., {k}), got {tuple(weights.shape)}")
     return weights, atoms
+
+
+def _membership(group_features, num_groups, k, membership_coef, prior_scale, like, validate):
+    """The class-membership coefficients Gamma (..., K, d) (last row 0) of covariates (G, d):
+    the ``"membership_coef"`` site (K - 1, d) ~ Normal(0, prior_scale), or a given value
+    ((K, d) or (K - 1, d)). Returns (covariates, Gamma), or (None, None) without covariates."""
+    if group_features is None:
+        return None, None
+    if validate:
+        from .membership import check_group_features
+
+        group_features = check_group_features(group_features, num_groups)
+    c = group_features.to(like)
+    d = c.shape[-1]
+    if membership_coef is None:
+        prior = dist.Normal(like.new_zeros(()), float(prior_scale)).expand((k - 1, d))
+        membership_coef = pyro.sample("membership_coef", prior.to_event(2))
+    free = membership_coef[..., :k - 1, :]
+    if free.shape[-2:] != (k - 1, d):
+        raise ValueError(f"membership_coef must have shape (..., {k - 1}, {d}), got "
+                         f"{tuple(membership_coef.shape)}")
+    gamma = torch.cat([free, free.new_zeros(free.shape[:-2] + (1, d))], -2)
+    return c, gamma
 
 
 def _component_logits(features, atoms, offset, validate: bool):
@@ -179,7 +203,7 @@ def enumerated_model(features, num_components: int, tokens=None, *, groups=None,
                      num_obs: int | None = None, weights=None, atoms=None, weights_prior=None,
                      atoms_prior=None, concentration: float = 1.0, prior_scale: float = 5.0,
                      subsample_size: int | None = None, validate: bool = True,
-                     offset=None) -> torch.Tensor:
+                     offset=None, group_features=None, membership_coef=None) -> torch.Tensor:
     """The per-observation softmax mixture with an enumerated ``"assignment"`` site.
 
     ::
@@ -214,6 +238,11 @@ def enumerated_model(features, num_components: int, tokens=None, *, groups=None,
         validate: check the data (turn off inside tight loops once checked).
         offset: (p,) known offset b of every component's logits (as in
             :func:`~pyro_softmix.fit_em`; default none).
+        group_features: grouped data only: (G, d) covariates of the groups. Group g's
+            assignment is then Categorical(softmax(Gamma c_g)) with Gamma's first K - 1 rows the
+            ``"membership_coef"`` site ~ Normal(0, prior_scale) (last row 0), instead of the
+            shared ``"weights"`` (see :mod:`pyro_softmix.membership`).
+        membership_coef: a value for Gamma ((K, d) or (K - 1, d)) instead of the site.
 
     Returns:
         The observed (or generated) ``"obs"`` values of the plate's (sub)sample.
@@ -238,14 +267,20 @@ def enumerated_model(features, num_components: int, tokens=None, *, groups=None,
         tokens, _ = pad_groups(tokens, groups)
     elif tokens is not None and validate:
         tokens = _check_tokens(tokens, p)
+    grouped = tokens is not None and tokens.dim() == 2
+    if group_features is not None and not grouped:
+        raise ValueError("group_features= needs grouped data (groups=, or padded (G, T) tokens)")
     weights, atoms = _global_sites(features, k, weights, atoms, weights_prior, atoms_prior,
-                                   concentration, prior_scale)
+                                   concentration, prior_scale, group_features is None)
     comp = _component_logits(features, atoms, offset, validate)  # (..., K, p)
-    if tokens is not None and tokens.dim() == 2:
+    if grouped:
         num_groups, width = tokens.shape
+        c, gamma = _membership(group_features, num_groups, k, membership_coef, prior_scale,
+                               features, validate)
         with pyro.plate("groups", num_groups, subsample_size=subsample_size) as idx:
-            z = pyro.sample("assignment", dist.Categorical(weights),
-                            infer={"enumerate": "parallel"})
+            prior = (dist.Categorical(weights) if gamma is None
+                     else dist.Categorical(logits=c[idx] @ gamma.transpose(-1, -2)))
+            z = pyro.sample("assignment", prior, infer={"enumerate": "parallel"})
             logits = Vindex(comp)[..., z, :]  # (..., Gs or 1, p)
             toks = tokens[idx]
             batch = torch.broadcast_shapes(logits.shape[:-1], toks.shape[:1])
@@ -265,7 +300,7 @@ def collapsed_model(features, num_components: int, counts=None, *, tokens=None, 
                     num_obs: float | None = None, weights=None, atoms=None, weights_prior=None,
                     atoms_prior=None, concentration: float = 1.0, prior_scale: float = 5.0,
                     subsample_size: int | None = None, validate: bool = True,
-                    offset=None) -> torch.Tensor:
+                    offset=None, group_features=None, membership_coef=None) -> torch.Tensor:
     """The softmax mixture on counts, with the assignment summed out (no discrete site).
 
     ::
@@ -283,8 +318,8 @@ def collapsed_model(features, num_components: int, counts=None, *, tokens=None, 
         counts: (p,) counts; or ``tokens`` (N,) (counted here); or ``groups``: a (G, p) count
             matrix alone, or (N,) group ids with ``tokens``. None of them: generate ``num_obs``
             draws.
-        others: as in :func:`enumerated_model` (``offset`` too); ``subsample_size`` applies
-            to groups.
+        others: as in :func:`enumerated_model` (``offset``, ``group_features`` and
+            ``membership_coef`` too); ``subsample_size`` applies to groups.
 
     Returns:
         The observed (or generated) counts.
@@ -303,14 +338,20 @@ def collapsed_model(features, num_components: int, counts=None, *, tokens=None, 
     elif num_obs is None:
         raise ValueError("pass counts=, tokens= or groups= (observed data) or num_obs= "
                          "(to generate data)")
+    if group_features is not None and matrix is None:
+        raise ValueError("group_features= needs grouped data (groups=)")
     weights, atoms = _global_sites(features, k, weights, atoms, weights_prior, atoms_prior,
-                                   concentration, prior_scale)
+                                   concentration, prior_scale, group_features is None)
     comp = _component_logits(features, atoms, offset, validate)
     if matrix is not None:
+        c, gamma = _membership(group_features, matrix.shape[0], k, membership_coef,
+                               prior_scale, features, validate)
         with pyro.plate("groups", matrix.shape[0], subsample_size=subsample_size) as idx:
             rows = matrix[idx]
-            return pyro.sample("obs", MixtureCounts(comp, weights, rows.sum(-1), grouped=True),
-                               obs=rows)
+            shares = (weights if gamma is None
+                      else torch.softmax(c[idx] @ gamma.transpose(-1, -2), -1))
+            return pyro.sample("obs", MixtureCounts(comp, shares, rows.sum(-1), grouped=True,
+                                                    group_weights=gamma is not None), obs=rows)
     total = float(counts.sum()) if counts is not None else float(num_obs)
     if not math.isfinite(total) or total <= 0:
         raise ValueError(f"num_obs must be positive, got {num_obs}")

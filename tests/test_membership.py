@@ -166,3 +166,45 @@ def test_bad_group_features(fitted):
         fit.group_weights()
     with pytest.raises(ValueError, match="pass group_features="):
         fit.standard_errors(tokens=tokens, groups=groups)
+
+
+def test_pyro_models_with_group_covariates(fitted):
+    import pyro
+    import pyro.poutine as poutine
+
+    from pyro_softmix.models import collapsed_model, enumerated_model
+
+    data, c, _, tokens, groups, fit = fitted
+    values = {"atoms": fit.atoms, "membership_coef": fit.membership_coef}
+    trace = poutine.trace(collapsed_model).get_trace(
+        data.features, 2, tokens=tokens, groups=groups, group_features=c, **values)
+    trace.compute_log_prob()
+    assert float(trace.nodes["obs"]["log_prob_sum"]) == pytest.approx(fit.loglik, rel=1e-12)
+    assert "weights" not in trace.nodes and "membership_coef" not in trace.nodes
+    elbo = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)
+
+    def model():
+        enumerated_model(data.features, 2, tokens, groups=groups, group_features=c, **values)
+
+    assert -elbo.loss(model, lambda: None) == pytest.approx(fit.loglik, rel=1e-10)
+    # With the coefficients as a site: Normal(0, prior_scale) on the K - 1 free rows.
+    trace = poutine.trace(collapsed_model).get_trace(
+        data.features, 2, tokens=tokens, groups=groups, group_features=c, atoms=fit.atoms)
+    assert trace.nodes["membership_coef"]["value"].shape == (1, 2)
+    with pytest.raises(ValueError, match="needs grouped data"):
+        collapsed_model(data.features, 2, counts=torch.ones(150), group_features=c)
+
+
+def test_model_object_with_group_covariates(fitted):
+    data, c, _, tokens, groups, fit = fitted
+    sm = psm.SoftmaxMixtureModel(data.features, 2)
+    em = sm.fit_em(tokens=tokens, groups=groups, group_features=c, seed=0, tol=1e-13)
+    assert torch.allclose(em.membership_coef, fit.membership_coef, atol=1e-6)
+    sm.fit_svi(num_steps=2, guide="delta", lr=1e-6)
+    median = sm.guide.median()
+    assert torch.allclose(median["membership_coef"], em.membership_coef[:1], atol=1e-4)
+    assert torch.allclose(median["atoms"], em.atoms, atol=1e-4)
+    mcmc = sm.fit_mcmc(num_samples=3, warmup_steps=2, max_tree_depth=2, seed=0)
+    assert mcmc.get_samples()["membership_coef"].shape == (3, 1, 2)
+    with pytest.raises(ValueError, match="needs grouped data"):
+        sm.fit_em(counts=torch.ones(150), group_features=c)
