@@ -24,10 +24,32 @@ from ._checks import (
 from ._logprob import component_log_probs, log_weights
 from .em import fit_em
 from .infer import check_nuts_options, check_svi_options, init_to_em, run_nuts, run_svi
+from .membership import check_group_features
 from .models import collapsed_model, count_matrix, enumerated_model, expand_counts, pad_groups
 from .results import SoftmaxMixtureFit
 
 __all__ = ["SoftmaxMixtureModel"]
+
+
+def _data_forms(x: torch.Tensor, tokens, counts, groups, group_features) -> dict[str, Any]:
+    """The data checked once, as given and in the forms each model needs (counts or a count
+    matrix for the collapsed model, tokens or padded groups for the enumerated one)."""
+    if groups is None:
+        if group_features is not None:
+            raise ValueError("group_features= needs grouped data (groups=)")
+        n = check_counts(counts, tokens, x.shape[0])
+        tok = None if tokens is None else as_tensor(tokens, "tokens").long()
+        return dict(given=dict(tokens=tokens, counts=counts, groups=None),
+                    collapsed={"counts": n.to(device=x.device, dtype=x.dtype)},
+                    enumerated=None if tok is None else {"tokens": tok})
+    matrix = count_matrix(groups, counts, tokens, x)
+    padded = None if tokens is None else pad_groups(tokens, groups)[0]
+    extra = {}
+    if group_features is not None:
+        extra["group_features"] = check_group_features(group_features, matrix.shape[0]).to(x)
+    return dict(given=dict(tokens=tokens, counts=counts, groups=groups, **extra),
+                collapsed={"groups": matrix, **extra},
+                enumerated=None if padded is None else {"tokens": padded, **extra})
 
 
 class SoftmaxMixtureModel:
@@ -136,30 +158,7 @@ class SoftmaxMixtureModel:
             if self._data is None:
                 raise ValueError("no data: pass tokens=, counts= or groups=")
             return
-        p = self.features.shape[0]
-        if groups is not None:
-            matrix = count_matrix(groups, counts, tokens, self.features)
-            padded = None
-            if tokens is not None:
-                padded, _ = pad_groups(tokens, groups)
-            extra = {}
-            if group_features is not None:
-                from .membership import check_group_features
-
-                extra = {"group_features": check_group_features(group_features, matrix.shape[0])
-                         .to(self.features)}
-            self._data = dict(given=dict(tokens=tokens, counts=counts, groups=groups, **extra),
-                              collapsed={"groups": matrix, **extra},
-                              enumerated=None if padded is None else {"tokens": padded, **extra})
-        else:
-            if group_features is not None:
-                raise ValueError("group_features= needs grouped data (groups=)")
-            n = check_counts(counts, tokens, p)
-            tok = None if tokens is None else as_tensor(tokens, "tokens").long()
-            self._data = dict(given=dict(tokens=tokens, counts=counts, groups=None),
-                              collapsed={"counts": n.to(device=self.features.device,
-                                                        dtype=self.features.dtype)},
-                              enumerated=None if tok is None else {"tokens": tok})
+        self._data = _data_forms(self.features, tokens, counts, groups, group_features)
         self.em_fit = None  # new data: earlier fits no longer apply
         self.guide, self.svi_losses, self.mcmc = None, None, None
 
@@ -198,14 +197,13 @@ class SoftmaxMixtureModel:
 
     # -- inference -------------------------------------------------------------------------
     @keyword_options
-    def fit_em(self, tokens=None, counts=None, groups=None, *, group_features=None,
-               **options) -> SoftmaxMixtureFit:
+    def fit_em(self, tokens=None, counts=None, groups=None, **options) -> SoftmaxMixtureFit:
         """Maximum-likelihood fit by EM (:func:`~pyro_softmix.fit_em`); stored as :attr:`em_fit`.
 
         ``options`` go to :func:`~pyro_softmix.fit_em` (``init``, ``seed``, ``max_iter``, ...);
         ``group_features`` (G, d) are covariates of the groups (class membership on them).
         """
-        self.set_data(tokens, counts, groups, group_features)
+        self.set_data(tokens, counts, groups, options.pop("group_features", None))
         if "offset" in options:
             raise TypeError("fit_em() got offset=: the model's offset is set when it is made "
                             "(SoftmaxMixtureModel(..., offset=b))")
@@ -224,12 +222,12 @@ class SoftmaxMixtureModel:
         return init_to_em(init)
 
     @keyword_options
-    def fit_svi(self, tokens=None, counts=None, groups=None, *, group_features=None,
-                init: Any = "em",
+    def fit_svi(self, tokens=None, counts=None, groups=None, *, init: Any = "em",
                 guide: str | AutoGuide = "normal", num_steps: int = 1000, lr: float = 0.01,
                 collapsed: bool = True, subsample_size: int | None = None,
                 num_particles: int = 1, init_scale: float = 0.01, seed=None,
-                progress: bool | None = None, em_options: dict | None = None) -> list[float]:
+                progress: bool | None = None, em_options: dict | None = None,
+                group_features=None) -> list[float]:
         """Variational fit by SVI, started at the EM solution; returns the losses (-ELBO).
 
         Args:
@@ -261,11 +259,10 @@ class SoftmaxMixtureModel:
         return losses
 
     @keyword_options
-    def fit_mcmc(self, tokens=None, counts=None, groups=None, *, group_features=None,
-                 init: Any = "em",
+    def fit_mcmc(self, tokens=None, counts=None, groups=None, *, init: Any = "em",
                  num_samples: int = 500, warmup_steps: int = 500, num_chains: int = 1,
                  collapsed: bool = True, seed=None, progress: bool | None = None,
-                 em_options: dict | None = None, **nuts_options) -> MCMC:
+                 em_options: dict | None = None, group_features=None, **nuts_options) -> MCMC:
         """NUTS started at the EM solution; returns (and stores as :attr:`mcmc`) the ``MCMC``.
 
         Args:
