@@ -122,10 +122,14 @@ def information(setup: Setup, atoms_z: torch.Tensor, log_shares: torch.Tensor
     h = z.new_zeros(dim, dim)
     h[:k * r, :k * r] = torch.block_diag(*(outer - big_w[:, None, None] * cov))
     # Atoms x shares, block (k, l): sum_u c_u r_uk (delta_kl - s_ul) d_uk c_u^T.
+    # One covariate at a time: no (U, K, K, r) temporary, only (U, K, K) weights.
     eye = torch.eye(k, dtype=z.dtype)
-    wkl = cw[:, :, None] * (eye - shares[:, None, :])  # (U, K, K)
-    cross = (torch.einsum("ukl,ur,ua->krla", wkl, zu, cov_u)
-             - mean[:, :, None, None] * torch.einsum("ukl,u,ua->kla", wkl, size, cov_u)[:, None])
+    wkl = (cw[:, :, None] * (eye - shares[:, None, :])).reshape(-1, k * k)  # (U, K K)
+    cross = z.new_empty(k, r, k, d)
+    for a in range(d):
+        wa = wkl * cov_u[:, a:a + 1]
+        cross[..., a] = ((wa.T @ zu).view(k, k, r)
+                         - (wa.T @ size).view(k, k, 1) * mean[:, None, :]).transpose(1, 2)
     h[:k * r, k * r:] = cross.reshape(k * r, k * d)
     h[k * r:, :k * r] = h[:k * r, k * r:].T
     # Shares: sum_u c_u [sum_k r_uk (e_k - s)(e_k - s)^T - (diag s - s s^T)] (x) c_u c_u^T,
@@ -133,8 +137,12 @@ def information(setup: Setup, atoms_z: torch.Tensor, log_shares: torch.Tensor
     rs = resp[:, :, None] * shares[:, None, :]
     inner = (torch.diag_embed(resp - shares) - rs - rs.transpose(1, 2)
              + 2 * shares[:, :, None] * shares[:, None, :])
-    h[k * r:, k * r:] = torch.einsum("u,ukl,ua,ub->kalb", mult, inner, cov_u,
-                                     cov_u).reshape(k * d, k * d)
+    shares_block = z.new_empty(k, d, k, d)
+    inner = inner.reshape(-1, k * k)
+    for a in range(d):
+        for b in range(d):
+            shares_block[:, a, :, b] = ((mult * cov_u[:, a] * cov_u[:, b]) @ inner).view(k, k)
+    h[k * r:, k * r:] = shares_block.reshape(k * d, k * d)
     meat = z.new_zeros(dim, dim)
     chunk = rows_per_chunk(zu.shape[0], dim * 8, z.device, None)
     for s in range(0, zu.shape[0], chunk):
