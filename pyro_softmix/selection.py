@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -180,8 +181,6 @@ def select_num_components(features, counts=None, tokens=None, *, groups=None,
         >>> sel.best.num_components
         2
     """
-    import time
-
     start = time.perf_counter()
     x = check_features(features)
     ks = _check_ks(num_components, x.shape[0])
@@ -199,7 +198,7 @@ def select_num_components(features, counts=None, tokens=None, *, groups=None,
     data = dict(counts=counts, tokens=tokens, groups=groups, offset=offset,
                 group_features=group_features)
     folds = None if cv is None else _folds(x.shape[0], cv, counts, tokens, groups, gen)
-    fits, rows, prev = [], [], None
+    fits, rows, prev, shown = [], [], None, set()
     for k in ks:
         runs = []
         # Fits past the true K warn (coinciding components, atoms at infinity): the path
@@ -217,7 +216,7 @@ def select_num_components(features, counts=None, tokens=None, *, groups=None,
         slack = SAME_OPTIMUM * abs(fit.loglik) + 1e-6 * units
         row = _criteria(fit, counts, tokens, groups)
         row["at_best"] = (sum(f.loglik >= fit.loglik - slack for f in runs), len(runs))
-        row["notes"] = _notes(fit, caught)
+        row["notes"] = _notes(fit, caught, shown)
         if folds is not None:
             row["cv"] = _held_out(x, fit, folds, offset, group_features, fit_options)
         fits.append(fit)
@@ -229,9 +228,12 @@ def select_num_components(features, counts=None, tokens=None, *, groups=None,
     return ComponentSelection(fits, rows, criterion, time.perf_counter() - start)
 
 
-def _notes(fit: SoftmaxMixtureFit, caught) -> str:
-    """What the kept fit's warnings said, in a word each (the other runs' are dropped)."""
+def _notes(fit: SoftmaxMixtureFit, caught, shown: set) -> str:
+    """The notes of one K: the kept fit's atoms at infinity and convergence, and coinciding
+    components in the fits at this K. Those warnings are expected past the true K; any other
+    warning (about the data, say) is shown once."""
     from .design import IdentifiabilityWarning
+    from .stopping import ConvergenceWarning, DivergenceWarning
 
     notes = []
     if fit.diverging:
@@ -241,6 +243,12 @@ def _notes(fit: SoftmaxMixtureFit, caught) -> str:
         notes.append("coincide")
     if not fit.converged:
         notes.append("not-converged")
+    for w in caught:
+        expected = (issubclass(w.category, ConvergenceWarning | DivergenceWarning)
+                    or "coincide" in str(w.message))
+        if not expected and str(w.message) not in shown:
+            shown.add(str(w.message))
+            warnings.warn(w.message, w.category, stacklevel=3)
     return ",".join(notes)
 
 

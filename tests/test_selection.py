@@ -185,3 +185,12 @@ def test_selection_with_group_covariates():
     assert [row["params"] for row in sel.rows] == [3, 1 * 2 + 2 * 3, 2 * 2 + 3 * 3]
     cv = [row["cv"] for row in sel.rows]
     assert cv[1] > cv[0]
+
+
+def test_warnings_about_the_data_are_shown_once(two):
+    x = torch.cat([two.features, torch.ones(300, 1, dtype=torch.float64)], 1)
+    with pytest.warns(psm.IdentifiabilityWarning) as record:
+        sel = psm.select_num_components(x, two.counts, num_components=[1, 2], seed=0)
+    rank = [w for w in record if "rank" in str(w.message)]
+    assert len(rank) == 1
+    assert sel.best.num_components == 2
