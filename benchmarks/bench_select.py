@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
+import sys
 import time
 import warnings
 
@@ -29,6 +29,9 @@ import torch
 
 import pyro_softmix as psm
 from pyro_softmix.plots import match_components
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_em import machine  # noqa: E402
 
 
 def _quiet(fn, *args, **kwargs):
@@ -114,14 +117,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="benchmarks/results/bench_select.json")
     args = parser.parse_args(argv)
     torch.set_default_dtype(torch.float64)
-    print(f"# bench_select on {platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; load before: "
-          f"{os.getloadavg()[0]:.2f}")
+    print(f"# bench_select on {machine()}; load before: {os.getloadavg()[0]:.2f}")
     seeds = range(5) if args.quick else range(20)
     out = {"choose_k": choose_k((2, 3, 5), seeds, 8),
            "coverage": coverage(40 if args.quick else 200),
            "scale": scale(20_000 if args.quick else 100_000, 64, 8),
-           "load_after": os.getloadavg()[0]}
+           "machine": machine(), "load_after": os.getloadavg()[0]}
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as handle:
         json.dump(out, handle, indent=2)
