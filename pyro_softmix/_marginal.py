@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ._chunks import rows_per_chunk
-from .solvers import weighted_gram
+from ._gram import weighted_gram
 
 #: Largest number of free coordinates for which the full Hessian is formed (its float64 copy
 #: then takes at most 128 MB).

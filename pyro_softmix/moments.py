@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from ._checks import as_tensor, check_counts, check_features, resolve_device, resolve_dtype
+from ._gram import weighted_gram
 from .design import Design, standardize
-from .solvers import weighted_gram
 
 __all__ = ["LatentMoments", "hermite", "latent_moments"]
 

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import check_features, check_groups, check_positive_int, make_generator
+from ._gram import weighted_gram
 from ._logprob import group_log_joint, mixture_log_probs
 from .design import standardize
 from .em import fit_em
 from .results import SoftmaxMixtureFit
-from .solvers import weighted_gram
 
 __all__ = ["ComponentSelection", "select_num_components", "split_starts"]
 

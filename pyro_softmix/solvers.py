@@ -27,56 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import as_tensor, check_offset, check_positive_float, check_positive_int
-from ._chunks import rows_per_chunk
+from ._gram import gram_chunk_rows, weighted_cov, weighted_gram
 
 #: Armijo's sufficient-increase constant: a step s along d is accepted when
 #: f(x + s d) >= f(x) + ARMIJO s g^T d.
 ARMIJO = 1e-4
-
-
-def gram_chunk_rows(features: torch.Tensor, num_components: int,
-                    chunk_size: int | None = None) -> int:
-    """Rows per chunk of the (chunk, K, r) temporary of :func:`weighted_gram` (the one
-    budget of :mod:`pyro_softmix._chunks`)."""
-    row_bytes = num_components * features.shape[1] * features.element_size()
-    return rows_per_chunk(features.shape[0], row_bytes, features.device, chunk_size)
-
-
-def weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int | None = None,
-                   buffer: torch.Tensor | None = None,
-                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """sum_j probs_jk z_j z_j^T for every k, chunked over j.
-
-    Each chunk is one (r x c)(c x K r) matrix product into a single accumulator, with the
-    (c, K, r) product of weights and features written into ``buffer`` when given, so a call
-    makes no large allocation. With ``compute_dtype`` (float32 for float64 features) each
-    chunk's product is computed in that dtype and summed in the features' dtype.
-
-    Args:
-        features: (p, r).  probs: (p, K) nonnegative.
-        buffer: optional (chunk, K, r) scratch tensor (its length sets the chunk).
-    Returns:
-        (K, r, r) symmetric positive semidefinite matrices.
-    """
-    p, r = features.shape
-    k = probs.shape[1]
-    chunk = buffer.shape[0] if buffer is not None else gram_chunk_rows(features, k, chunk_size)
-    acc = features.new_zeros(r, k * r)
-    cast = compute_dtype is not None and compute_dtype != features.dtype
-    product = features.new_empty(r, k * r, dtype=compute_dtype) if cast else None
-    for s in range(0, p, chunk):
-        zc = features[s:s + chunk]
-        pc = probs[s:s + chunk]
-        if cast:
-            zc, pc = zc.to(compute_dtype), pc.to(compute_dtype)
-        c = zc.shape[0]
-        out = buffer[:c] if buffer is not None else None
-        weighted = torch.mul(zc.unsqueeze(1), pc.unsqueeze(-1), out=out)
-        if cast:
-            acc.add_(torch.mm(zc.T, weighted.view(c, k * r), out=product))
-        else:
-            acc.addmm_(zc.T, weighted.view(c, k * r))
-    return acc.view(r, k, r).transpose(0, 1).contiguous()
 
 
 def column_logsumexp(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -105,7 +60,7 @@ class Workspace:
         self.scratch = new(p, num_components)
         self.logits = (new(p, num_components), new(p, num_components))
         chunk = gram_chunk_rows(features, num_components, chunk_size)
-        self.gram = new(chunk, num_components, r)
+        self.gram = (new(chunk, num_components, r), new(chunk, num_components, r))
 
     def trial_buffer(self, logits: torch.Tensor) -> torch.Tensor:
         """A logits buffer that is not ``logits`` (so the current logits stay intact)."""
@@ -285,8 +240,7 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
         grad = grad - _penalty_grad(atoms, l2)
     # Covariance of z under q_k: sum_j q_j z_j z_j^T - m m^T (the columns of q sum to 1).
     if cov is None:
-        cov = (weighted_gram(features, q, buffer=ws.gram)
-               - mean_q[:, :, None] * mean_q[:, None, :])
+        cov = weighted_cov(features, q, mean_q, buffers=ws.gram)
     hess = total[:, None, None] * cov
     hess = add_ridge(hess, l2)
     direction = newton_direction(grad, hess)

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import torch
 
 from ._chunks import rows_per_chunk
+from ._gram import weighted_cov, weighted_gram
 from ._matching import match_components
 from .design import IdentifiabilityWarning
 from .engine import GroupedEMProblem, Setup, prepare
 from .membership import check_group_features, fit_membership
-from .solvers import weighted_gram
 
 __all__ = ["CoefficientTable", "coefficient_table", "standard_errors"]
 
@@ -118,7 +118,7 @@ def information(setup: Setup, atoms_z: torch.Tensor, log_shares: torch.Tensor
     n2 = (cw * size[:, None] ** 2).sum(0)
     outer = weighted_gram(zu, cw) - mean[:, :, None] * szn[:, None, :] \
         - szn[:, :, None] * mean[:, None, :] + n2[:, None, None] * mean[:, :, None] * mean[:, None, :]
-    cov = weighted_gram(z, q) - mean[:, :, None] * mean[:, None, :]
+    cov = weighted_cov(z, q, mean)
     h = z.new_zeros(dim, dim)
     h[:k * r, :k * r] = torch.block_diag(*(outer - big_w[:, None, None] * cov))
     # Atoms x shares, block (k, l): sum_u c_u r_uk (delta_kl - s_ul) d_uk c_u^T.

@@ -24,7 +24,7 @@ def test_rows_per_chunk_follows_the_device_budget_and_the_users_chunk_size():
 def test_the_users_chunk_size_reaches_every_chunked_loop(monkeypatch):
     """fit_em(chunk_size=c): the standardisation, the M-step's Grams and the Newton finish's
     Hessian all run in chunks of c rows, and give the fit of one pass."""
-    from pyro_softmix import _marginal, accelerate, design, solvers
+    from pyro_softmix import _gram, _marginal, accelerate, design
 
     d = simulated(p=700, L=3, K=2, N=50_000, seed=0)
     seen = []
@@ -34,7 +34,7 @@ def test_the_users_chunk_size_reaches_every_chunked_loop(monkeypatch):
         seen.append(chunk_size)
         return rows(num_rows, row_bytes, device, chunk_size)
 
-    for module in (_marginal, design, solvers):
+    for module in (_marginal, design, _gram):
         monkeypatch.setattr(module, "rows_per_chunk", recording)
     hessians = []
     hessian = accelerate.marginal_hessian

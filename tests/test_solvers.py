@@ -253,3 +253,29 @@ def test_trust_region_step_is_the_dogleg():
     cauchy = min(radius / float(grad[1].norm()),
                  float(grad[1] @ grad[1] / (grad[1] @ hess[1] @ grad[1]))) * grad[1]
     assert model(step[1], 1) >= model(cauchy, 1) - 1e-12
+
+
+def test_weighted_cov_is_centred_before_the_products():
+    """The covariance of z under q, by brute force on a tiny problem, and in float32 for a
+    component concentrated far from the origin, where m m^T dwarfs the covariance: the
+    difference form loses its digits there, the centred sums keep float32 accuracy."""
+    from pyro_softmix._gram import weighted_cov, weighted_gram
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(30, 3, generator=gen, dtype=torch.float64)
+    q = torch.softmax(torch.randn(30, 2, generator=gen, dtype=torch.float64), 0)
+    m = q.T @ z
+    brute = torch.stack([sum(q[j, k] * torch.outer(z[j] - m[k], z[j] - m[k]) for j in range(30))
+                         for k in range(2)])
+    assert torch.allclose(weighted_cov(z, q, m, chunk_size=7), brute, atol=1e-14)
+    z = torch.randn(20_000, 8, generator=gen, dtype=torch.float64) + 30.0
+    q = torch.softmax(3 * z[:, :1] @ torch.ones(1, 2, dtype=torch.float64), 0)
+    m = q.T @ z
+    ref = weighted_cov(z, q, m)
+    z32, q32 = z.float(), q.float()
+    m32 = q32.T @ z32
+    centred = weighted_cov(z32, q32, m32).double()
+    difference = (weighted_gram(z32, q32) - m32[:, :, None] * m32[:, None, :]).double()
+    scale = float(ref.abs().max())
+    assert float((centred - ref).abs().max()) < 1e-4 * scale
+    assert float((difference - ref).abs().max()) > 10 * float((centred - ref).abs().max())

@@ -1,0 +1,91 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Weighted Gram and covariance matrices of the support points' features, chunked over the rows
+(the p r^2 K part of an M-step, and of the information matrices)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._chunks import rows_per_chunk
+
+__all__ = ["gram_chunk_rows", "weighted_cov", "weighted_gram"]
+
+
+def gram_chunk_rows(features: torch.Tensor, num_components: int,
+                    chunk_size: int | None = None) -> int:
+    """Rows per chunk of the (chunk, K, r) temporary of :func:`weighted_gram` (the one
+    budget of :mod:`pyro_softmix._chunks`)."""
+    row_bytes = num_components * features.shape[1] * features.element_size()
+    return rows_per_chunk(features.shape[0], row_bytes, features.device, chunk_size)
+
+
+def weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int | None = None,
+                   buffer: torch.Tensor | None = None,
+                   compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """sum_j probs_jk z_j z_j^T for every k, chunked over j.
+
+    Each chunk is one (r x c)(c x K r) matrix product into a single accumulator, with the
+    (c, K, r) product of weights and features written into ``buffer`` when given, so a call
+    makes no large allocation. With ``compute_dtype`` (float32 for float64 features) each
+    chunk's product is computed in that dtype and summed in the features' dtype.
+
+    Args:
+        features: (p, r).  probs: (p, K) nonnegative.
+        buffer: optional (chunk, K, r) scratch tensor (its length sets the chunk).
+    Returns:
+        (K, r, r) symmetric positive semidefinite matrices.
+    """
+    p, r = features.shape
+    k = probs.shape[1]
+    chunk = buffer.shape[0] if buffer is not None else gram_chunk_rows(features, k, chunk_size)
+    acc = features.new_zeros(r, k * r)
+    cast = compute_dtype is not None and compute_dtype != features.dtype
+    product = features.new_empty(r, k * r, dtype=compute_dtype) if cast else None
+    for s in range(0, p, chunk):
+        zc = features[s:s + chunk]
+        pc = probs[s:s + chunk]
+        if cast:
+            zc, pc = zc.to(compute_dtype), pc.to(compute_dtype)
+        c = zc.shape[0]
+        out = buffer[:c] if buffer is not None else None
+        weighted = torch.mul(zc.unsqueeze(1), pc.unsqueeze(-1), out=out)
+        if cast:
+            acc.add_(torch.mm(zc.T, weighted.view(c, k * r), out=product))
+        else:
+            acc.addmm_(zc.T, weighted.view(c, k * r))
+    return acc.view(r, k, r).transpose(0, 1).contiguous()
+
+
+def weighted_cov(features: torch.Tensor, probs: torch.Tensor, mean: torch.Tensor,
+                 buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 chunk_size: int | None = None) -> torch.Tensor:
+    """sum_j probs_jk (z_j - m_k)(z_j - m_k)^T for every k (the covariances of z under the
+    columns of ``probs`` when they sum to 1, with ``mean`` (K, r) their means), chunked over j.
+
+    Centred before the products, so no m m^T is subtracted afterwards: in float32 that
+    difference loses every digit of a covariance much smaller than |m|^2 (a component
+    concentrated on a few support points far out). Each chunk's K products run in the
+    features' dtype and are summed in float64.
+
+    Args:
+        features: (p, r).  probs: (p, K) nonnegative.  mean: (K, r).
+        buffers: two (chunk, K, r) scratch tensors (their length sets the chunk).
+    Returns:
+        (K, r, r) symmetric positive semidefinite matrices in the features' dtype.
+    """
+    p, r = features.shape
+    k = probs.shape[1]
+    if buffers is None:
+        chunk = gram_chunk_rows(features, k, chunk_size)
+        buffers = (features.new_empty(chunk, k, r), features.new_empty(chunk, k, r))
+    centred_all, weighted_all = buffers
+    chunk = centred_all.shape[0]
+    acc = torch.zeros(k, r, r, dtype=torch.float64, device=features.device)
+    mean = mean.to(features.dtype)
+    for s in range(0, p, chunk):
+        zc = features[s:s + chunk]
+        c = zc.shape[0]
+        centred = torch.sub(zc.unsqueeze(1), mean, out=centred_all[:c])  # (c, K, r)
+        weighted = torch.mul(centred, probs[s:s + chunk].unsqueeze(-1), out=weighted_all[:c])
+        acc += torch.bmm(centred.permute(1, 2, 0), weighted.transpose(0, 1))
+    return acc.to(features.dtype)
