@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._chunks import rows_per_chunk
+
 ArrayLike = torch.Tensor | np.ndarray
 
 
@@ -164,9 +166,14 @@ def check_features(features: Any) -> torch.Tensor:
         raise ValueError("features must have at least one column")
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0])
-        raise ValueError(f"features contains NaN or infinite values (first bad row: {bad})")
+    # Chunk by chunk: isfinite of the whole (p, L) table would make temporaries larger than
+    # the table itself (|x| and two masks), at vocabulary scale gigabytes.
+    rows = rows_per_chunk(x.shape[0], x.shape[1] * x.element_size(), x.device)
+    for s in range(0, x.shape[0], rows):
+        finite = torch.isfinite(x[s:s + rows])
+        if not bool(finite.all()):
+            bad = s + int((~finite).any(dim=1).nonzero()[0, 0])
+            raise ValueError(f"features contains NaN or infinite values (first bad row: {bad})")
     return x
 
 

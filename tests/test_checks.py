@@ -177,3 +177,13 @@ def test_bad_arguments_raise_a_named_value_or_type_error(index):
         call()
     assert type(caught.value) is not AssertionError
     assert name in str(caught.value), str(caught.value)
+
+
+def test_nonfinite_features_are_found_chunk_by_chunk():
+    """The finiteness check runs over chunks of rows (no temporaries the size of X), and still
+    names the first bad row, here in a later chunk."""
+    x = torch.zeros(3000, 2000)
+    x[1500, 7] = float("inf")
+    x[2999, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"first bad row: 1500\)"):
+        psm.fit_em(x, counts=torch.ones(3000), num_components=2)
