@@ -36,7 +36,7 @@ from ._checks import (
 )
 from ._logprob import group_log_joint
 from .design import Design, feature_scales, standardize
-from .solvers import Workspace, column_logsumexp, softmax_newton_step
+from .solvers import Workspace, column_logsumexp, offset_logits, softmax_newton_step
 
 __all__ = ["EMProblem", "EMState", "GroupedEMProblem", "Setup", "prepare"]
 
@@ -94,8 +94,7 @@ class EMProblem:
 
     def logits(self, atoms: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(p, S K) logits z @ atoms.T + offset of atoms (S K, r), into ``out`` if given."""
-        out = self.z @ atoms.T if out is None else torch.mm(self.z, atoms.T, out=out)
-        return out if self.offset is None else out.add_(self.offset[:, None])
+        return offset_logits(self.z, atoms, self.offset, out)
 
     def normalise(self, logits: torch.Tensor) -> torch.Tensor:
         """Column log-normalisers of fresh logits (and their softmax into the workspace)."""
@@ -241,12 +240,14 @@ class GroupedEMProblem(EMProblem):
                                 self.num_groups)
 
     def e_step(self, logits, lse, log_weights):
+        """As :meth:`EMProblem.e_step`; ``log_weights`` may also be (G, S K), one set of class
+        shares per group. The responsibilities (G, S K) stay in ``group_resp``."""
         s, k = self.num_starts, self.num_components
         joint = self._joint(torch.sub(logits, lse, out=self.w)).add_(log_weights)  # (G, S K)
         j3 = joint.view(-1, s, k)
         group_ll = torch.logsumexp(j3, 2)  # (G, S)
         r = j3.sub_(group_ll[:, :, None]).exp_().view(-1, s * k)  # responsibilities
-        self.weight_sums = r.sum(0)
+        self.weight_sums, self.group_resp = r.sum(0), r
         w = self.w.zero_().index_add_(0, self.point_index, r[self.group_index].mul_(self.values))
         return group_ll.to(torch.float64).sum(0), w
 
@@ -327,7 +328,7 @@ def prepare(features, counts, tokens, groups, num_components, dtype, device, chu
     design = standardize(x, chunk_size=chunk_size)
     z = design.transform(x, dtype=dtype, device=device, chunk_size=chunk_size)
     # Softmax ignores a constant shift: centring keeps the logits' scale (float32) small.
-    b_z = None if b is None else (b.double() - b.double().mean()).to(device=device, dtype=dtype)
+    b_z = None if b is None else (b - b.double().mean()).to(device=device, dtype=dtype)
     if grouped is None:
         problem = EMProblem(z, n.to(device), k, chunk_size, offset=b_z)
         labels = None

@@ -25,17 +25,19 @@ import torch
 
 from ._checks import as_tensor, warn_user
 from .engine import EM_MAX_STEP, GroupedEMProblem
-from .solvers import Workspace, fit_multinomial_logit, softmax_newton_step
+from .solvers import fit_multinomial_logit, softmax_newton_step
 from .stopping import ConvergenceWarning, StoppingRule, check_finite
 
 __all__ = ["check_group_features", "fit_membership"]
 
 
-def check_group_features(group_features: Any, num_groups: int | None) -> torch.Tensor | None:
-    """(G, d) float64 covariates of the groups (None passes through)."""
+def check_group_features(group_features: Any, num_groups: int | None, *,
+                         any_rows: bool = False) -> torch.Tensor | None:
+    """(G, d) float64 covariates of ``num_groups`` groups (any number with ``any_rows``; None
+    passes through)."""
     if group_features is None:
         return None
-    if num_groups is None:
+    if num_groups is None and not any_rows:
         raise ValueError("group_features= needs grouped data (groups=): covariates describe "
                          "the groups whose draws share one component")
     c = as_tensor(group_features, "group_features")
@@ -43,56 +45,48 @@ def check_group_features(group_features: Any, num_groups: int | None) -> torch.T
         raise TypeError(f"group_features must be real numbers, got dtype {c.dtype}")
     if c.dim() == 1:
         c = c[:, None]
-    if c.dim() != 2 or c.shape[0] != num_groups or c.shape[1] < 1:
-        raise ValueError(f"group_features must have shape ({num_groups}, d): one row per group "
-                         f"(in the order of the sorted group ids), got {tuple(c.shape)}")
+    rows = c.shape[0] if any_rows and c.dim() == 2 else num_groups
+    if c.dim() != 2 or c.shape[0] != rows or c.shape[1] < 1:
+        raise ValueError(f"group_features must have shape ({rows or 'G'}, d): one row per "
+                         f"group (in the order of the sorted group ids), got {tuple(c.shape)}")
     c = c.to(torch.float64)
     if not bool(torch.isfinite(c).all()):
         raise ValueError("group_features contains NaN or infinite values")
     return c
 
 
-def _joint(problem: GroupedEMProblem, atoms, gamma, c):
-    """(G, K) log P(k) + log P(group g | k) and the (p, K) logits and normalisers."""
-    logits = problem.logits(atoms)
-    log_q = torch.log_softmax(logits, 0)
-    shares = torch.log_softmax(c @ gamma.T, 1)
-    return problem._joint(log_q) + shares, logits
-
-
 def fit_membership(problem: GroupedEMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
                    group_features: torch.Tensor, max_iter: int, tol: float, bar=None):
     """EM for atoms (K, r) and Gamma (K, d) from a fit without covariates (atoms, log_weights).
 
-    Returns ``(atoms, gamma, log_shares (G, K), history, converged)``; the history holds the
-    log-likelihood at the start and after every iteration.
+    The E-step is the grouped engine's, with one set of shares per group, and the atoms' step
+    its Newton step on the engine's buffers (one start). Returns ``(atoms, gamma, log_shares
+    (G, K), history, converged)``; the history holds the log-likelihood at the start and after
+    every iteration.
     """
     z = problem.z
     c = group_features.to(z)
     k = atoms.shape[0]
+    st = problem.start(atoms, log_weights)
     if k == 1:  # one class: every share is 1 and there is nothing to regress
-        st = problem.start(atoms, log_weights)
-        return (atoms, c.new_zeros(1, c.shape[1]), c.new_zeros(c.shape[0], 1),
-                [float(st.loglik[0])], True)
-    ws = Workspace(z, k, problem.chunk_size)
+        return atoms, c.new_zeros(1, c.shape[1]), c.new_zeros(c.shape[0], 1), [
+            float(st.loglik[0])], True
+    logits, lse = st.logits, st.lse  # the workspace holds their softmax
     # Gamma's start: the M-step for the current responsibilities (exactly log alpha_k - log
     # alpha_K in the intercept's coefficient when the covariates are an intercept alone).
-    resp = problem.responsibilities(atoms, log_weights)
-    gamma = fit_multinomial_logit(c, resp).atoms
-    joint, logits = _joint(problem, atoms, gamma, c)
-    group_ll = torch.logsumexp(joint, 1)
-    history = [float(group_ll.double().sum())]
+    gamma = fit_multinomial_logit(c, problem.group_resp).atoms
+    log_shares = torch.log_softmax(c @ gamma.T, 1)
+    loglik, w = problem.e_step(logits, lse, log_shares)
+    history = [float(loglik[0])]
     rule, converged = StoppingRule(tol), False
-    values = problem.values
     for _ in range(max_iter):
-        resp = torch.softmax(joint, 1)
-        w = torch.zeros_like(logits).index_add_(0, problem.point_index,
-                                                resp[problem.group_index] * values)
-        atoms, logits, _, _ = softmax_newton_step(z, w, atoms, logits, ws, None,
-                                                  max_step=EM_MAX_STEP, offset=problem.offset)
+        resp = problem.group_resp
+        atoms, logits, lse, _ = softmax_newton_step(z, w, atoms, logits, problem.workspace, lse,
+                                                    max_step=EM_MAX_STEP, offset=problem.offset)
         gamma = fit_multinomial_logit(c, resp, init=gamma, max_steps=1).atoms
-        joint, logits = _joint(problem, atoms, gamma, c)
-        history.append(float(torch.logsumexp(joint, 1).double().sum()))
+        log_shares = torch.log_softmax(c @ gamma.T, 1)
+        loglik, w = problem.e_step(logits, lse, log_shares)
+        history.append(float(loglik[0]))
         check_finite(history[-1:], "the EM objective with covariates")
         if bar is not None:
             bar.update(1)
@@ -103,4 +97,4 @@ def fit_membership(problem: GroupedEMProblem, atoms: torch.Tensor, log_weights: 
     if not converged:
         warn_user(f"EM with group_features did not converge in max_iter={max_iter} "
                   "iterations; increase max_iter", ConvergenceWarning)
-    return atoms, gamma, torch.log_softmax(c @ gamma.T, 1), history, converged
+    return atoms, gamma, log_shares, history, converged

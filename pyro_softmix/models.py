@@ -38,6 +38,7 @@ from ._checks import (
 from ._logprob import component_log_probs
 from .design import feature_scales
 from .distributions import MixtureCounts
+from .membership import check_group_features
 
 __all__ = ["MixtureCounts", "collapsed_model", "default_atoms_prior", "enumerated_model",
            "pad_groups"]
@@ -103,8 +104,6 @@ def _membership(group_features, num_groups, k, membership_coef, prior_scale, lik
     if group_features is None:
         return None, None
     if validate:
-        from .membership import check_group_features
-
         group_features = check_group_features(group_features, num_groups)
     c = group_features.to(like)
     d = c.shape[-1]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._checks import as_tensor, check_features, check_groups, resolve_device
+from ._checks import check_features, check_groups, resolve_device
 from ._logprob import (
     component_log_probs,
     group_log_joint,
@@ -163,8 +163,7 @@ class SoftmaxMixtureFit:
             raise ValueError("this fit's class shares depend on covariates: pass "
                              "group_features (G, d)")
         gamma = self.membership_coef
-        c = as_tensor(group_features, "group_features")
-        c = check_group_features(c, c.shape[0] if c.dim() else -1)
+        c = check_group_features(group_features, None, any_rows=True)
         if c.shape[1] != gamma.shape[1]:
             raise ValueError(f"group_features must have {gamma.shape[1]} columns (as in the "
                              f"fit), got {c.shape[1]}")

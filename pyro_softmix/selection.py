@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import check_features, check_groups, check_positive_int, make_generator
+from ._checks import (
+    check_counts,
+    check_features,
+    check_groups,
+    check_positive_int,
+    make_generator,
+)
 from ._gram import weighted_gram
 from ._logprob import group_log_joint, mixture_log_probs
 from .design import standardize
@@ -278,8 +284,6 @@ def _check_ks(num_components, num_points: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 def _pooled(num_points: int, counts, tokens, groups):
     """(counts (p,) float64, triplets or None) of the data as fit_em reads them."""
-    from ._checks import check_counts
-
     if groups is None:
         return check_counts(counts, tokens, num_points).double().cpu(), None
     gi, pi, values, labels = check_groups(groups, counts, tokens, num_points)

@@ -34,6 +34,15 @@ from ._gram import gram_chunk_rows, weighted_cov, weighted_gram
 ARMIJO = 1e-4
 
 
+def offset_logits(features: torch.Tensor, atoms: torch.Tensor, offset: torch.Tensor | None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """(p, K) logits ``features @ atoms.T + offset[:, None]`` (no offset: the product alone),
+    into ``out`` if given: the one place the engine, the solvers and the starts form them."""
+    if offset is None:
+        return features @ atoms.T if out is None else torch.mm(features, atoms.T, out=out)
+    return torch.addmm(offset[:, None], features, atoms.T, out=out)
+
+
 def column_logsumexp(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """logsumexp over dim 0 of (p, K) logits; leaves softmax(logits, 0) in ``scratch``."""
     top = logits.amax(0)
@@ -238,7 +247,7 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     grad = lin - total[:, None] * mean_q
     if _has_penalty(l2):
         grad = grad - _penalty_grad(atoms, l2)
-    # Covariance of z under q_k: sum_j q_j z_j z_j^T - m m^T (the columns of q sum to 1).
+    # Covariance of z under q_k, sum_j q_j (z_j - m_k)(z_j - m_k)^T (the columns of q sum to 1).
     if cov is None:
         cov = weighted_cov(features, q, mean_q, buffers=ws.gram)
     hess = total[:, None, None] * cov
@@ -260,9 +269,7 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
 
     def evaluate(step):
         last["atoms"] = atoms + step[:, None] * direction
-        torch.mm(features, last["atoms"].T, out=trial)
-        if offset is not None:
-            trial.add_(offset[:, None])
+        offset_logits(features, last["atoms"], offset, out=trial)
         last["lse"] = column_logsumexp(trial, ws.scratch)  # the trial's softmax in ws.scratch
         return _objective(lin, total, last["lse"], last["atoms"], l2)
 
@@ -379,7 +386,7 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
     offset = check_offset(offset, z.shape[0], like=z)
     tol = 1e3 * torch.finfo(z.dtype).eps if tol is None else tol
     scale = w.sum(0) + 1
-    logits, lse = (z @ t.T if offset is None else torch.addmm(offset[:, None], z, t.T)), None
+    logits, lse = offset_logits(z, t, offset), None
     ws = Workspace(z, k, chunk_size)
     steps, info, converged = 0, None, False
     for steps in range(1, max_steps + 1):  # noqa: B007

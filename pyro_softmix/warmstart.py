@@ -31,7 +31,7 @@ from ._checks import check_positive_int, keyword_options, make_generator, warn_u
 from .accelerate import NEWTON_SWITCH, squarem_cycle
 from .engine import EMProblem, Setup, prepare, user_start
 from .moments import LatentMoments, standardised_moments
-from .solvers import fit_softmax_regression
+from .solvers import fit_softmax_regression, offset_logits
 from .stopping import StartWarning, StoppingRule, check_finite, progress_bar
 
 __all__ = ["WarmStart", "warm_start", "WARM_START_METHODS"]
@@ -421,10 +421,8 @@ def _mixture_spread(z: torch.Tensor, dist2: torch.Tensor, atoms: torch.Tensor,
                     offset: torch.Tensor | None = None) -> float:
     """Mean over starts of sum_j pi(j) dist2_j for the equal-weight mixtures of atoms (S, K, r)."""
     s, k, r = atoms.shape
-    logits = z @ atoms.reshape(s * k, r).T
-    if offset is not None:
-        logits.add_(offset[:, None])
-    pi = torch.softmax(logits, 0).view(-1, s, k).mean(2)  # (p, S)
+    pi = torch.softmax(offset_logits(z, atoms.reshape(s * k, r), offset), 0)
+    pi = pi.view(-1, s, k).mean(2)  # (p, S)
     return float((dist2 @ pi).mean())
 
 
