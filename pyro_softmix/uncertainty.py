@@ -261,20 +261,22 @@ def _bootstrap(fit, setup: Setup, counts, tokens, groups, num_replicates, seed):
     weights, atoms, coefs, unaligned = [], [], [], 0
     grouped = isinstance(problem, GroupedEMProblem)
     tol = default_tol(torch.float64)
+    if grouped:  # the triplets in group order, once: group g's rows are starts[g]..+sizes[g]
+        gi, pi, values = (t.cpu() for t in problem.triplets)
+        order = torch.argsort(gi, stable=True)
+        gi, pi, values = gi[order], pi[order], values[order].long()
+        sizes = torch.bincount(gi, minlength=problem.num_groups)
+        starts = torch.cumsum(sizes, 0) - sizes
     for _ in range(num_replicates):
         if grouped:
-            gi, pi, values = (t.cpu() for t in problem.triplets)
             pick = torch.randint(problem.num_groups, (problem.num_groups,), generator=gen)
-            order = torch.argsort(gi, stable=True)
-            gi, pi, values = gi[order], pi[order], values[order]
-            starts = torch.searchsorted(gi, torch.arange(problem.num_groups + 1))
-            copy_rows = [torch.arange(starts[g], starts[g + 1]) for g in pick.tolist()]
-            lengths = torch.tensor([len(c) for c in copy_rows])
-            rows = torch.cat(copy_rows)
+            lengths = sizes[pick]
+            first = torch.cumsum(lengths, 0) - lengths  # each copy's first row among the rows
+            within = torch.arange(int(lengths.sum())) - first.repeat_interleave(lengths)
+            rows = starts[pick].repeat_interleave(lengths) + within
             new_g = torch.arange(problem.num_groups).repeat_interleave(lengths)
-            reps = values[rows].long()
-            data = {"tokens": pi[rows].repeat_interleave(reps),
-                    "groups": new_g.repeat_interleave(reps)}
+            data = {"tokens": pi[rows].repeat_interleave(values[rows]),
+                    "groups": new_g.repeat_interleave(values[rows])}
             covariates = None if setup.group_features is None else setup.group_features[pick]
         else:
             n = problem.counts64
