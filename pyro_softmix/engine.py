@@ -230,6 +230,8 @@ class GroupedEMProblem(EMProblem):
         self.values = values.to(device=dev, dtype=z.dtype)[:, None]
         self.num_groups = num_groups
         self.weight_total = float(num_groups)
+        #: (G, S K) P(component | group) of the last E-step.
+        self.group_resp: torch.Tensor | None = None
 
     def with_starts(self, num_starts: int) -> GroupedEMProblem:
         return GroupedEMProblem(self.z, *self.triplets, self.num_groups, self.num_components,
