@@ -259,6 +259,27 @@ def factor_hessian(problem: EMProblem, st: EMState, pieces, pen: torch.Tensor | 
     return None, eig  # where the float64 Hessian is not concave either, the first one's
 
 
+#: The float64 Newton finish of a float32 fit runs to this fraction of the fit's tolerance (the
+#: ratio of float64's default tolerance to float32's): float32's tolerance allows for float32
+#: rounding of the objective, which the float64 finish does not have.
+PRECISE_TOL = 0.1
+
+
+def _precise_newton(problem: EMProblem, st: EMState, obj: float, tol: float, max_steps: int):
+    """:func:`newton_finish` on ``problem.precise()`` (float64, to ``PRECISE_TOL`` times
+    ``tol`` when that is a float32 problem's twin) from ``st``; its outputs, with
+    the final state back in ``problem``'s dtype (and the objectives of that state's phase in
+    float64, the finish's own)."""
+    wide = problem.precise()
+    if wide is problem:
+        return newton_finish(problem, st, obj, tol, max_steps)
+    start = wide.start(st.atoms.double(), st.log_weights.double())
+    out = newton_finish(wide, start, float(wide.objective(start)[0]), PRECISE_TOL * tol,
+                        max_steps)
+    end = out[0]
+    return (problem.start(end.atoms.to(st.atoms), end.log_weights.to(st.log_weights)),) + out[1:]
+
+
 def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int,
         tol: float, bar=None, accelerate: bool = True, on_update=None) -> Run:
     """Iterate one start from (atoms, log_weights) until the estimated gap is <= tol.
@@ -295,12 +316,13 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
         if on_update is not None:
             on_update(st, history)
         rule.record([g[0] for g in step_gains], cycle=num_steps == 2 and accelerate)
-        if rule.converged(history[-1]):
+        # A log-likelihood (less a penalty) is at most 0: at 0 nothing is left to gain.
+        if rule.converged(history[-1]) or history[-1] >= 0.0:
             converged = True
             break
         gap = rule.gap(history[-1])
         if use_newton and it >= next_newton and gap <= NEWTON_SWITCH * abs(history[-1]):
-            st, objs, step_norms, converged, failed, newton_gap = newton_finish(
+            st, objs, step_norms, converged, failed, newton_gap = _precise_newton(
                 problem, st, history[-1], tol, min(NEWTON_MAX_STEPS, max_iter - it))
             it += len(objs)
             history.extend(objs)
@@ -314,6 +336,17 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
             if failed:  # EM goes on; try again after a growing number of iterations
                 next_newton, backoff = it + 2 * backoff, 2 * backoff
             rule.reset()  # increments from before the Newton steps no longer apply
+    if converged and newton_gap is None and use_newton and problem.precise() is not problem:
+        # A float32 run stopped by EM's rule, which reads float32 gains: they round at about
+        # eps32 N |logit|. A Newton finish in float64 takes the iterate to the optimum of the
+        # float32 design (a few steps: EM has already converged to float32 accuracy).
+        polished, objs, step_norms, done, _, gap = _precise_newton(
+            problem, st, history[-1], tol, NEWTON_MAX_STEPS)
+        if objs:
+            st = polished
+            history.extend(objs)
+            norms.extend(step_norms)
+        newton_gap = gap if done else None
     gap = newton_gap if converged and newton_gap is not None else rule.gap(history[-1])
     return Run(st, history, norms, converged, gap)
 

@@ -200,7 +200,7 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
     if not converged:
         warn_user(
             f"EM did not converge in max_iter={max_iter} iterations (estimated relative gap "
-            f"{run.gap / abs(history[-1]):.2e} > tol={tol:.1e}); "
+            f"{run.gap / max(abs(history[-1]), 1e-300):.2e} > tol={tol:.1e}); "
             "increase max_iter or continue with init=fit", ConvergenceWarning)
     # After EM the workspace holds softmax(z @ atoms_z.T, 0) for the final atoms.
     path = find_diverging(norms, history, problem.workspace.q)

@@ -46,6 +46,9 @@ EM_MAX_STEP = 2.0
 #: (rank r, n): from rank r on, one computation of the covariances (p r^2 K, the bulk of an
 #: M-step at large r) serves n consecutive M-steps; the later ones are quasi-Newton steps.
 COV_REUSE = ((32, 2), (64, 3))
+#: Largest float64 copy of a float32 design (bytes) made for the Newton finish (see
+#: :meth:`EMProblem.precise`); beyond it the finish runs in float32.
+PRECISE_MAX_BYTES = 2**32
 
 
 class EMProblem:
@@ -86,11 +89,32 @@ class EMProblem:
         #: M-steps that share one computation of the covariances of z under q (see m_step).
         self.cov_reuse = max((n for rank, n in COV_REUSE if z.shape[1] >= rank), default=1)
         self.cov, self.cov_age = None, 0
+        self._precise: EMProblem | None = None
 
-    def with_starts(self, num_starts: int) -> EMProblem:
-        """The same problem for another number of starts (fresh buffers)."""
-        return EMProblem(self.z, self.counts64, self.num_components, self.chunk_size,
-                          num_starts, self.penalty, self.offset)
+    def with_starts(self, num_starts: int, num_components: int | None = None) -> EMProblem:
+        """The same data for another number of starts (and of components), fresh buffers."""
+        return EMProblem(self.z, self.counts64, num_components or self.num_components,
+                          self.chunk_size, num_starts, self.penalty, self.offset)
+
+    def precise(self) -> EMProblem:
+        """This problem in float64: ``self`` for a float64 problem, else a float64 twin on the
+        same (float32-rounded) design, made once, where its copy of z fits
+        ``PRECISE_MAX_BYTES`` (``self`` otherwise).
+
+        The Newton finish of a float32 fit runs on the twin: a float32 gradient carries
+        rounding noise of order eps32 N |logit|, a floor above the default tolerance on large
+        problems, so float32 Newton steps stall there; in float64 they reach the optimum of the
+        float32 design, which the fit then reports in float32.
+        """
+        if self.z.dtype == torch.float64 or self.z.numel() * 8 > PRECISE_MAX_BYTES:
+            return self
+        if self._precise is None:
+            wide = None if self.penalty is None else self.penalty.double()
+            offset = None if self.offset is None else self.offset.double()
+            self._precise = EMProblem(self.z.double(), self.counts64, self.num_components,
+                                      self.chunk_size, self.num_starts, wide, offset)
+            self._precise.support = self.support
+        return self._precise
 
     def logits(self, atoms: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(p, S K) logits z @ atoms.T + offset of atoms (S K, r), into ``out`` if given."""
@@ -233,9 +257,11 @@ class GroupedEMProblem(EMProblem):
         #: (G, S K) P(component | group) of the last E-step.
         self.group_resp: torch.Tensor | None = None
 
-    def with_starts(self, num_starts: int) -> GroupedEMProblem:
-        return GroupedEMProblem(self.z, *self.triplets, self.num_groups, self.num_components,
-                                 self.chunk_size, num_starts, self.penalty, self.offset)
+    def with_starts(self, num_starts: int, num_components: int | None = None
+                    ) -> GroupedEMProblem:
+        return GroupedEMProblem(self.z, *self.triplets, self.num_groups,
+                                 num_components or self.num_components, self.chunk_size,
+                                 num_starts, self.penalty, self.offset)
 
     def _joint(self, log_q: torch.Tensor) -> torch.Tensor:
         return group_log_joint(log_q, self.group_index, self.point_index, self.values,

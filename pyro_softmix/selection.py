@@ -39,8 +39,8 @@ from ._checks import (
     check_positive_int,
     make_generator,
 )
-from ._gram import weighted_gram
 from ._logprob import group_log_joint, mixture_log_probs
+from ._split import split_component, split_scores
 from .design import standardize
 from .em import fit_em
 from .results import SoftmaxMixtureFit
@@ -319,37 +319,15 @@ def split_starts(fit: SoftmaxMixtureFit, *, counts=None, tokens=None, groups=Non
     x = fit.features.detach().cpu().double()
     w = _em_weights(fit, counts, tokens, groups)  # (p, K)
     log_q = fit.component_log_probs().detach().cpu().double().T  # (p, K)
-    total = w.sum(0)
-    share = w / total.clamp_min(1e-300)
-    kl = torch.where(share > 0, share * (share.clamp_min(1e-300).log() - log_q), 0.0).sum(0)
-    score = total * kl
     design = standardize(x)
     z = design.transform(x, dtype=torch.float64)
     atoms_z = design.atoms_to_z(fit.atoms.detach().cpu().double())
+    weights = fit.weights.detach().cpu().double()
     starts = []
-    for k in score.argsort(descending=True)[:num_splits].tolist():
-        q = log_q[:, k].exp()
-        mean = q @ z
-        diff = share[:, k] - q
-        # sum_j d_j (z_j - m)(z_j - m)^T, with sum_j d_j = 0.
-        resid = weighted_gram(z, diff[:, None])[0]
-        first = diff @ z
-        resid = resid - first[:, None] * mean - mean[:, None] * first
-        resid = 0.5 * (resid + resid.T)
-        vals, vecs = torch.linalg.eigh(resid)
-        u = vecs[:, -1]
-        uz = z @ u
-        sigma2 = float(q @ uz**2 - (q @ uz) ** 2)
-        delta = math.sqrt(max(float(vals[-1]), 0.0)) / max(sigma2, 1e-12)
-        delta = min(max(delta, 0.1), 4.0)  # a split that moves, within the EM trust region
-        new_z = torch.cat([atoms_z, atoms_z[k:k + 1]])
-        new_z[k] += delta * u
-        new_z[-1] -= delta * u
-        weights = fit.weights.detach().cpu().double().clone()
-        weights[k] /= 2
-        weights = torch.cat([weights, weights[k:k + 1]])
+    for k in split_scores(w, log_q).argsort(descending=True)[:num_splits].tolist():
+        new_z, new_w = split_component(z, w, log_q, atoms_z, weights, k)
         atoms = design.atoms_from_z(new_z)
-        starts.append({"weights": weights.to(fit.weights), "atoms": atoms.to(fit.atoms)})
+        starts.append({"weights": new_w.to(fit.weights), "atoms": atoms.to(fit.atoms)})
     return starts
 
 

@@ -352,7 +352,8 @@ class SoftmaxRegressionResult:
 
 def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
                            max_steps: int = 100, tol: float | None = None,
-                           chunk_size: int | None = None, offset=None) -> SoftmaxRegressionResult:
+                           chunk_size: int | None = None, offset=None,
+                           max_step: float | None = None) -> SoftmaxRegressionResult:
     """Maximise every component's weighted softmax log-likelihood by damped Newton.
 
     Args:
@@ -365,6 +366,9 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
         tol: stop when ``norm(g_k) <= tol * (W_k + 1)`` for every k (default: 1e3 * eps of the dtype).
         chunk_size: rows per chunk for the Hessian.
         offset: (p,) known term added to every column's logits, softmax(Z t_k + offset).
+        max_step: longest step (Euclidean, a trust region; default none). Far from the
+            maximiser the Hessian can be nearly singular and the full Newton step useless even
+            when damped: a trust region then keeps the steps moving.
 
     Returns:
         :class:`SoftmaxRegressionResult`.
@@ -379,6 +383,8 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
     z, w = _check_regression(features, weights, name_x="features")
     l2 = check_positive_float(l2, "l2", allow_zero=True)
     max_steps = check_positive_int(max_steps, "max_steps")
+    if max_step is not None:
+        max_step = check_positive_float(max_step, "max_step")
     k, r = w.shape[1], z.shape[1]
     t = z.new_zeros(k, r) if init is None else as_tensor(init, "init").to(z).clone()
     if t.shape != (k, r):
@@ -391,7 +397,7 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
     steps, info, converged = 0, None, False
     for steps in range(1, max_steps + 1):  # noqa: B007
         t, logits, lse, info = softmax_newton_step(z, w, t, logits, ws, lse, l2=l2,
-                                                   offset=offset)
+                                                   offset=offset, max_step=max_step)
         converged = bool((info.grad.norm(dim=-1) <= tol * scale).all())
         if converged or bool((info.step == 0).all()):
             break

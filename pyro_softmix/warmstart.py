@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from ._checks import check_positive_int, keyword_options, make_generator, warn_user
-from .accelerate import NEWTON_SWITCH, squarem_cycle
-from .engine import EMProblem, Setup, prepare, user_start
+from ._race import RACE_HANDOVER, RACE_SAME, joined_leader, race, race_label  # noqa: F401
+from ._split import grown_start
+from .engine import EM_MAX_STEP, EMProblem, Setup, prepare, user_start
 from .moments import LatentMoments, standardised_moments
 from .solvers import fit_softmax_regression, offset_logits
-from .stopping import StartWarning, StoppingRule, check_finite, progress_bar
+from .stopping import StartWarning, progress_bar
 
 __all__ = ["WarmStart", "warm_start", "WARM_START_METHODS"]
 
@@ -341,7 +342,8 @@ def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
     mom = standardised_moments(z, problem.counts64, design, offset=problem.offset)
     gen = make_generator(seed)
     if method == "auto":
-        atoms_z, log_w, _ = auto_start(problem, mom, k, num_inits, gen)
+        atoms_z, log_w, _ = auto_start(problem, mom, k, num_inits, gen,
+                                       centre=one_component_fit(setup)[0])
         weights = log_w[0].exp().double().cpu()  # the race's leader
         atoms_z = atoms_z[0].double().cpu()
     else:
@@ -359,7 +361,8 @@ def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
 def _tilted_centre(mom: LatentMoments) -> torch.Tensor:
     """The one-component MLE t_1 (r,): the tilt whose softmax mean matches M1 on this design."""
     res = fit_softmax_regression(mom.z, mom.pihat[:, None], max_steps=50,
-                                 chunk_size=mom.chunk_size, offset=mom.offset)
+                                 chunk_size=mom.chunk_size, offset=mom.offset,
+                                 max_step=EM_MAX_STEP)
     return res.atoms[0]
 
 
@@ -431,9 +434,13 @@ _CALIBRATION_STEPS = 7
 
 
 def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
-                     gen: torch.Generator, centre: torch.Tensor | None = None) -> torch.Tensor:
+                     gen: torch.Generator, centre: torch.Tensor | None = None
+                     ) -> torch.Tensor | None:
     """(S, K, r) random atoms around the one-component MLE, in all r directions, at a
-    design-aware distance; on the device and in the dtype of ``mom.z``.
+    design-aware distance; on the device and in the dtype of ``mom.z``. None where no scale
+    fits: the data are more concentrated than the one-component fit itself (a mixture of
+    peaked components, such as a language model's next-token distributions), and random atoms
+    near it start EM at the saddle where all atoms coincide.
 
     The scale sigma is set so that the equal-weight mixtures of the starts spread their mass
     over the design as much as the data do: sum_j pi_sigma(j) |z_j - M1|^2 equals
@@ -460,6 +467,8 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
     dist2 = ((z - mom.m1) ** 2).sum(1)  # (p,)
     target = float(mom.pihat @ dist2)
     lo, hi = math.log(1e-2), math.log(1e1)
+    if _mixture_spread(z, dist2, centre + math.exp(lo) * noise, mom.offset) >= target:
+        return None  # the data are more concentrated than the one-component fit
     for _ in range(_CALIBRATION_STEPS):
         mid = 0.5 * (lo + hi)
         if _mixture_spread(z, dist2, centre + math.exp(mid) * noise, mom.offset) < target:
@@ -492,108 +501,41 @@ def check_init(init, num_inits):
     return num_inits
 
 
-#: The race behind ``init="auto"``: the starts run as one batch of SQUAREM cycles (plain EM
-#: without acceleration) until every start left is within ``RACE_HANDOVER`` (relative, Aitken) of
-#: its own limit; the survivors then each finish on their own (:func:`~pyro_softmix.accelerate.run`, with its
-#: Newton endgame) and the best final objective wins. A start is dropped from the race when it
-#: is clearly beaten: its limit extrapolated at the slow rate ``RACE_MAX_RATE`` (200 times its
-#: last gain) is below the leader's objective; or when it has joined the leader (its atoms,
-#: matched to the leader's, within ``RACE_SAME`` of them relative to the largest atom norm, and
-#: its weights within ``RACE_SAME``). An Aitken limit at the measured rate is not used to drop:
-#: before EM's rate settles (weakly separated mixtures cross saddle regions where the gains stall
-#: and then grow again) it is far too low.
-RACE_MAX_RATE = 0.995
-RACE_HANDOVER = NEWTON_SWITCH
-RACE_SAME = 1e-2
-RACE_CHECK_EVERY = 2
-
-
-def joined_leader(atoms: torch.Tensor, log_weights: torch.Tensor, lead: int) -> list[bool]:
-    """For each of S starts (atoms (S, K, r), log-weights (S, K)), whether it sits at the leader's
-    point up to a permutation of the components (within ``RACE_SAME``)."""
-    ref = atoms[lead]
-    dist = torch.cdist(atoms, ref.expand_as(atoms))  # (S, K own, K leader)
-    nearest, match = dist.min(1)  # for each leader atom, the closest own atom
-    scale = 1.0 + ref.norm(dim=1).max()
-    w_gap = (log_weights.exp().gather(1, match) - log_weights[lead].exp()).abs().amax(1)
-    close = (nearest.amax(1) <= RACE_SAME * scale) & (w_gap <= RACE_SAME)
-    distinct = match.sort(1).values == torch.arange(atoms.shape[1], device=atoms.device)
-    return (close & distinct.all(1)).tolist()
-
-
-def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
-          max_iter: int, bar=None, accelerate: bool = True):
-    """Race S starts (atoms (S, K, r), log_weights (S, K)) in one batch for at most about
-    ``max_iter`` iterations; see ``RACE_*``. With ``accelerate`` each check follows a SQUAREM
-    cycle (:func:`~pyro_softmix.accelerate.squarem_cycle`).
-
-    Returns the survivors' atoms (S', K, r) and log-weights (S', K), best objective first, and
-    the EM iterations spent (summed over starts).
-    """
-    s, k, r = atoms.shape
-    spent, it = 0, 0
-    step_max = [1.0] * s if accelerate else None
-    rules = [StoppingRule(RACE_HANDOVER) for _ in range(s)]
-    while s > 1 and it < max_iter:
-        batch = problem.with_starts(s)
-        st = batch.start(atoms.reshape(s * k, r), log_weights.reshape(s * k))
-        keep = None
-        while keep is None and it < max_iter:
-            st, objs, gains, _ = squarem_cycle(batch, st, RACE_CHECK_EVERY, step_max)
-            it += RACE_CHECK_EVERY
-            spent += s * RACE_CHECK_EVERY
-            if bar is not None:
-                bar.update(s * RACE_CHECK_EVERY)
-            obj = objs[-1]
-            check_finite(obj, "the objective of a raced start")
-            for rule, pair in zip(rules, zip(*gains[-2:], strict=True), strict=True):
-                rule.record(list(pair), cycle=accelerate)
-            order = sorted(range(s), key=obj.__getitem__, reverse=True)
-            lead = order[0]
-            bound = [rule.bound(RACE_MAX_RATE) for rule in rules]
-            joined = joined_leader(st.atoms.view(s, k, r), st.log_weights.view(s, k), lead)
-            alive = [i for i in order
-                     if i == lead or (obj[i] + bound[i] >= obj[lead] and not joined[i])]
-            if len(alive) < s:
-                keep = alive
-            if all(rules[i].converged(obj[i]) for i in alive):
-                keep, it = alive, max_iter  # hand the survivors over
-        if keep is None:  # out of iterations: the leader alone goes on
-            keep = [lead]
-        rules = [rules[i] for i in keep]
-        if step_max is not None:
-            step_max = [step_max[i] for i in keep]
-        index = torch.tensor(keep, device=atoms.device)
-        atoms = st.atoms.view(s, k, r)[index]
-        log_weights = st.log_weights.view(s, k)[index]
-        s = atoms.shape[0]
-    return atoms, log_weights, spent
-
-
 def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
                gen: torch.Generator, max_iter: int = 1000, progress: bool | None = False,
                accelerate: bool = True, centre: torch.Tensor | None = None):
     """The ``"auto"`` start: ``num_inits`` design-calibrated random starts in all r directions
-    (:func:`calibrated_atoms`), raced in one batch.
+    (:func:`calibrated_atoms`), raced in one batch. With K = 1 it is the one-component fit
+    ``centre`` (the MLE); where the data are more concentrated than random starts can be, it is
+    grown from the one-component fit by splits (:func:`~pyro_softmix._split.grown_start`).
 
     Neither the tensor start nor M2's top eigenspace is used: where the moments are noisy (real
     embeddings, or r not small against the effective number of support points) both point away
     from the atoms, and a start led there ends at a worse optimum; see ``docs/warmstarts.md``.
 
-    Returns the race's survivors, best first: atoms (S', K, r) and log_weights (S', K); and the
-    start-iterations spent in the race.
+    Returns the starts to finish, best first: atoms (S', K, r) and log_weights (S', K); and
+    the start's label.
     """
+    centre = (_tilted_centre(mom) if centre is None else centre).to(mom.z)
+    if k == 1:
+        return centre[None, None], centre.new_zeros(1, 1), "auto (the one-component fit)"
     n = num_inits or AUTO_NUM_INITS
     atoms = calibrated_atoms(mom, k, n, gen, centre)  # on problem.z's device, in its dtype
+    if n > 1 or atoms is None:
+        grown, grown_w, spent = grown_start(problem, centre, max_iter)
+        if atoms is None:
+            return grown[None], grown_w[None], f"auto (grown by splits, {spent} iterations)"
     log_w = torch.full((n, k), -math.log(k), dtype=atoms.dtype, device=atoms.device)
     if n == 1:
-        return atoms, log_w, 0
+        return atoms, log_w, "auto"
+    atoms[-1], log_w[-1] = grown, grown_w  # one start grown by splits, the others random
     bar = progress_bar(progress, None, "EM starts")
     try:
-        return race(problem, atoms, log_w, max_iter, bar, accelerate)
+        atoms, log_w, spent = race(problem, atoms, log_w, max_iter, bar, accelerate)
     finally:
         if bar is not None:
             bar.close()
+    return atoms, log_w, race_label("auto", n, spent, atoms)
 
 
 def choose_start(setup: Setup, init, num_inits, max_iter, seed, progress,
@@ -617,10 +559,8 @@ def choose_start(setup: Setup, init, num_inits, max_iter, seed, progress,
     mom = standardised_moments(z, problem.counts64, design, problem.chunk_size, problem.offset)
     if init == "auto":
         centre, _ = one_component_fit(setup)
-        atoms_z, log_w, spent = auto_start(problem, mom, k, num_inits, gen, max_iter, progress,
-                                           accelerate, centre)
-        n = num_inits or AUTO_NUM_INITS
-        return atoms_z, log_w, ("auto" if n == 1 else race_label("auto", n, spent, atoms_z))
+        return auto_start(problem, mom, k, num_inits, gen, max_iter, progress, accelerate,
+                          centre)
     n = num_inits or 1
     starts = [moment_start(mom, k, init, gen) for _ in range(n)]
     log_w = torch.stack([w for w, _ in starts]).log().to(z)
@@ -629,9 +569,3 @@ def choose_start(setup: Setup, init, num_inits, max_iter, seed, progress,
         return atoms, log_w, init
     atoms_z, log_w, spent = race(problem, atoms, log_w, max_iter, accelerate=accelerate)
     return atoms_z, log_w, race_label(init, n, spent, atoms_z)
-
-
-def race_label(init: str, n: int, spent: int, survivors: torch.Tensor) -> str:
-    left = survivors.shape[0]
-    return (f"{init} (race of {n} starts, {spent} start-iterations"
-            + (f", {left} finished" if left > 1 else "") + ")")

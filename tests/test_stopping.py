@@ -158,7 +158,7 @@ def test_default_tolerance_is_one_per_dtype_for_every_method(monkeypatch):
             made.append(tol)
             super().__init__(tol, **kwargs)
 
-    for module in ("accelerate", "warmstart", "infer", "moe_em"):
+    for module in ("accelerate", "_race", "infer", "moe_em"):
         monkeypatch.setattr(f"pyro_softmix.{module}.StoppingRule", Recording)
     d = simulated(p=200, L=2, K=2, N=5000, seed=1)
     m = psm.simulate_moe(num_obs=300, num_experts=2, seed=0)

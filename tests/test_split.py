@@ -1,0 +1,179 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Splits, the start grown by splits, the one-component start at K = 1, the float64 twin of a
+float32 problem (the Newton finish's), and the trust region of the softmax regression."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pyro_softmix as psm
+from pyro_softmix import _split, accelerate, engine, warmstart
+from pyro_softmix._split import grown_start, split_component, split_scores
+from pyro_softmix.engine import prepare
+from pyro_softmix.warmstart import one_component_fit
+
+
+@pytest.fixture(scope="module")
+def three():
+    return psm.simulate(num_points=400, num_features=4, num_components=3, num_obs=50_000,
+                        atom_norm=3.0, seed=3, dtype=torch.float64)
+
+
+def _setup(data, k, dtype=torch.float64):
+    return prepare(data.features, data.counts, None, None, k, dtype, None, None)
+
+
+def test_split_component_follows_the_brute_force_residual_direction(three):
+    setup = _setup(three, 1)
+    z = setup.z
+    centre, _ = one_component_fit(setup)
+    st = setup.problem.start(centre[None], centre.new_zeros(1))
+    log_q = st.logits - st.lse
+    atoms, weights = split_component(z, st.w, log_q, centre[None], torch.ones(1, dtype=z.dtype), 0)
+    # Brute force: R = sum_j (s_j - q_j)(z_j - m)(z_j - m)^T with numpy loops.
+    zn, q = z.numpy(), log_q[:, 0].exp().numpy()
+    s = (st.w[:, 0] / st.w[:, 0].sum()).numpy()
+    m = q @ zn
+    resid = sum((s[j] - q[j]) * np.outer(zn[j] - m, zn[j] - m) for j in range(zn.shape[0]))
+    vals, vecs = np.linalg.eigh(resid)
+    u = vecs[:, -1]
+    var = float(q @ (zn @ u - q @ (zn @ u)) ** 2)
+    delta = min(max(math.sqrt(vals[-1]) / var, 0.1), 4.0)
+    step = (atoms[0] - centre).numpy()
+    assert abs(abs(step @ u) - delta) < 1e-8 * delta
+    assert np.allclose(atoms[1].numpy(), centre.numpy() - step, atol=1e-12)
+    assert weights.tolist() == [0.5, 0.5]
+
+
+def test_split_scores_are_weighted_kl_divergences():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(30, 3, generator=gen, dtype=torch.float64)
+    log_q = torch.log_softmax(torch.randn(30, 3, generator=gen, dtype=torch.float64), 0)
+    for k, score in enumerate(split_scores(w, log_q).tolist()):
+        total = float(w[:, k].sum())
+        kl = sum(float(w[j, k] / total * (torch.log(w[j, k] / total) - log_q[j, k]))
+                 for j in range(30))
+        assert score == pytest.approx(total * kl, rel=1e-12)
+
+
+def test_grown_start_reaches_the_raced_optimum(three):
+    setup = _setup(three, 3)
+    centre, _ = one_component_fit(setup)
+    atoms, log_w, spent = grown_start(setup.problem, centre, 1000)
+    assert atoms.shape == (3, 4) and 0 < spent <= 2 * _split.GROWN_MAX_ITER
+    assert float(log_w.exp().sum()) == pytest.approx(1.0, abs=1e-12)
+    grown = psm.fit_em(three.features, three.counts, num_components=3,
+                       init={"weights": log_w.exp(), "atoms": setup.design.atoms_from_z(atoms)})
+    raced = psm.fit_em(three.features, three.counts, num_components=3, seed=0, num_inits=8)
+    # The same solution up to sampling error (a split start need not reach the last 1e-7 of
+    # the likelihood that 8 raced starts find, but it must land in the same region).
+    assert grown.converged and abs(grown.loglik - raced.loglik) < 0.5
+    perm = torch.cdist(grown.atoms, raced.atoms).argmin(1)
+    assert sorted(perm.tolist()) == [0, 1, 2]
+    assert float((grown.atoms - raced.atoms[perm]).abs().max()) < 0.05
+
+
+def test_the_auto_race_includes_the_grown_start(three, monkeypatch):
+    seen = {}
+    original = warmstart.race
+
+    def spy(problem, atoms, log_w, *args, **kwargs):
+        seen["atoms"], seen["log_w"] = atoms.clone(), log_w.clone()
+        return original(problem, atoms, log_w, *args, **kwargs)
+
+    monkeypatch.setattr(warmstart, "race", spy)
+    psm.fit_em(three.features, three.counts, num_components=3, seed=0)
+    setup = _setup(three, 3)
+    grown, grown_w, _ = grown_start(setup.problem, one_component_fit(setup)[0], 1000)
+    assert seen["atoms"].shape[0] == warmstart.AUTO_NUM_INITS
+    assert torch.allclose(seen["atoms"][-1], grown, atol=1e-10)
+    assert torch.allclose(seen["log_w"][-1], grown_w, atol=1e-10)
+    # The random starts are not the grown one.
+    assert (seen["atoms"][0] - grown).abs().max() > 0.1
+
+
+def test_one_component_auto_fit_is_the_softmax_regression(three):
+    fit = psm.fit_em(three.features, three.counts, num_components=1, seed=0)
+    res = psm.fit_softmax_regression(three.features, three.counts.double()[:, None])
+    assert fit.init == "auto (the one-component fit)" and fit.converged
+    theta = fit.atoms[0].double()
+    # Softmax ignores a shift along the null space of the centred design: compare the logits.
+    x = three.features.double()
+    assert torch.allclose(torch.log_softmax(x @ theta, 0), torch.log_softmax(x @ res.atoms[0], 0),
+                          atol=1e-8)
+
+
+def test_concentrated_data_start_grown_by_splits():
+    # All draws on two interior points: the data are more concentrated than the one-component
+    # fit, which no random start around it can match.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 3, generator=gen, dtype=torch.float64)
+    order = x.norm(dim=1).argsort()
+    counts = torch.zeros(300, dtype=torch.float64)
+    counts[order[0]], counts[order[1]] = 600.0, 400.0
+    setup = prepare(x, counts, None, None, 2, None, None, None)
+    from pyro_softmix.moments import standardised_moments
+    mom = standardised_moments(setup.z, setup.problem.counts64, setup.design)
+    centre, _ = one_component_fit(setup)
+    assert warmstart.calibrated_atoms(mom, 2, 4, torch.Generator().manual_seed(0), centre) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = psm.fit_em(x, counts, num_components=2, seed=0)
+    assert fit.init.startswith("auto (grown by splits")
+    assert fit.loglik >= one_component_fit(setup)[1] - 1e-9 * abs(fit.loglik)
+
+
+def test_float64_twin_of_a_float32_problem(three, monkeypatch):
+    x32 = three.features.float()
+    setup = prepare(x32, three.counts, None, None, 2, None, None, None)
+    problem = setup.problem
+    twin = problem.precise()
+    assert twin.z.dtype == torch.float64 and problem.precise() is twin
+    assert torch.equal(twin.z, problem.z.double()) and torch.equal(twin.counts64, problem.counts64)
+    wide = prepare(x32, three.counts, None, None, 2, torch.float64, None, None).problem
+    assert wide.precise() is wide
+    monkeypatch.setattr(engine, "PRECISE_MAX_BYTES", 0)
+    fresh = prepare(x32, three.counts, None, None, 2, None, None, None).problem
+    assert fresh.precise() is fresh
+
+
+def test_float32_fit_reaches_the_float64_optimum_of_its_design(monkeypatch):
+    data = psm.simulate(num_points=3000, num_features=6, num_components=2, num_obs=2_000_000,
+                        atom_norm=3.0, seed=5)
+    x32 = data.features.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f64 = psm.fit_em(x32.double(), data.counts, num_components=2, seed=0)
+        dtypes = []
+        original = accelerate.newton_finish
+
+        def spy(problem, *args, **kwargs):
+            dtypes.append(problem.z.dtype)
+            return original(problem, *args, **kwargs)
+
+        monkeypatch.setattr(accelerate, "newton_finish", spy)
+        f32 = psm.fit_em(x32, data.counts, num_components=2, seed=0)
+    assert f32.converged and f64.converged
+    assert f32.atoms.dtype == torch.float32
+    assert dtypes and set(dtypes) == {torch.float64}  # float32's finish ran on the twin
+    perm = torch.cdist(f32.atoms.double(), f64.atoms).argmin(1)
+    scale = float(f64.atoms.norm(dim=1).max())
+    assert float((f32.atoms.double() - f64.atoms[perm]).abs().max()) <= 1e-5 * scale
+    assert float((f32.weights.double() - f64.weights[perm]).abs().max()) <= 1e-6
+
+
+def test_softmax_regression_trust_region():
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(500, 3, generator=gen, dtype=torch.float64)
+    w = torch.softmax(z @ torch.tensor([3.0, -2.0, 1.0], dtype=torch.float64), 0)[:, None]
+    free = psm.fit_softmax_regression(z, w)
+    capped = psm.fit_softmax_regression(z, w, max_step=0.5, max_steps=200)
+    assert capped.converged and capped.num_steps > free.num_steps
+    assert torch.allclose(capped.atoms, free.atoms, atol=1e-8)
+    one = psm.fit_softmax_regression(z, w, max_step=0.5, max_steps=1)
+    assert float(one.atoms.norm()) <= 0.5 + 1e-12
+    with pytest.raises(ValueError, match="max_step"):
+        psm.fit_softmax_regression(z, w, max_step=-1.0)
