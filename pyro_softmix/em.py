@@ -61,7 +61,8 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
         tokens: (N,) integer draws in [0, p). Exactly one of ``counts``/``tokens`` (or neither
             when ``groups`` is a count matrix).
         num_components: K >= 1.
-        init: ``"auto"`` (random starts at a scale calibrated on the design, raced; see
+        init: ``"auto"`` (random starts at a scale calibrated on the design and one start
+            grown from the one-component fit by splits, raced; see
             :func:`~pyro_softmix.warm_start`), one of the moment methods ``"projection"``,
             ``"tensor"``, ``"subspace"``, ``"random"``, or a
             start: a mapping with ``"weights"`` (K,) and ``"atoms"`` (K, L), or any object with

@@ -504,10 +504,12 @@ def check_init(init, num_inits):
 def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
                gen: torch.Generator, max_iter: int = 1000, progress: bool | None = False,
                accelerate: bool = True, centre: torch.Tensor | None = None):
-    """The ``"auto"`` start: ``num_inits`` design-calibrated random starts in all r directions
-    (:func:`calibrated_atoms`), raced in one batch. With K = 1 it is the one-component fit
-    ``centre`` (the MLE); where the data are more concentrated than random starts can be, it is
-    grown from the one-component fit by splits (:func:`~pyro_softmix._split.grown_start`).
+    """The ``"auto"`` start: ``num_inits`` starts raced in one batch, all design-calibrated
+    random starts in all r directions (:func:`calibrated_atoms`) but the last, which is grown
+    from the one-component fit by splits (:func:`~pyro_softmix._split.grown_start`). With
+    K = 1 it is the one-component fit ``centre`` (the MLE); where the data are more
+    concentrated than random starts can be, the grown start alone; with ``num_inits=1``, one
+    random start.
 
     Neither the tensor start nor M2's top eigenspace is used: where the moments are noisy (real
     embeddings, or r not small against the effective number of support points) both point away
