@@ -70,8 +70,7 @@ def case(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, dtype: torch.dt
     seconds = time.perf_counter() - start
     q = torch.softmax(fit.atoms.double() @ x.double().T, 1)
     log_pi = (fit.weights.double() @ q).log()
-    single = psm.fit_softmax_regression(x.double(), counts[:, None], max_step=2.0)
-    log_single = torch.log_softmax(x.double() @ single.atoms[0], 0)
+    log_single = psm.fit_em(x.double(), counts=counts, num_components=1).log_probs().double()
     unigram = ((counts + 1) / (counts.sum() + x.shape[0])).log()
     perm = torch.as_tensor(match_components(fit.atoms.double(), h[:k].double()))
     fitted_q = torch.softmax(fit.atoms.double()[perm] @ x.double().T, 1)

@@ -79,18 +79,21 @@ def grown_start(problem: EMProblem, centre: torch.Tensor, max_iter: int
     ``GROWN_TOL`` (at most ``GROWN_MAX_ITER`` iterations) on each intermediate number of
     components; and the EM iterations spent. With K = 2 it costs one E-step and one
     covariance."""
-    atoms, log_w = centre[None], centre.new_zeros(1)
-    spent = 0
-    for k in range(1, problem.num_components):
-        st = problem.with_starts(1, k).start(atoms, log_w)
+    last = problem.num_components
+    st = problem.with_starts(1, 1).start(centre[None], centre.new_zeros(1))
+    atoms, log_w, spent = st.atoms, st.log_weights, 0
+    for k in range(1, last):
         log_q = st.logits - st.lse
         worst = int(split_scores(st.w, log_q).argmax())
-        atoms, weights = split_component(problem.z, st.w, log_q, atoms, log_w.exp(), worst,
-                                         problem.chunk_size)
+        atoms, weights = split_component(problem.z, st.w, log_q, st.atoms,
+                                         st.log_weights.exp(), worst, problem.chunk_size)
         log_w = weights.log()
-        if k + 1 < problem.num_components and spent < max_iter:
-            budget = min(GROWN_MAX_ITER, max_iter - spent)
-            done = run(problem.with_starts(1, k + 1), atoms, log_w, budget, GROWN_TOL)
-            atoms, log_w = done.state.atoms, done.state.log_weights
-            spent += len(done.history) - 1
+        if k + 1 == last:
+            break
+        grown = problem.with_starts(1, k + 1)
+        if spent < max_iter:  # the run's final state is the next split's E-step
+            done = run(grown, atoms, log_w, min(GROWN_MAX_ITER, max_iter - spent), GROWN_TOL)
+            st, spent = done.state, spent + len(done.history) - 1
+        else:
+            st = grown.start(atoms, log_w)
     return atoms, log_w, spent

@@ -276,6 +276,8 @@ def _precise_newton(problem: EMProblem, st: EMState, obj: float, tol: float, max
     start = wide.start(st.atoms.double(), st.log_weights.double())
     out = newton_finish(wide, start, float(wide.objective(start)[0]), PRECISE_TOL * tol,
                         max_steps)
+    if not out[1]:  # no step taken: st, and problem's buffers, are as they were
+        return (st,) + out[1:]
     end = out[0]
     return (problem.start(end.atoms.to(st.atoms), end.log_weights.to(st.log_weights)),) + out[1:]
 
@@ -340,12 +342,10 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
         # A float32 run stopped by EM's rule, which reads float32 gains: they round at about
         # eps32 N |logit|. A Newton finish in float64 takes the iterate to the optimum of the
         # float32 design (a few steps: EM has already converged to float32 accuracy).
-        polished, objs, step_norms, done, _, gap = _precise_newton(
+        st, objs, step_norms, done, _, gap = _precise_newton(
             problem, st, history[-1], tol, NEWTON_MAX_STEPS)
-        if objs:
-            st = polished
-            history.extend(objs)
-            norms.extend(step_norms)
+        history.extend(objs)
+        norms.extend(step_norms)
         newton_gap = gap if done else None
     gap = newton_gap if converged and newton_gap is not None else rule.gap(history[-1])
     return Run(st, history, norms, converged, gap)

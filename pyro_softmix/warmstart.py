@@ -343,7 +343,7 @@ def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
     gen = make_generator(seed)
     if method == "auto":
         atoms_z, log_w, _ = auto_start(problem, mom, k, num_inits, gen,
-                                       centre=one_component_fit(setup)[0])
+                                       one_component_fit(setup)[0])
         weights = log_w[0].exp().double().cpu()  # the race's leader
         atoms_z = atoms_z[0].double().cpu()
     else:
@@ -434,8 +434,7 @@ _CALIBRATION_STEPS = 7
 
 
 def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
-                     gen: torch.Generator, centre: torch.Tensor | None = None
-                     ) -> torch.Tensor | None:
+                     gen: torch.Generator, centre: torch.Tensor) -> torch.Tensor | None:
     """(S, K, r) random atoms around the one-component MLE, in all r directions, at a
     design-aware distance; on the device and in the dtype of ``mom.z``. None where no scale
     fits: the data are more concentrated than the one-component fit itself (a mixture of
@@ -463,7 +462,7 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
         noise = _gaussian_draws((num_starts, num_components, r), gen)
         noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     noise = noise.to(z)
-    centre = (_tilted_centre(mom) if centre is None else centre).to(z)
+    centre = centre.to(z)
     dist2 = ((z - mom.m1) ** 2).sum(1)  # (p,)
     target = float(mom.pihat @ dist2)
     lo, hi = math.log(1e-2), math.log(1e1)
@@ -502,8 +501,8 @@ def check_init(init, num_inits):
 
 
 def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
-               gen: torch.Generator, max_iter: int = 1000, progress: bool | None = False,
-               accelerate: bool = True, centre: torch.Tensor | None = None):
+               gen: torch.Generator, centre: torch.Tensor, max_iter: int = 1000,
+               progress: bool | None = False, accelerate: bool = True):
     """The ``"auto"`` start: ``num_inits`` starts raced in one batch, all design-calibrated
     random starts in all r directions (:func:`calibrated_atoms`) but the last, which is grown
     from the one-component fit by splits (:func:`~pyro_softmix._split.grown_start`). With
@@ -518,7 +517,7 @@ def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
     Returns the starts to finish, best first: atoms (S', K, r) and log_weights (S', K); and
     the start's label.
     """
-    centre = (_tilted_centre(mom) if centre is None else centre).to(mom.z)
+    centre = centre.to(mom.z)  # the one-component fit (one_component_fit)
     if k == 1:
         return centre[None, None], centre.new_zeros(1, 1), "auto (the one-component fit)"
     n = num_inits or AUTO_NUM_INITS
@@ -561,8 +560,8 @@ def choose_start(setup: Setup, init, num_inits, max_iter, seed, progress,
     mom = standardised_moments(z, problem.counts64, design, problem.chunk_size, problem.offset)
     if init == "auto":
         centre, _ = one_component_fit(setup)
-        return auto_start(problem, mom, k, num_inits, gen, max_iter, progress, accelerate,
-                          centre)
+        return auto_start(problem, mom, k, num_inits, gen, centre, max_iter, progress,
+                          accelerate)
     n = num_inits or 1
     starts = [moment_start(mom, k, init, gen) for _ in range(n)]
     log_w = torch.stack([w for w, _ in starts]).log().to(z)
