@@ -31,9 +31,6 @@ import torch
 from ._chunks import rows_per_chunk
 from ._gram import weighted_gram
 
-#: Largest number of free coordinates for which the full Hessian is formed (its float64 copy
-#: then takes at most 128 MB).
-MAX_NEWTON_PARAMS = 4096
 #: From this many coordinates K r + K on, the Hessian's products over the rows of a float64
 #: problem are formed in float32 chunks of at most _MIXED_CHUNK_ROWS rows, summed in float64.
 _MIXED_MIN_DIM = 32
@@ -125,3 +122,39 @@ def marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: 
         else:
             h.addmm_(b.T, b, alpha=-1.0)
     return h.double()[:-1, :-1]  # eta_K is fixed
+
+
+def marginal_hvp(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
+                 pieces, v: torch.Tensor) -> torch.Tensor:
+    """H v for the Hessian H of :func:`marginal_hessian`, without forming H: two passes over
+    the features, z @ v_t.T and a (K, p)(p, r) product, plus O(p K) work (Hessian-free).
+
+    With A = z v_t^T (p, K), e = (v_eta, 0) and c_jk = A_jk - m_k . v_k + e_k - alpha . e,
+    the formula of the module docstring gives (s_j = sum_k r_jk c_jk):
+
+        (H v)_t_k = z^T [(w_k - W_k q_k) A_k - w_k s] - m_k g_k.v_k - g_k m_k.v_k
+                    + g_k (e_k - alpha . e) + m_k sum_j w_jk s_j
+        (H v)_eta = (I - 1 alpha^T)(g.v) + [E^T diag(W) E - N (diag alpha - alpha alpha^T)] e
+                    - sum_j s_j (w_j - n_j alpha)
+
+    Args: as :func:`marginal_hessian`; ``v`` a (D,) vector in the same coordinates.
+    Returns: (D,) in z's dtype.
+    """
+    g_t, mean_q, total_w, alpha = pieces
+    k, r = mean_q.shape
+    v_t = v[:k * r].view(k, r).to(z.dtype)
+    e = torch.cat([v[k * r:].to(z.dtype), v.new_zeros(1, dtype=z.dtype)])
+    a = z @ v_t.T  # (p, K)
+    mv = (mean_q * v_t).sum(1)  # m_k . v_k
+    gv = (g_t * v_t).sum(1)  # g_k . v_k
+    ea = e - alpha @ e  # e_k - alpha . e
+    resp = w / counts.clamp_min(torch.finfo(z.dtype).tiny)[:, None]  # r_jk (0 where n_j = 0)
+    s = (resp * (a - mv + ea)).sum(1)  # (p,)
+    ws = w * s[:, None]
+    out_t = (((w - total_w * q) * a).sub_(ws)).T @ z
+    out_t += (ws.sum(0) - gv)[:, None] * mean_q + (ea - mv)[:, None] * g_t
+    e_minus = torch.eye(k, dtype=z.dtype, device=z.device) - alpha
+    out_eta = (gv - alpha * gv.sum()) + ((e_minus.T * total_w) @ (e_minus @ e)
+                                         - total_w.sum() * (alpha * e - alpha * (alpha @ e)))
+    out_eta -= ws.sum(0) - alpha * (counts * s).sum()
+    return torch.cat([out_t.reshape(-1), out_eta[:-1]])
