@@ -126,3 +126,40 @@ def test_the_float64_finish_renormalises_float32_weights():
     out = accelerate._precise_newton(problem, st, float(problem.objective(st)[0]), 1e-9, 10)
     _, objs, _, converged, failed, _ = out
     assert converged and not failed
+
+
+def test_convergence_is_claimed_only_from_a_tight_solve(monkeypatch):
+    """Where CG cannot certify (here: one iteration allowed for the tight solve), the full
+    Hessian finishes where it fits, and beyond that no convergence is claimed."""
+    problem, st, ref, _ = _near_optimum(seed=1)
+    start = float(problem.objective(st)[0])
+    monkeypatch.setattr(accelerate, "CERTIFY_MAX_STEPS", 1)
+    calls = []
+    original = accelerate.newton_finish
+    monkeypatch.setattr(accelerate, "newton_finish",
+                        lambda *a: calls.append(1) or original(*a))
+    out = accelerate.newton_cg_finish(problem, problem.start(st.atoms, st.log_weights), start,
+                                      1e-14, 40)
+    assert calls and out[3] and not out[4]
+    assert out[1][-1] == pytest.approx(ref.history[-1], rel=1e-10, abs=0)
+    calls.clear()
+    monkeypatch.setattr(accelerate, "MAX_NEWTON_PARAMS", 0)
+    out = accelerate.newton_cg_finish(problem, problem.start(st.atoms, st.log_weights), start,
+                                      1e-14, 40)
+    assert not calls and not out[3]
+    path = [start] + out[1]
+    # Monotone up to rounding: at the optimum a step whose predicted gain is below the
+    # objective's rounding is taken without a test (as in the full-Hessian finish).
+    assert all(b >= a - 1e-13 * abs(a) for a, b in zip(path, path[1:], strict=False))
+    assert path[-1] == pytest.approx(ref.history[-1], rel=1e-10, abs=0)
+
+
+def test_pcg_stays_in_its_trust_radius():
+    g = torch.Generator().manual_seed(2)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    for spectrum in (torch.logspace(-4, 0, 20, dtype=torch.float64),  # long Newton step
+                     torch.linspace(-1, 1, 20, dtype=torch.float64)):  # indefinite
+        a = q @ torch.diag(spectrum) @ q.T
+        rhs = torch.randn(20, generator=g, dtype=torch.float64)
+        d, solved = accelerate._pcg(lambda v, a=a: a @ v, rhs, lambda v: v, radius=0.5)
+        assert not solved and float(d.norm()) <= 0.5 + 1e-12 and float(rhs @ d) > 0
