@@ -61,6 +61,7 @@ def compare(name: str, x, counts, atoms, weights, em: int, tol: float, steps: in
     for _ in range(em):
         st, _ = problem.iterate(st)
     start = float(problem.objective(st)[0])
+    default = "newton_cg_finish" if accelerate.hessian_free(problem) else "newton_finish"
     rows = []
     for method in (accelerate.newton_finish, accelerate.newton_cg_finish):
         fresh = problem.start(st.atoms, st.log_weights)
@@ -69,7 +70,10 @@ def compare(name: str, x, counts, atoms, weights, em: int, tol: float, steps: in
         rows.append({"case": name, "method": method.__name__, "free": accelerate.num_free(problem),
                      "seconds": time.perf_counter() - t0, "steps": len(objs),
                      "converged": converged, "failed": failed, "gap": gap,
-                     "objective": objs[-1] if objs else start, "start": start})
+                     "objective": objs[-1] if objs else start, "start": start,
+                     "default": method.__name__ == default,
+                     "support_d_over_p": int((counts > 0).sum()) * accelerate.num_free(problem)
+                     / x.shape[0]})
     best = max(row["objective"] for row in rows)
     for row in rows:
         row["below_best"] = best - row["objective"]
@@ -99,11 +103,14 @@ def main() -> None:
                             args.steps)
     load = os.getloadavg()
     print(f"{machine()}; load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"{'case':32s} {'method':17s} {'D':>5s} {'s':>7s} {'steps':>5s} {'conv':>5s} "
-          f"{'below best':>10s}")
+    print(f"{'case':32s} {'method':18s} {'D':>5s} {'|S|D/p':>7s} {'s':>7s} {'steps':>5s} "
+          f"{'conv':>5s} {'below best':>10s}")
     for row in rows:
-        print(f"{row['case']:32s} {row['method']:17s} {row['free']:5d} {row['seconds']:7.2f} "
-              f"{row['steps']:5d} {str(row['converged']):>5s} {row['below_best']:10.2e}")
+        name = row["method"] + ("*" if row["default"] else "")
+        print(f"{row['case']:32s} {name:18s} {row['free']:5d} {row['support_d_over_p']:7.0f} "
+              f"{row['seconds']:7.2f} {row['steps']:5d} {str(row['converged']):>5s} "
+              f"{row['below_best']:10.2e}")
+    print("* the finish fit_em chooses (accelerate.hessian_free)")
     for a, b in zip(rows[::2], rows[1::2], strict=True):
         print(f"{a['case']}: full Hessian / Newton-CG time {a['seconds'] / b['seconds']:.2f}")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

@@ -5,9 +5,9 @@
 SQUAREM cycles (two EM steps and an extrapolation along them, kept only where it raises the
 objective), then, once EM's estimated gap is small, Newton steps on the full marginal objective
 (exact gradient and Hessian from :mod:`pyro_softmix._marginal`, Armijo-damped), which converge
-quadratically where EM converges linearly. Beyond ``HESSIAN_FREE_PARAMS`` coordinates the Newton
-systems are solved by conjugate gradients on Hessian-vector products instead (cost linear in r
-per product). The objective never decreases.
+quadratically where EM converges linearly. Where forming the Hessian costs more
+(:func:`hessian_free`), the Newton systems are solved by conjugate gradients on
+Hessian-vector products instead (cost linear in r per product). The objective never decreases.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .engine import EM_MAX_STEP, EMProblem, EMState
 from .solvers import armijo_search
 from .stopping import StoppingRule, check_finite, next_run
 
-__all__ = ["finish", "newton_cg_finish", "newton_finish", "run", "squarem_cycle"]
+__all__ = ["finish", "hessian_free", "newton_cg_finish", "newton_finish", "run", "squarem_cycle"]
 
 #: Relative gap (EM's estimate) below which accelerated EM switches to Newton steps on the full
 #: objective.
@@ -211,12 +211,13 @@ def newton_finish(problem: EMProblem, st: EMState, obj: float, tol: float, max_s
 #: Largest number of free coordinates for which the full Hessian is formed (its float64 copy
 #: then takes at most 128 MB): beyond it Newton-CG runs alone.
 MAX_NEWTON_PARAMS = 4096
-#: Beyond this many free coordinates (K r + K - 1) the Newton finish is Hessian-free
-#: (:func:`newton_cg_finish`): forming the Hessian costs p (K r)^2, a Newton-CG step about
-#: 2 p K r per CG iteration plus K covariances once. On SmolLM2's vocabulary (r = 576, float32
-#: features, float64 finish) the two took the same time at K = 2 (1,153 coordinates) and
-#: Newton-CG a third of the time at K = 4 (2,307).
-HESSIAN_FREE_PARAMS = 1024
+#: The Newton finish is Hessian-free (:func:`newton_cg_finish`) where |support| D exceeds
+#: HESSIAN_FREE_RATIO p (D = K r + K - 1 free coordinates, |support| the points with n_j > 0),
+#: and always beyond MAX_NEWTON_PARAMS. The full Hessian costs about |support| D^2 (its B^T B
+#: part), a Newton-CG step tens of products of 2 p D each. Measured (bench_newton.py, |support|
+#: D / p): SmolLM2 K = 2 (130), the full Hessian 1.7x faster; Gaussian r = 128, K = 4 (515),
+#: equal; SmolLM2 K = 4 (355) and Gaussian r = 256, K = 4 (1,027), Newton-CG 1.5-1.7x faster.
+HESSIAN_FREE_RATIO = 256
 #: Conjugate-gradient iterations per Hessian-free Newton step (at most), and the relative
 #: residual (in the preconditioner's norm) at which its system counts as solved.
 CG_MAX_STEPS = 50
@@ -426,9 +427,19 @@ PRECISE_TOL = 0.1
 
 
 def _newton_method(problem: EMProblem):
-    """The Newton finish for this size: the full Hessian (:func:`newton_finish`) up to
-    ``HESSIAN_FREE_PARAMS`` free coordinates, Newton-CG (:func:`newton_cg_finish`) beyond."""
-    return newton_finish if num_free(problem) <= HESSIAN_FREE_PARAMS else newton_cg_finish
+    """The Newton finish for this problem: the full Hessian (:func:`newton_finish`) or, where
+    that costs more (``HESSIAN_FREE_RATIO``, ``MAX_NEWTON_PARAMS``), Newton-CG
+    (:func:`newton_cg_finish`)."""
+    return newton_cg_finish if hessian_free(problem) else newton_finish
+
+
+def hessian_free(problem: EMProblem) -> bool:
+    """Whether the Newton finish of ``problem`` is Hessian-free (see ``HESSIAN_FREE_RATIO``)."""
+    if problem.support is None:
+        problem.support = torch.nonzero(problem.counts64 > 0).squeeze(1)
+    free = num_free(problem)
+    return (free > MAX_NEWTON_PARAMS
+            or problem.support.shape[0] * free > HESSIAN_FREE_RATIO * problem.z.shape[0])
 
 
 def _precise_newton(problem: EMProblem, st: EMState, obj: float, tol: float, max_steps: int):
@@ -458,8 +469,8 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
     With ``accelerate``, EM runs in SQUAREM cycles (two EM steps and an extrapolation, see
     :func:`squarem_cycle`); the stopping rule reads the gains of the cycle's two EM steps. Once the
     estimated gap is below ``NEWTON_SWITCH`` (relative) it switches to Newton steps on the
-    full objective (:func:`newton_finish`, or Hessian-free :func:`newton_cg_finish` beyond
-    ``HESSIAN_FREE_PARAMS`` coordinates), which converge quadratically; if no Newton step is
+    full objective (:func:`newton_finish`, or Hessian-free :func:`newton_cg_finish` where
+    :func:`hessian_free` says so), which converge quadratically; if no Newton step is
     accepted EM goes on and Newton is tried again after a growing number of iterations.
     ``on_update(state, history)``, if given, is called after every cycle and every phase of
     Newton steps (for checkpoints).

@@ -86,24 +86,28 @@ def test_newton_cg_reaches_the_explicit_newton_optimum_monotonically(prior_scale
 
 
 def test_the_newton_finish_is_chosen_by_size(monkeypatch):
-    """At HESSIAN_FREE_PARAMS free coordinates the full Hessian, one more and Newton-CG (the
-    grown start's smaller intermediate fits choose by their own size); the two fits end at the
-    same optimum."""
+    """The full Hessian where |support| D <= HESSIAN_FREE_RATIO p, Newton-CG just above, and
+    Newton-CG beyond MAX_NEWTON_PARAMS whatever the ratio (the grown start's smaller
+    intermediate fits choose by their own size); the fits end at the same optimum."""
     d = simulated(p=1000, L=4, K=3, N=100_000, seed=3, norm=2.0)
     ran = []
     for name in ("newton_finish", "newton_cg_finish"):
         original = getattr(accelerate, name)
         monkeypatch.setattr(accelerate, name, lambda problem, *a, _f=original, _n=name:
                             ran.append((_n, accelerate.num_free(problem))) or _f(problem, *a))
-    free = 3 * (4 + 1) - 1
+    free, support, p = 3 * (4 + 1) - 1, int((d.counts > 0).sum()), 1000
+    at = support * free / p
     fits = {}
-    for threshold, expected in ((free, "newton_finish"), (free - 1, "newton_cg_finish")):
-        monkeypatch.setattr(accelerate, "HESSIAN_FREE_PARAMS", threshold)
+    for ratio, cap, expected in ((at, 4096, "newton_finish"), (at * (1 - 1e-9), 4096,
+                                 "newton_cg_finish"), (10**9, free - 1, "newton_cg_finish")):
+        monkeypatch.setattr(accelerate, "HESSIAN_FREE_RATIO", ratio)
+        monkeypatch.setattr(accelerate, "MAX_NEWTON_PARAMS", cap)
         ran.clear()
         fits[expected] = psm.fit_em(d.features, counts=d.counts, num_components=3, seed=0,
                                     tol=1e-13)
         assert (expected, free) in ran
-        assert all((n == "newton_cg_finish") == (size > threshold) for n, size in ran)
+        assert all((n == "newton_cg_finish") == (support * size > ratio * p or size > cap)
+                   for n, size in ran)
     exact, cg = fits["newton_finish"], fits["newton_cg_finish"]
     assert exact.converged and cg.converged
     assert cg.loglik == pytest.approx(exact.loglik, rel=1e-10, abs=0)
