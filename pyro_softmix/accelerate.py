@@ -200,11 +200,7 @@ def newton_finish(problem: EMProblem, st: EMState, obj: float, tol: float, max_s
                 continue
             return st, objs, norms, False, True, gap
         last = decrement if chol is not None and step == 1.0 else 0.0
-        values = torch.cat([problem.objective(accepted),
-                            accepted.atoms.norm(dim=1).double()]).tolist()
-        st, obj = accepted, values[0]
-        objs.append(obj)
-        norms.append(values[1:])
+        st, obj = accepted, _record(problem, accepted, objs, norms)
     return st, objs, norms, False, False, gap
 
 
@@ -291,11 +287,7 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
         if accepted is None:
             st = problem.start(st.atoms, st.log_weights)
             return st, objs, norms, False, True, gap
-        values = torch.cat([problem.objective(accepted),
-                            accepted.atoms.norm(dim=1).double()]).tolist()
-        st, obj = accepted, values[0]
-        objs.append(obj)
-        norms.append(values[1:])
+        st, obj = accepted, _record(problem, accepted, objs, norms)
     return st, objs, norms, False, False, gap
 
 
@@ -364,6 +356,14 @@ def _pcg(matvec, rhs: torch.Tensor, precondition, radius: float = math.inf,
         direction.mul_(ry_new / ry).add_(y)
         ry = ry_new
     return d, False
+
+
+def _record(problem: EMProblem, st: EMState, objs: list, norms: list) -> float:
+    """Append the objective and the atoms' norms at an accepted Newton step; its objective."""
+    values = torch.cat([problem.objective(st), st.atoms.norm(dim=1).double()]).tolist()
+    objs.append(values[0])
+    norms.append(values[1:])
+    return values[0]
 
 
 def _newton_line_search(problem: EMProblem, st: EMState, direction: torch.Tensor, obj: float,
