@@ -226,6 +226,9 @@ CG_RADIUS = EM_MAX_STEP
 #: residual (at most CERTIFY_MAX_STEPS iterations) before convergence is claimed.
 CERTIFY_TOL = 1e-3
 CERTIFY_MAX_STEPS = 200
+#: Largest multiply-adds (|support| D^2 + p K r^2) of the one full Hessian that finishes where
+#: Newton-CG cannot certify convergence (about 10 s on 2 CPU cores; SmolLM2 with K = 4: 1.7e11).
+HANDOVER_MAX_WORK = 1e12
 
 
 def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, max_steps: int):
@@ -238,11 +241,14 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
     (plus the prior's precision) for each atom and N (diag alpha - alpha alpha^T) for the
     weight logits, factored once per call (K covariances, what one EM M-step forms). The
     preconditioned system is then governed by the fraction of information the latent
-    assignments hide, which is what makes EM slow. Steps are Armijo-damped, so the objective
-    never decreases; convergence is claimed only from a solved system (residual at most
-    ``CG_TOL``), with the decrement inflated by (1 - CG_TOL)^-2 for the solve's error.
-    Where CG meets negative curvature, the step is its last iterate (an ascent direction),
-    or the preconditioned gradient on the first iteration.
+    assignments hide, which is what makes EM slow. Each solve stops at a residual of
+    ``CG_TOL``, after ``CG_MAX_STEPS`` iterations, or at the trust radius ``CG_RADIUS``
+    (:func:`_pcg`); steps are Armijo-damped, so the objective never decreases.
+
+    Convergence is claimed only from a tight solve (residual ``CERTIFY_TOL``), made where a
+    step's decrement is within ``tol``: CG's estimate g^T d of the decrement only grows with
+    its iterations. Where the tight solve cannot be reached, the full-Hessian finish takes over
+    if it is affordable (:func:`_full_hessian_affordable`); otherwise no convergence is claimed.
 
     Returns as :func:`newton_finish`.
     """
@@ -278,7 +284,7 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
             gap = decrement / 2 / (1 - CERTIFY_TOL) ** 2
             if solved and gap <= tol * abs(obj):
                 return st, objs, norms, True, False, gap
-            if not solved and num_free(problem) <= MAX_NEWTON_PARAMS:
+            if not solved and _full_hessian_affordable(problem):
                 # CG cannot resolve the flattest directions (where the latent assignments hide
                 # nearly all the information): the full Hessian, where it fits, finishes.
                 out = newton_finish(problem, st, obj, tol, max_steps - len(objs))
@@ -305,10 +311,9 @@ def _em_preconditioner(problem: EMProblem, st: EMState, pieces, pen: torch.Tenso
     scale = blocks.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)
     blocks = blocks + (1e-7 * scale)[:, None, None] * torch.eye(r, dtype=blocks.dtype,
                                                                 device=blocks.device)
-    chol_t = torch.linalg.cholesky(blocks)
     a = alpha.double()
     info_eta = float(total_w.sum()) * (torch.diag(a) - a[:, None] * a)[:-1, :-1]
-    chol_eta = torch.linalg.cholesky(info_eta)
+    chol_t, chol_eta = _factor(blocks), _factor(info_eta[None])[0]
 
     def apply(v):
         out_t = torch.cholesky_solve(v[:k * r].view(k, r, 1), chol_t).reshape(-1)
@@ -316,6 +321,19 @@ def _em_preconditioner(problem: EMProblem, st: EMState, pieces, pen: torch.Tenso
         return torch.cat([out_t, out_eta])
 
     return apply
+
+
+def _factor(blocks: torch.Tensor) -> torch.Tensor:
+    """Cholesky factors of (B, n, n) positive semidefinite blocks; a block that is not
+    numerically positive definite (an empty component, a vanishing weight) is replaced by
+    its diagonal's mean times the identity (a preconditioner only needs to be positive)."""
+    chol, info = torch.linalg.cholesky_ex(blocks)
+    if bool((info > 0).any()):
+        n = blocks.shape[-1]
+        eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device)
+        scale = blocks.diagonal(dim1=1, dim2=2).mean(1).abs().clamp_min(1.0)
+        chol = torch.where((info > 0)[:, None, None], scale.sqrt()[:, None, None] * eye, chol)
+    return chol
 
 
 def _pcg(matvec, rhs: torch.Tensor, precondition, radius: float = math.inf,
@@ -431,6 +449,15 @@ def _newton_method(problem: EMProblem):
     that costs more (``HESSIAN_FREE_RATIO``, ``MAX_NEWTON_PARAMS``), Newton-CG
     (:func:`newton_cg_finish`)."""
     return newton_cg_finish if hessian_free(problem) else newton_finish
+
+
+def _full_hessian_affordable(problem: EMProblem) -> bool:
+    """Whether one full Hessian fits MAX_NEWTON_PARAMS and HANDOVER_MAX_WORK."""
+    if problem.support is None:
+        problem.support = torch.nonzero(problem.counts64 > 0).squeeze(1)
+    free, (p, r) = num_free(problem), problem.z.shape
+    work = problem.support.shape[0] * free**2 + p * problem.num_components * r**2
+    return free <= MAX_NEWTON_PARAMS and work <= HANDOVER_MAX_WORK
 
 
 def hessian_free(problem: EMProblem) -> bool:

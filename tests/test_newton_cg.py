@@ -146,11 +146,13 @@ def test_convergence_is_claimed_only_from_a_tight_solve(monkeypatch):
                                       1e-14, 40)
     assert calls and out[3] and not out[4]
     assert out[1][-1] == pytest.approx(ref.history[-1], rel=1e-10, abs=0)
-    calls.clear()
-    monkeypatch.setattr(accelerate, "MAX_NEWTON_PARAMS", 0)
-    out = accelerate.newton_cg_finish(problem, problem.start(st.atoms, st.log_weights), start,
-                                      1e-14, 40)
-    assert not calls and not out[3]
+    for limit in ("MAX_NEWTON_PARAMS", "HANDOVER_MAX_WORK"):  # too large, or too costly
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(accelerate, limit, 0)
+            out = accelerate.newton_cg_finish(problem, problem.start(st.atoms, st.log_weights),
+                                              start, 1e-14, 40)
+        assert not calls and not out[3]
     path = [start] + out[1]
     # Monotone up to rounding: at the optimum a step whose predicted gain is below the
     # objective's rounding is taken without a test (as in the full-Hessian finish).
@@ -167,3 +169,13 @@ def test_pcg_stays_in_its_trust_radius():
         rhs = torch.randn(20, generator=g, dtype=torch.float64)
         d, solved = accelerate._pcg(lambda v, a=a: a @ v, rhs, lambda v: v, radius=0.5)
         assert not solved and float(d.norm()) <= 0.5 + 1e-12 and float(rhs @ d) > 0
+
+
+def test_the_preconditioner_factors_replace_only_the_singular_blocks():
+    g = torch.Generator().manual_seed(4)
+    m = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    good = m @ m.T + torch.eye(3, dtype=torch.float64)
+    singular = torch.zeros(3, 3, dtype=torch.float64)  # an empty component: W_k = 0
+    chol = accelerate._factor(torch.stack([good, singular]))
+    assert torch.allclose(chol[0] @ chol[0].T, good, rtol=1e-12, atol=0)
+    assert torch.equal(chol[1], torch.eye(3, dtype=torch.float64))
