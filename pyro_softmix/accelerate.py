@@ -227,7 +227,7 @@ CG_RADIUS = EM_MAX_STEP
 CERTIFY_TOL = 1e-3
 CERTIFY_MAX_STEPS = 200
 #: Largest multiply-adds (|support| D^2 + p K r^2) of the one full Hessian that finishes where
-#: Newton-CG cannot certify convergence (about 10 s on 2 CPU cores; SmolLM2 with K = 4: 1.7e11).
+#: Newton-CG cannot certify convergence (about 10 s on 2 CPU cores; SmolLM2 with K = 4: 1.1e11).
 HANDOVER_MAX_WORK = 1e12
 
 
