@@ -68,3 +68,21 @@ def test_distribution_on_the_device(data, device):
     ref = psm.SoftmaxMixture(data.features, data.atoms, data.weights)
     values = torch.arange(800)
     assert torch.allclose(d.log_prob(values.to(device)).cpu(), ref.log_prob(values), atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_newton_cg_fit_on_the_device_matches_the_cpu(data, device, monkeypatch):
+    """The Hessian-free finish (forced here: HESSIAN_FREE_RATIO = 0) on the device reaches the
+    optimum of the CPU's full-Hessian fit."""
+    from pyro_softmix import accelerate
+
+    ref = psm.fit_em(data.features, counts=data.counts, num_components=3, seed=0, tol=1e-12)
+    used = []
+    cg = accelerate.newton_cg_finish
+    monkeypatch.setattr(accelerate, "newton_cg_finish", lambda *a: used.append(1) or cg(*a))
+    monkeypatch.setattr(accelerate, "HESSIAN_FREE_RATIO", 0)
+    fit = psm.fit_em(data.features.to(device), counts=data.counts.to(device), num_components=3,
+                     seed=0, tol=1e-12)
+    assert used and fit.converged
+    assert fit.loglik == pytest.approx(ref.loglik, rel=1e-10)
+    assert torch.allclose(fit.weights.cpu(), ref.weights, atol=1e-6)
