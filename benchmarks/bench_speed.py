@@ -91,7 +91,7 @@ def _run_em(data, k, start, accelerate_em: bool, max_iter: int) -> _Trace:
     Newton step of the final run."""
     trace = _Trace()
     original = accelerate.squarem_cycle
-    original_newton = accelerate.newton_finish
+    original_method = accelerate._newton_method  # the full-Hessian or Newton-CG finish
     original_objective = EMProblem.objective
 
     def recording(problem, st, num_steps=2, step_max=None):
@@ -100,7 +100,7 @@ def _run_em(data, k, start, accelerate_em: bool, max_iter: int) -> _Trace:
             trace.add(out[1][-1][0])
         return out
 
-    def recording_newton(problem, st, obj, tol, max_steps):
+    def recording_newton(original_newton, problem, st, obj, tol, max_steps):
         evaluated = []  # (seconds, objective) of every trial point, accepted or not
 
         def objective(self, state):
@@ -118,8 +118,12 @@ def _run_em(data, k, start, accelerate_em: bool, max_iter: int) -> _Trace:
             trace.add(value, next((t for t, v in trials if v == value), None))
         return out
 
+    def recording_method(problem):
+        finish = original_method(problem)
+        return lambda *args: recording_newton(finish, *args)
+
     accelerate.squarem_cycle = recording
-    accelerate.newton_finish = recording_newton
+    accelerate._newton_method = recording_method
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -129,7 +133,7 @@ def _run_em(data, k, start, accelerate_em: bool, max_iter: int) -> _Trace:
             trace.seconds = time.perf_counter() - trace.start
     finally:
         accelerate.squarem_cycle = original
-        accelerate.newton_finish = original_newton
+        accelerate._newton_method = original_method
     trace.fit = fit
     return trace
 
