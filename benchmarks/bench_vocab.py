@@ -105,23 +105,9 @@ def gradient_run(z, counts, atoms0, method: str, lr: float | None, budget: float
     """Adam (20 steps between checks) or L-BFGS (strong Wolfe, 20 iterations per call) on the
     marginal log-likelihood in the features' dtype, from ``atoms0`` and equal weights; the
     log-likelihood is evaluated in float64 off the clock. Returns (seconds, loglik) pairs."""
-    atoms = atoms0.clone().requires_grad_(True)
-    log_w = torch.zeros(atoms0.shape[0], dtype=z.dtype, requires_grad=True)
-    total = float(counts.sum())
-    if method == "adam":
-        opt = torch.optim.Adam([atoms, log_w], lr=lr)
-    else:
-        opt = torch.optim.LBFGS([atoms, log_w], lr=1.0, max_iter=20, history_size=20,
-                                line_search_fn="strong_wolfe", tolerance_grad=0,
-                                tolerance_change=0)
+    from bench_speed import gradient_closure
 
-    def closure():
-        opt.zero_grad()
-        log_q = torch.log_softmax(z @ atoms.T, 0)
-        loss = -(counts @ torch.logsumexp(log_q + torch.log_softmax(log_w, 0), 1)) / total
-        loss.backward()
-        return loss
-
+    atoms, log_w, opt, closure = gradient_closure(z, counts, atoms0, lr, method)
     counts64, points, elapsed = counts.double(), [], 0.0
     while elapsed < budget:
         t = time.perf_counter()
