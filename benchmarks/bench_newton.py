@@ -42,14 +42,10 @@ def simulated(p: int, r: int, k: int, seed: int = 0):
 
 
 def vocabulary(k: int, cache: str, seed: int = 0):
-    from bench_vocab import load
+    from bench_vocab import draw, load
 
     x, h = load(cache)
-    gen = torch.Generator().manual_seed(seed)
-    weights = torch.softmax(torch.randn(k, generator=gen, dtype=torch.float64), 0)
-    probs = weights @ torch.softmax(h[:k].double() @ x.double().T, 1)
-    counts = torch.bincount(torch.multinomial(probs, 10**6, replacement=True, generator=gen),
-                            minlength=x.shape[0]).double()
+    weights, _, counts, _ = draw(x, h, k, 10**6, seed)
     return x.double(), counts, h[:k].double(), weights
 
 

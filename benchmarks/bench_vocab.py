@@ -56,16 +56,24 @@ def load(cache: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, h
 
 
-def case(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, dtype: torch.dtype,
-         seed: int = 0) -> dict:
+def draw(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, seed: int = 0):
+    """The case's truth and data: weights (K,), next-token distributions (K, p), training
+    counts and held-out counts (p,) of ``num_obs`` tokens each, all float64."""
     gen = torch.Generator().manual_seed(seed)
     weights = torch.softmax(torch.randn(k, generator=gen, dtype=torch.float64), 0)
     comp = torch.softmax(h[:k].double() @ x.double().T, 1)  # (K, p)
     probs = weights @ comp
-    counts = torch.bincount(torch.multinomial(probs, num_obs, replacement=True, generator=gen),
-                            minlength=x.shape[0]).double()
-    held = torch.bincount(torch.multinomial(probs, num_obs, replacement=True, generator=gen),
-                          minlength=x.shape[0]).double()
+    counts, held = (torch.bincount(torch.multinomial(probs, num_obs, replacement=True,
+                                                     generator=gen),
+                                   minlength=x.shape[0]).double() for _ in range(2))
+    return weights, comp, counts, held
+
+
+def case(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, dtype: torch.dtype,
+         seed: int = 0) -> tuple[dict, torch.Tensor]:
+    """One ``fit_em`` case: its row of the table, and its training counts."""
+    weights, comp, counts, held = draw(x, h, k, num_obs, seed)
+    probs = weights @ comp
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -85,27 +93,22 @@ def case(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, dtype: torch.dt
             "seconds": seconds, "converged": fit.converged, "n_iter": fit.n_iter,
             "init": fit.init, "warnings": [str(w.message)[:160] for w in caught],
             "loglik": fit.loglik, "loglik64": float(counts @ log_pi),
-            "truth_loglik": float(counts @ probs.log()), "counts": counts,
+            "truth_loglik": float(counts @ probs.log()),
             "heldout_per_token": per_token,
             "weight_error": float((fit.weights.double()[perm] - weights).abs().max()),
             "tv_max": float(tv.max()),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}, counts
 
 
 ADAM_LR = (0.01, 0.03, 0.1)
 TARGETS = (1e-6, 1e-8)
 
 
-def _loglik64(z64, counts64, atoms, log_w) -> float:
-    log_q = torch.log_softmax(z64 @ atoms.double().T, 0)
-    return float(counts64 @ torch.logsumexp(log_q + torch.log_softmax(log_w.double(), 0), 1))
-
-
 def gradient_run(z, counts, atoms0, method: str, lr: float | None, budget: float, z64) -> list:
     """Adam (20 steps between checks) or L-BFGS (strong Wolfe, 20 iterations per call) on the
     marginal log-likelihood in the features' dtype, from ``atoms0`` and equal weights; the
     log-likelihood is evaluated in float64 off the clock. Returns (seconds, loglik) pairs."""
-    from bench_speed import gradient_closure
+    from bench_speed import _marginal_loglik, gradient_closure
 
     atoms, log_w, opt, closure = gradient_closure(z, counts, atoms0, lr, method)
     counts64, points, elapsed = counts.double(), [], 0.0
@@ -115,7 +118,7 @@ def gradient_run(z, counts, atoms0, method: str, lr: float | None, budget: float
             opt.step(closure)
         elapsed += time.perf_counter() - t
         with torch.no_grad():
-            ll = _loglik64(z64, counts64, atoms, log_w)
+            ll = float(_marginal_loglik(z64, counts64, atoms.double(), log_w.double()))
         if ll != ll:  # NaN: diverged
             break
         points.append((elapsed, ll))
@@ -160,7 +163,7 @@ def main() -> None:
           f"{'held-out/token - truth':>23} {'single':>9} {'unigram':>9} {'w err':>8} {'TV':>7}")
     for k in args.ks:
         for name in args.dtypes:
-            row = case(x, h, k, args.num_obs, getattr(torch, name))
+            row, counts = case(x, h, k, args.num_obs, getattr(torch, name))
             rows.append(row)
             ho = row["heldout_per_token"]
             print(f"{k:>2} {name:>8} {row['seconds']:7.1f} {str(row['converged']):>5} "
@@ -170,7 +173,6 @@ def main() -> None:
                   f"{row['tv_max']:7.1e}", flush=True)
             for message in row["warnings"]:
                 print("   warning:", message)
-            counts = row.pop("counts")
             if args.budget > 0:
                 runs = baselines(x, counts, k, getattr(torch, name), args.budget)
                 best = max([row["loglik64"]] + [ll for pts in runs.values() for _, ll in pts])

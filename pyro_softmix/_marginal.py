@@ -125,9 +125,10 @@ def marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: 
 
 
 def marginal_hvp(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
-                 pieces, v: torch.Tensor) -> torch.Tensor:
-    """H v for the Hessian H of :func:`marginal_hessian`, without forming H: two passes over
-    the features, z @ v_t.T and a (K, p)(p, r) product, plus O(p K) work (Hessian-free).
+                 pieces):
+    """v -> H v for the Hessian H of :func:`marginal_hessian` at one point, without forming H:
+    each product is two passes over the features, z @ v_t.T and a (K, p)(p, r) product, plus
+    O(p K) work (Hessian-free). What does not depend on v is computed once, here.
 
     With A = z v_t^T (p, K), e = (v_eta, 0) and c_jk = A_jk - m_k . v_k + e_k - alpha . e,
     the formula of the module docstring gives (s_j = sum_k r_jk c_jk):
@@ -137,24 +138,30 @@ def marginal_hvp(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: torc
         (H v)_eta = (I - 1 alpha^T)(g.v) + [E^T diag(W) E - N (diag alpha - alpha alpha^T)] e
                     - sum_j s_j (w_j - n_j alpha)
 
-    Args: as :func:`marginal_hessian`; ``v`` a (D,) vector in the same coordinates.
-    Returns: (D,) in z's dtype.
+    Args: as :func:`marginal_hessian`. Returns: a function of a (D,) vector in the same
+    coordinates, giving (D,) in z's dtype.
     """
     g_t, mean_q, total_w, alpha = pieces
     k, r = mean_q.shape
-    v_t = v[:k * r].view(k, r).to(z.dtype)
-    e = torch.cat([v[k * r:].to(z.dtype), v.new_zeros(1, dtype=z.dtype)])
-    a = z @ v_t.T  # (p, K)
-    mv = (mean_q * v_t).sum(1)  # m_k . v_k
-    gv = (g_t * v_t).sum(1)  # g_k . v_k
-    ea = e - alpha @ e  # e_k - alpha . e
     resp = w / counts.clamp_min(torch.finfo(z.dtype).tiny)[:, None]  # r_jk (0 where n_j = 0)
-    s = (resp * (a - mv + ea)).sum(1)  # (p,)
-    ws = w * s[:, None]
-    out_t = (((w - total_w * q) * a).sub_(ws)).T @ z
-    out_t += (ws.sum(0) - gv)[:, None] * mean_q + (ea - mv)[:, None] * g_t
+    spread = w - total_w * q  # w_jk - W_k q_jk
     e_minus = torch.eye(k, dtype=z.dtype, device=z.device) - alpha
-    out_eta = (gv - alpha * gv.sum()) + ((e_minus.T * total_w) @ (e_minus @ e)
-                                         - total_w.sum() * (alpha * e - alpha * (alpha @ e)))
-    out_eta -= ws.sum(0) - alpha * (counts * s).sum()
-    return torch.cat([out_t.reshape(-1), out_eta[:-1]])
+    eta_block = (e_minus.T * total_w) @ e_minus - total_w.sum() * (torch.diag(alpha)
+                                                                   - alpha[:, None] * alpha)
+
+    def times(v: torch.Tensor) -> torch.Tensor:
+        v_t = v[:k * r].view(k, r).to(z.dtype)
+        e = torch.cat([v[k * r:].to(z.dtype), v.new_zeros(1, dtype=z.dtype)])
+        a = z @ v_t.T  # (p, K)
+        mv = (mean_q * v_t).sum(1)  # m_k . v_k
+        gv = (g_t * v_t).sum(1)  # g_k . v_k
+        ea = e - alpha @ e  # e_k - alpha . e
+        s = (resp * (a - mv + ea)).sum(1)  # (p,)
+        ws = w * s[:, None]
+        out_t = ((spread * a).sub_(ws)).T @ z
+        out_t += (ws.sum(0) - gv)[:, None] * mean_q + (ea - mv)[:, None] * g_t
+        out_eta = (gv - alpha * gv.sum()) + eta_block @ e
+        out_eta -= ws.sum(0) - alpha * (counts * s).sum()
+        return torch.cat([out_t.reshape(-1), out_eta[:-1]])
+
+    return times

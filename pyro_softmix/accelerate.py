@@ -148,8 +148,7 @@ def newton_finish(problem: EMProblem, st: EMState, obj: float, tol: float, max_s
     failed, the final gap estimate).
     """
     k, r = problem.num_components, problem.z.shape[1]
-    if problem.support is None:
-        problem.support = torch.nonzero(problem.counts64 > 0).squeeze(1)
+    _support(problem)
     noise = 64 * torch.finfo(problem.z.dtype).eps * abs(obj)
     objs, norms, gap, chol = [], [], math.inf, None
     pen = None if problem.penalty is None else problem.penalty.to(torch.float64)
@@ -265,8 +264,10 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
         if precondition is None:
             precondition = _em_preconditioner(problem, st, pieces, pen)
 
-        def neg_hess_times(v, pieces=pieces, st=st):
-            out = -marginal_hvp(z, counts, problem.workspace.q, st.w, pieces, v).double()
+        hess_times = marginal_hvp(z, counts, problem.workspace.q, st.w, pieces)
+
+        def neg_hess_times(v, hess_times=hess_times):
+            out = -hess_times(v).double()
             if pen is not None:
                 out[:k * r] += (v[:k * r].view(k, r).to(z.dtype) @ pen).reshape(-1).double()
             return out
@@ -353,19 +354,19 @@ def _pcg(matvec, rhs: torch.Tensor, precondition, radius: float = math.inf,
     direction = y.clone()
     for i in range(max_steps):
         ad = matvec(direction)
-        curv = float(direction @ ad)
+        # One host sync for the curvature and the norms that place the next iterate.
+        curv, dd, dp, pp = torch.stack([direction @ ad, d @ d, d @ direction,
+                                        direction @ direction]).tolist()
         if not curv > 0:
             if i == 0:
-                return y * min(1.0, radius / float(y.norm())), False
+                return y * min(1.0, radius / math.sqrt(pp)), False
             return d, False
         step = ry / curv
-        trial = d + step * direction
-        if float(trial.norm()) > radius:
+        if dd + 2 * step * dp + step * step * pp > radius**2:
             # The root tau > 0 of ||d + tau p|| = radius (CG's iterates grow in norm).
-            dd, dp, pp = float(d @ d), float(d @ direction), float(direction @ direction)
             tau = (-dp + math.sqrt(dp * dp + pp * max(radius**2 - dd, 0.0))) / pp
             return d.add_(direction, alpha=tau), False
-        d = trial
+        d.add_(direction, alpha=step)
         res.sub_(ad, alpha=step)
         y = precondition(res)
         ry_new = float(res @ y)
@@ -453,20 +454,23 @@ def _newton_method(problem: EMProblem):
 
 def _full_hessian_affordable(problem: EMProblem) -> bool:
     """Whether one full Hessian fits MAX_NEWTON_PARAMS and HANDOVER_MAX_WORK."""
-    if problem.support is None:
-        problem.support = torch.nonzero(problem.counts64 > 0).squeeze(1)
     free, (p, r) = num_free(problem), problem.z.shape
-    work = problem.support.shape[0] * free**2 + p * problem.num_components * r**2
+    work = _support(problem).shape[0] * free**2 + p * problem.num_components * r**2
     return free <= MAX_NEWTON_PARAMS and work <= HANDOVER_MAX_WORK
 
 
 def hessian_free(problem: EMProblem) -> bool:
     """Whether the Newton finish of ``problem`` is Hessian-free (see ``HESSIAN_FREE_RATIO``)."""
-    if problem.support is None:
-        problem.support = torch.nonzero(problem.counts64 > 0).squeeze(1)
     free = num_free(problem)
     return (free > MAX_NEWTON_PARAMS
-            or problem.support.shape[0] * free > HESSIAN_FREE_RATIO * problem.z.shape[0])
+            or _support(problem).shape[0] * free > HESSIAN_FREE_RATIO * problem.z.shape[0])
+
+
+def _support(problem: EMProblem) -> torch.Tensor:
+    """The indices of the points with n_j > 0 (computed once per problem)."""
+    if problem.support is None:
+        problem.support = torch.nonzero(problem.counts64 > 0).squeeze(1)
+    return problem.support
 
 
 def _precise_newton(problem: EMProblem, st: EMState, obj: float, tol: float, max_steps: int):
