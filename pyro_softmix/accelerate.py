@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._cg import factor_blocks, pcg
 from ._gram import weighted_cov
 from ._marginal import marginal_gradient, marginal_hessian, marginal_hvp, mixed_precision
 from .engine import EM_MAX_STEP, EMProblem, EMState
@@ -314,7 +315,7 @@ def _em_preconditioner(problem: EMProblem, st: EMState, pieces, pen: torch.Tenso
                                                                 device=blocks.device)
     a = alpha.double()
     info_eta = float(total_w.sum()) * (torch.diag(a) - a[:, None] * a)[:-1, :-1]
-    chol_t, chol_eta = _factor(blocks), _factor(info_eta[None])[0]
+    chol_t, chol_eta = factor_blocks(blocks), factor_blocks(info_eta[None])[0]
 
     def apply(v):
         out_t = torch.cholesky_solve(v[:k * r].view(k, r, 1), chol_t).reshape(-1)
@@ -324,57 +325,12 @@ def _em_preconditioner(problem: EMProblem, st: EMState, pieces, pen: torch.Tenso
     return apply
 
 
-def _factor(blocks: torch.Tensor) -> torch.Tensor:
-    """Cholesky factors of (B, n, n) positive semidefinite blocks; a block that is not
-    numerically positive definite (an empty component, a vanishing weight) is replaced by
-    its diagonal's mean times the identity (a preconditioner only needs to be positive)."""
-    chol, info = torch.linalg.cholesky_ex(blocks)
-    if bool((info > 0).any()):
-        n = blocks.shape[-1]
-        eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device)
-        scale = blocks.diagonal(dim1=1, dim2=2).mean(1).abs().clamp_min(1.0)
-        chol = torch.where((info > 0)[:, None, None], scale.sqrt()[:, None, None] * eye, chol)
-    return chol
-
-
 def _pcg(matvec, rhs: torch.Tensor, precondition, radius: float = math.inf,
-         rel_tol: float = CG_TOL, max_steps: int = CG_MAX_STEPS):
-    """Preconditioned conjugate gradients for A d = rhs from d = 0, A symmetric, inside the
-    ball ||d|| <= ``radius`` (Steihaug): at most ``max_steps`` iterations, stopped when the
-    preconditioned residual's norm is at most ``rel_tol`` times the right-hand side's (solved),
-    at the ball's boundary (the iterate that would leave it is cut there), or at a direction of
-    non-positive curvature (then the last iterate, or on the first iteration the preconditioned
-    right-hand side cut to the ball). Returns (d, solved); d is an ascent direction for the
-    objective whose gradient is ``rhs`` (``rhs @ d > 0``)."""
-    d = torch.zeros_like(rhs)
-    res = rhs.clone()
-    y = precondition(res)
-    ry = float(res @ y)
-    stop = rel_tol**2 * ry
-    direction = y.clone()
-    for i in range(max_steps):
-        ad = matvec(direction)
-        # One host sync for the curvature and the norms that place the next iterate.
-        curv, dd, dp, pp = torch.stack([direction @ ad, d @ d, d @ direction,
-                                        direction @ direction]).tolist()
-        if not curv > 0:
-            if i == 0:
-                return y * min(1.0, radius / math.sqrt(pp)), False
-            return d, False
-        step = ry / curv
-        if dd + 2 * step * dp + step * step * pp > radius**2:
-            # The root tau > 0 of ||d + tau p|| = radius (CG's iterates grow in norm).
-            tau = (-dp + math.sqrt(dp * dp + pp * max(radius**2 - dd, 0.0))) / pp
-            return d.add_(direction, alpha=tau), False
-        d.add_(direction, alpha=step)
-        res.sub_(ad, alpha=step)
-        y = precondition(res)
-        ry_new = float(res @ y)
-        if ry_new <= stop:
-            return d, True
-        direction.mul_(ry_new / ry).add_(y)
-        ry = ry_new
-    return d, False
+         rel_tol: float = CG_TOL, max_steps: int = CG_MAX_STEPS) -> tuple[torch.Tensor, bool]:
+    """:func:`~pyro_softmix._cg.pcg` for one flat system: (d, solved)."""
+    out = pcg(lambda v: matvec(v[0])[None], rhs[None], lambda v: precondition(v[0])[None],
+              radius, rel_tol, max_steps)
+    return out.d[0], bool(out.solved[0])
 
 
 def _record(problem: EMProblem, st: EMState, objs: list, norms: list) -> float:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ._cg import StaleFactor
 from ._checks import (
     as_tensor,
     check_counts,
@@ -34,9 +35,16 @@ from ._checks import (
     resolve_device,
     resolve_dtype,
 )
+from ._gram import weighted_cov
 from ._logprob import group_log_joint
 from .design import Design, feature_scales, standardize
-from .solvers import Workspace, column_logsumexp, offset_logits, softmax_newton_step
+from .solvers import (
+    Workspace,
+    column_logsumexp,
+    offset_logits,
+    softmax_newton_step,
+    stale_factor,
+)
 
 __all__ = ["EMProblem", "EMState", "GroupedEMProblem", "Setup", "prepare"]
 
@@ -46,6 +54,10 @@ EM_MAX_STEP = 2.0
 #: (rank r, n): from rank r on, one computation of the covariances (p r^2 K, the bulk of an
 #: M-step at large r) serves n consecutive M-steps; the later ones are quasi-Newton steps.
 COV_REUSE = ((32, 2), (64, 3))
+#: From this rank on the M-steps are Hessian-free: conjugate gradients on Hessian-vector
+#: products (two (p x r)(r x K) products each), preconditioned by the Hessian of the last M-step
+#: that formed one; a new one is formed only after a solve that did not reach its tolerance.
+HESSIAN_FREE_RANK = 128
 #: Largest float64 copy of a float32 design (bytes) made for the Newton finish (see
 #: :meth:`EMProblem.precise`); beyond it the finish runs in float32.
 PRECISE_MAX_BYTES = 2**32
@@ -89,6 +101,8 @@ class EMProblem:
         #: M-steps that share one computation of the covariances of z under q (see m_step).
         self.cov_reuse = max((n for rank, n in COV_REUSE if z.shape[1] >= rank), default=1)
         self.cov, self.cov_age = None, 0
+        self.hessian_free = z.shape[1] >= HESSIAN_FREE_RANK
+        self.factor: StaleFactor | None = None
         self._precise: EMProblem | None = None
 
     def with_starts(self, num_starts: int, num_components: int | None = None) -> EMProblem:
@@ -165,12 +179,26 @@ class EMProblem:
         l2 = 0.0 if self.penalty is None else self.penalty
         # At large r the covariances (p r^2 K) dominate an iteration: reuse them for a few
         # M-steps (quasi-Newton steps; the line search keeps EM monotone).
-        reuse = self.cov is not None and self.cov_age < self.cov_reuse
-        atoms, logits, lse, info = softmax_newton_step(self.z, w, atoms, logits, self.workspace, lse,
-                                                l2=l2, max_step=EM_MAX_STEP,
-                                                cov=self.cov if reuse else None,
-                                                offset=self.offset)
-        self.cov, self.cov_age = info.cov, (self.cov_age + 1 if reuse else 1)
+        if self.hessian_free:
+            factor = self.factor
+            atoms, logits, lse, info = softmax_newton_step(
+                self.z, w, atoms, logits, self.workspace, lse, l2=l2, max_step=EM_MAX_STEP,
+                offset=self.offset, factor=factor)
+            if factor is None:
+                self.factor = stale_factor(info.cov, self.weight_sums, l2)
+            elif not bool(info.solved.all()):
+                # A stale preconditioner: factor those components' Hessians at their new atoms
+                # (ws.q holds their softmax), the next M-step's up to the weights.
+                cols = (~info.solved).nonzero().squeeze(1)
+                probs = self.workspace.q[:, cols]
+                cov = weighted_cov(self.z, probs, probs.T @ self.z, chunk_size=self.chunk_size)
+                factor.update(cols, stale_factor(cov, self.weight_sums[cols], l2))
+        else:
+            reuse = self.cov is not None and self.cov_age < self.cov_reuse
+            atoms, logits, lse, info = softmax_newton_step(
+                self.z, w, atoms, logits, self.workspace, lse, l2=l2, max_step=EM_MAX_STEP,
+                cov=self.cov if reuse else None, offset=self.offset)
+            self.cov, self.cov_age = info.cov, (self.cov_age + 1 if reuse else 1)
         # KL(a || b) to second order, 0.5 sum (a - b)^2 / b: no first-order cancellation.
         a, b = new_log_weights.double().exp(), log_weights.double().exp()
         kl = 0.5 * (a - b) ** 2 / b.clamp_min(1e-300)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._cg import StaleFactor, stale_newton
 from ._checks import as_tensor, check_offset, check_positive_float, check_positive_int
 from ._gram import gram_chunk_rows, weighted_cov, weighted_gram
 
@@ -182,6 +183,7 @@ class NewtonStepInfo:
     cov: torch.Tensor | None = None
     model_gain: torch.Tensor | None = None
     capped: torch.Tensor | None = None
+    solved: torch.Tensor | None = None
 
 
 def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms: torch.Tensor,
@@ -220,7 +222,7 @@ def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms
 def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=None, *,
                  l2: float | torch.Tensor = 0.0, max_backtracks: int = 30,
                  max_step: float | None = None, cov: torch.Tensor | None = None,
-                 offset: torch.Tensor | None = None):
+                 offset: torch.Tensor | None = None, factor: StaleFactor | None = None):
     """:func:`softmax_regression_step` on preallocated buffers.
 
     ``l2`` may also be an (r, r) positive semidefinite matrix P (the penalty 0.5 t^T P t, a
@@ -236,6 +238,10 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     of the cost); the step is then a quasi-Newton step, still an ascent step under the line
     search. ``info.cov`` is the covariance used. ``offset`` (p,) is a fixed term of every
     column's logits (``logits = features @ atoms.T + offset[:, None]``).
+
+    With ``factor`` (an earlier step's Hessian, factored) the step is Hessian-free: the Newton
+    system is solved by conjugate gradients preconditioned by the earlier Hessian, each
+    iteration two (p x r)(r x K) products (:func:`_cg_direction`), and no covariance is formed.
     """
     total = weights.sum(0)  # (K,)
     if lse is None:
@@ -247,18 +253,23 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     grad = lin - total[:, None] * mean_q
     if _has_penalty(l2):
         grad = grad - _penalty_grad(atoms, l2)
-    # Covariance of z under q_k, sum_j q_j (z_j - m_k)(z_j - m_k)^T (the columns of q sum to 1).
-    if cov is None:
-        cov = weighted_cov(features, q, mean_q, buffers=ws.gram)
-    hess = total[:, None, None] * cov
-    hess = add_ridge(hess, l2)
-    direction = newton_direction(grad, hess)
-    gain = (grad * direction).sum(-1)
+    capped = solved = None
+    if factor is not None:
+        direction, curvature, solved = _cg_direction(features, q, mean_q, total, grad, l2,
+                                                     factor, max_step, ws)
+        gain = slope = (grad * direction).sum(-1)
+    else:
+        # Covariance of z under q_k, sum_j q_j (z_j - m_k)(z_j - m_k)^T (the columns of q sum
+        # to 1).
+        if cov is None:
+            cov = weighted_cov(features, q, mean_q, buffers=ws.gram)
+        hess = add_ridge(total[:, None, None] * cov, l2)
+        direction = newton_direction(grad, hess)
+        gain = (grad * direction).sum(-1)
+        if max_step is not None:
+            direction, capped = trust_region_step(grad, hess, direction, max_step)
+        slope = gain if capped is None else torch.where(capped, (grad * direction).sum(-1), gain)
     f0 = _objective(lin, total, lse, atoms, l2)
-    capped = None
-    if max_step is not None:
-        direction, capped = trust_region_step(grad, hess, direction, max_step)
-    slope = gain if capped is None else torch.where(capped, (grad * direction).sum(-1), gain)
     # Below this predicted gain the objective cannot resolve the change in this dtype: a full
     # Newton step on a concave function is then taken without a test.
     noise = 64 * torch.finfo(features.dtype).eps * (
@@ -286,12 +297,33 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     # The quadratic model's increase for the step taken: (s - s^2/2) g^T d for a fraction s of
     # the Newton step d; s g^T p - s^2 p^T H p / 2 for a trust-region step p.
     model_gain = (step - 0.5 * step**2) * gain
-    if capped is not None and bool(capped.any()):
+    if solved is not None:
+        model_gain = step * slope - 0.5 * step**2 * curvature
+    elif capped is not None and bool(capped.any()):
         curvature = torch.einsum("kr,krs,ks->k", direction, hess, direction)
         model_gain = torch.where(capped, step * slope - 0.5 * step**2 * curvature, model_gain)
     info = NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1, cov=cov,
-                          model_gain=model_gain, capped=capped)
+                          model_gain=model_gain, capped=capped, solved=solved)
     return new_atoms, trial, new_lse, info
+
+
+def _cg_direction(features, q, mean_q, total, grad, l2, factor: StaleFactor, max_step, ws):
+    """Newton directions H_k d_k = g_k of the M-step by conjugate gradients preconditioned by
+    ``factor`` (:func:`~pyro_softmix._cg.stale_newton`); H_k v = W_k (sum_j q_jk z_j (z_j . v)
+    - m_k (m_k . v)) + P v costs two (p x r)(r x K) products for all K."""
+
+    def hess_times(v):
+        u = torch.mm(features, v.T, out=ws.scratch).mul_(q)  # q_jk z_j . v_k
+        hv = (u.T @ features - mean_q * (mean_q * v).sum(-1, keepdim=True)) * total[:, None]
+        return hv + _penalty_grad(v, l2) if _has_penalty(l2) else hv
+
+    return stale_newton(hess_times, grad, factor, total, max_step)
+
+
+def stale_factor(cov: torch.Tensor, total: torch.Tensor, l2) -> StaleFactor:
+    """The preconditioner of Hessian-free M-steps from covariances (K, r, r) of z under q and
+    weights W (K,): the Hessians W cov + P, factored."""
+    return StaleFactor.of(add_ridge(total[:, None, None] * cov, l2), total)
 
 
 def trust_region_step(grad: torch.Tensor, hess: torch.Tensor, newton: torch.Tensor,
