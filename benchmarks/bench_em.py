@@ -8,9 +8,16 @@ For each (p, L, K) on the device it runs on, in one run:
   - ``ratio`` = iter / bare;
   - ``fit``: a full fit from one random start (skipped for the largest problems).
 
+With ``--large-L`` it times the Hessian-free iteration that ``fit_em`` runs from rank
+``engine.HESSIAN_FREE_RANK`` on, at L = 128 .. 1,024: one iteration in its steady state (its
+preconditioner formed three iterations earlier) against the (p x L)(L x K) products it runs
+(E-step logits, two gradient products, two per CG iteration, one line-search trial), and the
+explicit iteration (covariances formed) on the same state.
+
 Usage:
     python benchmarks/bench_em.py                 # the sweep (a few minutes on 2 CPU cores)
     python benchmarks/bench_em.py --quick         # a small smoke run
+    python benchmarks/bench_em.py --large-L       # the Hessian-free iteration, L = 128 .. 1,024
     python benchmarks/bench_em.py --device cuda --dtype float32 --json out.json
 """
 
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,6 +36,7 @@ import warnings
 import torch
 
 import pyro_softmix as psm
+from pyro_softmix import _cg
 from pyro_softmix.engine import EMProblem
 from pyro_softmix.moments import standardised_moments
 from pyro_softmix.warmstart import random_atoms
@@ -37,6 +46,7 @@ SWEEP = [(1_000, 64, 8), (10_000, 64, 8), BASE, (1_000_000, 64, 8),
          (100_000, 8, 8), (100_000, 256, 8), (100_000, 64, 2), (100_000, 64, 16)]
 QUICK = [(1_000, 8, 2), (10_000, 32, 4)]
 DEMO = (20_000, 32, 4)
+LARGE_L = [(20_000, L, 4) for L in (128, 256, 512, 1024)]
 #: Skip the full fit above this many flops per iteration (p L^2 K).
 FIT_FLOP_LIMIT = 2e10
 
@@ -124,6 +134,64 @@ def bench_one(p, L, K, device, dtype, repeats, seed=0):
     return row
 
 
+def bench_hessian_free(p, L, K, device, dtype, repeats, seed=0):
+    """One Hessian-free EM iteration in its steady state against the skinny products it runs,
+    and one explicit iteration (covariances formed) from the same state."""
+    data = psm.simulate(num_points=p, num_features=L, num_components=K, num_obs=1_000_000,
+                        atom_norm=2.0, seed=seed, dtype=torch.float32)
+    z = psm.standardize(data.features, warn=False).transform(data.features, dtype=dtype,
+                                                             device=device)
+    problem = EMProblem(z, data.counts.to(device), K)
+    problem.hessian_free = True
+    atoms = random_starts(z, problem.counts, K, 1, torch.Generator().manual_seed(seed))[0]
+    st = problem.start(atoms, torch.full((K,), -math.log(K), dtype=dtype, device=device))
+    for _ in range(3):  # the first forms the preconditioner
+        st, _ = problem.iterate(st)
+    chol, total, q0 = problem.factor.chol.clone(), problem.factor.total.clone(), \
+        problem.workspace.q.clone()
+    cg_iterations = []
+    original = _cg.pcg
+
+    def counted(*args):
+        out = original(*args)
+        cg_iterations.append(out.iterations)
+        return out
+
+    def one_iter(hessian_free=True):
+        problem.workspace.q.copy_(q0)
+        problem.factor.chol.copy_(chol)
+        problem.factor.total.copy_(total)
+        problem.hessian_free = hessian_free
+        problem.iterate(st)
+
+    _cg.pcg = counted
+    try:
+        t_iter = _timeit(one_iter, device, repeats)
+    finally:
+        _cg.pcg = original
+    problem.cov_reuse = 1
+    t_explicit = _timeit(lambda: one_iter(False), device, repeats)
+    t_product = _timeit(lambda: z @ st.atoms.T, device, repeats)
+    m = statistics.median(cg_iterations)
+    products = 4 + 2 * m
+    return {"p": p, "L": L, "K": K, "product_s": t_product, "cg_iterations": m,
+            "products": products, "iter_s": t_iter, "ratio": t_iter / (products * t_product),
+            "explicit_s": t_explicit, "speedup": t_explicit / t_iter}
+
+
+def _large_l(device, dtype, repeats) -> list[dict]:
+    print(f"{'p':>7} {'L':>5} {'K':>3} {'product ms':>11} {'CG its':>7} {'products':>9} "
+          f"{'iter ms':>9} {'ratio':>6} {'explicit ms':>12} {'speed-up':>9}")
+    rows = []
+    for p, L, K in LARGE_L:
+        row = bench_hessian_free(p, L, K, device, dtype, repeats)
+        rows.append(row)
+        print(f"{p:>7} {L:>5} {K:>3} {1e3 * row['product_s']:11.2f} {row['cg_iterations']:7.1f} "
+              f"{row['products']:9.1f} {1e3 * row['iter_s']:9.2f} {row['ratio']:6.2f} "
+              f"{1e3 * row['explicit_s']:12.2f} {row['speedup']:9.2f}", flush=True)
+    return rows
+
+
 def bench_demo(device, repeats):
     """The `softmix demo` problem, as the command runs it (float64, init='auto')."""
     p, L, K = DEMO
@@ -146,6 +214,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--large-L", action="store_true", help="the Hessian-free iteration only")
     ap.add_argument("--json", default=None, help="output file (default: "
                     "benchmarks/results/bench_em-DEVICE-DTYPE.json)")
     args = ap.parse_args(argv)
@@ -153,7 +222,17 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     configs = QUICK if args.quick else SWEEP
     info = machine(device)
-    print(f"# bench_em on {info}; {args.dtype}, median of {args.repeats}")
+    print(f"# bench_em on {info}; {args.dtype}, median of {args.repeats}; load "
+          f"{os.getloadavg()[0]:.2f}")
+    if args.large_L:
+        rows = _large_l(device, dtype, args.repeats)
+        path = args.json or os.path.join(os.path.dirname(__file__), "results",
+                                         f"bench_em_large_L-{device.type}-{args.dtype}.json")
+        with open(path, "w") as f:
+            json.dump({"machine": info, "dtype": args.dtype, "device": str(device),
+                       "load": os.getloadavg()[0], "rows": rows}, f, indent=2)
+        print(f"wrote {path}")
+        return 0
     header = (f"{'p':>9} {'L':>4} {'K':>3} {'logits ms':>10} {'hessian ms':>11} {'bare ms':>9} "
               f"{'iter ms':>9} {'ratio':>6} {'fit s':>7} {'iters':>6}")
     print(header)
