@@ -86,3 +86,19 @@ def test_newton_cg_fit_on_the_device_matches_the_cpu(data, device, monkeypatch):
     assert used and fit.converged
     assert fit.loglik == pytest.approx(ref.loglik, rel=1e-10)
     assert torch.allclose(fit.weights.cpu(), ref.weights, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hessian_free_m_steps_on_the_device_match_the_cpu(data, device, monkeypatch):
+    """Hessian-free M-steps (forced here: HESSIAN_FREE_RANK = 1) on the device reach the
+    optimum of the CPU's explicit M-steps."""
+    from pyro_softmix import engine
+
+    ref = psm.fit_em(data.features, counts=data.counts, num_components=3, seed=0, tol=1e-12)
+    monkeypatch.setattr(engine, "HESSIAN_FREE_RANK", 1)
+    fit = psm.fit_em(data.features.to(device), counts=data.counts.to(device), num_components=3,
+                     seed=0, tol=1e-12)
+    assert fit.converged
+    assert fit.loglik == pytest.approx(ref.loglik, rel=1e-10)
+    perm = torch.cdist(fit.weights.cpu()[:, None], ref.weights[:, None]).argmin(1)
+    assert torch.allclose(fit.weights.cpu(), ref.weights[perm], atol=1e-6)
