@@ -87,8 +87,8 @@ def pcg(matvec, rhs: torch.Tensor, precondition, radius: float = math.inf, rel_t
             torch.finfo(rhs.dtype).tiny)
         on_flat = (radius / pp.sqrt()).clamp_max(1.0) if iterations == 1 else torch.zeros_like(pp)
         go = active & ~flat & ~leave
+        # (go, leave and flat are disjoint subsets of the active rows; the others stay put.)
         length = torch.where(go, step, torch.where(leave, tau, torch.where(flat, on_flat, 0.0)))
-        length = torch.where(active, length, torch.zeros_like(length))
         d.add_(length[:, None] * direction)
         ad.add_(length[:, None] * ap)
         res.sub_(torch.where(go, step, torch.zeros_like(step))[:, None] * ap)
@@ -102,10 +102,16 @@ def pcg(matvec, rhs: torch.Tensor, precondition, radius: float = math.inf, rel_t
     return CGResult(d, ad, solved, bounded, iterations)
 
 
-def factor_blocks(blocks: torch.Tensor) -> torch.Tensor:
-    """Cholesky factors of (B, n, n) positive semidefinite blocks; a block that is not
-    numerically positive definite (an empty component, a vanishing weight) is replaced by
-    its diagonal's mean times the identity (a preconditioner only needs to be positive)."""
+def factor_blocks(blocks: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """Cholesky factors of (B, n, n) positive semidefinite blocks plus ``ridge`` times each
+    block's mean diagonal (a ridge at rounding level keeps a factor finite where a block is
+    flat in some direction); a block that is still not numerically positive definite (an
+    empty component, a vanishing weight) is replaced by its diagonal's mean times the identity
+    (a preconditioner only needs to be positive)."""
+    if ridge:
+        level = blocks.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(blocks.dtype).tiny)
+        eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+        blocks = blocks + (ridge * level)[:, None, None] * eye
     chol, info = torch.linalg.cholesky_ex(blocks)
     if bool((info > 0).any()):
         n = blocks.shape[-1]
@@ -126,11 +132,7 @@ class StaleFactor:
 
     @classmethod
     def of(cls, hess: torch.Tensor, total: torch.Tensor) -> StaleFactor:
-        scale = hess.diagonal(dim1=1, dim2=2).mean(1).abs()
-        eye = torch.eye(hess.shape[-1], dtype=hess.dtype, device=hess.device)
-        # A ridge at the rounding level keeps the factor finite where a component is flat.
-        hess = hess + (16 * torch.finfo(hess.dtype).eps * scale)[:, None, None] * eye
-        return cls(factor_blocks(hess), total.clone())
+        return cls(factor_blocks(hess, 16 * torch.finfo(hess.dtype).eps), total.clone())
 
     def select(self, cols: torch.Tensor) -> StaleFactor:
         """The factor of the components ``cols`` only."""

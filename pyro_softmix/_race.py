@@ -87,7 +87,7 @@ def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
             if len(alive) < s:
                 keep = alive
             tight = RACE_SPLIT if len(alive) > 1 and problem.hessian_free else 1.0
-            if all(rules[i].gap(obj[i]) <= tight * RACE_HANDOVER * abs(obj[i]) for i in alive):
+            if all(rules[i].converged(obj[i], tight) for i in alive):
                 keep, it = alive, max_iter  # hand the survivors over
         if keep is None:  # out of iterations: the leader alone goes on
             keep = [lead]

@@ -307,15 +307,10 @@ def _em_preconditioner(problem: EMProblem, st: EMState, pieces, pen: torch.Tenso
     blocks = total_w[:, None, None].to(cov) * cov
     if pen is not None:
         blocks = blocks + pen.to(cov)
-    blocks = blocks.double()
-    # A ridge at the float32 rounding level of each block keeps its factor finite where a
-    # component is (numerically) flat in some direction.
-    scale = blocks.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)
-    blocks = blocks + (1e-7 * scale)[:, None, None] * torch.eye(r, dtype=blocks.dtype,
-                                                                device=blocks.device)
     a = alpha.double()
     info_eta = float(total_w.sum()) * (torch.diag(a) - a[:, None] * a)[:-1, :-1]
-    chol_t, chol_eta = factor_blocks(blocks), factor_blocks(info_eta[None])[0]
+    # The ridge: float32 rounding of each block (its covariances come from the compute dtype).
+    chol_t, chol_eta = factor_blocks(blocks.double(), 1e-7), factor_blocks(info_eta[None])[0]
 
     def apply(v):
         out_t = torch.cholesky_solve(v[:k * r].view(k, r, 1), chol_t).reshape(-1)

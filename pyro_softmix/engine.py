@@ -171,14 +171,13 @@ class EMProblem:
         """New (atoms, log_weights, logits, lse) and the (S,) increases of the EM surrogate Q.
 
         The increase is N KL(alpha_new || alpha_old) for the weights plus the quadratic-model
-        gain (s - s^2/2) g^T H^{-1} g of each component's Newton step. Both come from gradients,
+        gain s g^T d - s^2 d^T H d / 2 of each component's step s d ((s - s^2/2) g^T H^-1 g for
+        a full Newton direction). Both come from gradients,
         not from differences of large sums, so they stay accurate in float32 where the
         log-likelihood itself is resolved only to about 1e-7 relative.
         """
         new_log_weights = torch.log(self.weight_sums / self.weight_total)
         l2 = 0.0 if self.penalty is None else self.penalty
-        # At large r the covariances (p r^2 K) dominate an iteration: reuse them for a few
-        # M-steps (quasi-Newton steps; the line search keeps EM monotone).
         if self.hessian_free:
             factor = self.factor
             atoms, logits, lse, info = softmax_newton_step(
@@ -194,6 +193,8 @@ class EMProblem:
                 cov = weighted_cov(self.z, probs, probs.T @ self.z, chunk_size=self.chunk_size)
                 factor.update(cols, stale_factor(cov, self.weight_sums[cols], l2))
         else:
+            # At large r the covariances (p r^2 K) dominate an iteration: reuse them for a few
+            # M-steps (quasi-Newton steps; the line search keeps EM monotone).
             reuse = self.cov is not None and self.cov_age < self.cov_reuse
             atoms, logits, lse, info = softmax_newton_step(
                 self.z, w, atoms, logits, self.workspace, lse, l2=l2, max_step=EM_MAX_STEP,

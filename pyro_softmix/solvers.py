@@ -174,6 +174,8 @@ class NewtonStepInfo:
         cov: (K, r, r) covariance of z under q_k at the starting atoms (or the one passed in).
         model_gain: (K,) the quadratic model's increase for the step taken.
         capped: (K,) which steps were cut to the trust region (dogleg steps), or None.
+        solved: (K,) which CG solves of a Hessian-free step reached their tolerance or the
+            trust region (the others' preconditioner is stale); None for an explicit step.
     """
 
     grad: torch.Tensor
@@ -259,8 +261,7 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
                                                      factor, max_step, ws)
         gain = slope = (grad * direction).sum(-1)
     else:
-        # Covariance of z under q_k, sum_j q_j (z_j - m_k)(z_j - m_k)^T (the columns of q sum
-        # to 1).
+        # Covariance of z under q_k, sum_j q_j (z_j - m_k)(z_j - m_k)^T (q's columns sum to 1).
         if cov is None:
             cov = weighted_cov(features, q, mean_q, buffers=ws.gram)
         hess = add_ridge(total[:, None, None] * cov, l2)
@@ -296,12 +297,13 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
         new_lse = column_logsumexp(trial, ws.q)
     # The quadratic model's increase for the step taken: (s - s^2/2) g^T d for a fraction s of
     # the Newton step d; s g^T p - s^2 p^T H p / 2 for a trust-region step p.
-    model_gain = (step - 0.5 * step**2) * gain
-    if solved is not None:
+    if solved is not None:  # CG carried d^T H d
         model_gain = step * slope - 0.5 * step**2 * curvature
-    elif capped is not None and bool(capped.any()):
-        curvature = torch.einsum("kr,krs,ks->k", direction, hess, direction)
-        model_gain = torch.where(capped, step * slope - 0.5 * step**2 * curvature, model_gain)
+    else:
+        model_gain = (step - 0.5 * step**2) * gain
+        if capped is not None and bool(capped.any()):
+            curvature = torch.einsum("kr,krs,ks->k", direction, hess, direction)
+            model_gain = torch.where(capped, step * (slope - 0.5 * step * curvature), model_gain)
     info = NewtonStepInfo(grad=grad, step=step, gain=gain, objective=f1, cov=cov,
                           model_gain=model_gain, capped=capped, solved=solved)
     return new_atoms, trial, new_lse, info

@@ -235,10 +235,11 @@ class StoppingRule:
         extrapolation of the last gain; 0 after a gain at or below 0)."""
         return remaining_gap(self.gains, max_rate=rate, rate=rate)
 
-    def converged(self, objective: float) -> bool:
-        """Whether the estimated remaining gain is within ``tol`` times ``|objective|``."""
+    def converged(self, objective: float, scale: float = 1.0) -> bool:
+        """Whether the estimated remaining gain is within ``scale`` times ``tol`` times
+        ``|objective|``."""
         gap = self.gap(objective)
-        return gap <= self.tol * abs(objective) and (self.monotone or gap > 0)
+        return gap <= scale * self.tol * abs(objective) and (self.monotone or gap > 0)
 
 
 def cycle_rate(rates: deque, gains) -> float:

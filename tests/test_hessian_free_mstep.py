@@ -116,12 +116,12 @@ def _fit(d, hessian_free, monkeypatch, **kwargs):
     return fit, changes
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"prior_scale": 0.5}, {"offset": "random"}])
-def test_hessian_free_fits_reach_the_explicit_optimum_monotonically(monkeypatch, kwargs):
+@pytest.mark.parametrize("option", [None, "prior_scale", "offset"])
+def test_hessian_free_fits_reach_the_explicit_optimum_monotonically(monkeypatch, option):
     d = simulated(p=500, L=6, K=3, N=50_000, seed=11, norm=2.5)
-    if kwargs.get("offset") == "random":
-        kwargs = {"offset": 0.5 * torch.randn(500, generator=torch.Generator().manual_seed(3),
-                                              dtype=torch.float64)}
+    kwargs = {None: {}, "prior_scale": {"prior_scale": 0.5},
+              "offset": {"offset": 0.5 * torch.randn(500, generator=torch.Generator().manual_seed(3),
+                                                     dtype=torch.float64)}}[option]
     calls = []
     original = _cg.stale_newton
     monkeypatch.setattr(solvers, "stale_newton", lambda *a: calls.append(1) or original(*a))
@@ -131,9 +131,9 @@ def test_hessian_free_fits_reach_the_explicit_optimum_monotonically(monkeypatch,
     explicit, _ = _fit(d, False, monkeypatch, **kwargs)
     assert not calls
     assert free.converged and explicit.converged
-    # Monotone up to the rounding wiggles at the optimum that the explicit M-step shows too
-    # (measured on this case with tol=1e-12: falls of up to 1.6e-7 relative on both paths).
-    assert all(b >= a - 1e-6 * abs(a) for a, b in changes)
+    # Every EM iteration raises the objective (measured: the smallest rise is 3e-12 relative);
+    # 1e-14 leaves room for the rounding of the objective itself.
+    assert all(b >= a - 1e-14 * abs(a) for a, b in changes)
     assert free.loglik == pytest.approx(explicit.loglik, rel=1e-10, abs=0)
     perm = torch.cdist(free.atoms, explicit.atoms).argmin(1)
     assert torch.allclose(free.atoms, explicit.atoms[perm], atol=1e-5)
