@@ -85,6 +85,10 @@ class _Trace:
         t = time.perf_counter() - self.start if elapsed is None else elapsed
         self.points.append((t, loglik))
 
+    def add_best(self, loglik: float, elapsed: float | None = None):
+        """Add the best log-likelihood so far (an EM fit returns its best start's)."""
+        self.add(max([loglik] + [ll for _, ll in self.points[-1:]]), elapsed)
+
     def hits(self, best: float) -> dict:
         out = {}
         for rel in TARGETS:
@@ -104,7 +108,7 @@ def _run_em(data, k, start, accelerate_em: bool, max_iter: int, seed: int = 0) -
     def recording(problem, st, num_steps=2, step_max=None):
         out = original(problem, st, num_steps, step_max)
         if problem.num_components == k:  # not the smaller fits of the start grown by splits
-            trace.add(max(out[1][-1]))
+            trace.add_best(max(out[1][-1]))
         return out
 
     def recording_newton(original_newton, problem, st, obj, tol, max_steps):
@@ -122,7 +126,7 @@ def _run_em(data, k, start, accelerate_em: bool, max_iter: int, seed: int = 0) -
             EMProblem.objective = original_objective
         trials = iter(evaluated)
         for value in out[1]:  # each accepted step, stamped when its objective was known
-            trace.add(value, next((t for t, v in trials if v == value), None))
+            trace.add_best(value, next((t for t, v in trials if v == value), None))
         return out
 
     def recording_method(problem):
