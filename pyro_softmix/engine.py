@@ -61,6 +61,8 @@ HESSIAN_FREE_RANK = 128
 #: Largest float64 copy of a float32 design (bytes) made for the Newton finish (see
 #: :meth:`EMProblem.precise`); beyond it the finish runs in float32.
 PRECISE_MAX_BYTES = 2**32
+#: Elements per float64 chunk of :meth:`EMProblem.relative_gradient` (32 MB).
+GRADIENT_CHUNK = 2**22
 
 
 class EMProblem:
@@ -233,13 +235,21 @@ class EMProblem:
         By Fisher's identity the M-step's gradient at the current point is the
         log-likelihood's: z^T w_k - W_k m_k for the atoms, W - units alpha for the weight
         logits. (Runs one E-step; the workspace then holds this point's softmax.)
+
+        The sums over the p points are taken in float64, in chunks of rows: in float32 their
+        rounding alone measured 1e-3 on GloVe (p = 400,000, N = 10^6) at the optimum.
         """
         st = self.start(atoms, log_weights)
-        total_w = st.w.sum(0)
-        g_t = st.w.T @ self.z - total_w[:, None] * (self.workspace.q.T @ self.z)
+        w, q = st.w, self.workspace.q
+        total_w = w.sum(0, dtype=torch.float64)
+        rows = max(1, GRADIENT_CHUNK // (w.shape[1] + self.z.shape[1]))
+        g_t = torch.zeros(w.shape[1], self.z.shape[1], dtype=torch.float64, device=w.device)
+        for i in range(0, w.shape[0], rows):
+            resid = w[i:i + rows].double() - q[i:i + rows].double() * total_w
+            g_t += resid.T @ self.z[i:i + rows].double()
         if self.penalty is not None:
-            g_t = g_t - atoms @ self.penalty
-        g_eta = self.weight_sums - self.weight_total * log_weights.exp()
+            g_t = g_t - atoms.double() @ self.penalty.double()
+        g_eta = self.weight_sums.double() - self.weight_total * log_weights.double().exp()
         atoms_part = float(g_t.abs().max()) / max(self.total, 1e-300)
         weights_part = float(g_eta.abs().max()) / max(self.weight_total, 1e-300)
         return max(atoms_part, weights_part)
