@@ -147,8 +147,7 @@ def bench_hessian_free(p, L, K, device, dtype, repeats, seed=0):
     st = problem.start(atoms, torch.full((K,), -math.log(K), dtype=dtype, device=device))
     for _ in range(3):  # the first forms the preconditioner
         st, _ = problem.iterate(st)
-    chol, total, q0 = problem.factor.chol.clone(), problem.factor.total.clone(), \
-        problem.workspace.q.clone()
+    chol, q0 = problem.factor.clone(), problem.workspace.q.clone()
     cg_iterations = []
     original = _cg.pcg
 
@@ -159,8 +158,7 @@ def bench_hessian_free(p, L, K, device, dtype, repeats, seed=0):
 
     def one_iter(hessian_free=True):
         problem.workspace.q.copy_(q0)
-        problem.factor.chol.copy_(chol)
-        problem.factor.total.copy_(total)
+        problem.factor.copy_(chol)
         problem.hessian_free = hessian_free
         problem.iterate(st)
 

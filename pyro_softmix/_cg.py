@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CGResult", "StaleFactor", "factor_blocks", "pcg", "stale_newton"]
+__all__ = ["CGResult", "factor_blocks", "factor_hessians", "pcg", "stale_newton"]
 
 #: Conjugate-gradient iterations of a Hessian-free M-step at most, and the relative residual at
 #: which it stops (:func:`stale_newton`).
@@ -121,40 +121,26 @@ def factor_blocks(blocks: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
     return chol
 
 
-@dataclass
-class StaleFactor:
-    """Hessians H_k = W_k cov_k + P of earlier M-steps, factored: ``chol`` (K, r, r) Cholesky
-    factors and ``total`` (K,) the weights W_k they were formed with. The preconditioner of the
-    Hessian-free M-steps (:func:`stale_newton`)."""
-
-    chol: torch.Tensor
-    total: torch.Tensor
-
-    @classmethod
-    def of(cls, hess: torch.Tensor, total: torch.Tensor) -> StaleFactor:
-        return cls(factor_blocks(hess, 16 * torch.finfo(hess.dtype).eps), total.clone())
-
-    def select(self, cols: torch.Tensor) -> StaleFactor:
-        """The factor of the components ``cols`` only."""
-        return StaleFactor(self.chol[cols], self.total[cols])
-
-    def update(self, cols: torch.Tensor, fresh: StaleFactor) -> None:
-        """Replace the components ``cols`` by ``fresh``'s, in place."""
-        self.chol[cols], self.total[cols] = fresh.chol, fresh.total
+def factor_hessians(hess: torch.Tensor) -> torch.Tensor:
+    """The preconditioner of the Hessian-free M-steps: Cholesky factors (K, r, r) of the
+    Hessians (K, r, r) of an earlier M-step, with a ridge at rounding level."""
+    return factor_blocks(hess, 16 * torch.finfo(hess.dtype).eps)
 
 
-def stale_newton(hess_times, grad: torch.Tensor, factor: StaleFactor, total: torch.Tensor,
+def stale_newton(hess_times, grad: torch.Tensor, chol: torch.Tensor,
                  radius: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Newton directions H_k d_k = g_k for K concave M-step problems (grad (K, r)) by
-    :func:`pcg` on the products ``hess_times``, preconditioned by ``factor``'s Hessians scaled
-    by the change of the weights to ``total`` (K,) (exact where nothing else moved and there is
-    no prior), inside the trust ``radius``. Returns (K, r) directions, (K,) curvatures d^T H d,
-    and which solves reached ``CG_MSTEP_TOL`` or the radius (the others ran out of iterations:
-    their preconditioner is stale)."""
-    ratio = (factor.total / total.clamp_min(torch.finfo(total.dtype).tiny))[:, None]
+    :func:`pcg` on the products ``hess_times``, preconditioned by an earlier M-step's Hessians
+    (``chol``, from :func:`factor_hessians`), inside the trust ``radius``.
+
+    PCG's iterates do not change when a system's preconditioner is multiplied by a positive
+    number, so a Hessian W_k cov_k formed at other weights W_k is still an exact preconditioner
+    where only the weights moved (and there is no prior). Returns (K, r) directions, (K,)
+    curvatures d^T H d, and which solves reached ``CG_MSTEP_TOL`` or the radius (the others ran
+    out of iterations: their preconditioner is stale)."""
 
     def precondition(v):
-        return torch.cholesky_solve(v[:, :, None], factor.chol)[:, :, 0] * ratio
+        return torch.cholesky_solve(v[:, :, None], chol)[:, :, 0]
 
     out = pcg(hess_times, grad, precondition, math.inf if radius is None else radius,
               CG_MSTEP_TOL, CG_MSTEP_ITERATIONS)

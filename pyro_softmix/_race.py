@@ -96,8 +96,8 @@ def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
             step_max = [step_max[i] for i in keep]
         index = torch.tensor(keep, device=atoms.device)
         if batch.factor is not None:
-            factor = batch.factor.select((index[:, None] * k + torch.arange(k, device=index.device)
-                                          ).reshape(-1))
+            factor = batch.factor[(index[:, None] * k + torch.arange(k, device=index.device)
+                                   ).reshape(-1)]
         atoms = st.atoms.view(s, k, r)[index]
         log_weights = st.log_weights.view(s, k)[index]
         s = atoms.shape[0]

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from ._cg import StaleFactor
 from ._checks import (
     as_tensor,
     check_counts,
@@ -104,7 +103,8 @@ class EMProblem:
         self.cov_reuse = max((n for rank, n in COV_REUSE if z.shape[1] >= rank), default=1)
         self.cov, self.cov_age = None, 0
         self.hessian_free = z.shape[1] >= HESSIAN_FREE_RANK
-        self.factor: StaleFactor | None = None
+        #: Hessian-free M-steps: Cholesky factors (S K, r, r) of earlier Hessians.
+        self.factor: torch.Tensor | None = None
         self._precise: EMProblem | None = None
 
     def with_starts(self, num_starts: int, num_components: int | None = None) -> EMProblem:
@@ -186,14 +186,14 @@ class EMProblem:
                 self.z, w, atoms, logits, self.workspace, lse, l2=l2, max_step=EM_MAX_STEP,
                 offset=self.offset, factor=factor)
             if factor is None:
-                self.factor = stale_factor(info.cov, self.weight_sums, l2)
+                self.factor = stale_factor(info.cov, w.sum(0), l2)
             elif not bool(info.solved.all()):
                 # A stale preconditioner: factor those components' Hessians at their new atoms
                 # (ws.q holds their softmax), the next M-step's up to the weights.
                 cols = (~info.solved).nonzero().squeeze(1)
                 probs = self.workspace.q[:, cols]
                 cov = weighted_cov(self.z, probs, probs.T @ self.z, chunk_size=self.chunk_size)
-                factor.update(cols, stale_factor(cov, self.weight_sums[cols], l2))
+                factor[cols] = stale_factor(cov, w[:, cols].sum(0), l2)
         else:
             # At large r the covariances (p r^2 K) dominate an iteration: reuse them for a few
             # M-steps (quasi-Newton steps; the line search keeps EM monotone).

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._cg import StaleFactor, stale_newton
+from ._cg import factor_hessians, stale_newton
 from ._checks import as_tensor, check_offset, check_positive_float, check_positive_int
 from ._gram import gram_chunk_rows, weighted_cov, weighted_gram
 
@@ -224,7 +224,7 @@ def softmax_regression_step(features: torch.Tensor, weights: torch.Tensor, atoms
 def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=None, *,
                  l2: float | torch.Tensor = 0.0, max_backtracks: int = 30,
                  max_step: float | None = None, cov: torch.Tensor | None = None,
-                 offset: torch.Tensor | None = None, factor: StaleFactor | None = None):
+                 offset: torch.Tensor | None = None, factor: torch.Tensor | None = None):
     """:func:`softmax_regression_step` on preallocated buffers.
 
     ``l2`` may also be an (r, r) positive semidefinite matrix P (the penalty 0.5 t^T P t, a
@@ -241,9 +241,9 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     search. ``info.cov`` is the covariance used. ``offset`` (p,) is a fixed term of every
     column's logits (``logits = features @ atoms.T + offset[:, None]``).
 
-    With ``factor`` (an earlier step's Hessian, factored) the step is Hessian-free: the Newton
-    system is solved by conjugate gradients preconditioned by the earlier Hessian, each
-    iteration two (p x r)(r x K) products (:func:`_cg_direction`), and no covariance is formed.
+    With ``factor`` (an earlier step's Hessians, factored (K, r, r): :func:`stale_factor`) the
+    step is Hessian-free: conjugate gradients preconditioned by them solve the Newton system,
+    each iteration two (p x r)(r x K) products (:func:`_cg_direction`); no covariance is formed.
     """
     total = weights.sum(0)  # (K,)
     if lse is None:
@@ -309,7 +309,7 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     return new_atoms, trial, new_lse, info
 
 
-def _cg_direction(features, q, mean_q, total, grad, l2, factor: StaleFactor, max_step, ws):
+def _cg_direction(features, q, mean_q, total, grad, l2, factor: torch.Tensor, max_step, ws):
     """Newton directions H_k d_k = g_k of the M-step by conjugate gradients preconditioned by
     ``factor`` (:func:`~pyro_softmix._cg.stale_newton`); H_k v = W_k (sum_j q_jk z_j (z_j . v)
     - m_k (m_k . v)) + P v costs two (p x r)(r x K) products for all K."""
@@ -319,13 +319,13 @@ def _cg_direction(features, q, mean_q, total, grad, l2, factor: StaleFactor, max
         hv = (u.T @ features - mean_q * (mean_q * v).sum(-1, keepdim=True)) * total[:, None]
         return hv + _penalty_grad(v, l2) if _has_penalty(l2) else hv
 
-    return stale_newton(hess_times, grad, factor, total, max_step)
+    return stale_newton(hess_times, grad, factor, max_step)
 
 
-def stale_factor(cov: torch.Tensor, total: torch.Tensor, l2) -> StaleFactor:
+def stale_factor(cov: torch.Tensor, total: torch.Tensor, l2) -> torch.Tensor:
     """The preconditioner of Hessian-free M-steps from covariances (K, r, r) of z under q and
-    weights W (K,): the Hessians W cov + P, factored."""
-    return StaleFactor.of(add_ridge(total[:, None, None] * cov, l2), total)
+    weights W (K,): the Hessians W cov + P, factored (K, r, r)."""
+    return factor_hessians(add_ridge(total[:, None, None] * cov, l2))
 
 
 def trust_region_step(grad: torch.Tensor, hess: torch.Tensor, newton: torch.Tensor,
