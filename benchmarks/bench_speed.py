@@ -87,7 +87,7 @@ class _Trace:
 
     def add_best(self, loglik: float, elapsed: float | None = None):
         """Add the best log-likelihood so far (an EM fit returns its best start's)."""
-        self.add(max([loglik] + [ll for _, ll in self.points[-1:]]), elapsed)
+        self.add(max(loglik, self.points[-1][1]) if self.points else loglik, elapsed)
 
     def hits(self, best: float) -> dict:
         out = {}

@@ -34,6 +34,7 @@ from ._checks import (
     resolve_device,
     resolve_dtype,
 )
+from ._chunks import rows_per_chunk
 from ._gram import weighted_cov
 from ._logprob import group_log_joint
 from .design import Design, feature_scales, standardize
@@ -60,8 +61,6 @@ HESSIAN_FREE_RANK = 128
 #: Largest float64 copy of a float32 design (bytes) made for the Newton finish (see
 #: :meth:`EMProblem.precise`); beyond it the finish runs in float32.
 PRECISE_MAX_BYTES = 2**32
-#: Elements per float64 chunk of :meth:`EMProblem.relative_gradient` (32 MB).
-GRADIENT_CHUNK = 2**22
 
 
 class EMProblem:
@@ -242,7 +241,8 @@ class EMProblem:
         st = self.start(atoms, log_weights)
         w, q = st.w, self.workspace.q
         total_w = w.sum(0, dtype=torch.float64)
-        rows = max(1, GRADIENT_CHUNK // (w.shape[1] + self.z.shape[1]))
+        rows = rows_per_chunk(w.shape[0], (w.shape[1] + self.z.shape[1]) * 8, w.device,
+                              self.chunk_size)
         g_t = torch.zeros(w.shape[1], self.z.shape[1], dtype=torch.float64, device=w.device)
         for i in range(0, w.shape[0], rows):
             resid = w[i:i + rows].double() - q[i:i + rows].double() * total_w
