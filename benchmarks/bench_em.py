@@ -10,9 +10,12 @@ For each (p, L, K) on the device it runs on, in one run:
 
 With ``--large-L`` it times the Hessian-free iteration that ``fit_em`` runs from rank
 ``engine.HESSIAN_FREE_RANK`` on, at L = 128 .. 1,024: one iteration in its steady state (its
-preconditioner formed three iterations earlier) against the (p x L)(L x K) products it runs
-(E-step logits, two gradient products, two per CG iteration, one line-search trial), and the
-explicit iteration (covariances formed) on the same state.
+preconditioner formed three iterations earlier) against the passes over the features it runs,
+counted as it runs: forward products z @ T^T (p x L)(L x K) (the logits of the E-step
+and of the line search's trials, one per CG iteration) and backward products (K x p)(p x L)
+(the gradient, one per CG iteration). ``ratio`` prices every pass at the forward product's
+time; ``/floor`` prices each at its own time alone. On a CPU the backward product is the
+slower one. Also the explicit iteration (covariances formed) on the same state.
 
 Usage:
     python benchmarks/bench_em.py                 # the sweep (a few minutes on 2 CPU cores)
@@ -36,7 +39,7 @@ import warnings
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix import _cg
+from pyro_softmix._chunks import weighted_sums
 from pyro_softmix.engine import EMProblem
 from pyro_softmix.moments import standardised_moments
 from pyro_softmix.warmstart import random_atoms
@@ -46,7 +49,7 @@ SWEEP = [(1_000, 64, 8), (10_000, 64, 8), BASE, (1_000_000, 64, 8),
          (100_000, 8, 8), (100_000, 256, 8), (100_000, 64, 2), (100_000, 64, 16)]
 QUICK = [(1_000, 8, 2), (10_000, 32, 4)]
 DEMO = (20_000, 32, 4)
-LARGE_L = [(20_000, L, 4) for L in (128, 256, 512, 1024)]
+LARGE_L = [(100_000, L, 4) for L in (128, 256, 512, 1024)]
 #: Skip the full fit above this many flops per iteration (p L^2 K).
 FIT_FLOP_LIMIT = 2e10
 
@@ -134,9 +137,33 @@ def bench_one(p, L, K, device, dtype, repeats, seed=0):
     return row
 
 
+class _Passes(torch.overrides.TorchFunctionMode):
+    """Records the products over the features z (p, L) run inside it, as (kind, width)
+    pairs: ("forward", K) for z @ T^T (p x L)(L x K), ("backward", K) for (K x p)(p x L)
+    (or that product split into row blocks)."""
+
+    def __init__(self, z):
+        super().__init__()
+        self.shape, self.passes = tuple(z.shape), []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        mats = [a for a in args if isinstance(a, torch.Tensor)]
+        if name in ("mm", "matmul", "__matmul__", "addmm", "bmm") and len(mats) >= 2:
+            a, b = mats[-2:]
+            p, L = self.shape
+            if tuple(a.shape) == (p, L) and b.dim() == 2:
+                self.passes.append(("forward", b.shape[1]))
+            elif b.dim() == 2 and tuple(b.shape) == (p, L) or (
+                    b.dim() == 3 and b.shape[2] == L and b.shape[0] * b.shape[1] > p // 2):
+                self.passes.append(("backward", a.shape[-2]))
+        return func(*args, **(kwargs or {}))
+
+
 def bench_hessian_free(p, L, K, device, dtype, repeats, seed=0):
-    """One Hessian-free EM iteration in its steady state against the skinny products it runs,
-    and one explicit iteration (covariances formed) from the same state."""
+    """One Hessian-free EM iteration in its steady state against the products over the
+    features it runs (each timed alone), and one explicit iteration (covariances formed) from
+    the same state."""
     data = psm.simulate(num_points=p, num_features=L, num_components=K, num_obs=1_000_000,
                         atom_norm=2.0, seed=seed, dtype=torch.float32)
     z = psm.standardize(data.features, warn=False).transform(data.features, dtype=dtype,
@@ -148,13 +175,6 @@ def bench_hessian_free(p, L, K, device, dtype, repeats, seed=0):
     for _ in range(3):  # the first forms the preconditioner
         st, _ = problem.iterate(st)
     chol, q0 = problem.factor.clone(), problem.workspace.q.clone()
-    cg_iterations = []
-    original = _cg.pcg
-
-    def counted(*args):
-        out = original(*args)
-        cg_iterations.append(out.iterations)
-        return out
 
     def one_iter(hessian_free=True):
         problem.workspace.q.copy_(q0)
@@ -162,31 +182,47 @@ def bench_hessian_free(p, L, K, device, dtype, repeats, seed=0):
         problem.hessian_free = hessian_free
         problem.iterate(st)
 
-    _cg.pcg = counted
-    try:
-        t_iter = _timeit(one_iter, device, repeats)
-    finally:
-        _cg.pcg = original
+    t_iter = _timeit(one_iter, device, repeats)
+    with _Passes(z) as counter:
+        one_iter()
+    passes = counter.passes
     problem.cov_reuse = 1
     t_explicit = _timeit(lambda: one_iter(False), device, repeats)
-    t_product = _timeit(lambda: z @ st.atoms.T, device, repeats)
-    m = statistics.median(cg_iterations)
-    products = 4 + 2 * m
-    return {"p": p, "L": L, "K": K, "product_s": t_product, "cg_iterations": m,
-            "products": products, "iter_s": t_iter, "ratio": t_iter / (products * t_product),
+    gen = torch.Generator(device=device).manual_seed(seed)
+    alone = {}
+    for kind, width in sorted(set(passes)) or [("forward", K), ("backward", K)]:
+        if kind == "forward":
+            t = torch.randn(width, L, dtype=dtype, device=device, generator=gen)
+            alone[kind, width] = _timeit(lambda t=t: z @ t.T, device, repeats)
+        else:
+            u = torch.randn(p, width, dtype=dtype, device=device, generator=gen)
+            alone[kind, width] = _timeit(lambda u=u: weighted_sums(u, z), device, repeats)
+    t_product = alone.get(("forward", K)) or _timeit(lambda: z @ st.atoms.T, device, repeats)
+    floor = sum(alone[k] for k in passes)
+    n_fwd = sum(kind == "forward" for kind, _ in passes)
+    return {"p": p, "L": L, "K": K, "product_s": t_product,
+            "backward_s": alone.get(("backward", K)), "forward_passes": n_fwd,
+            "backward_passes": len(passes) - n_fwd, "floor_s": floor, "iter_s": t_iter,
+            "ratio": t_iter / (len(passes) * t_product) if passes else math.nan,
+            "ratio_floor": t_iter / floor if passes else math.nan,
             "explicit_s": t_explicit, "speedup": t_explicit / t_iter}
 
 
 def _large_l(device, dtype, repeats) -> list[dict]:
-    print(f"{'p':>7} {'L':>5} {'K':>3} {'product ms':>11} {'CG its':>7} {'products':>9} "
-          f"{'iter ms':>9} {'ratio':>6} {'explicit ms':>12} {'speed-up':>9}")
+    print(f"{'p':>7} {'L':>5} {'K':>3} {'fwd ms':>7} {'bwd ms':>7} {'passes':>7} "
+          f"{'floor ms':>9} {'iter ms':>8} {'ratio':>6} {'/floor':>7} {'explicit ms':>12} "
+          f"{'speed-up':>9}")
     rows = []
     for p, L, K in LARGE_L:
         row = bench_hessian_free(p, L, K, device, dtype, repeats)
         rows.append(row)
-        print(f"{p:>7} {L:>5} {K:>3} {1e3 * row['product_s']:11.2f} {row['cg_iterations']:7.1f} "
-              f"{row['products']:9.1f} {1e3 * row['iter_s']:9.2f} {row['ratio']:6.2f} "
-              f"{1e3 * row['explicit_s']:12.2f} {row['speedup']:9.2f}", flush=True)
+        bwd = row["backward_s"]
+        print(f"{p:>7} {L:>5} {K:>3} {1e3 * row['product_s']:7.2f} "
+              f"{1e3 * bwd if bwd else math.nan:7.2f} "
+              f"{row['forward_passes']:>3d}+{row['backward_passes']:<3d} "
+              f"{1e3 * row['floor_s']:9.2f} {1e3 * row['iter_s']:8.2f} {row['ratio']:6.2f} "
+              f"{row['ratio_floor']:7.2f} {1e3 * row['explicit_s']:12.2f} "
+              f"{row['speedup']:9.2f}", flush=True)
     return rows
 
 

@@ -32,6 +32,33 @@ def rows_per_chunk(num_rows: int, row_bytes: int, device: torch.device | str,
     return max(1, min(int(chunk_size), num_rows))
 
 
+#: Rows from which :func:`weighted_sums` splits its product between the threads.
+SPLIT_ROWS = 4096
+
+
+def weighted_sums(weights: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(K, r) ``weights.T @ z`` for (p, K) weights and (p, r) features: K weighted sums over
+    the rows.
+
+    On a CPU this product (a reduction over the long dimension p) ran on one thread (torch
+    2.13 with MKL, float32: 6.8 ms at p = 20,000, r = 1,024, K = 4, against 1.8 ms for the
+    forward product z @ atoms.T). From ``SPLIT_ROWS`` rows on it runs as one batched product
+    over equal row blocks, one per thread, summed: 1.2-2x faster on 2 cores across
+    p = 5,000..400,000, r = 5..1,024, K = 4..64, float32 and float64.
+    """
+    p = z.shape[0]
+    blocks = torch.get_num_threads()
+    if z.device.type != "cpu" or blocks < 2 or p < SPLIT_ROWS or not z.is_contiguous():
+        return weights.T @ z
+    rows = p // blocks
+    head = blocks * rows
+    out = torch.bmm(weights[:head].reshape(blocks, rows, -1).transpose(1, 2),
+                    z[:head].view(blocks, rows, -1)).sum(0)
+    if head < p:
+        out.addmm_(weights[head:].T, z[head:])
+    return out
+
+
 #: Problems with fewer multiply-adds per pass over the data than this (p r K for a softmax
 #: mixture, n d K for a mixture of experts) run on one thread: their operations are too small
 #: to share, and a second thread then only adds overhead (idle) or waits for a core (loaded).

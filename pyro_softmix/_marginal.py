@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._chunks import rows_per_chunk
+from ._chunks import rows_per_chunk, weighted_sums
 from ._gram import weighted_gram
 
 #: From this many coordinates K r + K on, the Hessian's products over the rows of a float64
@@ -42,8 +42,8 @@ def marginal_gradient(z: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
     """(D,) float64 gradient of l, and the pieces the Hessian reuses (g_t, m, W, alpha)."""
     total_w = w.sum(0)  # W (K,)
     alpha = log_weights.exp()
-    mean_q = q.T @ z  # (K, r)
-    g_t = w.T @ z - total_w[:, None] * mean_q  # (K, r)
+    mean_q = weighted_sums(q, z)  # (K, r)
+    g_t = weighted_sums(w, z) - total_w[:, None] * mean_q  # (K, r)
     g_eta = total_w - total_w.sum() * alpha
     grad = torch.cat([g_t.reshape(-1), g_eta]).double()[:-1]  # eta_K is fixed
     return grad, (g_t, mean_q, total_w, alpha)
@@ -158,7 +158,7 @@ def marginal_hvp(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: torc
         ea = e - alpha @ e  # e_k - alpha . e
         s = (resp * (a - mv + ea)).sum(1)  # (p,)
         ws = w * s[:, None]
-        out_t = ((spread * a).sub_(ws)).T @ z
+        out_t = weighted_sums((spread * a).sub_(ws), z)
         out_t += (ws.sum(0) - gv)[:, None] * mean_q + (ea - mv)[:, None] * g_t
         out_eta = (gv - alpha * gv.sum()) + eta_block @ e
         out_eta -= ws.sum(0) - alpha * (counts * s).sum()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._cg import factor_blocks, pcg
+from ._cg import cholesky_apply, factor_blocks, pcg
 from ._gram import weighted_cov
 from ._marginal import marginal_gradient, marginal_hessian, marginal_hvp, mixed_precision
 from .engine import EM_MAX_STEP, EMProblem, EMState
@@ -156,7 +156,7 @@ def newton_finish(problem: EMProblem, st: EMState, obj: float, tol: float, max_s
 
     def solve(chol):
         """Newton direction, decrement, and whether half the decrement is within tol."""
-        direction = torch.cholesky_solve(grad[:, None], chol).squeeze(1)
+        direction = cholesky_apply(chol[None], grad[None])[0]
         decrement = float(grad @ direction)
         return direction, decrement, decrement / 2 <= tol * abs(obj)
 
@@ -313,8 +313,8 @@ def _em_preconditioner(problem: EMProblem, st: EMState, pieces, pen: torch.Tenso
     chol_t, chol_eta = factor_blocks(blocks.double(), 1e-7), factor_blocks(info_eta[None])[0]
 
     def apply(v):
-        out_t = torch.cholesky_solve(v[:k * r].view(k, r, 1), chol_t).reshape(-1)
-        out_eta = torch.cholesky_solve(v[k * r:, None], chol_eta).squeeze(1)
+        out_t = cholesky_apply(chol_t, v[:k * r].view(k, r)).reshape(-1)
+        out_eta = cholesky_apply(chol_eta[None], v[None, k * r:])[0]
         return torch.cat([out_t, out_eta])
 
     return apply

@@ -34,7 +34,7 @@ from ._checks import (
     resolve_device,
     resolve_dtype,
 )
-from ._chunks import rows_per_chunk
+from ._chunks import rows_per_chunk, weighted_sums
 from ._gram import weighted_cov
 from ._logprob import group_log_joint
 from .design import Design, feature_scales, standardize
@@ -191,7 +191,7 @@ class EMProblem:
                 # (ws.q holds their softmax), the next M-step's up to the weights.
                 cols = (~info.solved).nonzero().squeeze(1)
                 probs = self.workspace.q[:, cols]
-                cov = weighted_cov(self.z, probs, probs.T @ self.z, chunk_size=self.chunk_size)
+                cov = weighted_cov(self.z, probs, weighted_sums(probs, self.z), chunk_size=self.chunk_size)
                 factor[cols] = stale_factor(cov, w[:, cols].sum(0), l2)
         else:
             # At large r the covariances (p r^2 K) dominate an iteration: reuse them for a few

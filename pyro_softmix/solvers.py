@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._cg import factor_hessians, stale_newton
+from ._cg import cholesky_apply, factor_hessians, stale_newton
 from ._checks import as_tensor, check_offset, check_positive_float, check_positive_int
+from ._chunks import weighted_sums
 from ._gram import gram_chunk_rows, weighted_cov, weighted_gram
 
 #: Armijo's sufficient-increase constant: a step s along d is accepted when
@@ -100,7 +101,7 @@ def newton_direction(grad: torch.Tensor, hess: torch.Tensor, max_tries: int = 8)
         if not bool(failed.any()):
             break
         ridge = torch.where(failed, ridge * 100 + 1e-6 * safe_level, ridge)
-    d = torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
+    d = cholesky_apply(chol, grad)
     d = torch.where(usable[:, None] & torch.isfinite(d), d, torch.zeros_like(d))
     return d
 
@@ -249,9 +250,8 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     if lse is None:
         lse = column_logsumexp(logits, ws.q)
     q = ws.q
-    # (K, p) @ (p, r): much faster than features.T @ weights through a transposed view.
-    lin = weights.T @ features  # (K, r): w-weighted sums of z
-    mean_q = q.T @ features  # (K, r): q-weighted means of z
+    # (K, r) w-weighted sums and q-weighted means of z, in one pass over the features
+    lin, mean_q = weighted_sums(torch.cat([weights, q], 1), features).split(len(total))
     grad = lin - total[:, None] * mean_q
     if _has_penalty(l2):
         grad = grad - _penalty_grad(atoms, l2)
@@ -316,7 +316,7 @@ def _cg_direction(features, q, mean_q, total, grad, l2, factor: torch.Tensor, ma
 
     def hess_times(v):
         u = torch.mm(features, v.T, out=ws.scratch).mul_(q)  # q_jk z_j . v_k
-        hv = (u.T @ features - mean_q * (mean_q * v).sum(-1, keepdim=True)) * total[:, None]
+        hv = (weighted_sums(u, features) - mean_q * (mean_q * v).sum(-1, keepdim=True)) * total[:, None]
         return hv + _penalty_grad(v, l2) if _has_penalty(l2) else hv
 
     return stale_newton(hess_times, grad, factor, max_step)

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix._chunks import CHUNK_BYTES, MIN_ROWS, rows_per_chunk, thread_budget
+from pyro_softmix._chunks import (
+    CHUNK_BYTES,
+    MIN_ROWS,
+    SPLIT_ROWS,
+    rows_per_chunk,
+    thread_budget,
+    weighted_sums,
+)
 
 from .helpers import best_permutation, simulated
 
@@ -97,3 +104,22 @@ def test_a_fit_runs_on_its_threads_and_gives_the_callers_back(monkeypatch):
         with thread_budget(1, num_threads=1):
             raise RuntimeError
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [SPLIT_ROWS - 1, SPLIT_ROWS, 3 * SPLIT_ROWS + 2])
+def test_weighted_sums_split_between_threads_is_the_product(rows, threads):
+    """weights.T @ z, run as row blocks one per thread (the rows left over included): the
+    same sums, in float64 to rounding, and for non-contiguous features too."""
+    g = torch.Generator().manual_seed(rows + threads)
+    w = torch.rand(rows, 3, generator=g, dtype=torch.float64)
+    for z in (torch.randn(rows, 7, generator=g, dtype=torch.float64),
+              torch.randn(rows, 14, generator=g, dtype=torch.float64)[:, ::2]):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = weighted_sums(w, z)
+        finally:
+            torch.set_num_threads(before)
+        exact = (w.T.unsqueeze(-1) * z.unsqueeze(0)).sum(1)  # no matrix product
+        torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12)

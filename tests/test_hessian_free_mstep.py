@@ -7,7 +7,7 @@ import torch
 
 import pyro_softmix as psm
 from pyro_softmix import _cg, engine, solvers
-from pyro_softmix._cg import factor_hessians, pcg, stale_newton
+from pyro_softmix._cg import cholesky_apply, factor_hessians, pcg, stale_newton
 from pyro_softmix._gram import weighted_cov
 from pyro_softmix.engine import EMProblem
 from pyro_softmix.solvers import newton_direction
@@ -60,6 +60,15 @@ def _mstep_case(seed=2):
         return total[:, None] * torch.einsum("krs,ks->kr", cov, v)
 
     return z, q, total, grad, cov, hess_times
+
+
+def test_cholesky_apply_solves_each_system():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 6, 9, generator=g, dtype=torch.float64)
+    mats = a @ a.mT
+    v = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    got = cholesky_apply(torch.linalg.cholesky(mats), v)
+    torch.testing.assert_close((mats @ got[..., None])[..., 0], v, rtol=1e-10, atol=1e-10)
 
 
 def test_stale_newton_with_an_exact_factor_is_the_newton_step():
