@@ -44,7 +44,7 @@ def simulated(p: int, r: int, k: int, seed: int = 0):
 def vocabulary(k: int, cache: str, seed: int = 0):
     from bench_vocab import draw, load
 
-    x, h = load(cache)
+    x, h = load("smollm2", cache, k, atom_norm=0.0)
     weights, _, counts, _ = draw(x, h, k, 10**6, seed)
     return x.double(), counts, h[:k].double(), weights
 
