@@ -8,7 +8,10 @@ import torch
 
 from ._chunks import rows_per_chunk
 
-__all__ = ["gram_chunk_rows", "weighted_cov", "weighted_gram"]
+__all__ = ["PRECONDITIONER_TAIL", "gram_chunk_rows", "heavy_cov", "weighted_cov", "weighted_gram"]
+
+#: Mass of each column of q that the covariances of a preconditioner may leave out (:func:`heavy_cov`).
+PRECONDITIONER_TAIL = 1e-2
 
 
 def gram_chunk_rows(features: torch.Tensor, num_components: int,
@@ -89,3 +92,39 @@ def weighted_cov(features: torch.Tensor, probs: torch.Tensor, mean: torch.Tensor
         weighted = torch.mul(centred, probs[s:s + chunk].unsqueeze(-1), out=weighted_all[:c])
         acc += torch.bmm(centred.permute(1, 2, 0), weighted.transpose(0, 1))
     return acc.to(features.dtype)
+
+
+def heavy_cov(features: torch.Tensor, probs: torch.Tensor, tail: float = PRECONDITIONER_TAIL,
+              chunk_size: int | None = None) -> torch.Tensor:
+    """Covariances (K, r, r) of z under each column of ``probs`` (columns summing to 1), from
+    the rows where probs_jk >= tail / p only: the rows left out hold at most ``tail`` of the
+    column's mass (each less than tail / p), and the kept weights are renormalised.
+
+    For preconditioners, which need not be exact: a peaked column (a language model's
+    next-token distribution: 1% of its mass on the last 88-99.7% of SmolLM2's tokens) costs
+    m_k r^2 for its m_k kept rows instead of p r^2. The kept rows are gathered in chunks,
+    two passes (the mean, then the centred products summed in float64).
+
+    Args:
+        features: (p, r).  probs: (p, K) nonnegative, columns summing to 1.
+    Returns:
+        (K, r, r) symmetric positive semidefinite matrices in the features' dtype.
+    """
+    p, r = features.shape
+    chunk = rows_per_chunk(p, 2 * r * features.element_size(), features.device, chunk_size)
+    out = []
+    for col in probs.T:
+        idx = torch.nonzero(col >= tail / p).squeeze(1)
+        if idx.numel() == 0:  # not a distribution (a column of zeros)
+            idx = torch.arange(p, device=col.device)
+        w = col[idx]
+        w = w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+        mean = features.new_zeros(r)
+        for s in range(0, idx.numel(), chunk):
+            mean.addmv_(features[idx[s:s + chunk]].T, w[s:s + chunk])
+        acc = torch.zeros(r, r, dtype=torch.float64, device=features.device)
+        for s in range(0, idx.numel(), chunk):
+            centred = features[idx[s:s + chunk]] - mean
+            acc += (centred.T @ (centred * w[s:s + chunk, None])).double()
+        out.append(acc.to(features.dtype))
+    return torch.stack(out)

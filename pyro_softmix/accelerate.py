@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ._cg import cholesky_apply, factor_blocks, pcg
-from ._gram import weighted_cov
+from ._gram import heavy_cov
 from ._marginal import marginal_gradient, marginal_hessian, marginal_hvp, mixed_precision
 from .engine import EM_MAX_STEP, EMProblem, EMState
 from .solvers import armijo_search
@@ -303,7 +303,7 @@ def _em_preconditioner(problem: EMProblem, st: EMState, pieces, pen: torch.Tenso
     """v -> P^-1 v for the block-diagonal complete-data information P (float64)."""
     _, mean_q, total_w, alpha = pieces
     k, r = mean_q.shape
-    cov = weighted_cov(problem.z, problem.workspace.q, mean_q, chunk_size=problem.chunk_size)
+    cov = heavy_cov(problem.z, problem.workspace.q, chunk_size=problem.chunk_size)
     blocks = total_w[:, None, None].to(cov) * cov
     if pen is not None:
         blocks = blocks + pen.to(cov)

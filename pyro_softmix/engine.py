@@ -34,8 +34,8 @@ from ._checks import (
     resolve_device,
     resolve_dtype,
 )
-from ._chunks import rows_per_chunk, weighted_sums
-from ._gram import weighted_cov
+from ._chunks import rows_per_chunk
+from ._gram import heavy_cov
 from ._logprob import group_log_joint
 from .design import Design, feature_scales, standardize
 from .solvers import (
@@ -131,6 +131,11 @@ class EMProblem:
             self._precise.support = self.support
         return self._precise
 
+    def _heavy_cov(self, probs: torch.Tensor) -> torch.Tensor:
+        """Covariances of z under the columns of ``probs`` for a preconditioner, from the rows
+        that hold all but ``_gram.PRECONDITIONER_TAIL`` of each column's mass."""
+        return heavy_cov(self.z, probs, chunk_size=self.chunk_size)
+
     def logits(self, atoms: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(p, S K) logits z @ atoms.T + offset of atoms (S K, r), into ``out`` if given."""
         return offset_logits(self.z, atoms, self.offset, out)
@@ -180,19 +185,17 @@ class EMProblem:
         new_log_weights = torch.log(self.weight_sums / self.weight_total)
         l2 = 0.0 if self.penalty is None else self.penalty
         if self.hessian_free:
-            factor = self.factor
+            if self.factor is None:  # the first M-step: the Hessians here (ws.q: the softmax)
+                self.factor = stale_factor(self._heavy_cov(self.workspace.q), w.sum(0), l2)
             atoms, logits, lse, info = softmax_newton_step(
                 self.z, w, atoms, logits, self.workspace, lse, l2=l2, max_step=EM_MAX_STEP,
-                offset=self.offset, factor=factor)
-            if factor is None:
-                self.factor = stale_factor(info.cov, w.sum(0), l2)
-            elif not bool(info.solved.all()):
+                offset=self.offset, factor=self.factor)
+            if not bool(info.solved.all()):
                 # A stale preconditioner: factor those components' Hessians at their new atoms
                 # (ws.q holds their softmax), the next M-step's up to the weights.
                 cols = (~info.solved).nonzero().squeeze(1)
-                probs = self.workspace.q[:, cols]
-                cov = weighted_cov(self.z, probs, weighted_sums(probs, self.z), chunk_size=self.chunk_size)
-                factor[cols] = stale_factor(cov, w[:, cols].sum(0), l2)
+                cov = self._heavy_cov(self.workspace.q[:, cols])
+                self.factor[cols] = stale_factor(cov, w[:, cols].sum(0), l2)
         else:
             # At large r the covariances (p r^2 K) dominate an iteration: reuse them for a few
             # M-steps (quasi-Newton steps; the line search keeps EM monotone).

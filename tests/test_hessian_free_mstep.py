@@ -150,3 +150,32 @@ def test_the_m_steps_hessian_vector_products_give_the_newton_step(l2):
                                      factor_hessians(hess), None, ws)
     assert ok.all()
     assert torch.allclose(d, newton_direction(grad, hess), rtol=1e-8, atol=1e-10)
+
+
+def test_heavy_cov_is_the_covariance_of_the_heavy_rows():
+    """The preconditioner's covariances: by brute force over the rows with q_jk >= tail / p
+    (renormalised), in chunks; with tail 0 every row's (weighted_cov); and within the bound
+    that the left-out mass allows, 8 tail max_j |z_j - m_k|^2 (law of total covariance)."""
+    from pyro_softmix._gram import heavy_cov
+
+    gen = torch.Generator().manual_seed(0)
+    p = 400
+    z = torch.randn(p, 4, generator=gen, dtype=torch.float64)
+    scale = torch.tensor([[0.1], [1.5], [4.0]], dtype=torch.float64)
+    q = torch.softmax(z @ (scale * torch.randn(3, 4, generator=gen, dtype=torch.float64)).T, 0)
+    tail = 0.05
+    brute = []
+    for k in range(3):
+        keep = q[:, k] >= tail / p
+        w = q[keep, k] / q[keep, k].sum()
+        m = w @ z[keep]
+        brute.append(sum(wj * torch.outer(zj - m, zj - m) for wj, zj in zip(w, z[keep], strict=True)))
+    got = heavy_cov(z, q, tail, chunk_size=7)
+    torch.testing.assert_close(got, torch.stack(brute), rtol=1e-12, atol=1e-14)
+    assert int((q[:, 2] >= tail / p).sum()) < p // 4  # the peaked column keeps few rows
+    full = weighted_cov(z, q, q.T @ z)
+    torch.testing.assert_close(heavy_cov(z, q, 0.0), full, rtol=1e-12, atol=1e-14)
+    radius = ((z[None] - (q.T @ z)[:, None]) ** 2).sum(-1).amax(1)  # (K,) max |z_j - m_k|^2
+    error = torch.linalg.matrix_norm(got - full, ord=2)
+    assert bool((error <= 8 * tail * radius).all())
+    assert bool((error > 0).all())  # rows were left out
