@@ -96,9 +96,12 @@ def weighted_cov(features: torch.Tensor, probs: torch.Tensor, mean: torch.Tensor
 
 def heavy_cov(features: torch.Tensor, probs: torch.Tensor, tail: float = PRECONDITIONER_TAIL,
               chunk_size: int | None = None) -> torch.Tensor:
-    """Covariances (K, r, r) of z under each column of ``probs`` (columns summing to 1), from
-    the rows where probs_jk >= tail / p only: the rows left out hold at most ``tail`` of the
-    column's mass (each less than tail / p), and the kept weights are renormalised.
+    """Covariances (K, r, r) of standardised features z (z^T z / p = I) under each column of
+    ``probs`` (columns summing to 1), from the rows where probs_jk >= tail / p only: the rows
+    left out hold a mass delta_k <= ``tail`` of the column (each row less than tail / p). The
+    kept weights are renormalised, and the left-out mass enters as delta_k I, the share of the
+    design's covariance it would carry if spread like the design. That keeps the matrix
+    positive definite where the kept rows span less than r dimensions (a column on one row).
 
     For preconditioners, which need not be exact: a peaked column (a language model's
     next-token distribution: 1% of its mass on the last 88-99.7% of SmolLM2's tokens) costs
@@ -118,7 +121,8 @@ def heavy_cov(features: torch.Tensor, probs: torch.Tensor, tail: float = PRECOND
         if idx.numel() == 0:  # not a distribution (a column of zeros)
             idx = torch.arange(p, device=col.device)
         w = col[idx]
-        w = w / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+        kept = w.sum()
+        w = w / kept.clamp_min(torch.finfo(w.dtype).tiny)
         mean = features.new_zeros(r)
         for s in range(0, idx.numel(), chunk):
             mean.addmv_(features[idx[s:s + chunk]].T, w[s:s + chunk])
@@ -126,5 +130,6 @@ def heavy_cov(features: torch.Tensor, probs: torch.Tensor, tail: float = PRECOND
         for s in range(0, idx.numel(), chunk):
             centred = features[idx[s:s + chunk]] - mean
             acc += (centred.T @ (centred * w[s:s + chunk, None])).double()
+        acc.diagonal().add_(float((col.sum() - kept).clamp_min(0.0)))
         out.append(acc.to(features.dtype))
     return torch.stack(out)

@@ -154,8 +154,10 @@ def test_the_m_steps_hessian_vector_products_give_the_newton_step(l2):
 
 def test_heavy_cov_is_the_covariance_of_the_heavy_rows():
     """The preconditioner's covariances: by brute force over the rows with q_jk >= tail / p
-    (renormalised), in chunks; with tail 0 every row's (weighted_cov); and within the bound
-    that the left-out mass allows, 8 tail max_j |z_j - m_k|^2 (law of total covariance)."""
+    (renormalised) plus the left-out mass times the identity, in chunks; with tail 0 every
+    row's (weighted_cov); within the bound that the left-out mass allows,
+    9 tail max_j |z_j - m_k|^2 (law of total covariance, and the identity's share); and
+    positive definite for a column on one row (whose kept rows' covariance is 0)."""
     from pyro_softmix._gram import heavy_cov
 
     gen = torch.Generator().manual_seed(0)
@@ -169,7 +171,8 @@ def test_heavy_cov_is_the_covariance_of_the_heavy_rows():
         keep = q[:, k] >= tail / p
         w = q[keep, k] / q[keep, k].sum()
         m = w @ z[keep]
-        brute.append(sum(wj * torch.outer(zj - m, zj - m) for wj, zj in zip(w, z[keep], strict=True)))
+        brute.append(sum(wj * torch.outer(zj - m, zj - m) for wj, zj in zip(w, z[keep], strict=True))
+                     + float(q[~keep, k].sum()) * torch.eye(4, dtype=torch.float64))
     got = heavy_cov(z, q, tail, chunk_size=7)
     torch.testing.assert_close(got, torch.stack(brute), rtol=1e-12, atol=1e-14)
     assert int((q[:, 2] >= tail / p).sum()) < p // 4  # the peaked column keeps few rows
@@ -177,5 +180,8 @@ def test_heavy_cov_is_the_covariance_of_the_heavy_rows():
     torch.testing.assert_close(heavy_cov(z, q, 0.0), full, rtol=1e-12, atol=1e-14)
     radius = ((z[None] - (q.T @ z)[:, None]) ** 2).sum(-1).amax(1)  # (K,) max |z_j - m_k|^2
     error = torch.linalg.matrix_norm(got - full, ord=2)
-    assert bool((error <= 8 * tail * radius).all())
+    assert bool((error <= 9 * tail * radius).all())
     assert bool((error > 0).all())  # rows were left out
+    peaked = torch.full((p, 1), 1e-5 / (p - 1), dtype=torch.float64)
+    peaked[0] = 1 - 1e-5
+    assert float(torch.linalg.eigvalsh(heavy_cov(z, peaked, tail))[0].min()) >= 0.5e-5
