@@ -156,7 +156,7 @@ class _Passes(torch.overrides.TorchFunctionMode):
             p, L = self.shape
             if tuple(a.shape) == (p, L) and b.dim() == 2:
                 self.passes.append(("forward", b.shape[1]))
-            elif b.dim() == 2 and tuple(b.shape) == (p, L) or (
+            elif (b.dim() == 2 and tuple(b.shape) == (p, L)) or (
                     b.dim() == 3 and b.shape[2] == L and b.shape[0] * b.shape[1] > p // 2):
                 self.passes.append(("backward", a.shape[-2]))
         return func(*args, **(kwargs or {}))

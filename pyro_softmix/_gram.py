@@ -118,8 +118,6 @@ def heavy_cov(features: torch.Tensor, probs: torch.Tensor, tail: float = PRECOND
     out = []
     for col in probs.T:
         idx = torch.nonzero(col >= tail / p).squeeze(1)
-        if idx.numel() == 0:  # not a distribution (a column of zeros)
-            idx = torch.arange(p, device=col.device)
         w = col[idx]
         kept = w.sum()
         w = w / kept.clamp_min(torch.finfo(w.dtype).tiny)
@@ -130,6 +128,6 @@ def heavy_cov(features: torch.Tensor, probs: torch.Tensor, tail: float = PRECOND
         for s in range(0, idx.numel(), chunk):
             centred = features[idx[s:s + chunk]] - mean
             acc += (centred.T @ (centred * w[s:s + chunk, None])).double()
-        acc.diagonal().add_(float((col.sum() - kept).clamp_min(0.0)))
+        acc.diagonal().add_((col.sum() - kept).clamp_min(0.0).double())
         out.append(acc.to(features.dtype))
     return torch.stack(out)

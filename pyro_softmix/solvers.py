@@ -67,8 +67,8 @@ class Workspace:
                  chunk_size: int | None = None):
         p, r = features.shape
         new = features.new_empty
-        self.q = new(p, num_components)
-        self.scratch = new(p, num_components)
+        self.q, self.scratch = new(p, num_components), new(p, num_components)
+        self.pair = new(p, 2 * num_components)  # (w, q) side by side: one pass for both sums
         self.logits = (new(p, num_components), new(p, num_components))
         chunk = gram_chunk_rows(features, num_components, chunk_size)
         self.gram = (new(chunk, num_components, r), new(chunk, num_components, r))
@@ -251,7 +251,7 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
         lse = column_logsumexp(logits, ws.q)
     q = ws.q
     # (K, r) w-weighted sums and q-weighted means of z, in one pass over the features
-    lin, mean_q = weighted_sums(torch.cat([weights, q], 1), features).split(len(total))
+    lin, mean_q = weighted_sums(torch.cat([weights, q], 1, out=ws.pair), features).split(len(total))
     grad = lin - total[:, None] * mean_q
     if _has_penalty(l2):
         grad = grad - _penalty_grad(atoms, l2)
