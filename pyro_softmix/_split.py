@@ -13,9 +13,10 @@ delta = sqrt(lambda_max(R_k)) / Var_{q_k}(u^T z) (clamped to [0.1, 4]: a step th
 EM's trust region), each half with weight alpha_k / 2. A mixture with every atom at one point is a
 saddle of the likelihood whose escape direction is u, so a split starts EM where it climbs.
 
-:func:`grown_start` builds K components from the one-component fit by K - 1 splits, each followed
-by a short EM run: the start of ``init="auto"`` where random atoms around the one-component fit
-cannot match how concentrated the data are (see :func:`~pyro_softmix.warmstart.calibrated_atoms`).
+:func:`~pyro_softmix.warmstart.grown_start` builds K components from the one-component fit by
+K - 1 splits, each followed by a short EM run (a start of ``init="auto"``), and
+:func:`merge_and_split` moves a fit away from a component at infinity (see
+:func:`~pyro_softmix.accelerate.finish`).
 """
 
 from __future__ import annotations
@@ -25,16 +26,9 @@ import math
 import torch
 
 from ._gram import weighted_cov
-from .accelerate import run
 from .engine import EMProblem
 
-__all__ = ["grown_start", "split_component", "split_scores"]
-
-#: Relative gap to which the intermediate fits of :func:`grown_start` are run: the next split
-#: needs their components, not their last digits.
-GROWN_TOL = 1e-5
-#: EM iterations at most per intermediate number of components of :func:`grown_start`.
-GROWN_MAX_ITER = 40
+__all__ = ["merge_and_split", "split_component", "split_scores"]
 
 
 def split_scores(w: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -72,28 +66,32 @@ def split_component(z: torch.Tensor, w: torch.Tensor, log_q: torch.Tensor, atoms
     return new_atoms, new_weights
 
 
-def grown_start(problem: EMProblem, centre: torch.Tensor, max_iter: int
-                ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """K = ``problem.num_components`` atoms (K, r) and log-weights (K,) grown from the
-    one-component fit ``centre`` (r,) by K - 1 splits of the worst component, with EM to
-    ``GROWN_TOL`` (at most ``GROWN_MAX_ITER`` iterations) on each intermediate number of
-    components; and the EM iterations spent. With K = 2 it costs one E-step and one
-    covariance."""
-    last = problem.num_components
-    st = problem.with_starts(1, 1).start(centre[None], centre.new_zeros(1))
-    atoms, log_w, spent = st.atoms, st.log_weights, 0
-    for k in range(1, last):
-        log_q = st.logits - st.lse
-        worst = int(split_scores(st.w, log_q).argmax())
-        atoms, weights = split_component(problem.z, st.w, log_q, st.atoms,
-                                         st.log_weights.exp(), worst, problem.chunk_size)
-        log_w = weights.log()
-        if k + 1 == last:
-            break
-        grown = problem.with_starts(1, k + 1)
-        if spent < max_iter:  # the run's final state is the next split's E-step
-            done = run(grown, atoms, log_w, min(GROWN_MAX_ITER, max_iter - spent), GROWN_TOL)
-            st, spent = done.state, spent + len(done.history) - 1
-        else:
-            st = grown.start(atoms, log_w)
-    return atoms, log_w, spent
+def merge_and_split(problem: EMProblem, state, k: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """A move away from a component at infinity (Ueda et al. 2000's split-and-merge EM): from
+    one start's ``state`` (K components), component k is merged into the component whose
+    data overlap most with its own (the largest cosine between their posterior vectors, in the
+    counts' inner product: sum_j n_j r_jk r_jm), which takes its weight and keeps its atom;
+    then the component of the K - 1 that loses most (:func:`split_scores`) is split in two
+    (:func:`split_component`). A component that has run off along a ridge typically holds
+    the most frequent points of several other components (a face of the hull); after the move
+    EM can give each of them its own component.
+
+    Returns atoms (K, r), log-weights (K,) and a description of the move.
+    """
+    w = state.w.double()
+    r = w / problem.counts64.clamp_min(1e-300)[:, None]  # the posteriors r_jm
+    inner = w[:, k] @ r  # (K,) sum_j n_j r_jk r_jm
+    cosine = inner / (inner[k] * (w * r).sum(0)).sqrt().clamp_min(1e-300)
+    cosine[k] = -math.inf
+    partner = int(cosine.argmax())
+    keep = [m for m in range(state.atoms.shape[0]) if m != k]
+    log_w = state.log_weights.clone()
+    log_w[partner] = torch.logaddexp(log_w[partner], log_w[k])
+    smaller = problem.with_starts(1, len(keep)).start(state.atoms[keep], log_w[keep])
+    log_q = smaller.logits - smaller.lse
+    worst = int(split_scores(smaller.w, log_q).argmax())
+    atoms, weights = split_component(problem.z, smaller.w, log_q, smaller.atoms,
+                                     smaller.log_weights.exp(), worst, problem.chunk_size)
+    old = keep[worst]
+    return atoms, weights.log(), (f"component {k} at infinity merged into {partner}, "
+                                  f"component {old} split in two")

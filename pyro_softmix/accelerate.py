@@ -20,9 +20,17 @@ import torch
 from ._cg import cholesky_apply, factor_blocks, pcg
 from ._gram import heavy_cov
 from ._marginal import marginal_gradient, marginal_hessian, marginal_hvp, mixed_precision
+from ._split import merge_and_split
 from .engine import EM_MAX_STEP, EMProblem, EMState
 from .solvers import armijo_search
-from .stopping import StoppingRule, check_finite, next_run
+from .stopping import (
+    DIVERGENCE_NORM,
+    StoppingRule,
+    atoms_at_infinity,
+    check_finite,
+    find_diverging,
+    next_run,
+)
 
 __all__ = ["finish", "hessian_free", "newton_cg_finish", "newton_finish", "run", "squarem_cycle"]
 
@@ -445,7 +453,7 @@ def _precise_newton(problem: EMProblem, st: EMState, obj: float, tol: float, max
 
 
 def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_iter: int,
-        tol: float, bar=None, accelerate: bool = True, on_update=None) -> Run:
+        tol: float, bar=None, accelerate: bool = True, on_update=None, on_ridge=None) -> Run:
     """Iterate one start from (atoms, log_weights) until the estimated gap is <= tol.
 
     With ``accelerate``, EM runs in SQUAREM cycles (two EM steps and an extrapolation, see
@@ -455,7 +463,10 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
     :func:`hessian_free` says so), which converge quadratically; if no Newton step is
     accepted EM goes on and Newton is tried again after a growing number of iterations.
     ``on_update(state, history)``, if given, is called after every cycle and every phase of
-    Newton steps (for checkpoints).
+    Newton steps (for checkpoints). ``on_ridge(state, components, objective, bound)``, if
+    given, is called once, when some atoms are seen running off to infinity along a flat ridge
+    (:func:`~pyro_softmix.stopping.find_diverging`), with ``bound`` the objective this run is
+    estimated to reach; it returns True to stop this run there.
     Returns a :class:`Run`; the workspace then holds the final softmax.
     """
     st = problem.start(atoms, log_weights)
@@ -485,6 +496,12 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
             converged = True
             break
         gap = rule.gap(history[-1])
+        if on_ridge is not None and max(norms[-1]) >= DIVERGENCE_NORM:
+            ridge = find_diverging(norms, history, problem.workspace.q)
+            if ridge:
+                stop, on_ridge = on_ridge(st, ridge, history[-1], history[-1] + gap), None
+                if stop:
+                    break
         if use_newton and it >= next_newton and gap <= NEWTON_SWITCH * abs(history[-1]):
             st, objs, step_norms, converged, failed, newton_gap = _precise_newton(
                 problem, st, history[-1], tol, min(NEWTON_MAX_STEPS, max_iter - it))
@@ -524,6 +541,14 @@ class Run:
     norms: list[list[float]]
     converged: bool
     gap: float
+    #: The merge-and-split moves that led to this run (:func:`finish`), if any.
+    moves: tuple[str, ...] = ()
+
+
+#: A run made by a merge-and-split move (:func:`finish`) counts only when it ends this much
+#: (relative) above the run it was made from: closer, the two reach the same optimum, or the
+#: same supremum at infinity.
+ESCAPE_MARGIN = 1e-6
 
 
 def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, max_iter: int,
@@ -533,8 +558,49 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
     The workspace then holds the winner's softmax (its state is restored when a later run
     overwrote it). ``checkpoint`` (a :class:`~pyro_softmix.results.Checkpoint`) is given the
     current run's state, the starts still to run and the best finished run as they go.
+
+    A run whose atoms run off to infinity along a ridge (without a prior) is given a second
+    chance, at most K - 1 times in all: a start made from its state by merging such a component
+    into its closest neighbour and splitting the worst of the others
+    (:func:`~pyro_softmix._split.merge_and_split`) is run to convergence beside it. The run on
+    the ridge stops where it cannot reach the new run's objective, and a new run that finds
+    itself on a ridge where it cannot reach the objective it was made from stops there.
     """
-    runs = []
+    runs, moves_left = [], [problem.num_components - 1 if problem.penalty is None else 0]
+
+    def attempt(prob, atoms, log_w, moves, floor, on_update) -> Run:
+        """Run one start (made by ``moves`` from a run that had reached ``floor``); where it
+        ends on a ridge, or is seen on one as it runs, try a move."""
+        seen = []
+
+        def on_ridge(st, ridge, objective, bound):
+            seen.append(ridge)
+            margin = ESCAPE_MARGIN * abs(objective)
+            if bound < floor or objective <= floor + margin:
+                return True  # a moved run no better than where it was made: abandoned
+            if moves_left[0] <= 0:
+                return False
+            moves_left[0] -= 1
+            k = max(ridge, key=lambda c: float(st.atoms[c].norm()))
+            atoms, log_w, move = merge_and_split(problem, st, k)
+            other = problem.with_starts(1)
+            if problem.newton_capable:  # one float64 twin (stateless between Newton phases)
+                other._precise = problem.precise()
+            done = attempt(other, atoms, log_w, moves + (move,), objective, on_update)
+            return done.history[-1] > bound + margin
+
+        hook = on_ridge if moves or moves_left[0] > 0 else None
+        done = run(prob, atoms, log_w, max_iter, tol, bar, accelerate, on_update, hook)
+        done.moves = moves
+        runs.append(done)
+        if hook is not None and not seen:
+            ridge = atoms_at_infinity(prob, done.state, done.history, done.norms, tol)
+            if max(done.norms[-1]) >= DIVERGENCE_NORM:  # the checks ran E-steps in its buffers
+                done.state = prob.start(done.state.atoms, done.state.log_weights)
+            if ridge:
+                on_ridge(done.state, ridge, done.history[-1], done.history[-1])
+        return done
+
     for i, (a, w) in enumerate(zip(starts_z, starts_w, strict=True)):
         next_run(bar, i, len(starts_z), max_iter, "EM")
         on_update = None
@@ -547,8 +613,11 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
 
             def on_update(st, history, rest_z=rest_z, rest_w=rest_w):
                 checkpoint.progress(st.atoms, st.log_weights, history, rest_z, rest_w)
-        runs.append(run(problem, a, w, max_iter, tol, bar, accelerate, on_update))
-    best = max(runs, key=lambda run: run.history[-1])  # the first of equals
-    if best is not runs[-1]:
+        attempt(problem, a, w, (), -math.inf, on_update)
+    best = max((run for run in runs if not run.moves), key=lambda run: run.history[-1])
+    moved = max(runs, key=lambda run: run.history[-1])  # the first of equals
+    if moved.history[-1] > best.history[-1] + ESCAPE_MARGIN * abs(best.history[-1]):
+        best = moved
+    if best is not runs[-1] or best.moves:  # its state back in problem's buffers
         best.state = problem.start(best.state.atoms, best.state.log_weights)
     return best

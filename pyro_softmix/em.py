@@ -24,14 +24,12 @@ from .engine import prepare
 from .membership import check_group_features, fit_membership
 from .results import Checkpoint, SoftmaxMixtureFit, make_fit, save_atomically
 from .stopping import (
-    DIVERGENCE_NORM,
     GRADIENT_TOL,
     ConvergenceWarning,
     DivergenceWarning,
-    at_infinity,
+    atoms_at_infinity,
     default_tol,
-    find_diverging,
-    on_a_face,
+    objective_noise,
     progress_bar,
 )
 from .warmstart import check_init, choose_start, one_component_fit
@@ -170,6 +168,8 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
         if bar is not None:
             bar.close()
     converged, diverging = _verify(setup, run, tol, max_iter)
+    if run.moves:
+        label = f"{label}; then {'; '.join(run.moves)}"
     if setup.group_features is not None:
         atoms, gamma, log_shares, more, converged = fit_membership(
             setup.problem, run.state.atoms, run.state.log_weights, setup.group_features,
@@ -204,10 +204,10 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
             f"{run.gap / max(abs(history[-1]), 1e-300):.2e} > tol={tol:.1e}); "
             "increase max_iter or continue with init=fit", ConvergenceWarning)
     # After EM the workspace holds softmax(z @ atoms_z.T, 0) for the final atoms.
-    path = find_diverging(norms, history, problem.workspace.q)
+    diverging = () if setup.prior_scale is not None else atoms_at_infinity(problem, state, history,
+                                                                           norms, tol)
     objective = history[-1]
-    noise = (tol * max(abs(objective), problem.total)
-             + 64 * torch.finfo(problem.z.dtype).eps * problem.total)
+    noise = objective_noise(problem, objective, tol)
     if converged:
         _, reference = one_component_fit(setup)
         gradient = problem.relative_gradient(state.atoms, state.log_weights)
@@ -225,14 +225,8 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
     # Under a prior the objective is coercive: no atom can run off to infinity.
     if setup.prior_scale is not None:
         return converged, ()
-    lengths = state.atoms.norm(dim=1).tolist()
-    face = set(at_infinity(lengths, objective, _doubled(problem, state, lengths), noise))
-    long = [k for k, length in enumerate(lengths) if length >= DIVERGENCE_NORM]
-    if long:  # (the workspace's softmax is no longer this point's after the checks above)
-        probs = torch.softmax(problem.logits(state.atoms[long]), 0)
-        face |= {k for k, col in zip(long, probs.T, strict=True) if on_a_face(problem.z, col)}
-    diverging = tuple(sorted(set(path) | set(face)))
     if diverging:
+        lengths = state.atoms.norm(dim=1).tolist()
         shown = ", ".join(f"{lengths[k]:.3g}" for k in diverging)
         warn_user(
             f"the atoms of components {list(diverging)} go to infinity (norms {shown} in "
@@ -268,20 +262,6 @@ def _warn_coinciding(atoms: torch.Tensor) -> None:
         warn_user(f"fitted components coincide ({shown}): the fit is a mixture of {len(groups)} "
                   f"distinct component(s), so num_components={k} is more than these data "
                   "support; refit with fewer components (compare fit.bic)", IdentifiabilityWarning)
-
-
-def _doubled(problem, state, lengths: list[float]) -> list[float]:
-    """The objective with each long atom (norm >= the divergence norm) at twice its length,
-    the others as they are (NaN for short atoms)."""
-    out = []
-    for k, length in enumerate(lengths):
-        if length < DIVERGENCE_NORM:
-            out.append(math.nan)
-            continue
-        atoms = state.atoms.clone()
-        atoms[k] *= 2
-        out.append(float(problem.objective(problem.start(atoms, state.log_weights))[0]))
-    return out
 
 
 def prepare_fit(features, counts, tokens, groups, *, num_components, init, num_inits, max_iter,

@@ -144,6 +144,39 @@ def find_diverging(norm_history: list, history: list[float], probs: torch.Tensor
     return tuple(sorted(found))
 
 
+def objective_noise(problem, objective: float, tol: float) -> float:
+    """The resolution of an objective near ``objective`` at tolerance ``tol``."""
+    return (tol * max(abs(objective), problem.total)
+            + 64 * torch.finfo(problem.z.dtype).eps * problem.total)
+
+
+def atoms_at_infinity(problem, state, history: list[float],
+                      norms: list[list[float]], tol: float) -> tuple[int, ...]:
+    """The components of one start's final ``state`` whose atoms go to infinity: found on the
+    path (norms that keep growing on a flat stretch, :func:`~pyro_softmix.stopping.find_diverging`;
+    the workspace must hold the state's softmax) or at the end (a long atom whose objective
+    does not fall when it is doubled, or whose mass sits on a face of the hull; a race may have
+    carried it there before the run began). The checks at the end run E-steps in ``problem``'s
+    buffers: the state must be restarted after them where it is used again.
+    """
+    path = find_diverging(norms, history, problem.workspace.q)
+    lengths = state.atoms.norm(dim=1).tolist()
+    long = [k for k, length in enumerate(lengths) if length >= DIVERGENCE_NORM]
+    if not long:
+        return path
+    doubled = []
+    for k, length in enumerate(lengths):  # the objective with atom k at twice its length
+        atoms = state.atoms.clone()
+        atoms[k] *= 2
+        doubled.append(float(problem.objective(problem.start(atoms, state.log_weights))[0])
+                       if length >= DIVERGENCE_NORM else math.nan)
+    face = set(at_infinity(lengths, history[-1], doubled,
+                           objective_noise(problem, history[-1], tol)))
+    probs = torch.softmax(problem.logits(state.atoms[long]), 0)
+    face |= {k for k, col in zip(long, probs.T, strict=True) if on_a_face(problem.z, col)}
+    return tuple(sorted(set(path) | face))
+
+
 def default_tol(dtype: torch.dtype) -> float:
     """The default tolerance of the stopping rule: 1e-10 in float64, 1e-9 in float32."""
     return 1e-10 if dtype == torch.float64 else 1e-9

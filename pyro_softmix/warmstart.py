@@ -29,7 +29,8 @@ import torch
 
 from ._checks import check_positive_int, keyword_options, make_generator, warn_user
 from ._race import RACE_HANDOVER, RACE_SAME, joined_leader, race, race_label  # noqa: F401
-from ._split import grown_start
+from ._split import split_component, split_scores
+from .accelerate import run
 from .engine import EM_MAX_STEP, EMProblem, Setup, prepare, user_start
 from .moments import LatentMoments, standardised_moments
 from .solvers import fit_softmax_regression, offset_logits
@@ -500,12 +501,45 @@ def check_init(init, num_inits):
     return num_inits
 
 
+#: Relative gap to which the intermediate fits of :func:`grown_start` are run: the next split
+#: needs their components, not their last digits.
+GROWN_TOL = 1e-5
+#: EM iterations at most per intermediate number of components of :func:`grown_start`.
+GROWN_MAX_ITER = 40
+
+def grown_start(problem: EMProblem, centre: torch.Tensor, max_iter: int
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """K = ``problem.num_components`` atoms (K, r) and log-weights (K,) grown from the
+    one-component fit ``centre`` (r,) by K - 1 splits of the worst component, with EM to
+    ``GROWN_TOL`` (at most ``GROWN_MAX_ITER`` iterations) on each intermediate number of
+    components; and the EM iterations spent. With K = 2 it costs one E-step and one
+    covariance."""
+    last = problem.num_components
+    st = problem.with_starts(1, 1).start(centre[None], centre.new_zeros(1))
+    atoms, log_w, spent = st.atoms, st.log_weights, 0
+    for k in range(1, last):
+        log_q = st.logits - st.lse
+        worst = int(split_scores(st.w, log_q).argmax())
+        atoms, weights = split_component(problem.z, st.w, log_q, st.atoms,
+                                         st.log_weights.exp(), worst, problem.chunk_size)
+        log_w = weights.log()
+        if k + 1 == last:
+            break
+        grown = problem.with_starts(1, k + 1)
+        if spent < max_iter:  # the run's final state is the next split's E-step
+            done = run(grown, atoms, log_w, min(GROWN_MAX_ITER, max_iter - spent), GROWN_TOL)
+            st, spent = done.state, spent + len(done.history) - 1
+        else:
+            st = grown.start(atoms, log_w)
+    return atoms, log_w, spent
+
+
 def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
                gen: torch.Generator, centre: torch.Tensor, max_iter: int = 1000,
                progress: bool | None = False, accelerate: bool = True):
     """The ``"auto"`` start: ``num_inits`` starts raced in one batch, all design-calibrated
     random starts in all r directions (:func:`calibrated_atoms`) but the last, which is grown
-    from the one-component fit by splits (:func:`~pyro_softmix._split.grown_start`). With
+    from the one-component fit by splits (:func:`grown_start`). With
     K = 1 it is the one-component fit ``centre`` (the MLE); where the data are more
     concentrated than random starts can be, the grown start alone; with ``num_inits=1``, one
     random start.

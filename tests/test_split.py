@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Splits, the start grown by splits, the one-component start at K = 1, the float64 twin of a
-float32 problem (the Newton finish's), and the trust region of the softmax regression."""
+"""Splits, the start grown by splits, the merge-and-split move away from an atom at infinity,
+the one-component start at K = 1, the float64 twin of a float32 problem (the Newton finish's),
+and the trust region of the softmax regression."""
 
 import math
 import warnings
@@ -10,10 +11,10 @@ import pytest
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix import _split, accelerate, engine, warmstart
-from pyro_softmix._split import grown_start, split_component, split_scores
+from pyro_softmix import accelerate, engine, warmstart
+from pyro_softmix._split import merge_and_split, split_component, split_scores
 from pyro_softmix.engine import prepare
-from pyro_softmix.warmstart import one_component_fit
+from pyro_softmix.warmstart import grown_start, one_component_fit
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,66 @@ def test_split_component_follows_the_brute_force_residual_direction(three):
     assert weights.tolist() == [0.5, 0.5]
 
 
+def test_merge_and_split_merges_into_the_closest_component_and_splits_the_worst(three):
+    setup = _setup(three, 3)
+    problem, z = setup.problem, setup.z
+    gen = torch.Generator().manual_seed(1)
+    atoms = 2 * torch.randn(3, z.shape[1], generator=gen, dtype=z.dtype)
+    log_w = torch.tensor([0.2, 0.5, 0.3], dtype=z.dtype).log()
+    st = problem.start(atoms, log_w)
+    seen = problem.counts64 > 0
+    r = (st.w[seen] / problem.counts64[seen, None]).numpy()  # the posteriors where n_j > 0
+    n = problem.counts64[seen].numpy()
+    for k in range(3):
+        cos = {m: sum(n * r[:, k] * r[:, m]) / math.sqrt(sum(n * r[:, k] ** 2) * sum(n * r[:, m] ** 2))
+               for m in range(3) if m != k}
+        partner = max(cos, key=cos.get)
+        keep = [m for m in range(3) if m != k]
+        merged_w = log_w.exp().clone()
+        merged_w[partner] += merged_w[k]
+        small = problem.with_starts(1, 2).start(atoms[keep], merged_w[keep].log())
+        log_q = small.logits - small.lse
+        worst = int(split_scores(small.w, log_q).argmax())
+        want_atoms, want_w = split_component(z, small.w, log_q, atoms[keep], merged_w[keep], worst)
+        got_atoms, got_log_w, move = merge_and_split(problem, problem.start(atoms, log_w), k)
+        assert torch.allclose(got_atoms, want_atoms, atol=1e-12)
+        assert torch.allclose(got_log_w.exp(), want_w, atol=1e-14)
+        assert float(got_log_w.exp().sum()) == pytest.approx(1.0, abs=1e-14)
+        assert move == (f"component {k} at infinity merged into {partner}, component "
+                        f"{keep[worst]} split in two")
+
+
+@pytest.mark.parametrize("seed", [0, 3, 5])
+def test_a_component_left_at_infinity_is_merged_and_split_back_to_the_optimum(seed, monkeypatch):
+    """A start with one atom far out toward the hull vertex with the most draws: its component
+    holds that point alone and EM pushes it out forever (a spurious optimum at infinity, far
+    below the MLE). The merge-and-split move brings the fit back to the optimum EM reaches
+    from the truth; without the move (the start handed back unchanged) it stays out."""
+    from scipy.spatial import ConvexHull
+
+    d = psm.simulate(num_points=400, num_features=3, num_components=3, num_obs=100_000,
+                     atom_norm=5.0, seed=seed, dtype=torch.float64)
+    x = d.features
+    hull = torch.as_tensor(ConvexHull(x.numpy()).vertices)
+    vertex = x[int(hull[d.counts[hull].argmax()])] - x.mean(0)
+    atoms = d.atoms.clone()
+    atoms[0] = 60 * vertex / vertex.norm()
+    start = {"weights": d.weights, "atoms": atoms}
+    ref = psm.fit_em(x, counts=d.counts, num_components=3, init={"weights": d.weights,
+                                                                  "atoms": d.atoms})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = psm.fit_em(x, counts=d.counts, num_components=3, init=start)
+    assert fit.converged and fit.diverging == ()
+    assert "at infinity merged into" in fit.init
+    assert abs(fit.loglik - ref.loglik) <= 1e-9 * abs(ref.loglik)
+    monkeypatch.setattr(accelerate, "merge_and_split",
+                        lambda problem, st, k: (st.atoms.clone(), st.log_weights.clone(), "none"))
+    with pytest.warns(psm.DivergenceWarning):
+        stuck = psm.fit_em(x, counts=d.counts, num_components=3, init=start)
+    assert stuck.diverging == (0,) and stuck.loglik < ref.loglik - 100
+
+
 def test_split_scores_are_weighted_kl_divergences():
     gen = torch.Generator().manual_seed(0)
     w = torch.rand(30, 3, generator=gen, dtype=torch.float64)
@@ -63,7 +124,7 @@ def test_grown_start_reaches_the_raced_optimum(three):
     setup = _setup(three, 3)
     centre, _ = one_component_fit(setup)
     atoms, log_w, spent = grown_start(setup.problem, centre, 1000)
-    assert atoms.shape == (3, 4) and 0 < spent <= 2 * _split.GROWN_MAX_ITER
+    assert atoms.shape == (3, 4) and 0 < spent <= 2 * warmstart.GROWN_MAX_ITER
     assert float(log_w.exp().sum()) == pytest.approx(1.0, abs=1e-12)
     grown = psm.fit_em(three.features, three.counts, num_components=3,
                        init={"weights": log_w.exp(), "atoms": setup.design.atoms_from_z(atoms)})
