@@ -28,7 +28,7 @@ import torch
 from ._gram import weighted_cov
 from .engine import EMProblem
 
-__all__ = ["merge_and_split", "split_component", "split_scores"]
+__all__ = ["merge_and_split", "pull_back", "split_component", "split_scores"]
 
 
 def split_scores(w: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -95,3 +95,18 @@ def merge_and_split(problem: EMProblem, state, k: int) -> tuple[torch.Tensor, to
     old = keep[worst]
     return atoms, weights.log(), (f"component {k} at infinity merged into {partner}, "
                                   f"component {old} split in two")
+
+
+def pull_back(problem: EMProblem, state, k: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The other move away from a component at infinity: atom k of one start's ``state``
+    shortened, along its direction, to the length of the longest other atom (standardised
+    units); the weights as they are. Where a true component overshot along a ridge it comes
+    back; where the component belongs elsewhere, :func:`merge_and_split` is the move.
+
+    Returns atoms (K, r), log-weights (K,) and a description of the move.
+    """
+    lengths = state.atoms.norm(dim=1)
+    others = torch.cat([lengths[:k], lengths[k + 1:]])
+    atoms = state.atoms.clone()
+    atoms[k] *= others.max() / lengths[k]
+    return atoms, state.log_weights.clone(), f"component {k} at infinity pulled back"

@@ -20,7 +20,7 @@ import torch
 from ._cg import cholesky_apply, factor_blocks, pcg
 from ._gram import heavy_cov
 from ._marginal import marginal_gradient, marginal_hessian, marginal_hvp, mixed_precision
-from ._split import merge_and_split
+from ._split import merge_and_split, pull_back
 from .engine import EM_MAX_STEP, EMProblem, EMState
 from .solvers import armijo_search
 from .stopping import (
@@ -560,11 +560,13 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
     current run's state, the starts still to run and the best finished run as they go.
 
     A run whose atoms run off to infinity along a ridge (without a prior) is given a second
-    chance, at most K - 1 times in all: a start made from its state by merging such a component
-    into its closest neighbour and splitting the worst of the others
-    (:func:`~pyro_softmix._split.merge_and_split`) is run to convergence beside it. The run on
-    the ridge stops where it cannot reach the new run's objective, and a new run that finds
-    itself on a ridge where it cannot reach the objective it was made from stops there.
+    chance, with at most K - 1 moves in all: a start made from its state with the component of
+    the longest such atom merged into its closest neighbour and the worst of the others split
+    (:func:`~pyro_softmix._split.merge_and_split`), and if that ends no higher, one with that
+    atom pulled back to the others' length (:func:`~pyro_softmix._split.pull_back`), each run
+    to convergence beside it. The run on the ridge stops where it cannot reach a new run's
+    objective, and a new run that finds itself on a ridge where it cannot reach the objective
+    it was made from stops there.
     """
     runs, moves_left = [], [problem.num_components - 1 if problem.penalty is None else 0]
 
@@ -578,16 +580,19 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
             margin = ESCAPE_MARGIN * abs(objective)
             if bound < floor or objective <= floor + margin:
                 return True  # a moved run no better than where it was made: abandoned
-            if moves_left[0] <= 0:
-                return False
-            moves_left[0] -= 1
             k = max(ridge, key=lambda c: float(st.atoms[c].norm()))
-            atoms, log_w, move = merge_and_split(problem, st, k)
-            other = problem.with_starts(1)
-            if problem.newton_capable:  # one float64 twin (stateless between Newton phases)
-                other._precise = problem.precise()
-            done = attempt(other, atoms, log_w, moves + (move,), objective, on_update)
-            return done.history[-1] > bound + margin
+            for make in (merge_and_split, pull_back):
+                if moves_left[0] <= 0:
+                    return False
+                moves_left[0] -= 1
+                atoms, log_w, move = make(problem, st, k)
+                other = problem.with_starts(1)
+                if problem.newton_capable:  # one float64 twin (stateless between Newton phases)
+                    other._precise = problem.precise()
+                done = attempt(other, atoms, log_w, moves + (move,), objective, on_update)
+                if done.history[-1] > bound + margin:
+                    return True
+            return False
 
         hook = on_ridge if moves or moves_left[0] > 0 else None
         done = run(prob, atoms, log_w, max_iter, tol, bar, accelerate, on_update, hook)

@@ -12,7 +12,7 @@ import torch
 
 import pyro_softmix as psm
 from pyro_softmix import accelerate, engine, warmstart
-from pyro_softmix._split import merge_and_split, split_component, split_scores
+from pyro_softmix._split import merge_and_split, pull_back, split_component, split_scores
 from pyro_softmix.engine import prepare
 from pyro_softmix.warmstart import grown_start, one_component_fit
 
@@ -78,12 +78,28 @@ def test_merge_and_split_merges_into_the_closest_component_and_splits_the_worst(
                         f"{keep[worst]} split in two")
 
 
+def test_pull_back_shortens_one_atom_to_the_longest_other(three):
+    setup = _setup(three, 3)
+    atoms = torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [30.0, 40.0, 0, 0]], dtype=setup.z.dtype)
+    log_w = torch.tensor([0.2, 0.5, 0.3], dtype=setup.z.dtype).log()
+    st = setup.problem.start(atoms, log_w)
+    got, got_log_w, move = pull_back(setup.problem, st, 2)
+    assert torch.allclose(got[2], torch.tensor([1.2, 1.6, 0, 0], dtype=got.dtype), atol=1e-14)
+    assert torch.equal(got[:2], atoms[:2]) and torch.equal(got_log_w, log_w)
+    assert move == "component 2 at infinity pulled back" and atoms[2, 0] == 30  # not modified
+
+
+def _unchanged(problem, st, k):
+    return st.atoms.clone(), st.log_weights.clone(), "none"
+
+
 @pytest.mark.parametrize("seed", [0, 3, 5])
-def test_a_component_left_at_infinity_is_merged_and_split_back_to_the_optimum(seed, monkeypatch):
+@pytest.mark.parametrize("move", ["merged into", "pulled back"])
+def test_a_component_left_at_infinity_is_moved_back_to_the_optimum(seed, move, monkeypatch):
     """A start with one atom far out toward the hull vertex with the most draws: its component
     holds that point alone and EM pushes it out forever (a spurious optimum at infinity, far
-    below the MLE). The merge-and-split move brings the fit back to the optimum EM reaches
-    from the truth; without the move (the start handed back unchanged) it stays out."""
+    below the MLE). Either move alone (the other handing its start back unchanged) brings the
+    fit back to the optimum EM reaches from the truth; with neither, it stays out."""
     from scipy.spatial import ConvexHull
 
     d = psm.simulate(num_points=400, num_features=3, num_components=3, num_obs=100_000,
@@ -96,14 +112,16 @@ def test_a_component_left_at_infinity_is_merged_and_split_back_to_the_optimum(se
     start = {"weights": d.weights, "atoms": atoms}
     ref = psm.fit_em(x, counts=d.counts, num_components=3, init={"weights": d.weights,
                                                                   "atoms": d.atoms})
+    monkeypatch.setattr(accelerate, "pull_back" if move == "merged into" else "merge_and_split",
+                        _unchanged)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit = psm.fit_em(x, counts=d.counts, num_components=3, init=start)
     assert fit.converged and fit.diverging == ()
-    assert "at infinity merged into" in fit.init
+    assert f"at infinity {move}" in fit.init
     assert abs(fit.loglik - ref.loglik) <= 1e-9 * abs(ref.loglik)
-    monkeypatch.setattr(accelerate, "merge_and_split",
-                        lambda problem, st, k: (st.atoms.clone(), st.log_weights.clone(), "none"))
+    monkeypatch.setattr(accelerate, "pull_back", _unchanged)
+    monkeypatch.setattr(accelerate, "merge_and_split", _unchanged)
     with pytest.warns(psm.DivergenceWarning):
         stuck = psm.fit_em(x, counts=d.counts, num_components=3, init=start)
     assert stuck.diverging == (0,) and stuck.loglik < ref.loglik - 100
