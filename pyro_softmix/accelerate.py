@@ -541,11 +541,11 @@ class Run:
     norms: list[list[float]]
     converged: bool
     gap: float
-    #: The merge-and-split moves that led to this run (:func:`finish`), if any.
+    #: The moves away from atoms at infinity that led to this run (:func:`finish`), if any.
     moves: tuple[str, ...] = ()
 
 
-#: A run made by a merge-and-split move (:func:`finish`) counts only when it ends this much
+#: A run made by a move away from an atom at infinity (:func:`finish`) counts only when it ends this much
 #: (relative) above the run it was made from: closer, the two reach the same optimum, or the
 #: same supremum at infinity.
 ESCAPE_MARGIN = 1e-6
