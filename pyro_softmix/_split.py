@@ -15,8 +15,8 @@ saddle of the likelihood whose escape direction is u, so a split starts EM where
 
 :func:`~pyro_softmix.warmstart.grown_start` builds K components from the one-component fit by
 K - 1 splits, each followed by a short EM run (a start of ``init="auto"``), and
-:func:`merge_and_split` moves a fit away from a component at infinity (see
-:func:`~pyro_softmix.accelerate.finish`).
+:func:`merge_and_split` and :func:`pull_back` move a fit away from a component at infinity
+(see :func:`~pyro_softmix.accelerate.finish`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from ._gram import weighted_cov
 from .engine import EMProblem
 
-__all__ = ["merge_and_split", "pull_back", "split_component", "split_scores"]
+__all__ = ["merge_and_split", "pull_back", "split_component", "split_scores", "split_worst"]
 
 
 def split_scores(w: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -66,6 +66,17 @@ def split_component(z: torch.Tensor, w: torch.Tensor, log_q: torch.Tensor, atoms
     return new_atoms, new_weights
 
 
+def split_worst(problem: EMProblem, state) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One start's ``state`` (K components) with the component that loses most
+    (:func:`split_scores`) split in two (:func:`split_component`): atoms (K + 1, r), weights
+    (K + 1,), and the index of the component split."""
+    log_q = state.logits - state.lse
+    worst = int(split_scores(state.w, log_q).argmax())
+    atoms, weights = split_component(problem.z, state.w, log_q, state.atoms,
+                                     state.log_weights.exp(), worst, problem.chunk_size)
+    return atoms, weights, worst
+
+
 def merge_and_split(problem: EMProblem, state, k: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """A move away from a component at infinity (Ueda et al. 2000's split-and-merge EM): from
     one start's ``state`` (K components), component k is merged into the component whose
@@ -88,13 +99,9 @@ def merge_and_split(problem: EMProblem, state, k: int) -> tuple[torch.Tensor, to
     log_w = state.log_weights.clone()
     log_w[partner] = torch.logaddexp(log_w[partner], log_w[k])
     smaller = problem.with_starts(1, len(keep)).start(state.atoms[keep], log_w[keep])
-    log_q = smaller.logits - smaller.lse
-    worst = int(split_scores(smaller.w, log_q).argmax())
-    atoms, weights = split_component(problem.z, smaller.w, log_q, smaller.atoms,
-                                     smaller.log_weights.exp(), worst, problem.chunk_size)
-    old = keep[worst]
+    atoms, weights, worst = split_worst(problem, smaller)
     return atoms, weights.log(), (f"component {k} at infinity merged into {partner}, "
-                                  f"component {old} split in two")
+                                  f"component {keep[worst]} split in two")
 
 
 def pull_back(problem: EMProblem, state, k: int) -> tuple[torch.Tensor, torch.Tensor, str]:

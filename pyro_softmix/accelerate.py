@@ -543,6 +543,8 @@ class Run:
     gap: float
     #: The moves away from atoms at infinity that led to this run (:func:`finish`), if any.
     moves: tuple[str, ...] = ()
+    #: The components whose atoms go to infinity (:func:`finish` finds them).
+    diverging: tuple[int, ...] = ()
 
 
 #: A run made by a move away from an atom at infinity (:func:`finish`) counts only when it ends this much
@@ -568,42 +570,49 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
     objective, and a new run that finds itself on a ridge where it cannot reach the objective
     it was made from stops there.
     """
-    runs, moves_left = [], [problem.num_components - 1 if problem.penalty is None else 0]
+    runs, moves_left = [], problem.num_components - 1 if problem.penalty is None else 0
+
+    def escape(st, ridge, objective, bound, floor, moves, on_update) -> bool:
+        """The moves from ``st`` (objective ``objective``, estimated to reach ``bound``), a run
+        made by ``moves`` from one that had reached ``floor``; True to stop that run."""
+        nonlocal moves_left
+        margin = ESCAPE_MARGIN * abs(objective)
+        if bound < floor or objective <= floor + margin:
+            return True  # a moved run no better than where it was made: abandoned
+        k = max(ridge, key=lambda c: float(st.atoms[c].norm()))
+        for make in (merge_and_split, pull_back):
+            if moves_left <= 0:
+                return False
+            moves_left -= 1
+            atoms, log_w, move = make(problem, st, k)
+            done = attempt(problem.with_starts(1), atoms, log_w, moves + (move,), objective,
+                           on_update)
+            if done.history[-1] > bound + margin:
+                return True
+        return False
 
     def attempt(prob, atoms, log_w, moves, floor, on_update) -> Run:
-        """Run one start (made by ``moves`` from a run that had reached ``floor``); where it
-        ends on a ridge, or is seen on one as it runs, try a move."""
-        seen = []
+        """Run one start (made by ``moves`` from a run that had reached ``floor``), find its
+        atoms at infinity, and where it is seen on a ridge as it runs, or ends on one, try the
+        moves."""
+        calls = []  # (ridge, whether it stopped the run) of the one call as the run went
 
         def on_ridge(st, ridge, objective, bound):
-            seen.append(ridge)
-            margin = ESCAPE_MARGIN * abs(objective)
-            if bound < floor or objective <= floor + margin:
-                return True  # a moved run no better than where it was made: abandoned
-            k = max(ridge, key=lambda c: float(st.atoms[c].norm()))
-            for make in (merge_and_split, pull_back):
-                if moves_left[0] <= 0:
-                    return False
-                moves_left[0] -= 1
-                atoms, log_w, move = make(problem, st, k)
-                other = problem.with_starts(1)
-                if problem.newton_capable:  # one float64 twin (stateless between Newton phases)
-                    other._precise = problem.precise()
-                done = attempt(other, atoms, log_w, moves + (move,), objective, on_update)
-                if done.history[-1] > bound + margin:
-                    return True
-            return False
+            calls.append((ridge, escape(st, ridge, objective, bound, floor, moves, on_update)))
+            return calls[-1][1]
 
-        hook = on_ridge if moves or moves_left[0] > 0 else None
+        hook = on_ridge if moves or moves_left > 0 else None
         done = run(prob, atoms, log_w, max_iter, tol, bar, accelerate, on_update, hook)
         done.moves = moves
         runs.append(done)
-        if hook is not None and not seen:
-            ridge = atoms_at_infinity(prob, done.state, done.history, done.norms, tol)
+        if calls and calls[0][1]:  # stopped on its ridge: a new run ended above it
+            done.diverging = calls[0][0]
+        elif problem.penalty is None:  # (under a prior no atom can run off to infinity)
+            done.diverging = atoms_at_infinity(prob, done.state, done.history, done.norms, tol)
             if max(done.norms[-1]) >= DIVERGENCE_NORM:  # the checks ran E-steps in its buffers
                 done.state = prob.start(done.state.atoms, done.state.log_weights)
-            if ridge:
-                on_ridge(done.state, ridge, done.history[-1], done.history[-1])
+            if done.diverging and hook is not None and not calls:
+                on_ridge(done.state, done.diverging, done.history[-1], done.history[-1])
         return done
 
     for i, (a, w) in enumerate(zip(starts_z, starts_w, strict=True)):

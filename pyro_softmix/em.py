@@ -27,7 +27,6 @@ from .stopping import (
     GRADIENT_TOL,
     ConvergenceWarning,
     DivergenceWarning,
-    atoms_at_infinity,
     default_tol,
     objective_noise,
     progress_bar,
@@ -191,21 +190,16 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
 
     Convergence needs, besides the stopping rule, an objective at least the trivial fit's (the
     one-component fit, :func:`~pyro_softmix.warmstart.one_component_fit`) and a gradient that
-    vanishes (:data:`~pyro_softmix.stopping.GRADIENT_TOL`). Atoms at infinity are found on the
-    path (norms that keep growing on a flat stretch) and at the end (a long atom whose
-    objective does not fall when it is doubled: its mass sits on a face of the hull; the race
-    may have carried it there before the final run began).
+    vanishes (:data:`~pyro_softmix.stopping.GRADIENT_TOL`). The atoms at infinity are those
+    :func:`~pyro_softmix.accelerate.finish` found (:func:`~pyro_softmix.stopping.atoms_at_infinity`).
     """
-    problem, history, norms, state = setup.problem, run.history, run.norms, run.state
+    problem, history, state = setup.problem, run.history, run.state
     converged = run.converged
     if not converged:
         warn_user(
             f"EM did not converge in max_iter={max_iter} iterations (estimated relative gap "
             f"{run.gap / max(abs(history[-1]), 1e-300):.2e} > tol={tol:.1e}); "
             "increase max_iter or continue with init=fit", ConvergenceWarning)
-    # After EM the workspace holds softmax(z @ atoms_z.T, 0) for the final atoms.
-    diverging = () if setup.prior_scale is not None else atoms_at_infinity(problem, state, history,
-                                                                           norms, tol)
     objective = history[-1]
     noise = objective_noise(problem, objective, tol)
     if converged:
@@ -222,9 +216,7 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
             converged = False
             warn_user(f"EM's stopping rule was met, but not at a maximum: {'; '.join(why)}. The "
                  "start was poor: refit with init='auto' (or more num_inits)", ConvergenceWarning)
-    # Under a prior the objective is coercive: no atom can run off to infinity.
-    if setup.prior_scale is not None:
-        return converged, ()
+    diverging = run.diverging  # (none under a prior: the objective is then coercive)
     if diverging:
         lengths = state.atoms.norm(dim=1).tolist()
         shown = ", ".join(f"{lengths[k]:.3g}" for k in diverging)

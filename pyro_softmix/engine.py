@@ -109,11 +109,16 @@ class EMProblem:
         #: Hessian-free M-steps: Cholesky factors (S K, r, r) of earlier Hessians.
         self.factor: torch.Tensor | None = None
         self._precise: EMProblem | None = None
+        #: The float64 copy of a float32 z (:meth:`precise`), made once and shared with every
+        #: problem made from this one by :meth:`with_starts`.
+        self._wide: dict[str, torch.Tensor] = {}
 
     def with_starts(self, num_starts: int, num_components: int | None = None) -> EMProblem:
         """The same data for another number of starts (and of components), fresh buffers."""
-        return EMProblem(self.z, self.counts64, num_components or self.num_components,
+        other = EMProblem(self.z, self.counts64, num_components or self.num_components,
                           self.chunk_size, num_starts, self.penalty, self.offset)
+        other._wide = self._wide
+        return other
 
     def precise(self) -> EMProblem:
         """This problem in float64: ``self`` for a float64 problem, else a float64 twin on the
@@ -130,7 +135,9 @@ class EMProblem:
         if self._precise is None:
             wide = None if self.penalty is None else self.penalty.double()
             offset = None if self.offset is None else self.offset.double()
-            self._precise = EMProblem(self.z.double(), self.counts64, self.num_components,
+            if "z" not in self._wide:
+                self._wide["z"] = self.z.double()
+            self._precise = EMProblem(self._wide["z"], self.counts64, self.num_components,
                                       self.chunk_size, self.num_starts, wide, offset)
             self._precise.support = self.support
         return self._precise

@@ -29,7 +29,7 @@ import torch
 
 from ._checks import check_positive_int, keyword_options, make_generator, warn_user
 from ._race import RACE_HANDOVER, RACE_SAME, joined_leader, race, race_label  # noqa: F401
-from ._split import split_component, split_scores
+from ._split import split_worst
 from .accelerate import run
 from .engine import EM_MAX_STEP, EMProblem, Setup, prepare, user_start
 from .moments import LatentMoments, standardised_moments
@@ -507,6 +507,7 @@ GROWN_TOL = 1e-5
 #: EM iterations at most per intermediate number of components of :func:`grown_start`.
 GROWN_MAX_ITER = 40
 
+
 def grown_start(problem: EMProblem, centre: torch.Tensor, max_iter: int
                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """K = ``problem.num_components`` atoms (K, r) and log-weights (K,) grown from the
@@ -518,10 +519,7 @@ def grown_start(problem: EMProblem, centre: torch.Tensor, max_iter: int
     st = problem.with_starts(1, 1).start(centre[None], centre.new_zeros(1))
     atoms, log_w, spent = st.atoms, st.log_weights, 0
     for k in range(1, last):
-        log_q = st.logits - st.lse
-        worst = int(split_scores(st.w, log_q).argmax())
-        atoms, weights = split_component(problem.z, st.w, log_q, st.atoms,
-                                         st.log_weights.exp(), worst, problem.chunk_size)
+        atoms, weights, _ = split_worst(problem, st)
         log_w = weights.log()
         if k + 1 == last:
             break

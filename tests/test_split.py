@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Splits, the start grown by splits, the merge-and-split move away from an atom at infinity,
+"""Splits, the start grown by splits, the moves away from an atom at infinity,
 the one-component start at K = 1, the float64 twin of a float32 problem (the Newton finish's),
 and the trust region of the softmax regression."""
 
