@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._chunks import one_thread
+
 __all__ = ["CGResult", "cholesky_apply", "factor_blocks", "factor_hessians", "pcg", "stale_newton"]
 
 #: Conjugate-gradient iterations of a Hessian-free M-step at most, and the relative residual at
@@ -120,7 +122,8 @@ def factor_blocks(blocks: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
         level = blocks.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(blocks.dtype).tiny)
         eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
         blocks = blocks + (ridge * level)[:, None, None] * eye
-    chol, info = torch.linalg.cholesky_ex(blocks)
+    with one_thread():
+        chol, info = torch.linalg.cholesky_ex(blocks)
     if bool((info > 0).any()):
         n = blocks.shape[-1]
         eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device)

@@ -32,8 +32,9 @@ def rows_per_chunk(num_rows: int, row_bytes: int, device: torch.device | str,
     return max(1, min(int(chunk_size), num_rows))
 
 
-#: Rows from which :func:`weighted_sums` splits its product between the threads.
+#: Rows per block of :func:`weighted_sums` (at least), and its blocks at most.
 SPLIT_ROWS = 4096
+SPLIT_BLOCKS = 16
 
 
 def weighted_sums(weights: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -42,13 +43,15 @@ def weighted_sums(weights: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
     On a CPU this product (a reduction over the long dimension p) ran on one thread (torch
     2.13 with MKL, float32: 6.8 ms at p = 20,000, r = 1,024, K = 4, against 1.8 ms for the
-    forward product z @ atoms.T). From ``SPLIT_ROWS`` rows on it runs as one batched product
-    over equal row blocks, one per thread, summed: 1.2-2x faster on 2 cores across
-    p = 5,000..400,000, r = 5..1,024, K = 4..64, float32 and float64.
+    forward product z @ atoms.T). From 2 ``SPLIT_ROWS`` rows on it runs as one batched product
+    over equal row blocks (p // ``SPLIT_ROWS`` of them, at most ``SPLIT_BLOCKS``), summed in
+    order: on 2 cores 1.2-2x faster than one product across p = 5,000..400,000,
+    r = 5..1,024, K = 4..64, float32 and float64, and as fast on one thread. The blocks
+    depend on p alone, so the sums add in the same order whatever the thread count.
     """
     p = z.shape[0]
-    blocks = torch.get_num_threads()
-    if z.device.type != "cpu" or blocks < 2 or p < SPLIT_ROWS or not z.is_contiguous():
+    blocks = min(SPLIT_BLOCKS, p // SPLIT_ROWS)
+    if z.device.type != "cpu" or blocks < 2 or not z.is_contiguous():
         return weights.T @ z
     rows = p // blocks
     head = blocks * rows
@@ -57,6 +60,51 @@ def weighted_sums(weights: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     if head < p:
         out.addmm_(weights[head:].T, z[head:])
     return out
+
+
+def ordered_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of a 1-D tensor, added in an order that does not depend on the thread count.
+
+    torch splits a reduction to one number between its threads, so the last bits of
+    ``x.sum()`` and of a dot product ``a @ b`` change with ``torch.get_num_threads()`` (and a
+    float32 fit that reads them can take another path). Here the entries are summed in
+    ``SPLIT_BLOCKS`` fixed row blocks (one reduction with several outputs, which torch shares
+    out by output), then in order.
+
+    Example:
+        >>> float(ordered_sum(torch.arange(100.0)))
+        4950.0
+    """
+    n = x.shape[0]
+    head = n - n % SPLIT_BLOCKS
+    return x[:head].reshape(SPLIT_BLOCKS, -1).sum(1).sum() + x[head:].sum()
+
+
+def column_sums(x: torch.Tensor) -> torch.Tensor:
+    """(K,) sums over dim 0 of a (p, K) tensor, in an order that does not depend on the thread
+    count (torch shares a reduction with several outputs out by output, but splits one with a
+    single output between its threads: K = 1 goes through :func:`ordered_sum`)."""
+    return x.sum(0) if x.shape[1] > 1 else ordered_sum(x[:, 0])[None]
+
+
+def ordered_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a . b for 1-D tensors (in their common dtype), by :func:`ordered_sum`."""
+    return ordered_sum(a * b)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one thread: dense factorisations (MKL's Cholesky, eigh and QR of a few
+    hundred rows) give other last bits on another thread count, which a float32 fit can turn
+    into another path. They are small beside a pass over the data."""
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
 
 
 #: Problems with fewer multiply-adds per pass over the data than this (p r K for a softmax

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._chunks import rows_per_chunk
+from ._chunks import ordered_sum, rows_per_chunk
 
 __all__ = ["PRECONDITIONER_TAIL", "gram_chunk_rows", "heavy_cov", "weighted_cov", "weighted_gram"]
 
@@ -119,7 +119,7 @@ def heavy_cov(features: torch.Tensor, probs: torch.Tensor, tail: float = PRECOND
     for col in probs.T:
         idx = torch.nonzero(col >= tail / p).squeeze(1)
         w = col[idx]
-        kept = w.sum()
+        kept = ordered_sum(w)
         w = w / kept.clamp_min(torch.finfo(w.dtype).tiny)
         mean = features.new_zeros(r)
         for s in range(0, idx.numel(), chunk):
@@ -128,6 +128,6 @@ def heavy_cov(features: torch.Tensor, probs: torch.Tensor, tail: float = PRECOND
         for s in range(0, idx.numel(), chunk):
             centred = features[idx[s:s + chunk]] - mean
             acc += (centred.T @ (centred * w[s:s + chunk, None])).double()
-        acc.diagonal().add_((col.sum() - kept).clamp_min(0.0).double())
+        acc.diagonal().add_((ordered_sum(col) - kept).clamp_min(0.0).double())
         out.append(acc.to(features.dtype))
     return torch.stack(out)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._chunks import rows_per_chunk, weighted_sums
+from ._chunks import column_sums, ordered_dot, rows_per_chunk, weighted_sums
 from ._gram import weighted_gram
 
 #: From this many coordinates K r + K on, the Hessian's products over the rows of a float64
@@ -40,7 +40,7 @@ _MIXED_CHUNK_ROWS = 4096
 def marginal_gradient(z: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
                        log_weights: torch.Tensor):
     """(D,) float64 gradient of l, and the pieces the Hessian reuses (g_t, m, W, alpha)."""
-    total_w = w.sum(0)  # W (K,)
+    total_w = column_sums(w)  # W (K,)
     alpha = log_weights.exp()
     mean_q = weighted_sums(q, z)  # (K, r)
     g_t = weighted_sums(w, z) - total_w[:, None] * mean_q  # (K, r)
@@ -159,9 +159,10 @@ def marginal_hvp(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: torc
         s = (resp * (a - mv + ea)).sum(1)  # (p,)
         ws = w * s[:, None]
         out_t = weighted_sums((spread * a).sub_(ws), z)
-        out_t += (ws.sum(0) - gv)[:, None] * mean_q + (ea - mv)[:, None] * g_t
+        ws_total = column_sums(ws)
+        out_t += (ws_total - gv)[:, None] * mean_q + (ea - mv)[:, None] * g_t
         out_eta = (gv - alpha * gv.sum()) + eta_block @ e
-        out_eta -= ws.sum(0) - alpha * (counts * s).sum()
+        out_eta -= ws_total - alpha * ordered_dot(counts, s)
         return torch.cat([out_t.reshape(-1), out_eta[:-1]])
 
     return times

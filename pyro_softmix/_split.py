@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from ._chunks import column_sums, one_thread, ordered_dot, ordered_sum
 from ._gram import weighted_cov
 from .engine import EMProblem
 
@@ -34,9 +35,10 @@ __all__ = ["merge_and_split", "pull_back", "split_component", "split_scores", "s
 def split_scores(w: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """(K,) float64 W_k KL(w_k / W_k || q_k) from w (p, K) and log q (p, K)."""
     w, log_q = w.double(), log_q.double()
-    total = w.sum(0)
+    total = column_sums(w)
     share = w / total.clamp_min(1e-300)
-    kl = torch.where(share > 0, share * (share.clamp_min(1e-300).log() - log_q), 0.0).sum(0)
+    kl = torch.where(share > 0, share * (share.clamp_min(1e-300).log() - log_q), 0.0)
+    kl = column_sums(kl)
     return total * kl
 
 
@@ -47,16 +49,17 @@ def split_component(z: torch.Tensor, w: torch.Tensor, log_q: torch.Tensor, atoms
     direction: atoms (K + 1, r) (the halves at rows k and K) and weights (K + 1,), in
     ``atoms``' and ``weights``' dtypes. z (p, r), w and log q (p, K) as in :func:`split_scores`;
     ``chunk_size`` rows per chunk of the residual covariance."""
-    share = w[:, k].double() / w[:, k].double().sum().clamp_min(1e-300)
+    share = w[:, k].double() / ordered_sum(w[:, k].double()).clamp_min(1e-300)
     q = log_q[:, k].double().exp()
     mean = q.to(z) @ z
     resid = weighted_cov(z, (share - q)[:, None].to(z), mean[None],
                          chunk_size=chunk_size).double()[0]
-    vals, vecs = torch.linalg.eigh(0.5 * (resid + resid.T))
+    with one_thread():
+        vals, vecs = torch.linalg.eigh(0.5 * (resid + resid.T))
     u = vecs[:, -1]
     uz = z @ u.to(z)
-    centred = (uz - uz.double().mul(q).sum().to(uz)).double()
-    sigma2 = float(q @ centred**2)
+    centred = (uz - ordered_dot(uz.double(), q).to(uz)).double()
+    sigma2 = float(ordered_dot(q, centred**2))
     delta = math.sqrt(max(float(vals[-1]), 0.0)) / max(sigma2, 1e-12)
     step = (min(max(delta, 0.1), 4.0) * u).to(atoms)
     new_atoms = torch.cat([atoms, atoms[k:k + 1] - step])
@@ -92,7 +95,7 @@ def merge_and_split(problem: EMProblem, state, k: int) -> tuple[torch.Tensor, to
     w = state.w.double()
     r = w / problem.counts64.clamp_min(1e-300)[:, None]  # the posteriors r_jm
     inner = w[:, k] @ r  # (K,) sum_j n_j r_jk r_jm
-    cosine = inner / (inner[k] * (w * r).sum(0)).sqrt().clamp_min(1e-300)
+    cosine = inner / (inner[k] * column_sums(w * r)).sqrt().clamp_min(1e-300)
     cosine[k] = -math.inf
     partner = int(cosine.argmax())
     keep = [m for m in range(state.atoms.shape[0]) if m != k]

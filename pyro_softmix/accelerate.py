@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ._cg import cholesky_apply, factor_blocks, pcg
+from ._chunks import one_thread
 from ._gram import heavy_cov
 from ._marginal import marginal_gradient, marginal_hessian, marginal_hvp, mixed_precision
 from ._split import merge_and_split, pull_back
@@ -386,13 +387,17 @@ def factor_hessian(problem: EMProblem, st: EMState, pieces, pen: torch.Tensor | 
 
     neg = negative_hessian(precise=False)
     check_finite([float(neg.abs().max())], "the Hessian of the Newton finish")
-    chol, info = torch.linalg.cholesky_ex(neg)
+    with one_thread():
+        chol, info = torch.linalg.cholesky_ex(neg)
     if int(info) == 0:
         return chol, None
-    eig = torch.linalg.eigh(neg)
+    with one_thread():
+        eig = torch.linalg.eigh(neg)
     if mixed_precision(problem.z, k) and (
             float(eig[0][0]) >= -ROUNDING_EIGEN * float(eig[0][-1])):
-        chol, info = torch.linalg.cholesky_ex(negative_hessian(precise=True))
+        precise = negative_hessian(precise=True)
+        with one_thread():
+            chol, info = torch.linalg.cholesky_ex(precise)
         if int(info) == 0:
             return chol, None
     return None, eig  # where the float64 Hessian is not concave either, the first one's

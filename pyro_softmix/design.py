@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_features, warn_user
-from ._chunks import rows_per_chunk
+from ._chunks import column_sums, one_thread, rows_per_chunk
 
 
 class IdentifiabilityWarning(UserWarning):
@@ -65,12 +65,14 @@ class Design:
     def atoms_to_z(self, atoms: torch.Tensor) -> torch.Tensor:
         """(..., L) atoms in feature coordinates -> (..., r) standardised coordinates."""
         m = self.from_atoms.to(device=atoms.device, dtype=atoms.dtype)
-        return atoms @ m
+        with one_thread():  # (MKL's small float64 products vary with the thread count)
+            return atoms @ m
 
     def atoms_from_z(self, atoms_z: torch.Tensor) -> torch.Tensor:
         """(..., r) standardised atoms -> (..., L) minimum-norm atoms in feature coordinates."""
         m = self.to_atoms.to(device=atoms_z.device, dtype=atoms_z.dtype)
-        return atoms_z @ m.T
+        with one_thread():
+            return atoms_z @ m.T
 
     def transform(self, features: torch.Tensor, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None,
@@ -144,7 +146,7 @@ def standardize(features, *, warn: bool = True, chunk_size: int | None = None) -
     # Two passes in float64 (mean, then centred second moment) for accuracy on shifted data.
     total = torch.zeros(L, dtype=torch.float64, device=x.device)
     for s in range(0, p, chunk):
-        total += (x[s:s + chunk].to(torch.float64) / unit).sum(0)
+        total += column_sums(x[s:s + chunk].to(torch.float64) / unit)
     mean = total / p
     cov = torch.zeros(L, L, dtype=torch.float64, device=x.device)
     for s in range(0, p, chunk):
@@ -162,7 +164,8 @@ def standardize(features, *, warn: bool = True, chunk_size: int | None = None) -
     corr = cov / scale[:, None] / scale[None, :]
     corr[constant, :] = 0
     corr[:, constant] = 0
-    evals, evecs = torch.linalg.eigh(corr)
+    with one_thread():
+        evals, evecs = torch.linalg.eigh(corr)
     keep = evals > tol
     r = int(keep.sum())
     if r == 0:
@@ -180,7 +183,8 @@ def standardize(features, *, warn: bool = True, chunk_size: int | None = None) -
     null = evecs[:, ~keep] / (scale * unit)[:, None]
     to_atoms = whiten
     if null.shape[1] > 0:
-        q, _ = torch.linalg.qr(null)
+        with one_thread():
+            q, _ = torch.linalg.qr(null)
         to_atoms = whiten - q @ (q.T @ whiten)
     const_idx = tuple(int(i) for i in constant.nonzero().flatten())
     if r < L and warn:

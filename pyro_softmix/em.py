@@ -99,9 +99,8 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
         checkpoint_every: seconds between checkpoints (0: after every update).
         num_threads: CPU threads for the fit (the caller's torch setting is restored after).
             Default: one for small problems (p L K below 300,000 multiply-adds), else the
-            caller's setting less the cores other programs keep busy right now. Results can
-            differ in the last bits between thread counts (parallel sums add in another
-            order): pass ``num_threads`` for bit-for-bit reproducibility across machines.
+            caller's setting less the cores other programs keep busy right now. The result
+            does not depend on the thread count (sums add in an order fixed by the data).
         offset: (p,) known offset b added to every component's logits: a language model's
             output bias, a known alternative-specific term in discrete choice, or the log of
             the proposal in sampled-softmax data. A constant offset changes nothing; b = X c

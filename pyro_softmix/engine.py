@@ -34,7 +34,7 @@ from ._checks import (
     resolve_device,
     resolve_dtype,
 )
-from ._chunks import rows_per_chunk
+from ._chunks import column_sums, ordered_sum, rows_per_chunk
 from ._gram import heavy_cov
 from ._logprob import group_log_joint
 from .design import Design, feature_scales, standardize
@@ -85,7 +85,7 @@ class EMProblem:
         self.offset = None if offset is None else offset.to(z)
         self.counts = counts.to(z)
         self.counts64 = counts.to(device=z.device, dtype=torch.float64)
-        self.total = float(self.counts64.sum())
+        self.total = float(ordered_sum(self.counts64))
         self.num_components = num_components
         self.num_starts = num_starts
         self.chunk_size = chunk_size
@@ -180,7 +180,7 @@ class EMProblem:
         # w = n_j alpha_k q_k(j) / pi_j
         j3.mul_(total.reciprocal_().mul_(self.counts[:, None])[:, :, None])
         loglik = self.counts64 @ log_pi.to(torch.float64)
-        self.weight_sums = joint.sum(0)
+        self.weight_sums = column_sums(joint)
         return loglik, joint
 
     def m_step(self, w: torch.Tensor, atoms: torch.Tensor, log_weights: torch.Tensor,
@@ -197,7 +197,7 @@ class EMProblem:
         l2 = 0.0 if self.penalty is None else self.penalty
         if self.hessian_free:
             if self.factor is None:  # the first M-step: the Hessians here (ws.q: the softmax)
-                self.factor = stale_factor(self._heavy_cov(self.workspace.q), w.sum(0), l2)
+                self.factor = stale_factor(self._heavy_cov(self.workspace.q), column_sums(w), l2)
             atoms, logits, lse, info = softmax_newton_step(
                 self.z, w, atoms, logits, self.workspace, lse, l2=l2, max_step=EM_MAX_STEP,
                 offset=self.offset, factor=self.factor)
@@ -206,7 +206,7 @@ class EMProblem:
                 # (ws.q holds their softmax), the next M-step's up to the weights.
                 cols = (~info.solved).nonzero().squeeze(1)
                 cov = self._heavy_cov(self.workspace.q[:, cols])
-                self.factor[cols] = stale_factor(cov, w[:, cols].sum(0), l2)
+                self.factor[cols] = stale_factor(cov, column_sums(w[:, cols]), l2)
         else:
             # At large r the covariances (p r^2 K) dominate an iteration: reuse them for a few
             # M-steps (quasi-Newton steps; the line search keeps EM monotone).
@@ -328,9 +328,9 @@ class GroupedEMProblem(EMProblem):
         j3 = joint.view(-1, s, k)
         group_ll = torch.logsumexp(j3, 2)  # (G, S)
         r = j3.sub_(group_ll[:, :, None]).exp_().view(-1, s * k)  # responsibilities
-        self.weight_sums, self.group_resp = r.sum(0), r
+        self.weight_sums, self.group_resp = column_sums(r), r
         w = self.w.zero_().index_add_(0, self.point_index, r[self.group_index].mul_(self.values))
-        return group_ll.to(torch.float64).sum(0), w
+        return column_sums(group_ll.to(torch.float64)), w
 
     def responsibilities(self, atoms, log_weights) -> torch.Tensor:
         """(G, K) P(component k | group g) at (atoms, log_weights)."""
@@ -398,7 +398,7 @@ def prepare(features, counts, tokens, groups, num_components, dtype, device, chu
     if groups is None:
         n = check_counts(counts, tokens, p)
         grouped = None
-        total = float(n.double().sum())
+        total = float(ordered_sum(n.double()))
     else:
         grouped = check_groups(groups, counts, tokens, p)
         total = float(grouped[2].sum())

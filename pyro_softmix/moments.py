@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import as_tensor, check_counts, check_features, resolve_device, resolve_dtype
+from ._chunks import ordered_sum
 from ._gram import weighted_gram
 from .design import Design, standardize
 
@@ -183,6 +184,6 @@ def standardised_moments(z: torch.Tensor, counts: torch.Tensor, design: Design,
                          offset: torch.Tensor | None = None) -> LatentMoments:
     """M1 (and M2 when first read) from standardised features z (p, r) and float64 counts (p,)
     on z's device (``offset``: the engine's (p,) offset, kept for the starts)."""
-    pihat = (counts / counts.sum()).to(z.dtype)
+    pihat = (counts / ordered_sum(counts)).to(z.dtype)
     return LatentMoments(m1=pihat @ z, m2=None, design=design, z=z, pihat=pihat,
                          chunk_size=chunk_size, offset=offset)

@@ -12,12 +12,10 @@ It is concave; with W_k = sum_j w_jk and q = softmax(Z t) its gradient and negat
 
 with m = Z^T q. At the maximiser g_k = 0: the q-weighted mean of the features matches the
 w-weighted one (moment matching). This is the M-step of EM for softmax mixtures (and of any
-conditional logit with one shared choice set). The batched Newton machinery here (Cholesky with a
-growing ridge, per-problem Armijo backtracking) is shared by the other regression M-steps.
-
-The Newton direction is computed by a batched Cholesky solve with a ridge that grows until the
-factorisation succeeds; steps are damped by Armijo backtracking, per component, so each accepted
-step increases f_k. Memory is O(pK) plus a (chunk, K, r) temporary for the Hessian.
+conditional logit with one shared choice set), and its batched Newton machinery is shared by the
+other regression M-steps: a Cholesky solve with a ridge that grows until the factorisation
+succeeds, and Armijo backtracking per component, so each accepted step increases f_k. Memory is
+O(pK) plus a (chunk, K, r) temporary for the Hessian.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ import torch
 
 from ._cg import cholesky_apply, factor_hessians, stale_newton
 from ._checks import as_tensor, check_offset, check_positive_float, check_positive_int
-from ._chunks import weighted_sums
+from ._chunks import column_sums, one_thread, weighted_sums
 from ._gram import gram_chunk_rows, weighted_cov, weighted_gram
 
 #: Armijo's sufficient-increase constant: a step s along d is accepted when
@@ -49,7 +47,7 @@ def column_logsumexp(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tenso
     """logsumexp over dim 0 of (p, K) logits; leaves softmax(logits, 0) in ``scratch``."""
     top = logits.amax(0)
     torch.sub(logits, top, out=scratch).exp_()
-    total = scratch.sum(0)
+    total = column_sums(scratch)
     scratch.div_(total)
     return top + total.log()
 
@@ -96,7 +94,8 @@ def newton_direction(grad: torch.Tensor, hess: torch.Tensor, max_tries: int = 8)
     chol = None
     for _ in range(max_tries):
         mat = hess + (torch.where(usable, ridge, safe_level))[:, None, None] * eye
-        chol, info = torch.linalg.cholesky_ex(mat)
+        with one_thread():
+            chol, info = torch.linalg.cholesky_ex(mat)
         failed = info > 0
         if not bool(failed.any()):
             break
@@ -246,7 +245,7 @@ def softmax_newton_step(features, weights, atoms, logits, ws: Workspace, lse=Non
     step is Hessian-free: conjugate gradients preconditioned by them solve the Newton system,
     each iteration two (p x r)(r x K) products (:func:`_cg_direction`); no covariance is formed.
     """
-    total = weights.sum(0)  # (K,)
+    total = column_sums(weights)  # (K,)
     if lse is None:
         lse = column_logsumexp(logits, ws.q)
     q = ws.q
@@ -425,7 +424,7 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
         raise ValueError(f"init must have shape ({k}, {r}), got {tuple(t.shape)}")
     offset = check_offset(offset, z.shape[0], like=z)
     tol = 1e3 * torch.finfo(z.dtype).eps if tol is None else tol
-    scale = w.sum(0) + 1
+    scale = column_sums(w) + 1
     logits, lse = offset_logits(z, t, offset), None
     ws = Workspace(z, k, chunk_size)
     steps, info, converged = 0, None, False
@@ -436,7 +435,7 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
         if converged or bool((info.step == 0).all()):
             break
     # Report the gradient at the returned atoms (ws.q holds their softmax).
-    grad = w.T @ z - w.sum(0)[:, None] * (ws.q.T @ z) - l2 * t
+    grad = w.T @ z - column_sums(w)[:, None] * (ws.q.T @ z) - l2 * t
     converged = converged or bool((grad.norm(dim=-1) <= tol * scale).all())
     return SoftmaxRegressionResult(atoms=t, objective=info.objective, grad_norm=grad.norm(dim=-1),
                                    num_steps=steps, converged=converged)

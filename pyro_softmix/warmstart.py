@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ._checks import check_positive_int, keyword_options, make_generator, warn_user
+from ._chunks import one_thread, ordered_dot
 from ._race import RACE_HANDOVER, RACE_SAME, joined_leader, race, race_label  # noqa: F401
 from ._split import split_worst
 from .accelerate import run
@@ -73,7 +74,8 @@ def _top_eigen(mom: LatentMoments, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenpairs of M2 (values descending (k,), vectors (r, k)); M2 is decomposed once
     per moments object (a start of several kinds, or several starts, reuse it)."""
     if mom._m2_eigh is None:
-        vals, vecs = torch.linalg.eigh(mom.m2.double().cpu())
+        with one_thread():
+            vals, vecs = torch.linalg.eigh(mom.m2.double().cpu())
         mom._m2_eigh = vals.flip(0), vecs.flip(1)
     vals, vecs = mom._m2_eigh
     return vals[:k], vecs[:, :k]
@@ -425,7 +427,8 @@ def _mixture_spread(z: torch.Tensor, dist2: torch.Tensor, atoms: torch.Tensor,
                     offset: torch.Tensor | None = None) -> float:
     """Mean over starts of sum_j pi(j) dist2_j for the equal-weight mixtures of atoms (S, K, r)."""
     s, k, r = atoms.shape
-    pi = torch.softmax(offset_logits(z, atoms.reshape(s * k, r), offset), 0)
+    logits = offset_logits(z, atoms.reshape(s * k, r), offset)
+    pi = (logits - torch.logsumexp(logits, 0)).exp_()  # (softmax over dim 0 varies with threads)
     pi = pi.view(-1, s, k).mean(2)  # (p, S)
     return float((dist2 @ pi).mean())
 
@@ -465,7 +468,7 @@ def calibrated_atoms(mom: LatentMoments, num_components: int, num_starts: int,
     noise = noise.to(z)
     centre = centre.to(z)
     dist2 = ((z - mom.m1) ** 2).sum(1)  # (p,)
-    target = float(mom.pihat @ dist2)
+    target = float(ordered_dot(mom.pihat, dist2))
     lo, hi = math.log(1e-2), math.log(1e1)
     if _mixture_spread(z, dist2, centre + math.exp(lo) * noise, mom.offset) >= target:
         return None  # the data are more concentrated than the one-component fit
