@@ -17,10 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ._cg import cholesky_apply, factor_blocks, pcg
+from ._cg import cholesky_apply, pcg
 from ._chunks import one_thread
-from ._gram import heavy_cov
-from ._marginal import marginal_gradient, marginal_hessian, marginal_hvp, mixed_precision
+from ._marginal import (
+    em_preconditioner,
+    marginal_gradient,
+    marginal_hessian,
+    mixed_precision,
+    neg_hessian_times,
+)
 from ._split import merge_and_split, pull_back
 from .engine import EM_MAX_STEP, EMProblem, EMState
 from .solvers import armijo_search
@@ -252,9 +257,10 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
     preconditioned system is then governed by the fraction of information the latent
     assignments hide, which is what makes EM slow. Each solve stops at a residual of
     ``CG_TOL``, after ``CG_MAX_STEPS`` iterations, or at the trust radius ``CG_RADIUS``
-    (:func:`_pcg`); steps are Armijo-damped, so the objective never decreases.
+    (:func:`_pcg`); steps are Armijo-damped, so the objective never decreases. On the float64
+    twin of a float32 problem these loose solves multiply on the float32 design.
 
-    Convergence is claimed only from a tight solve (residual ``CERTIFY_TOL``), made where a
+    Convergence is claimed only from a tight solve (float64 products) (residual ``CERTIFY_TOL``), made where a
     step's decrement is within ``tol``: CG's estimate g^T d of the decrement only grows with
     its iterations. Where the tight solve cannot be reached, the full-Hessian finish takes over
     if it is affordable (:func:`_full_hessian_affordable`); otherwise no convergence is claimed.
@@ -262,7 +268,7 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
     Returns as :func:`newton_finish`.
     """
     k, r = problem.num_components, problem.z.shape[1]
-    z, counts = problem.z, problem.counts
+    z = problem.z
     noise = 64 * torch.finfo(z.dtype).eps * abs(obj)
     pen = None if problem.penalty is None else problem.penalty.to(z.dtype)
     objs, norms, gap, precondition = [], [], math.inf, None
@@ -272,16 +278,9 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
         if pen is not None:
             grad[:k * r] -= (st.atoms.to(z.dtype) @ pen).reshape(-1).double()
         if precondition is None:
-            precondition = _em_preconditioner(problem, st, pieces, pen)
+            precondition = em_preconditioner(problem, st, pieces, pen)
 
-        hess_times = marginal_hvp(z, counts, problem.workspace.q, st.w, pieces)
-
-        def neg_hess_times(v, hess_times=hess_times):
-            out = -hess_times(v).double()
-            if pen is not None:
-                out[:k * r] += (v[:k * r].view(k, r).to(z.dtype) @ pen).reshape(-1).double()
-            return out
-
+        neg_hess_times = neg_hessian_times(problem, st, pieces, pen, problem.narrow_z)
         direction, solved = _pcg(neg_hess_times, grad, precondition, CG_RADIUS)
         decrement = float(grad @ direction)
         gap = decrement / 2 / (1 - CG_TOL) ** 2
@@ -289,6 +288,8 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
             # A loose or unfinished solve underestimates the decrement (CG's g^T d only grows
             # with its iterations; measured on SmolLM2, K = 4: 7e-4 from 3 iterations, then
             # 1.5e-3 at the next step): convergence is claimed only from a tight one.
+            if problem.narrow_z is not None:  # certified with float64 products
+                neg_hess_times = neg_hessian_times(problem, st, pieces, pen, None)
             direction, solved = _pcg(neg_hess_times, grad, precondition, CG_RADIUS,
                                      CERTIFY_TOL, CERTIFY_MAX_STEPS)
             decrement = float(grad @ direction)
@@ -306,27 +307,6 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
             return st, objs, norms, False, True, gap
         st, obj = accepted, _record(problem, accepted, objs, norms)
     return st, objs, norms, False, False, gap
-
-
-def _em_preconditioner(problem: EMProblem, st: EMState, pieces, pen: torch.Tensor | None):
-    """v -> P^-1 v for the block-diagonal complete-data information P (float64)."""
-    _, mean_q, total_w, alpha = pieces
-    k, r = mean_q.shape
-    cov = heavy_cov(problem.z, problem.workspace.q, chunk_size=problem.chunk_size)
-    blocks = total_w[:, None, None].to(cov) * cov
-    if pen is not None:
-        blocks = blocks + pen.to(cov)
-    a = alpha.double()
-    info_eta = float(total_w.sum()) * (torch.diag(a) - a[:, None] * a)[:-1, :-1]
-    # The ridge: float32 rounding of each block (its covariances come from the compute dtype).
-    chol_t, chol_eta = factor_blocks(blocks.double(), 1e-7), factor_blocks(info_eta[None])[0]
-
-    def apply(v):
-        out_t = cholesky_apply(chol_t, v[:k * r].view(k, r)).reshape(-1)
-        out_eta = cholesky_apply(chol_eta[None], v[None, k * r:])[0]
-        return torch.cat([out_t, out_eta])
-
-    return apply
 
 
 def _pcg(matvec, rhs: torch.Tensor, precondition, radius: float = math.inf,
@@ -469,9 +449,9 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
     accepted EM goes on and Newton is tried again after a growing number of iterations.
     ``on_update(state, history)``, if given, is called after every cycle and every phase of
     Newton steps (for checkpoints). ``on_ridge(state, components, objective, bound)``, if
-    given, is called once, when some atoms are seen running off to infinity along a flat ridge
-    (:func:`~pyro_softmix.stopping.find_diverging`), with ``bound`` the objective this run is
-    estimated to reach; it returns True to stop this run there.
+    given, is called after every cycle in which some atoms are seen running off to infinity
+    along a flat ridge (:func:`~pyro_softmix.stopping.find_diverging`), with ``bound`` the
+    objective this run is estimated to reach; it returns True to stop this run there.
     Returns a :class:`Run`; the workspace then holds the final softmax.
     """
     st = problem.start(atoms, log_weights)
@@ -503,10 +483,8 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
         gap = rule.gap(history[-1])
         if on_ridge is not None and max(norms[-1]) >= DIVERGENCE_NORM:
             ridge = find_diverging(norms, history, problem.workspace.q)
-            if ridge:
-                stop, on_ridge = on_ridge(st, ridge, history[-1], history[-1] + gap), None
-                if stop:
-                    break
+            if ridge and on_ridge(st, ridge, history[-1], history[-1] + gap):
+                break
         if use_newton and it >= next_newton and gap <= NEWTON_SWITCH * abs(history[-1]):
             st, objs, step_norms, converged, failed, newton_gap = _precise_newton(
                 problem, st, history[-1], tol, min(NEWTON_MAX_STEPS, max_iter - it))
@@ -577,13 +555,20 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
     """
     runs, moves_left = [], problem.num_components - 1 if problem.penalty is None else 0
 
-    def escape(st, ridge, objective, bound, floor, moves, on_update) -> bool:
+    def escape(st, ridge, objective, bound, floor, moves, on_update, ends, first) -> bool:
         """The moves from ``st`` (objective ``objective``, estimated to reach ``bound``), a run
-        made by ``moves`` from one that had reached ``floor``; True to stop that run."""
+        made by ``moves`` from one that had reached ``floor``, tried where this is the ``first``
+        time it is seen on its ridge, the new runs' final objectives appended to ``ends``; True
+        to stop that run. The bound tightens as the run goes on, so a run on its ridge is asked
+        again after every cycle whether it can still reach what its new runs reached."""
         nonlocal moves_left
         margin = ESCAPE_MARGIN * abs(objective)
         if bound < floor or objective <= floor + margin:
             return True  # a moved run no better than where it was made: abandoned
+        if ends and max(ends) > bound + margin:
+            return True
+        if not first:
+            return False
         k = max(ridge, key=lambda c: float(st.atoms[c].norm()))
         for make in (merge_and_split, pull_back):
             if moves_left <= 0:
@@ -592,6 +577,7 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
             atoms, log_w, move = make(problem, st, k)
             done = attempt(problem.with_starts(1), atoms, log_w, moves + (move,), objective,
                            on_update)
+            ends.append(done.history[-1])
             if done.history[-1] > bound + margin:
                 return True
         return False
@@ -600,18 +586,19 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
         """Run one start (made by ``moves`` from a run that had reached ``floor``), find its
         atoms at infinity, and where it is seen on a ridge as it runs, or ends on one, try the
         moves."""
-        calls = []  # (ridge, whether it stopped the run) of the one call as the run went
+        calls, ends = [], []  # (ridge, whether it stopped the run) of each call; new runs' ends
 
         def on_ridge(st, ridge, objective, bound):
-            calls.append((ridge, escape(st, ridge, objective, bound, floor, moves, on_update)))
-            return calls[-1][1]
+            stop = escape(st, ridge, objective, bound, floor, moves, on_update, ends, not calls)
+            calls.append((ridge, stop))
+            return stop
 
         hook = on_ridge if moves or moves_left > 0 else None
         done = run(prob, atoms, log_w, max_iter, tol, bar, accelerate, on_update, hook)
         done.moves = moves
         runs.append(done)
-        if calls and calls[0][1]:  # stopped on its ridge: a new run ended above it
-            done.diverging = calls[0][0]
+        if calls and calls[-1][1]:  # stopped on its ridge: a new run ended above it
+            done.diverging = calls[-1][0]
         elif problem.penalty is None:  # (under a prior no atom can run off to infinity)
             done.diverging = atoms_at_infinity(prob, done.state, done.history, done.norms, tol)
             if max(done.norms[-1]) >= DIVERGENCE_NORM:  # the checks ran E-steps in its buffers

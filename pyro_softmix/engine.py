@@ -112,6 +112,9 @@ class EMProblem:
         #: The float64 copy of a float32 z (:meth:`precise`), made once and shared with every
         #: problem made from this one by :meth:`with_starts`.
         self._wide: dict[str, torch.Tensor] = {}
+        #: On a float64 twin (:meth:`precise`): the float32 z it was made from, for the
+        #: Newton-CG finish's Hessian-vector products (None otherwise).
+        self.narrow_z: torch.Tensor | None = None
 
     def with_starts(self, num_starts: int, num_components: int | None = None) -> EMProblem:
         """The same data for another number of starts (and of components), fresh buffers."""
@@ -139,7 +142,7 @@ class EMProblem:
                 self._wide["z"] = self.z.double()
             self._precise = EMProblem(self._wide["z"], self.counts64, self.num_components,
                                       self.chunk_size, self.num_starts, wide, offset)
-            self._precise.support = self.support
+            self._precise.support, self._precise.narrow_z = self.support, self.z
         return self._precise
 
     def _heavy_cov(self, probs: torch.Tensor) -> torch.Tensor:

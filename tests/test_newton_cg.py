@@ -134,6 +134,41 @@ def test_the_float64_finish_renormalises_float32_weights():
     assert converged and not failed
 
 
+def test_the_float64_cg_finish_of_a_float32_fit_solves_with_float32_products(monkeypatch):
+    """On the float64 twin of a float32 problem, the loose CG solves multiply by the Hessian on
+    the float32 design (to float32 rounding of the float64 products) and the tight solve that
+    certifies convergence in float64; the fit reaches the optimum it reaches with float64
+    products throughout (1e-10 relative)."""
+    from pyro_softmix import _marginal
+
+    d = simulated(p=400, L=4, K=3, N=10**6, seed=3, norm=2.0)
+    x32 = d.features.float()
+    z = psm.standardize(x32).transform(x32)
+    problem = EMProblem(z, d.counts, 3)
+    wide = problem.precise()
+    assert wide.narrow_z is z and wide.z.dtype == torch.float64
+    g = torch.Generator().manual_seed(0)
+    st = wide.start(torch.randn(3, 4, generator=g, dtype=torch.float64),
+                    torch.log_softmax(torch.randn(3, generator=g, dtype=torch.float64), 0))
+    _, pieces = marginal_gradient(wide.z, wide.workspace.q, st.w, st.log_weights)
+    v = torch.randn(3 * 4 + 2, generator=g, dtype=torch.float64)
+    exact = _marginal.neg_hessian_times(wide, st, pieces, None, None)(v)
+    narrow = _marginal.neg_hessian_times(wide, st, pieces, None, z)(v)
+    torch.testing.assert_close(narrow, exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+    assert not torch.equal(narrow, exact)  # the float32 design was used
+
+    kinds = []
+    spy = _marginal.neg_hessian_times
+    monkeypatch.setattr(accelerate, "HESSIAN_FREE_RATIO", 0)
+    monkeypatch.setattr(accelerate, "neg_hessian_times", lambda *a: kinds.append(
+        a[-1] is None) or spy(*a))
+    fit = psm.fit_em(x32, counts=d.counts, num_components=3, seed=0, tol=1e-9)
+    assert fit.converged and False in kinds and True in kinds  # float32 loose, float64 tight
+    monkeypatch.setattr(accelerate, "neg_hessian_times", lambda *a: spy(*a[:-1], None))
+    ref = psm.fit_em(x32, counts=d.counts, num_components=3, seed=0, tol=1e-9)
+    assert ref.converged and fit.loglik == pytest.approx(ref.loglik, rel=1e-10)
+
+
 def test_convergence_is_claimed_only_from_a_tight_solve(monkeypatch):
     """Where CG cannot certify (here: one iteration allowed for the tight solve), the full
     Hessian finishes where it fits, and beyond that no convergence is claimed."""
