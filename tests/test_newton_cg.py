@@ -115,6 +115,15 @@ def test_the_newton_finish_is_chosen_by_size(monkeypatch):
     assert cg.loglik == pytest.approx(exact.loglik, rel=1e-10, abs=0)
     perm = list(best_permutation(cg.atoms, exact.atoms))
     assert torch.allclose(cg.weights[perm], exact.weights, atol=1e-6)
+    # The float64 twin of a float32 problem (cheaper CG products) has its own threshold.
+    z = psm.standardize(d.features).transform(d.features)
+    wide = EMProblem(z.float(), d.counts, 3).precise()
+    monkeypatch.setattr(accelerate, "MAX_NEWTON_PARAMS", 4096)
+    monkeypatch.setattr(accelerate, "HESSIAN_FREE_RATIO", at)
+    monkeypatch.setattr(accelerate, "HESSIAN_FREE_RATIO_NARROW", at * (1 - 1e-9))
+    assert accelerate.hessian_free(wide) and not accelerate.hessian_free(EMProblem(z, d.counts, 3))
+    monkeypatch.setattr(accelerate, "HESSIAN_FREE_RATIO_NARROW", at)
+    assert not accelerate.hessian_free(wide)
 
 
 def test_the_float64_finish_renormalises_float32_weights():
@@ -159,7 +168,7 @@ def test_the_float64_cg_finish_of_a_float32_fit_solves_with_float32_products(mon
 
     kinds = []
     spy = _marginal.neg_hessian_times
-    monkeypatch.setattr(accelerate, "HESSIAN_FREE_RATIO", 0)
+    monkeypatch.setattr(accelerate, "HESSIAN_FREE_RATIO_NARROW", 0)
     monkeypatch.setattr(accelerate, "neg_hessian_times", lambda *a: kinds.append(
         a[-1] is None) or spy(*a))
     fit = psm.fit_em(x32, counts=d.counts, num_components=3, seed=0, tol=1e-9)
