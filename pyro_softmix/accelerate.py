@@ -264,10 +264,11 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
     (:func:`_pcg`); steps are Armijo-damped, so the objective never decreases. On the float64
     twin of a float32 problem these loose solves multiply on the float32 design.
 
-    Convergence is claimed only from a tight solve (float64 products) (residual ``CERTIFY_TOL``), made where a
-    step's decrement is within ``tol``: CG's estimate g^T d of the decrement only grows with
-    its iterations. Where the tight solve cannot be reached, the full-Hessian finish takes over
-    if it is affordable (:func:`_full_hessian_affordable`); otherwise no convergence is claimed.
+    Convergence is claimed only from a tight solve (residual ``CERTIFY_TOL``, float64
+    products), made where a step's decrement is within ``tol``: CG's estimate g^T d of the
+    decrement only grows with its iterations. Where the tight solve cannot be reached, the
+    full-Hessian finish takes over if it is affordable (:func:`_full_hessian_affordable`);
+    otherwise no convergence is claimed.
 
     Returns as :func:`newton_finish`.
     """
@@ -373,10 +374,9 @@ def factor_hessian(problem: EMProblem, st: EMState, pieces, pen: torch.Tensor | 
     check_finite([float(neg.abs().max())], "the Hessian of the Newton finish")
     with one_thread():
         chol, info = torch.linalg.cholesky_ex(neg)
-    if int(info) == 0:
+        eig = None if int(info) == 0 else torch.linalg.eigh(neg)
+    if eig is None:
         return chol, None
-    with one_thread():
-        eig = torch.linalg.eigh(neg)
     if mixed_precision(problem.z, k) and (
             float(eig[0][0]) >= -ROUNDING_EIGEN * float(eig[0][-1])):
         precise = negative_hessian(precise=True)

@@ -404,7 +404,7 @@ def prepare(features, counts, tokens, groups, num_components, dtype, device, chu
         total = float(ordered_sum(n.double()))
     else:
         grouped = check_groups(groups, counts, tokens, p)
-        total = float(grouped[2].sum())
+        total = float(ordered_sum(grouped[2].double()))
     if total > 1e-6 * torch.finfo(dtype).max:
         raise ValueError(f"counts sum to {total:.3g}, beyond what {dtype} represents in sums "
                          "of counts: use dtype=torch.float64, or rescale the counts (the "

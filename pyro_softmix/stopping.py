@@ -15,6 +15,8 @@ from collections import deque
 import numpy as np
 import torch
 
+from .solvers import column_logsumexp
+
 __all__ = ["ConvergenceWarning", "DivergenceWarning", "NumericalError", "StartWarning",
            "default_tol"]
 
@@ -172,7 +174,8 @@ def atoms_at_infinity(problem, state, history: list[float],
                        if length >= DIVERGENCE_NORM else math.nan)
     face = set(at_infinity(lengths, history[-1], doubled,
                            objective_noise(problem, history[-1], tol)))
-    probs = torch.softmax(problem.logits(state.atoms[long]), 0)
+    probs = problem.logits(state.atoms[long])
+    column_logsumexp(probs, probs)  # (their softmax, in place)
     face |= {k for k, col in zip(long, probs.T, strict=True) if on_a_face(problem.z, col)}
     return tuple(sorted(set(path) | face))
 

@@ -34,7 +34,7 @@ from ._split import split_worst
 from .accelerate import run
 from .engine import EM_MAX_STEP, EMProblem, Setup, prepare, user_start
 from .moments import LatentMoments, standardised_moments
-from .solvers import fit_softmax_regression, offset_logits
+from .solvers import column_logsumexp, fit_softmax_regression, offset_logits
 from .stopping import StartWarning, progress_bar
 
 __all__ = ["WarmStart", "warm_start", "WARM_START_METHODS"]
@@ -427,8 +427,8 @@ def _mixture_spread(z: torch.Tensor, dist2: torch.Tensor, atoms: torch.Tensor,
                     offset: torch.Tensor | None = None) -> float:
     """Mean over starts of sum_j pi(j) dist2_j for the equal-weight mixtures of atoms (S, K, r)."""
     s, k, r = atoms.shape
-    logits = offset_logits(z, atoms.reshape(s * k, r), offset)
-    pi = (logits - torch.logsumexp(logits, 0)).exp_()  # (softmax over dim 0 varies with threads)
+    pi = offset_logits(z, atoms.reshape(s * k, r), offset)
+    column_logsumexp(pi, pi)  # (the softmax, in place)
     pi = pi.view(-1, s, k).mean(2)  # (p, S)
     return float((dist2 @ pi).mean())
 
