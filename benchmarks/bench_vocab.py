@@ -14,7 +14,9 @@ Per case and dtype, ``fit_em`` with its defaults, timed from the call: seconds, 
 warnings, training log-likelihood against the truth's, held-out log-likelihood per token against
 the truth's, a single softmax's and the add-one unigram's, weight error and the total variation
 between fitted and true next-token distributions (components matched), and the peak resident
-memory of the process. Then, from one random start (``init="random"``'s) in the same dtype,
+memory of the process. A float32 fit is then continued in float64 (``init=fit``, off the clock):
+its gain, updates and the change in the components say whether it ended at a float64 optimum.
+Then, from one random start (``init="random"``'s) in the same dtype,
 Adam (learning rates ``ADAM_LR``) and L-BFGS (strong Wolfe) for ``--budget`` seconds each:
 seconds to within 1e-6 and 1e-8 (relative) of the best log-likelihood any method reached
 (evaluated in float64, off the clock), and the final gap.
@@ -122,7 +124,7 @@ def case(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, dtype: torch.dt
     per_token = {name: float(held @ lp) / num_obs for name, lp in
                  [("fit", log_pi), ("truth", probs.log()), ("single", log_single),
                   ("unigram", unigram)]}
-    return {"K": k, "N": num_obs, "dtype": str(dtype).replace("torch.", ""),
+    row = {"K": k, "N": num_obs, "dtype": str(dtype).replace("torch.", ""),
             "seconds": seconds, "converged": fit.converged, "n_iter": fit.n_iter,
             "init": fit.init, "warnings": [str(w.message)[:160] for w in caught],
             "loglik": fit.loglik, "loglik64": float(counts @ log_pi),
@@ -130,7 +132,28 @@ def case(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, dtype: torch.dt
             "heldout_per_token": per_token,
             "weight_error": float((fitted_w[perm] - weights).abs().max()),
             "tv_max": float(tv.max()),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}, counts
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if dtype != torch.float64:
+        row["float64_check"] = float64_check(x, counts, fit, fitted_q, perm)
+    return row, counts
+
+
+def float64_check(x: torch.Tensor, counts: torch.Tensor, fit, fitted_q: torch.Tensor,
+                  perm: torch.Tensor) -> dict:
+    """Off the clock: EM in float64 from a lower-precision fit (``init=fit``). Whether that fit
+    ended at a float64 optimum: the float64 run's gain in log-likelihood, its updates, and the
+    largest total variation and weight change between the two fits' components."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wide = psm.fit_em(x.double(), counts=counts, num_components=fit.weights.shape[0],
+                          init=fit)
+    q = torch.softmax(wide.atoms.double()[perm] @ x.double().T, 1)
+    start = float(counts.double() @ (fit.weights.double() / fit.weights.double().sum()
+                                     @ torch.softmax(fit.atoms.double() @ x.double().T, 1)).log())
+    return {"gain": wide.loglik - start, "relative_gain": (wide.loglik - start) / abs(start),
+            "n_iter": wide.n_iter, "converged": wide.converged,
+            "tv_max": float((0.5 * (q - fitted_q).abs().sum(1)).max()),
+            "weight_change": float((wide.weights.double() - fit.weights.double()).abs().max())}
 
 
 ADAM_LR = (0.01, 0.03, 0.1)
@@ -213,6 +236,12 @@ def main() -> None:
               f"{ho['fit'] - ho['truth']:23.2e} {ho['single'] - ho['truth']:9.3f} "
               f"{ho['unigram'] - ho['truth']:9.3f} {row['weight_error']:8.1e} "
               f"{row['tv_max']:7.1e}", flush=True)
+        check = row.get("float64_check")
+        if check is not None:
+            print(f"   float64 EM from this fit: {check['gain']:+.3g} nats "
+                  f"({check['relative_gain']:+.1e}) in {check['n_iter']} updates, "
+                  f"converged {check['converged']}, max TV {check['tv_max']:.1e}, "
+                  f"weights {check['weight_change']:.1e}")
         for message in row["warnings"]:
             print("   warning:", message)
         if args.budget > 0:
