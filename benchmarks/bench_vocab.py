@@ -12,7 +12,9 @@ weights are a seeded softmax of Gaussians, and N tokens are drawn from the mixtu
 as held-out data).
 Per case and dtype, ``fit_em`` with its defaults, timed from the call: seconds, convergence and
 warnings, training log-likelihood against the truth's, held-out log-likelihood per token against
-the truth's, a single softmax's and the add-one unigram's, weight error and the total variation
+the truth's (beside the MLE's expected excess with D free parameters, +D/2 nats in training and
+-D/(2N) per held-out token: Wilks, and Akaike's argument for AIC), a single softmax's and the
+add-one unigram's, weight error and the total variation
 between fitted and true next-token distributions (components matched), and the peak resident
 memory of the process. A float32 fit is then continued in float64 (``init=fit``, off the clock):
 its gain, updates and the change in the components say whether it ended at a float64 optimum.
@@ -129,6 +131,7 @@ def case(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, dtype: torch.dt
             "init": fit.init, "warnings": [str(w.message)[:160] for w in caught],
             "loglik": fit.loglik, "loglik64": float(counts @ log_pi),
             "truth_loglik": float(counts @ probs.log()),
+            "num_params": fit.num_params,
             "heldout_per_token": per_token,
             "weight_error": float((fitted_w[perm] - weights).abs().max()),
             "tv_max": float(tv.max()),
@@ -236,6 +239,9 @@ def main() -> None:
               f"{ho['fit'] - ho['truth']:23.2e} {ho['single'] - ho['truth']:9.3f} "
               f"{ho['unigram'] - ho['truth']:9.3f} {row['weight_error']:8.1e} "
               f"{row['tv_max']:7.1e}", flush=True)
+        free = row["num_params"]
+        print(f"   the MLE's expected excess (D = {free} parameters): training +D/2 = "
+              f"{free / 2:+.1f} nats, held-out -D/(2N) = {-free / (2 * num_obs):.2e} per token")
         check = row.get("float64_check")
         if check is not None:
             print(f"   float64 EM from this fit: {check['gain']:+.3g} nats "
