@@ -286,24 +286,28 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
             precondition = em_preconditioner(problem, st, pieces, pen)
 
         neg_hess_times = neg_hessian_times(problem, st, pieces, pen, problem.narrow_z)
-        direction, solved = _pcg(neg_hess_times, grad, precondition, CG_RADIUS)
+        direction, solved, bounded = _pcg(neg_hess_times, grad, precondition, CG_RADIUS)
         decrement = float(grad @ direction)
         gap = decrement / 2 / (1 - CG_TOL) ** 2
-        if gap <= tol * abs(obj):
+        # A solve cut at the trust radius (or at a flat direction) says the model's maximum is
+        # further away: its decrement is no estimate of the gap, and the step is taken.
+        if gap <= tol * abs(obj) and not bounded:
             # A loose or unfinished solve underestimates the decrement (CG's g^T d only grows
             # with its iterations; measured on SmolLM2, K = 4: 7e-4 from 3 iterations, then
             # 1.5e-3 at the next step): convergence is claimed only from a tight one.
             if problem.narrow_z is not None:  # certified with float64 products
                 neg_hess_times = neg_hessian_times(problem, st, pieces, pen, None)
-            direction, solved = _pcg(neg_hess_times, grad, precondition, CG_RADIUS,
-                                     CERTIFY_TOL, CERTIFY_MAX_STEPS)
+            direction, solved, bounded = _pcg(neg_hess_times, grad, precondition, CG_RADIUS,
+                                              CERTIFY_TOL, CERTIFY_MAX_STEPS)
             decrement = float(grad @ direction)
             gap = decrement / 2 / (1 - CERTIFY_TOL) ** 2
             if solved and gap <= tol * abs(obj):
                 return st, objs, norms, True, False, gap
-            if not solved and _full_hessian_affordable(problem):
+            if not (solved or bounded) and _full_hessian_affordable(problem):
                 # CG cannot resolve the flattest directions (where the latent assignments hide
-                # nearly all the information): the full Hessian, where it fits, finishes.
+                # nearly all the information): the full Hessian, where it fits, finishes. (Not
+                # where the solve was cut at the radius: measured on SmolLM2, an atom running
+                # off along a ridge, each full-Hessian step 2.5-16 s and 150-200 nats.)
                 out = newton_finish(problem, st, obj, tol, max_steps - len(objs))
                 return (out[0], objs + out[1], norms + out[2]) + out[3:]
         accepted, _ = _newton_line_search(problem, st, direction, obj, decrement, noise)
@@ -315,11 +319,12 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
 
 
 def _pcg(matvec, rhs: torch.Tensor, precondition, radius: float = math.inf,
-         rel_tol: float = CG_TOL, max_steps: int = CG_MAX_STEPS) -> tuple[torch.Tensor, bool]:
-    """:func:`~pyro_softmix._cg.pcg` for one flat system: (d, solved)."""
+         rel_tol: float = CG_TOL, max_steps: int = CG_MAX_STEPS
+         ) -> tuple[torch.Tensor, bool, bool]:
+    """:func:`~pyro_softmix._cg.pcg` for one flat system: (d, solved, bounded)."""
     out = pcg(lambda v: matvec(v[0])[None], rhs[None], lambda v: precondition(v[0])[None],
               radius, rel_tol, max_steps)
-    return out.d[0], bool(out.solved[0])
+    return out.d[0], bool(out.solved[0]), bool(out.bounded[0])
 
 
 def _record(problem: EMProblem, st: EMState, objs: list, norms: list) -> float:

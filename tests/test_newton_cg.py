@@ -41,15 +41,15 @@ def test_pcg_solves_to_its_tolerance_and_always_ascends():
     q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
     a = q @ torch.diag(torch.logspace(0, 3, 30, dtype=torch.float64)) @ q.T
     rhs = torch.randn(30, generator=g, dtype=torch.float64)
-    d, solved = accelerate._pcg(lambda v: a @ v, rhs, lambda v: v)
+    d, solved, bounded = accelerate._pcg(lambda v: a @ v, rhs, lambda v: v)
     res = rhs - a @ d
-    assert solved and float(res.norm()) <= accelerate.CG_TOL * float(rhs.norm())
+    assert solved and not bounded and float(res.norm()) <= accelerate.CG_TOL * float(rhs.norm())
     exact = torch.linalg.solve(a, rhs)
-    d, solved = accelerate._pcg(lambda v: a @ v, rhs, lambda v: exact * (v @ rhs) / (rhs @ rhs))
+    d, solved, _ = accelerate._pcg(lambda v: a @ v, rhs, lambda v: exact * (v @ rhs) / (rhs @ rhs))
     assert solved and torch.allclose(d, exact, rtol=1e-12, atol=0)  # one step with P = A
     indefinite = a - 10 * torch.eye(30, dtype=torch.float64)
-    d, solved = accelerate._pcg(lambda v: indefinite @ v, rhs, lambda v: v)
-    assert not solved and float(rhs @ d) > 0
+    d, solved, bounded = accelerate._pcg(lambda v: indefinite @ v, rhs, lambda v: v)
+    assert not solved and bounded and float(rhs @ d) > 0
 
 
 def _near_optimum(seed=0, prior_scale=None):
@@ -206,6 +206,28 @@ def test_convergence_is_claimed_only_from_a_tight_solve(monkeypatch):
     assert path[-1] == pytest.approx(ref.history[-1], rel=1e-10, abs=0)
 
 
+def test_a_solve_cut_at_the_trust_radius_is_a_step_not_a_handover(monkeypatch):
+    """A solve cut at the radius has a decrement below the tolerance however far the optimum
+    is (here a radius of 1e-7): Newton-CG takes its small steps, hands nothing over to the full
+    Hessian and claims no convergence; with the usual radius it converges from the same state."""
+    problem, st, ref, _ = _near_optimum(seed=1)
+    start = float(problem.objective(st)[0])
+    calls = []
+    original = accelerate.newton_finish
+    monkeypatch.setattr(accelerate, "newton_finish", lambda *a: calls.append(1) or original(*a))
+    with monkeypatch.context() as m:
+        m.setattr(accelerate, "CG_RADIUS", 1e-7)
+        out = accelerate.newton_cg_finish(problem, problem.start(st.atoms, st.log_weights),
+                                          start, 1e-9, 5)
+    path = [start] + out[1]
+    assert not calls and not out[3] and len(out[1]) == 5
+    assert all(b >= a for a, b in zip(path, path[1:], strict=False))
+    assert ref.history[-1] - path[-1] > 1e-9 * abs(start)  # far from the optimum still
+    out = accelerate.newton_cg_finish(problem, problem.start(st.atoms, st.log_weights), start,
+                                      1e-14, 40)
+    assert out[3] and out[1][-1] == pytest.approx(ref.history[-1], rel=1e-10, abs=0)
+
+
 def test_pcg_stays_in_its_trust_radius():
     g = torch.Generator().manual_seed(2)
     q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
@@ -213,8 +235,8 @@ def test_pcg_stays_in_its_trust_radius():
                      torch.linspace(-1, 1, 20, dtype=torch.float64)):  # indefinite
         a = q @ torch.diag(spectrum) @ q.T
         rhs = torch.randn(20, generator=g, dtype=torch.float64)
-        d, solved = accelerate._pcg(lambda v, a=a: a @ v, rhs, lambda v: v, radius=0.5)
-        assert not solved and float(d.norm()) <= 0.5 + 1e-12 and float(rhs @ d) > 0
+        d, solved, bounded = accelerate._pcg(lambda v, a=a: a @ v, rhs, lambda v: v, radius=0.5)
+        assert not solved and bounded and float(d.norm()) <= 0.5 + 1e-12 and float(rhs @ d) > 0
 
 
 def test_the_preconditioner_factors_replace_only_the_singular_blocks():
