@@ -117,13 +117,17 @@ def factor_blocks(blocks: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
     block's mean diagonal (a ridge at rounding level keeps a factor finite where a block is
     flat in some direction); a block that is still not numerically positive definite (an
     empty component, a vanishing weight) is replaced by its diagonal's mean times the identity
-    (a preconditioner only needs to be positive)."""
+    (a preconditioner only needs to be positive). So is a block whose mean diagonal is below
+    the square root of the dtype's smallest normal number (a component whose softmax is one
+    point: its covariance is 0, and a ridge at that level would leave pivots whose reciprocals
+    overflow)."""
+    level = blocks.diagonal(dim1=1, dim2=2).mean(1)
     if ridge:
-        level = blocks.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(blocks.dtype).tiny)
         eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
-        blocks = blocks + (ridge * level)[:, None, None] * eye
+        blocks = blocks + (ridge * level.clamp_min(0.0))[:, None, None] * eye
     with one_thread():
         chol, info = torch.linalg.cholesky_ex(blocks)
+    info = torch.where(level >= torch.finfo(blocks.dtype).tiny ** 0.5, info, 1)
     if bool((info > 0).any()):
         n = blocks.shape[-1]
         eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device)

@@ -7,7 +7,7 @@ import torch
 
 import pyro_softmix as psm
 from pyro_softmix import accelerate
-from pyro_softmix._cg import factor_blocks
+from pyro_softmix._cg import cholesky_apply, factor_blocks, factor_hessians
 from pyro_softmix._marginal import marginal_gradient, marginal_hessian, marginal_hvp
 from pyro_softmix.engine import EMProblem
 
@@ -237,6 +237,19 @@ def test_pcg_stays_in_its_trust_radius():
         rhs = torch.randn(20, generator=g, dtype=torch.float64)
         d, solved, bounded = accelerate._pcg(lambda v, a=a: a @ v, rhs, lambda v: v, radius=0.5)
         assert not solved and bounded and float(d.norm()) <= 0.5 + 1e-12 and float(rhs @ d) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_preconditioner_of_a_one_point_component_is_finite(dtype):
+    """A component whose softmax is one point has covariance 0: its preconditioner block is
+    replaced (a ridge at rounding level would leave pivots of 1e-22 in float32, whose solves
+    overflow to inf and NaN: SmolLM2 with K = 8, float32, after a split)."""
+    g = torch.Generator().manual_seed(5)
+    m = torch.randn(20, 20, generator=g, dtype=dtype)
+    blocks = torch.stack([m @ m.T, torch.zeros(20, 20, dtype=dtype)])
+    chol = factor_hessians(blocks)
+    out = cholesky_apply(chol, torch.randn(2, 20, generator=g, dtype=dtype))
+    assert bool(torch.isfinite(out).all()) and torch.equal(chol[1], torch.eye(20, dtype=dtype))
 
 
 def test_the_preconditioner_factors_replace_only_the_singular_blocks():
