@@ -512,6 +512,8 @@ def _one_line_warnings(prefix: str):
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", category=FutureWarning)
+        # (Python's own default: a file that an interrupted import left open is not news.)
+        warnings.filterwarnings("ignore", category=ResourceWarning)
         warnings.showwarning = show
         yield
 
@@ -523,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     out = None
     try:
         with _one_line_warnings(prefix):
+            # torch and the package load before the output folder exists: an interrupt that
+            # lands in torch's import can be lost there, and the fit would then run on.
+            from . import em, plots, selection, simulation  # noqa: F401
             out = Outputs(args.out)  # checked before any work
             return args.func(args, out)
     except KeyboardInterrupt:

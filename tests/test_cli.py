@@ -236,6 +236,29 @@ def test_help_and_version_do_not_import_torch():
     assert out.stdout.strip().endswith("[]") and "softmix 0.1.0" in out.stdout
 
 
+def test_torch_and_the_package_load_before_the_output_folder_exists(tmp_path):
+    """An interrupt that lands in torch's import can be lost (the fit then runs on): so when
+    the output folder appears, which is when the Ctrl-C test interrupts, the imports are done."""
+    code = ("import sys\nfrom pyro_softmix import cli\nmade = cli.Outputs\n"
+            "def outputs(*a, **k):\n"
+            "    print(sorted({'torch', 'pyro_softmix.em', 'pyro_softmix.plots'} & set(sys.modules)))\n"
+            "    raise SystemExit(0)\n"
+            f"cli.Outputs = outputs\ncli.main(['simulate', '--out', {str(tmp_path / 'o')!r}])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['pyro_softmix.em', 'pyro_softmix.plots', 'torch']"
+
+
+def test_warnings_are_one_line_each_but_not_resource_warnings(capsys):
+    import warnings
+
+    from pyro_softmix.cli import _one_line_warnings
+
+    with _one_line_warnings("softmix fit"):
+        warnings.warn("a file left open", ResourceWarning, stacklevel=1)
+        warnings.warn("two\n  lines", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err == "softmix fit: warning: two lines\n"
+
+
 @pytest.mark.slow
 def test_a_real_ctrl_c_exits_130_with_one_line(tmp_path):
     """SIGINT to a running ``softmix fit``: one line on stderr, status 130, no outputs."""
