@@ -275,7 +275,10 @@ def test_a_real_ctrl_c_exits_130_with_one_line(tmp_path):
         [sys.executable, "-m", "pyro_softmix.cli", "fit", str(tmp_path / "x.npy"), "--counts",
          str(tmp_path / "n.npy"), "-k", "6", "--quiet", "--no-accelerate", "--max-iter",
          "100000", "--tol", "0", "--out", str(tmp_path / "o")],
-        stderr=subprocess.PIPE, text=True, env=env)
+        stderr=subprocess.PIPE, text=True, env=env,
+        # Ctrl-C as at a terminal: a shell starts background jobs with SIGINT ignored, and
+        # Python then keeps it ignored (so would a test run from such a job).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60  # wait until the fit runs: the output folder exists by then
     while not (tmp_path / "o").exists() and time.time() < deadline:
         time.sleep(0.05)
