@@ -525,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     out = None
     try:
         with _one_line_warnings(prefix):
-            # torch and the package load before the output folder exists: an interrupt that
-            # lands in torch's import can be lost there, and the fit would then run on.
+            # torch and the package load before the output folder exists, so that a Ctrl-C
+            # after it lands in the work, not in torch's import (measured: an interrupted
+            # import's open file then added a ResourceWarning to the one line).
             from . import em, plots, selection, simulation  # noqa: F401
             out = Outputs(args.out)  # checked before any work
             return args.func(args, out)

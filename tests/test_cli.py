@@ -237,8 +237,8 @@ def test_help_and_version_do_not_import_torch():
 
 
 def test_torch_and_the_package_load_before_the_output_folder_exists(tmp_path):
-    """An interrupt that lands in torch's import can be lost (the fit then runs on): so when
-    the output folder appears, which is when the Ctrl-C test interrupts, the imports are done."""
+    """When the output folder appears (the Ctrl-C test interrupts one second later), torch
+    and the package are loaded: the interrupt lands in the work, not in torch's import."""
     code = ("import sys\nfrom pyro_softmix import cli\nmade = cli.Outputs\n"
             "def outputs(*a, **k):\n"
             "    print(sorted({'torch', 'pyro_softmix.em', 'pyro_softmix.plots'} & set(sys.modules)))\n"
