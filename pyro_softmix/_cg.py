@@ -122,16 +122,14 @@ def factor_blocks(blocks: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
     point: its covariance is 0, and a ridge at that level would leave pivots whose reciprocals
     overflow)."""
     level = blocks.diagonal(dim1=1, dim2=2).mean(1)
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
     if ridge:
-        eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
         blocks = blocks + (ridge * level.clamp_min(0.0))[:, None, None] * eye
     with one_thread():
         chol, info = torch.linalg.cholesky_ex(blocks)
     info = torch.where(level >= torch.finfo(blocks.dtype).tiny ** 0.5, info, 1)
     if bool((info > 0).any()):
-        n = blocks.shape[-1]
-        eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device)
-        scale = blocks.diagonal(dim1=1, dim2=2).mean(1).abs().clamp_min(1.0)
+        scale = level.abs().clamp_min(1.0)
         chol = torch.where((info > 0)[:, None, None], scale.sqrt()[:, None, None] * eye, chol)
     return chol
 

@@ -239,7 +239,7 @@ def test_help_and_version_do_not_import_torch():
 def test_torch_and_the_package_load_before_the_output_folder_exists(tmp_path):
     """When the output folder appears (the Ctrl-C test interrupts one second later), torch
     and the package are loaded: the interrupt lands in the work, not in torch's import."""
-    code = ("import sys\nfrom pyro_softmix import cli\nmade = cli.Outputs\n"
+    code = ("import sys\nfrom pyro_softmix import cli\n"
             "def outputs(*a, **k):\n"
             "    print(sorted({'torch', 'pyro_softmix.em', 'pyro_softmix.plots'} & set(sys.modules)))\n"
             "    raise SystemExit(0)\n"
