@@ -223,7 +223,8 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
             f"the atoms of components {list(diverging)} go to infinity (norms {shown} in "
             "standardised units): each such component puts its mass on a face of the design's "
             "convex hull (a few extreme support points), where the likelihood keeps rising "
-            "toward a supremum. This is a spurious optimum (try other starts, num_inits=) or "
+            "toward a supremum. This is a spurious optimum (try other starts: num_inits=, or "
+            "init= with atoms near the expected ones, such as known contexts' hidden states) or "
             "the MLE is at infinity; refit with prior_scale= for a MAP estimate", DivergenceWarning)
     _warn_coinciding(state.atoms)
     return converged, diverging
