@@ -110,7 +110,7 @@ def test_divergence_is_reported_and_the_prior_fixes_it():
              "atoms": torch.tensor([[0.5, -0.5], [2.0, 2.0]], dtype=torch.float64)}
     for accelerate in (False, True):
         # the warning names both remedies: other starts (init= near the expected atoms) and a prior
-        with pytest.warns(psm.DivergenceWarning, match=r"init= with atoms near(.|\n)*prior_scale"):
+        with pytest.warns(psm.DivergenceWarning, match="init= with atoms near.*prior_scale"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", psm.ConvergenceWarning)
                 fit = psm.fit_em(x, counts, num_components=2, init=start, max_iter=300,
