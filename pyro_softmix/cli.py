@@ -34,7 +34,7 @@ EXIT_CODES = {EXIT_OK: "success", EXIT_INTERNAL: "an internal error (a bug: plea
 ARRAY_FORMATS = ("npy", "npz", "csv", "pt")
 #: warmstart.WARM_START_METHODS, spelled out so that --help need not import torch (a test
 #: checks that the two agree).
-START_METHODS = ("auto", "projection", "tensor", "subspace", "random")
+START_METHODS = ("auto", "tempered", "projection", "tensor", "subspace", "random")
 DEMO = {"num_points": 20_000, "num_features": 32, "num_components": 4, "num_obs": 1_000_000}
 DEMO_QUICK = {"num_points": 2_000, "num_features": 8, "num_components": 3, "num_obs": 100_000}
 

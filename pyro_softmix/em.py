@@ -60,13 +60,16 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
         num_components: K >= 1.
         init: ``"auto"`` (random starts at a scale calibrated on the design and one start
             grown from the one-component fit by splits, raced; see
-            :func:`~pyro_softmix.warm_start`), one of the moment methods ``"projection"``,
-            ``"tensor"``, ``"subspace"``, ``"random"``, or a
+            :func:`~pyro_softmix.warm_start`), ``"tempered"`` (as ``"auto"``, one random start
+            replaced by one grown on the counts raised to the power 0.5: for components that put
+            most of their mass on a few points, such as a language model's contexts), one of the
+            moment methods ``"projection"``, ``"tensor"``, ``"subspace"``, ``"random"``, or a
             start: a mapping with ``"weights"`` (K,) and ``"atoms"`` (K, L), or any object with
             ``.weights`` and ``.atoms`` (a previous fit, a :class:`~pyro_softmix.WarmStart`).
-        num_inits: number of starts (default 1; 4 for ``"auto"``). Several starts run as one
-            batch in a race that drops the starts that are clearly beaten or have joined the
-            leader; each survivor is then run to convergence and the best is kept.
+        num_inits: number of starts (default 1; 4 for ``"auto"`` and ``"tempered"``). Several
+            starts run as one batch in a race that drops the starts that are clearly beaten or
+            have joined the leader; each survivor is then run to convergence and the best is
+            kept.
         max_iter: EM iterations (M-steps) at most for each run after the race.
         tol: stop when the estimated distance to the limit, (l* - l_t) / abs(l_t), is at most
             ``tol`` (default 1e-10 in float64, 1e-9 in float32). The distance is extrapolated
@@ -223,8 +226,9 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
             f"the atoms of components {list(diverging)} go to infinity (norms {shown} in "
             "standardised units): each such component puts its mass on a face of the design's "
             "convex hull (a few extreme support points), where the likelihood keeps rising "
-            "toward a supremum. This is a spurious optimum (try other starts: num_inits=, or "
-            "init= with atoms near the expected ones, such as known contexts' hidden states) or "
+            "toward a supremum. This is a spurious optimum (try other starts: "
+            "init='tempered' for peaked components, num_inits=, or init= with atoms near the "
+            "expected ones, such as known contexts' hidden states) or "
             "the MLE is at infinity; refit with prior_scale= for a MAP estimate", DivergenceWarning)
     _warn_coinciding(state.atoms)
     return converged, diverging

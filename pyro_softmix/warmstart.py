@@ -16,6 +16,8 @@ All methods work in standardised coordinates and return atoms in the user's coor
 - ``"subspace"``: random atoms in the span of M2's top-K eigenvectors at the scale M2 implies.
 - ``"random"``: random atoms in all r directions at the scale M2 implies.
 - ``"auto"``: see :func:`warm_start`.
+- ``"tempered"``: ``"auto"`` with one random start replaced by a start grown on tempered counts
+  (:func:`tempered_grown_start`), for components that put most of their mass on a few points.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .stopping import StartWarning, progress_bar
 
 __all__ = ["WarmStart", "warm_start", "WARM_START_METHODS"]
 
-WARM_START_METHODS = ("auto", "projection", "tensor", "subspace", "random")
+WARM_START_METHODS = ("auto", "tempered", "projection", "tensor", "subspace", "random")
 #: Number of candidate starts under ``init="auto"`` when ``num_inits`` is not given.
 AUTO_NUM_INITS = 4
 
@@ -311,11 +313,15 @@ def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
             docstring) or ``"auto"``: the start that :func:`~pyro_softmix.fit_em` uses by default,
             found by a short batched EM race over many starts (see :ref:`warm-starts`): the
             race's leader (``fit_em(init="auto")`` also runs the race's other survivors to
-            convergence and keeps the best).
+            convergence and keeps the best); or ``"tempered"``: ``"auto"`` with one of its
+            random starts replaced by a start grown on the counts raised to the power
+            ``GROWN_TEMPER`` = 0.5, for components with peaked distributions.
         seed: int or ``torch.Generator`` (same seed, same start).
         dtype, device: precision and device of the computation.
-        num_inits: for ``"auto"``, the number of raced starts (as in :func:`~pyro_softmix.fit_em`).
-        prior_scale: for ``"auto"``, race on the MAP objective of ``fit_em(prior_scale=...)``.
+        num_inits: for ``"auto"`` and ``"tempered"``, the number of raced starts (as in
+            :func:`~pyro_softmix.fit_em`).
+        prior_scale: for ``"auto"`` and ``"tempered"``, race on the MAP objective of
+            ``fit_em(prior_scale=...)``.
         offset: (p,) known term of every component's logits, as in :func:`~pyro_softmix.fit_em`.
             The moment methods assume a uniform base measure; with an offset their atoms are
             shifted by the difference of the one-component fits with and without it (exact
@@ -335,8 +341,9 @@ def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
     """
     if not isinstance(method, str) or method not in WARM_START_METHODS:
         raise ValueError(f"method must be one of {WARM_START_METHODS}, got {method!r}")
-    if method != "auto" and (num_inits is not None or prior_scale is not None):
-        raise ValueError(f"num_inits and prior_scale apply to method='auto' only, not {method!r}")
+    if method not in ("auto", "tempered") and (num_inits is not None or prior_scale is not None):
+        raise ValueError("num_inits and prior_scale apply to method='auto' or 'tempered' only, "
+                         f"not {method!r}")
     if num_inits is not None:
         num_inits = check_positive_int(num_inits, "num_inits")
     setup = prepare(features, counts, tokens, None, num_components, dtype, device, None,
@@ -344,9 +351,9 @@ def warm_start(features, counts=None, tokens=None, *, num_components: int = 3,
     problem, design, z, k = setup.problem, setup.design, setup.z, setup.num_components
     mom = standardised_moments(z, problem.counts64, design, offset=problem.offset)
     gen = make_generator(seed)
-    if method == "auto":
+    if method in ("auto", "tempered"):
         atoms_z, log_w, _ = auto_start(problem, mom, k, num_inits, gen,
-                                       one_component_fit(setup)[0])
+                                       one_component_fit(setup)[0], tempered=method == "tempered")
         weights = log_w[0].exp().double().cpu()  # the race's leader
         atoms_z = atoms_z[0].double().cpu()
     else:
@@ -509,6 +516,9 @@ def check_init(init, num_inits):
 GROWN_TOL = 1e-5
 #: EM iterations at most per intermediate number of components of :func:`grown_start`.
 GROWN_MAX_ITER = 40
+#: Power gamma of the counts on which ``init="tempered"`` grows its start
+#: (:func:`tempered_grown_start`).
+GROWN_TEMPER = 0.5
 
 
 def grown_start(problem: EMProblem, centre: torch.Tensor, max_iter: int
@@ -535,15 +545,39 @@ def grown_start(problem: EMProblem, centre: torch.Tensor, max_iter: int
     return atoms, log_w, spent
 
 
+def tempered_grown_start(problem: EMProblem, centre: torch.Tensor, max_iter: int,
+                         gamma: float = GROWN_TEMPER) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`grown_start` on the tempered counts n_j^gamma, its atoms divided by gamma.
+
+    A softmax raised to the power gamma is the softmax of gamma times its atom, so tempering
+    flattens every component's peaks. On data whose components put most of their mass on a few
+    points (a language model's peaked contexts), the plain grown start sends its heavy components
+    off to faces of the points' hull, where each holds the top points of several components; on
+    the tempered counts those faces pay less, and the components stay finite. For grouped data
+    the counts are those summed over groups.
+    """
+    offset = None if problem.offset is None else gamma * problem.offset
+    penalty = None if problem.penalty is None else problem.penalty / gamma ** 2
+    tempered = EMProblem(problem.z, problem.counts64 ** gamma, problem.num_components,
+                         problem.chunk_size, 1, penalty, offset)
+    tempered._wide = problem._wide  # shares the float64 copy of z (EMProblem.precise)
+    one = run(tempered.with_starts(1, 1), (gamma * centre)[None], centre.new_zeros(1),
+              GROWN_MAX_ITER, GROWN_TOL)
+    atoms, log_w, spent = grown_start(tempered, one.state.atoms[0], max_iter)
+    return atoms / gamma, log_w, spent + len(one.history) - 1
+
+
 def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
                gen: torch.Generator, centre: torch.Tensor, max_iter: int = 1000,
-               progress: bool | None = False, accelerate: bool = True):
+               progress: bool | None = False, accelerate: bool = True,
+               tempered: bool = False):
     """The ``"auto"`` start: ``num_inits`` starts raced in one batch, all design-calibrated
     random starts in all r directions (:func:`calibrated_atoms`) but the last, which is grown
     from the one-component fit by splits (:func:`grown_start`). With
     K = 1 it is the one-component fit ``centre`` (the MLE); where the data are more
     concentrated than random starts can be, the grown start alone; with ``num_inits=1``, one
-    random start.
+    random start. With ``tempered`` (``init="tempered"``) the last random start is replaced by
+    one grown on tempered counts (:func:`tempered_grown_start`), which then always takes part.
 
     Neither the tensor start nor M2's top eigenspace is used: where the moments are noisy (real
     embeddings, or r not small against the effective number of support points) both point away
@@ -552,26 +586,34 @@ def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
     Returns the starts to finish, best first: atoms (S', K, r) and log_weights (S', K); and
     the start's label.
     """
+    name = "tempered" if tempered else "auto"
     centre = centre.to(mom.z)  # the one-component fit (one_component_fit)
     if k == 1:
-        return centre[None, None], centre.new_zeros(1, 1), "auto (the one-component fit)"
+        return centre[None, None], centre.new_zeros(1, 1), f"{name} (the one-component fit)"
     n = num_inits or AUTO_NUM_INITS
+    if tempered and n == 1:
+        atoms, log_w, spent = tempered_grown_start(problem, centre, max_iter)
+        return atoms[None], log_w[None], f"tempered (grown by splits, {spent} iterations)"
     atoms = calibrated_atoms(mom, k, n, gen, centre)  # on problem.z's device, in its dtype
     if n > 1 or atoms is None:
         grown, grown_w, spent = grown_start(problem, centre, max_iter)
-        if atoms is None:
+        if atoms is None and not tempered:
             return grown[None], grown_w[None], f"auto (grown by splits, {spent} iterations)"
+        if atoms is None:  # no random starts: race the two grown starts
+            n, atoms = 2, grown.new_empty(2, *grown.shape)
     log_w = torch.full((n, k), -math.log(k), dtype=atoms.dtype, device=atoms.device)
     if n == 1:
         return atoms, log_w, "auto"
     atoms[-1], log_w[-1] = grown, grown_w  # one start grown by splits, the others random
+    if tempered:  # and one grown on tempered counts
+        atoms[-2], log_w[-2], _ = tempered_grown_start(problem, centre, max_iter)
     bar = progress_bar(progress, None, "EM starts")
     try:
         atoms, log_w, spent = race(problem, atoms, log_w, max_iter, bar, accelerate)
     finally:
         if bar is not None:
             bar.close()
-    return atoms, log_w, race_label("auto", n, spent, atoms)
+    return atoms, log_w, race_label(name, n, spent, atoms)
 
 
 def choose_start(setup: Setup, init, num_inits, max_iter, seed, progress,
@@ -593,10 +635,10 @@ def choose_start(setup: Setup, init, num_inits, max_iter, seed, progress,
         return atoms, log_ws, "given (resumed from a checkpoint)"
     gen = make_generator(seed)
     mom = standardised_moments(z, problem.counts64, design, problem.chunk_size, problem.offset)
-    if init == "auto":
+    if init in ("auto", "tempered"):
         centre, _ = one_component_fit(setup)
         return auto_start(problem, mom, k, num_inits, gen, centre, max_iter, progress,
-                          accelerate)
+                          accelerate, tempered=init == "tempered")
     n = num_inits or 1
     starts = [moment_start(mom, k, init, gen) for _ in range(n)]
     log_w = torch.stack([w for w, _ in starts]).log().to(z)

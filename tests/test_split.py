@@ -14,7 +14,7 @@ import pyro_softmix as psm
 from pyro_softmix import accelerate, engine, warmstart
 from pyro_softmix._split import merge_and_split, pull_back, split_component, split_scores
 from pyro_softmix.engine import prepare
-from pyro_softmix.warmstart import grown_start, one_component_fit
+from pyro_softmix.warmstart import grown_start, one_component_fit, tempered_grown_start
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +175,54 @@ def test_the_auto_race_includes_the_grown_start(three, monkeypatch):
     assert (seen["atoms"][0] - grown).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("gamma", [0.5, 0.3])
+def test_tempered_start_undoes_the_power(gamma, monkeypatch):
+    # Counts proportional to one softmax with an offset b: their power gamma is proportional to
+    # the softmax of gamma (X theta + b), so the tempered one-component fit, divided by gamma,
+    # is the fit to the counts themselves. (A start that kept the offset b, or did not divide
+    # by gamma, would be off by O(1).)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(300, generator=gen, dtype=torch.float64)
+    counts = 1e6 * torch.softmax(x @ torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64) + b, 0)
+    setup = prepare(x, counts, None, None, 1, None, None, None, None, b)
+    centre, _ = one_component_fit(setup)
+    monkeypatch.setattr(warmstart, "GROWN_TOL", 1e-14)  # the fit to the tempered counts, exact
+    atoms, log_w, spent = tempered_grown_start(setup.problem, torch.zeros_like(centre), 100,
+                                               gamma)
+    assert atoms.shape == (1, 3) and float(log_w[0]) == 0.0 and spent > 0
+    assert torch.allclose(atoms[0], centre, atol=1e-6)
+
+
+def test_tempered_init_races_both_grown_starts(three, monkeypatch):
+    seen = {}
+    original = warmstart.race
+
+    def spy(problem, atoms, log_w, *args, **kwargs):
+        seen["atoms"] = atoms.clone()
+        return original(problem, atoms, log_w, *args, **kwargs)
+
+    monkeypatch.setattr(warmstart, "race", spy)
+    fit = psm.fit_em(three.features, three.counts, num_components=3, init="tempered", seed=0)
+    setup = _setup(three, 3)
+    centre = one_component_fit(setup)[0]
+    grown = grown_start(setup.problem, centre, 1000)[0]
+    tempered = tempered_grown_start(setup.problem, centre, 1000)[0]
+    assert seen["atoms"].shape[0] == warmstart.AUTO_NUM_INITS
+    assert torch.allclose(seen["atoms"][-1], grown, atol=1e-10)
+    assert torch.allclose(seen["atoms"][-2], tempered, atol=1e-10)
+    assert (tempered - grown).abs().max() > 0.1 and (seen["atoms"][0] - tempered).abs().max() > 0.1
+    assert fit.init.startswith("tempered (race of 4 starts") and fit.converged
+    auto = psm.fit_em(three.features, three.counts, num_components=3, seed=0)
+    assert fit.loglik == pytest.approx(auto.loglik, rel=1e-10)
+    alone = psm.fit_em(three.features, three.counts, num_components=3, init="tempered",
+                       num_inits=1)
+    assert alone.init.startswith("tempered (grown by splits") and alone.converged
+    start = psm.warm_start(three.features, three.counts, num_components=3, method="tempered",
+                           seed=0)
+    assert start.method == "tempered" and math.isfinite(start.loglik)
+
+
 def test_one_component_auto_fit_is_the_softmax_regression(three):
     fit = psm.fit_em(three.features, three.counts, num_components=1, seed=0)
     res = psm.fit_softmax_regression(three.features, three.counts.double()[:, None])
@@ -204,6 +252,11 @@ def test_concentrated_data_start_grown_by_splits():
         fit = psm.fit_em(x, counts, num_components=2, seed=0)
     assert fit.init.startswith("auto (grown by splits")
     assert fit.loglik >= one_component_fit(setup)[1] - 1e-9 * abs(fit.loglik)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tempered = psm.fit_em(x, counts, num_components=2, init="tempered", seed=0)
+    assert tempered.init.startswith("tempered (race of 2 starts")  # the two grown starts
+    assert tempered.loglik >= fit.loglik - 1e-9 * abs(fit.loglik)
 
 
 def test_float64_twin_of_a_float32_problem(three, monkeypatch):
