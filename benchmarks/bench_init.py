@@ -42,7 +42,7 @@ from pyro_softmix.datasets import embedding_subset, glove_embeddings, minilm_emb
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_em import machine  # noqa: E402
 
-METHODS = ("auto", "random", "subspace", "tensor", "projection")
+METHODS = ("auto", "tempered", "random", "subspace", "tensor", "projection")
 MOMENT_METHODS = ("projection", "tensor")
 
 
