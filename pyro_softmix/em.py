@@ -31,7 +31,7 @@ from .stopping import (
     objective_noise,
     progress_bar,
 )
-from .warmstart import check_init, choose_start, one_component_fit
+from .warmstart import check_init, choose_start, one_component_fit, tempered_grown_start
 
 __all__ = ["fit_em"]
 
@@ -162,15 +162,13 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
     if checkpoint is not None:
         every = check_positive_float(checkpoint_every, "checkpoint_every", allow_zero=True)
         saver = Checkpoint(checkpoint, every, setup, start_time)
-    bar = progress_bar(progress, max_iter, "EM")
-    try:
-        run = finish(setup.problem, starts_z, starts_w, max_iter, tol, bar, accelerate, saver)
-    finally:
-        if bar is not None:
-            bar.close()
-    converged, diverging = _verify(setup, run, tol, max_iter)
+    run = _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver)
     if run.moves:
         label = f"{label}; then {'; '.join(run.moves)}"
+    if isinstance(init, str) and init == "auto" and _trapped(setup, run):
+        run, label = _refit_tempered(setup, run, label, max_iter, tol, progress, accelerate,
+                                     saver)
+    converged, diverging = _verify(setup, run, tol, max_iter)
     if setup.group_features is not None:
         atoms, gamma, log_shares, more, converged = fit_membership(
             setup.problem, run.state.atoms, run.state.log_weights, setup.group_features,
@@ -184,6 +182,37 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
     if saver is not None:
         save_atomically(fit, saver.path)
     return fit
+
+
+def _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver):
+    bar = progress_bar(progress, max_iter, "EM")
+    try:
+        return finish(setup.problem, starts_z, starts_w, max_iter, tol, bar, accelerate, saver)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _trapped(setup, run) -> bool:
+    """Whether a run shows the trap of peaked components: it used up ``max_iter`` after moves
+    away from atoms at infinity, or with atoms at infinity (see ``docs/warmstarts.md``)."""
+    return (not run.converged and bool(run.moves or run.diverging)
+            and setup.num_components > 1 and setup.problem.penalty is None)
+
+
+def _refit_tempered(setup, run, label, max_iter, tol, progress, accelerate, saver):
+    """One more run, from the start grown on tempered counts
+    (:func:`~pyro_softmix.warmstart.tempered_grown_start`), for a run that :func:`_trapped`
+    finds trapped; returns the run kept (the new one where it ends higher) and its label."""
+    atoms, log_w, spent = tempered_grown_start(setup.problem, one_component_fit(setup)[0],
+                                               max_iter)
+    other = _finish(setup, atoms[None], log_w[None], max_iter, tol, progress, accelerate, saver)
+    moves = "".join(f"; then {move}" for move in other.moves)
+    if other.history[-1] > run.history[-1]:
+        return other, (f"{label}; not converged, so a run from the start grown on tempered "
+                       f"counts ({spent} iterations){moves}")
+    run.state = setup.problem.start(run.state.atoms, run.state.log_weights)  # its buffers back
+    return run, f"{label}; a run from the start grown on tempered counts ended lower"
 
 
 def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...]]:

@@ -310,3 +310,60 @@ def test_softmax_regression_trust_region():
     assert float(one.atoms.norm()) <= 0.5 + 1e-12
     with pytest.raises(ValueError, match="max_step"):
         psm.fit_softmax_regression(z, w, max_step=-1.0)
+
+
+def _trap_first_run(monkeypatch, second_max_iter=None):
+    """Make fit_em's first final run end as a trapped one (two updates, a move on record);
+    the second run (the refit) is real, or cut to ``second_max_iter`` updates."""
+    from pyro_softmix import em
+    calls, real = [], em.finish
+
+    def fake(problem, starts_z, starts_w, max_iter, *args):
+        calls.append(starts_z.shape[0])
+        if len(calls) == 1:
+            done = real(problem, starts_z[:1], starts_w[:1], 2, *args)
+            done.converged, done.moves = False, ("a move",)
+            calls.append(done.history[-1])
+            return done
+        return real(problem, starts_z, starts_w, second_max_iter or max_iter, *args)
+
+    monkeypatch.setattr(em, "finish", fake)
+    return calls
+
+
+def test_a_trapped_auto_fit_is_refit_from_the_tempered_start(three, monkeypatch):
+    calls = _trap_first_run(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the refit converges: no warning
+        fit = psm.fit_em(three.features, three.counts, num_components=3, seed=0)
+    assert calls[2] == 1 and "; not converged, so a run from the start grown on tempered" in fit.init
+    assert fit.init.startswith("auto (race of 4 starts") and "a move" in fit.init
+    setup = _setup(three, 3)
+    atoms, log_w, _ = tempered_grown_start(setup.problem, one_component_fit(setup)[0], 1000)
+    direct = psm.fit_em(three.features, three.counts, num_components=3,
+                        init={"weights": log_w.exp(), "atoms": setup.design.atoms_from_z(atoms)})
+    assert fit.converged and fit.loglik == pytest.approx(direct.loglik, rel=1e-12)
+
+
+def test_a_refit_that_ends_lower_is_not_kept(three, monkeypatch):
+    calls = _trap_first_run(monkeypatch, second_max_iter=1)
+    with pytest.warns(psm.ConvergenceWarning):
+        fit = psm.fit_em(three.features, three.counts, num_components=3, seed=0)
+    assert fit.init.endswith("; a run from the start grown on tempered counts ended lower")
+    # The first run's state is kept: the fit's log-likelihood is its own.
+    ll = psm.SoftmaxMixture(three.features, fit.atoms, fit.weights).log_prob(
+        torch.arange(400)) @ three.counts.double()
+    assert fit.loglik == pytest.approx(float(ll), rel=1e-12) and not fit.converged
+    assert fit.loglik == pytest.approx(calls[1], rel=1e-12)
+
+
+def test_no_refit_without_a_trap(three, monkeypatch):
+    seen = []
+    monkeypatch.setattr(psm.em, "tempered_grown_start", lambda *a: seen.append(1))
+    psm.fit_em(three.features, three.counts, num_components=3, seed=0)  # converges
+    with pytest.warns(psm.ConvergenceWarning):  # stopped by max_iter, no move: not a trap
+        psm.fit_em(three.features, three.counts, num_components=3, seed=0, max_iter=2)
+    with pytest.warns(psm.ConvergenceWarning):  # not init="auto"
+        _trap_first_run(monkeypatch)
+        psm.fit_em(three.features, three.counts, num_components=3, seed=0, init="random")
+    assert not seen
