@@ -165,8 +165,7 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
         every = check_positive_float(checkpoint_every, "checkpoint_every", allow_zero=True)
         saver = Checkpoint(checkpoint, every, setup, start_time)
     run = _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver)
-    if run.moves:
-        label = f"{label}; then {'; '.join(run.moves)}"
+    label += _then(run.moves)
     if isinstance(init, str) and init == "auto" and _trapped(setup, run):
         run, label = _refit_tempered(setup, run, label, max_iter, tol, progress, accelerate,
                                      saver)
@@ -195,6 +194,11 @@ def _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, save
             bar.close()
 
 
+def _then(moves: tuple[str, ...]) -> str:
+    """The part of a fit's label that names the moves that led to its run (none: empty)."""
+    return f"; then {'; '.join(moves)}" if moves else ""
+
+
 def _trapped(setup, run) -> bool:
     """Whether a run shows the trap of peaked components: it used up ``max_iter`` after moves
     away from atoms at infinity, or with atoms at infinity (see ``docs/warmstarts.md``)."""
@@ -209,10 +213,9 @@ def _refit_tempered(setup, run, label, max_iter, tol, progress, accelerate, save
     atoms, log_w, spent = tempered_grown_start(setup.problem, one_component_fit(setup)[0],
                                                max_iter)
     other = _finish(setup, atoms[None], log_w[None], max_iter, tol, progress, accelerate, saver)
-    moves = "".join(f"; then {move}" for move in other.moves)
     if other.history[-1] > run.history[-1]:
         return other, (f"{label}; not converged, so a run from the start grown on tempered "
-                       f"counts ({spent} iterations){moves}")
+                       f"counts ({spent} iterations){_then(other.moves)}")
     run.state = setup.problem.start(run.state.atoms, run.state.log_weights)  # its buffers back
     return run, f"{label}; a run from the start grown on tempered counts ended lower"
 

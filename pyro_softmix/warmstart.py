@@ -597,10 +597,10 @@ def auto_start(problem: EMProblem, mom, k: int, num_inits: int | None,
     atoms = calibrated_atoms(mom, k, n, gen, centre)  # on problem.z's device, in its dtype
     if n > 1 or atoms is None:
         grown, grown_w, spent = grown_start(problem, centre, max_iter)
-        if atoms is None and not tempered:
-            return grown[None], grown_w[None], f"auto (grown by splits, {spent} iterations)"
-        if atoms is None:  # no random starts: race the two grown starts
-            n, atoms = 2, grown.new_empty(2, *grown.shape)
+        if atoms is None:
+            if not tempered:
+                return grown[None], grown_w[None], f"auto (grown by splits, {spent} iterations)"
+            n, atoms = 2, grown.new_empty(2, *grown.shape)  # no random start: the grown two
     log_w = torch.full((n, k), -math.log(k), dtype=atoms.dtype, device=atoms.device)
     if n == 1:
         return atoms, log_w, "auto"

@@ -314,29 +314,31 @@ def test_softmax_regression_trust_region():
 
 def _trap_first_run(monkeypatch, second_max_iter=None):
     """Make fit_em's first final run end as a trapped one (two updates, a move on record);
-    the second run (the refit) is real, or cut to ``second_max_iter`` updates."""
+    the second run (the refit) is real, or cut to ``second_max_iter`` updates. Returns the
+    number of starts of each call, and the first run's final objective once it ends."""
     from pyro_softmix import em
-    calls, real = [], em.finish
+    seen, real = {"starts": []}, em.finish
 
     def fake(problem, starts_z, starts_w, max_iter, *args):
-        calls.append(starts_z.shape[0])
-        if len(calls) == 1:
+        seen["starts"].append(starts_z.shape[0])
+        if len(seen["starts"]) == 1:
             done = real(problem, starts_z[:1], starts_w[:1], 2, *args)
             done.converged, done.moves = False, ("a move",)
-            calls.append(done.history[-1])
+            seen["first"] = done.history[-1]
             return done
         return real(problem, starts_z, starts_w, second_max_iter or max_iter, *args)
 
     monkeypatch.setattr(em, "finish", fake)
-    return calls
+    return seen
 
 
 def test_a_trapped_auto_fit_is_refit_from_the_tempered_start(three, monkeypatch):
-    calls = _trap_first_run(monkeypatch)
+    seen = _trap_first_run(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the refit converges: no warning
         fit = psm.fit_em(three.features, three.counts, num_components=3, seed=0)
-    assert calls[2] == 1 and "; not converged, so a run from the start grown on tempered" in fit.init
+    assert seen["starts"][1] == 1  # the refit: one start
+    assert "; not converged, so a run from the start grown on tempered" in fit.init
     assert fit.init.startswith("auto (race of 4 starts") and "a move" in fit.init
     setup = _setup(three, 3)
     atoms, log_w, _ = tempered_grown_start(setup.problem, one_component_fit(setup)[0], 1000)
@@ -346,7 +348,7 @@ def test_a_trapped_auto_fit_is_refit_from_the_tempered_start(three, monkeypatch)
 
 
 def test_a_refit_that_ends_lower_is_not_kept(three, monkeypatch):
-    calls = _trap_first_run(monkeypatch, second_max_iter=1)
+    seen = _trap_first_run(monkeypatch, second_max_iter=1)
     with pytest.warns(psm.ConvergenceWarning):
         fit = psm.fit_em(three.features, three.counts, num_components=3, seed=0)
     assert fit.init.endswith("; a run from the start grown on tempered counts ended lower")
@@ -354,7 +356,7 @@ def test_a_refit_that_ends_lower_is_not_kept(three, monkeypatch):
     ll = psm.SoftmaxMixture(three.features, fit.atoms, fit.weights).log_prob(
         torch.arange(400)) @ three.counts.double()
     assert fit.loglik == pytest.approx(float(ll), rel=1e-12) and not fit.converged
-    assert fit.loglik == pytest.approx(calls[1], rel=1e-12)
+    assert fit.loglik == pytest.approx(seen["first"], rel=1e-12)
 
 
 def test_no_refit_without_a_trap(three, monkeypatch):
