@@ -16,7 +16,7 @@ saddle of the likelihood whose escape direction is u, so a split starts EM where
 :func:`~pyro_softmix.warmstart.grown_start` builds K components from the one-component fit by
 K - 1 splits, each followed by a short EM run (a start of ``init="auto"``), and
 :func:`merge_and_split` and :func:`pull_back` move a fit away from a component at infinity
-(see :func:`~pyro_softmix.accelerate.finish`).
+(see :func:`~pyro_softmix._moves.finish`).
 """
 
 from __future__ import annotations

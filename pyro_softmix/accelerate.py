@@ -26,19 +26,16 @@ from ._marginal import (
     mixed_precision,
     neg_hessian_times,
 )
-from ._split import merge_and_split, pull_back
 from .engine import EM_MAX_STEP, EMProblem, EMState
 from .solvers import armijo_search
 from .stopping import (
     DIVERGENCE_NORM,
     StoppingRule,
-    atoms_at_infinity,
     check_finite,
     find_diverging,
-    next_run,
 )
 
-__all__ = ["finish", "hessian_free", "newton_cg_finish", "newton_finish", "run", "squarem_cycle"]
+__all__ = ["Run", "hessian_free", "newton_cg_finish", "newton_finish", "run", "squarem_cycle"]
 
 #: Relative gap (EM's estimate) below which accelerated EM switches to Newton steps on the full
 #: objective.
@@ -538,102 +535,3 @@ class Run:
     moves: tuple[str, ...] = ()
     #: The components whose atoms go to infinity (:func:`finish` finds them).
     diverging: tuple[int, ...] = ()
-
-
-#: A run made by a move away from an atom at infinity (:func:`finish`) counts only when it ends this much
-#: (relative) above the run it was made from: closer, the two reach the same optimum, or the
-#: same supremum at infinity.
-ESCAPE_MARGIN = 1e-6
-
-
-def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, max_iter: int,
-           tol: float, bar=None, accelerate: bool = True, checkpoint=None) -> Run:
-    """Run each start (S, K, r) to convergence (:func:`run`) and keep the best.
-
-    The workspace then holds the winner's softmax (its state is restored when a later run
-    overwrote it). ``checkpoint`` (a :class:`~pyro_softmix.results.Checkpoint`) is given the
-    current run's state, the starts still to run and the best finished run as they go.
-
-    A run whose atoms run off to infinity along a ridge (without a prior) is given a second
-    chance, with at most K - 1 moves in all: a start made from its state with the component of
-    the longest such atom merged into its closest neighbour and the worst of the others split
-    (:func:`~pyro_softmix._split.merge_and_split`), and if that ends no higher, one with that
-    atom pulled back to the others' length (:func:`~pyro_softmix._split.pull_back`), each run
-    to convergence beside it. The run on the ridge stops where it cannot reach a new run's
-    objective, and a new run that finds itself on a ridge where it cannot reach the objective
-    it was made from stops there.
-    """
-    runs, moves_left = [], problem.num_components - 1 if problem.penalty is None else 0
-
-    def escape(st, ridge, objective, bound, floor, moves, on_update, ends, first) -> bool:
-        """The moves from ``st`` (objective ``objective``, estimated to reach ``bound``), a run
-        made by ``moves`` from one that had reached ``floor``, tried where this is the ``first``
-        time it is seen on its ridge, the new runs' final objectives appended to ``ends``; True
-        to stop that run. The bound tightens as the run goes on, so a run on its ridge is asked
-        again after every cycle whether it can still reach what its new runs reached."""
-        nonlocal moves_left
-        margin = ESCAPE_MARGIN * abs(objective)
-        if bound < floor or objective <= floor + margin:
-            return True  # a moved run no better than where it was made: abandoned
-        if ends and max(ends) > bound + margin:
-            return True
-        if not first:
-            return False
-        k = max(ridge, key=lambda c: float(st.atoms[c].norm()))
-        for make in (merge_and_split, pull_back):
-            if moves_left <= 0:
-                return False
-            moves_left -= 1
-            atoms, log_w, move = make(problem, st, k)
-            done = attempt(problem.with_starts(1), atoms, log_w, moves + (move,), objective,
-                           on_update)
-            ends.append(done.history[-1])
-            if done.history[-1] > bound + margin:
-                return True
-        return False
-
-    def attempt(prob, atoms, log_w, moves, floor, on_update) -> Run:
-        """Run one start (made by ``moves`` from a run that had reached ``floor``), find its
-        atoms at infinity, and where it is seen on a ridge as it runs, or ends on one, try the
-        moves."""
-        calls, ends = [], []  # (ridge, whether it stopped the run) of each call; new runs' ends
-
-        def on_ridge(st, ridge, objective, bound):
-            stop = escape(st, ridge, objective, bound, floor, moves, on_update, ends, not calls)
-            calls.append((ridge, stop))
-            return stop
-
-        hook = on_ridge if moves or moves_left > 0 else None
-        done = run(prob, atoms, log_w, max_iter, tol, bar, accelerate, on_update, hook)
-        done.moves = moves
-        runs.append(done)
-        if calls and calls[-1][1]:  # stopped on its ridge: a new run ended above it
-            done.diverging = calls[-1][0]
-        elif problem.penalty is None:  # (under a prior no atom can run off to infinity)
-            done.diverging = atoms_at_infinity(prob, done.state, done.history, done.norms, tol)
-            if max(done.norms[-1]) >= DIVERGENCE_NORM:  # the checks ran E-steps in its buffers
-                done.state = prob.start(done.state.atoms, done.state.log_weights)
-            if done.diverging and hook is not None and not calls:
-                on_ridge(done.state, done.diverging, done.history[-1], done.history[-1])
-        return done
-
-    for i, (a, w) in enumerate(zip(starts_z, starts_w, strict=True)):
-        next_run(bar, i, len(starts_z), max_iter, "EM")
-        on_update = None
-        if checkpoint is not None:
-            rest_z, rest_w = starts_z[i + 1:], starts_w[i + 1:]
-            if runs:  # the best finished run goes on as one more start
-                done = max(runs, key=lambda run: run.history[-1]).state
-                rest_z = torch.cat([rest_z, done.atoms[None]])
-                rest_w = torch.cat([rest_w, done.log_weights[None]])
-
-            def on_update(st, history, rest_z=rest_z, rest_w=rest_w):
-                checkpoint.progress(st.atoms, st.log_weights, history, rest_z, rest_w)
-        attempt(problem, a, w, (), -math.inf, on_update)
-    best = max((run for run in runs if not run.moves), key=lambda run: run.history[-1])
-    moved = max(runs, key=lambda run: run.history[-1])  # the first of equals
-    if moved.history[-1] > best.history[-1] + ESCAPE_MARGIN * abs(best.history[-1]):
-        best = moved
-    if best is not runs[-1] or best.moves:  # its state back in problem's buffers
-        best.state = problem.start(best.state.atoms, best.state.log_weights)
-    return best

@@ -18,7 +18,7 @@ import torch
 
 from ._checks import check_positive_float, check_positive_int, check_seed, keyword_options, warn_user
 from ._chunks import thread_budget
-from .accelerate import finish
+from ._moves import finish
 from .design import IdentifiabilityWarning
 from .engine import prepare
 from .membership import check_group_features, fit_membership
@@ -227,7 +227,7 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
     Convergence needs, besides the stopping rule, an objective at least the trivial fit's (the
     one-component fit, :func:`~pyro_softmix.warmstart.one_component_fit`) and a gradient that
     vanishes (:data:`~pyro_softmix.stopping.GRADIENT_TOL`). The atoms at infinity are those
-    :func:`~pyro_softmix.accelerate.finish` found (:func:`~pyro_softmix.stopping.atoms_at_infinity`).
+    :func:`~pyro_softmix._moves.finish` found (:func:`~pyro_softmix.stopping.atoms_at_infinity`).
     """
     problem, history, state = setup.problem, run.history, run.state
     converged = run.converged

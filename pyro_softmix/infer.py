@@ -33,7 +33,7 @@ from pyro.infer.autoguide import (
 
 from ._checks import check_positive_float, check_positive_int, check_seed, seed_global
 from ._chunks import thread_budget
-from .accelerate import finish
+from ._moves import finish
 from .em import DEFAULT_MAX_ITER, prepare_fit
 from .results import SoftmaxMixtureFit, make_fit
 from .stopping import StoppingRule, default_tol, progress_bar, show_progress

@@ -85,11 +85,11 @@ def test_thread_count_follows_the_problem_and_the_machine(monkeypatch):
 def test_a_fit_runs_on_its_threads_and_gives_the_callers_back(monkeypatch):
     """Small fits run on one thread whatever the caller set, so their results do not depend
     on it (float32 fits at p = 2000 used to differ by 1e-4 between 1 and 2 threads)."""
-    import pyro_softmix.accelerate as accelerate
+    import pyro_softmix._moves as moves
 
     seen = []
-    run = accelerate.run
-    monkeypatch.setattr(accelerate, "run", lambda *a, **k: seen.append(
+    run = moves.run
+    monkeypatch.setattr(moves, "run", lambda *a, **k: seen.append(
         torch.get_num_threads()) or run(*a, **k))
     d = simulated(p=2000, L=10, K=3, N=100_000, seed=0)
     fits = []

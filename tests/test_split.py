@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix import accelerate, engine, warmstart
+from pyro_softmix import _moves, accelerate, engine, warmstart
 from pyro_softmix._split import merge_and_split, pull_back, split_component, split_scores
 from pyro_softmix.engine import prepare
 from pyro_softmix.warmstart import grown_start, one_component_fit, tempered_grown_start
@@ -112,7 +112,7 @@ def test_a_component_left_at_infinity_is_moved_back_to_the_optimum(seed, move, m
     start = {"weights": d.weights, "atoms": atoms}
     ref = psm.fit_em(x, counts=d.counts, num_components=3, init={"weights": d.weights,
                                                                   "atoms": d.atoms})
-    monkeypatch.setattr(accelerate, "pull_back" if move == "merged into" else "merge_and_split",
+    monkeypatch.setattr(_moves, "pull_back" if move == "merged into" else "merge_and_split",
                         _unchanged)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -120,8 +120,8 @@ def test_a_component_left_at_infinity_is_moved_back_to_the_optimum(seed, move, m
     assert fit.converged and fit.diverging == ()
     assert f"at infinity {move}" in fit.init
     assert abs(fit.loglik - ref.loglik) <= 1e-9 * abs(ref.loglik)
-    monkeypatch.setattr(accelerate, "pull_back", _unchanged)
-    monkeypatch.setattr(accelerate, "merge_and_split", _unchanged)
+    monkeypatch.setattr(_moves, "pull_back", _unchanged)
+    monkeypatch.setattr(_moves, "merge_and_split", _unchanged)
     with pytest.warns(psm.DivergenceWarning):
         stuck = psm.fit_em(x, counts=d.counts, num_components=3, init=start)
     assert stuck.diverging == (0,) and stuck.loglik < ref.loglik - 100
