@@ -11,7 +11,7 @@ import torch
 from ._split import merge_and_split, pull_back
 from .accelerate import Run, run
 from .engine import EMProblem
-from .stopping import DIVERGENCE_NORM, atoms_at_infinity, next_run
+from .stopping import DIVERGENCE_NORM, atoms_at_infinity, next_run, objective_noise
 
 __all__ = ["finish"]
 
@@ -22,7 +22,7 @@ ESCAPE_MARGIN = 1e-6
 
 
 def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, max_iter: int,
-           tol: float, bar=None, accelerate: bool = True, checkpoint=None) -> Run:
+           tol: float, bar=None, accelerate: bool = True, checkpoint=None, fallback=None) -> Run:
     """Run each start (S, K, r) to convergence (:func:`run`) and keep the best.
 
     The workspace then holds the winner's softmax (its state is restored when a later run
@@ -34,55 +34,67 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
     the longest such atom merged into its closest neighbour and the worst of the others split
     (:func:`~pyro_softmix._split.merge_and_split`), and if that ends no higher, one with that
     atom pulled back to the others' length (:func:`~pyro_softmix._split.pull_back`), each run
-    to convergence beside it. The run on the ridge stops where it cannot reach a new run's
-    objective, and a new run that finds itself on a ridge where it cannot reach the objective
-    it was made from stops there.
+    to convergence beside it. Where neither lifts it above what it is estimated to reach,
+    ``fallback`` (if given: a function returning a start's atoms (K, r), log-weights (K,) and a
+    description) gives one more start, once per call, run to convergence beside it with K - 1
+    moves of its own. A run on a ridge stops where it cannot reach what a finished run reached,
+    and a new run that finds itself on a ridge where it cannot reach the objective it was made
+    from stops there.
     """
     runs, moves_left = [], problem.num_components - 1 if problem.penalty is None else 0
+    spare = [fallback] if fallback is not None else []
 
-    def escape(st, ridge, objective, bound, floor, moves, on_update, ends, first) -> bool:
+    def escape(st, ridge, objective, bound, floor, moves, on_update, first) -> bool:
         """The moves from ``st`` (objective ``objective``, estimated to reach ``bound``), a run
         made by ``moves`` from one that had reached ``floor``, tried where this is the ``first``
-        time it is seen on its ridge, the new runs' final objectives appended to ``ends``; True
-        to stop that run. The bound tightens as the run goes on, so a run on its ridge is asked
-        again after every cycle whether it can still reach what its new runs reached."""
+        time it is seen on its ridge; True to stop that run. The bound tightens as the run goes
+        on, so a run on its ridge is asked again after every cycle whether it can still reach
+        what the finished runs reached."""
         nonlocal moves_left
         margin = ESCAPE_MARGIN * abs(objective)
         if bound < floor or objective <= floor + margin:
             return True  # a moved run no better than where it was made: abandoned
-        if ends and max(ends) > bound + margin:
-            return True
         if not first:
-            return False
+            return max(run.history[-1] for run in runs) > bound + margin if runs else False
+        if objective >= -objective_noise(problem, objective, tol):
+            return False  # a log-likelihood is at most 0: nothing left to gain
         k = max(ridge, key=lambda c: float(st.atoms[c].norm()))
         for make in (merge_and_split, pull_back):
             if moves_left <= 0:
-                return False
+                break
             moves_left -= 1
             atoms, log_w, move = make(problem, st, k)
-            done = attempt(problem.with_starts(1), atoms, log_w, moves + (move,), objective,
-                           on_update)
-            ends.append(done.history[-1])
-            if done.history[-1] > bound + margin:
+            if new_start(atoms, log_w, moves + (move,), objective, on_update) > bound + margin:
                 return True
+        if spare:  # one more start, not made from this run: no floor, moves of its own
+            atoms, log_w, move = spare.pop()()
+            moves_left = problem.num_components - 1
+            return new_start(atoms, log_w, (move,), -math.inf, on_update) > bound + margin
         return False
+
+    def new_start(atoms, log_w, moves, floor, on_update) -> float:
+        """Run a new start (:func:`attempt`); the best objective that it and the runs made from
+        it reached."""
+        before = len(runs)
+        attempt(problem.with_starts(1), atoms, log_w, moves, floor, on_update)
+        return max(run.history[-1] for run in runs[before:])
 
     def attempt(prob, atoms, log_w, moves, floor, on_update) -> Run:
         """Run one start (made by ``moves`` from a run that had reached ``floor``), find its
         atoms at infinity, and where it is seen on a ridge as it runs, or ends on one, try the
         moves."""
-        calls, ends = [], []  # (ridge, whether it stopped the run) of each call; new runs' ends
+        calls = []  # (ridge, whether it stopped the run) of each call
 
         def on_ridge(st, ridge, objective, bound):
-            stop = escape(st, ridge, objective, bound, floor, moves, on_update, ends, not calls)
+            stop = escape(st, ridge, objective, bound, floor, moves, on_update, not calls)
             calls.append((ridge, stop))
             return stop
 
-        hook = on_ridge if moves or moves_left > 0 else None
+        hook = on_ridge if moves or moves_left > 0 or spare else None
         done = run(prob, atoms, log_w, max_iter, tol, bar, accelerate, on_update, hook)
         done.moves = moves
         runs.append(done)
-        if calls and calls[-1][1]:  # stopped on its ridge: a new run ended above it
+        if calls and calls[-1][1]:  # stopped on its ridge: another run ended above it
             done.diverging = calls[-1][0]
         elif problem.penalty is None:  # (under a prior no atom can run off to infinity)
             done.diverging = atoms_at_infinity(prob, done.state, done.history, done.norms, tol)

@@ -31,6 +31,7 @@ from .solvers import armijo_search
 from .stopping import (
     DIVERGENCE_NORM,
     StoppingRule,
+    budget_gain,
     check_finite,
     find_diverging,
 )
@@ -458,7 +459,8 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
     Newton steps (for checkpoints). ``on_ridge(state, components, objective, bound)``, if
     given, is called after every cycle in which some atoms are seen running off to infinity
     along a flat ridge (:func:`~pyro_softmix.stopping.find_diverging`), with ``bound`` the
-    objective this run is estimated to reach; it returns True to stop this run there.
+    objective this run is estimated to reach (within ``max_iter`` where its gains shrink:
+    :func:`~pyro_softmix.stopping.budget_gain`); it returns True to stop this run there.
     Returns a :class:`Run`; the workspace then holds the final softmax.
     """
     st = problem.start(atoms, log_weights)
@@ -490,7 +492,8 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
         gap = rule.gap(history[-1])
         if on_ridge is not None and max(norms[-1]) >= DIVERGENCE_NORM:
             ridge = find_diverging(norms, history, problem.workspace.q)
-            if ridge and on_ridge(st, ridge, history[-1], history[-1] + gap):
+            reach = min(gap, budget_gain(history, max_iter - it))
+            if ridge and on_ridge(st, ridge, history[-1], history[-1] + reach):
                 break
         if use_newton and it >= next_newton and gap <= NEWTON_SWITCH * abs(history[-1]):
             st, objs, step_norms, converged, failed, newton_gap = _precise_newton(

@@ -164,9 +164,12 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
     if checkpoint is not None:
         every = check_positive_float(checkpoint_every, "checkpoint_every", allow_zero=True)
         saver = Checkpoint(checkpoint, every, setup, start_time)
-    run = _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver)
+    auto, used = isinstance(init, str) and init == "auto", []
+    auto = auto and setup.num_components > 1 and setup.problem.penalty is None
+    fallback = _tempered_start(setup, max_iter, used) if auto else None
+    run = _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver, fallback)
     label += _then(run.moves)
-    if isinstance(init, str) and init == "auto" and _trapped(setup, run):
+    if auto and not used and _trapped(run):
         run, label = _refit_tempered(setup, run, label, max_iter, tol, progress, accelerate,
                                      saver)
     converged, diverging = _verify(setup, run, tol, max_iter)
@@ -185,10 +188,12 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
     return fit
 
 
-def _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver):
+def _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver,
+            fallback=None):
     bar = progress_bar(progress, max_iter, "EM")
     try:
-        return finish(setup.problem, starts_z, starts_w, max_iter, tol, bar, accelerate, saver)
+        return finish(setup.problem, starts_z, starts_w, max_iter, tol, bar, accelerate, saver,
+                      fallback)
     finally:
         if bar is not None:
             bar.close()
@@ -199,11 +204,23 @@ def _then(moves: tuple[str, ...]) -> str:
     return f"; then {'; '.join(moves)}" if moves else ""
 
 
-def _trapped(setup, run) -> bool:
+def _trapped(run) -> bool:
     """Whether a run shows the trap of peaked components: it used up ``max_iter`` after moves
     away from atoms at infinity, or with atoms at infinity (see ``docs/warmstarts.md``)."""
-    return (not run.converged and bool(run.moves or run.diverging)
-            and setup.num_components > 1 and setup.problem.penalty is None)
+    return not run.converged and bool(run.moves or run.diverging)
+
+
+def _tempered_start(setup, max_iter: int, used: list):
+    """The start :func:`~pyro_softmix._moves.finish` is given for a run seen on a ridge that no
+    move lifts: the one grown on tempered counts
+    (:func:`~pyro_softmix.warmstart.tempered_grown_start`), made when asked (``used`` then
+    holds the EM iterations it took)."""
+    def make():
+        atoms, log_w, spent = tempered_grown_start(setup.problem, one_component_fit(setup)[0],
+                                                   max_iter)
+        used.append(spent)
+        return atoms, log_w, f"a run from the start grown on tempered counts ({spent} iterations)"
+    return make
 
 
 def _refit_tempered(setup, run, label, max_iter, tol, progress, accelerate, saver):

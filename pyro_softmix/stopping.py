@@ -146,6 +146,18 @@ def find_diverging(norm_history: list, history: list[float], probs: torch.Tensor
     return tuple(sorted(found))
 
 
+#: :func:`budget_gain` averages the objective's rate over the last this many updates.
+BUDGET_WINDOW = 20
+
+
+def budget_gain(history: list[float], remaining: int) -> float:
+    """The gain of ``remaining`` more updates at the objective's mean rate over its last
+    ``BUDGET_WINDOW`` updates: a bound on what a run whose gains shrink (as along a ridge) can
+    still gain within its budget of updates (inf before its first update)."""
+    w = min(BUDGET_WINDOW, len(history) - 1)
+    return remaining * max(history[-1] - history[-1 - w], 0.0) / w if w > 0 else math.inf
+
+
 def objective_noise(problem, objective: float, tol: float) -> float:
     """The resolution of an objective near ``objective`` at tolerance ``tol``."""
     return (tol * max(abs(objective), problem.total)

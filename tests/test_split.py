@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pyro_softmix as psm
-from pyro_softmix import _moves, accelerate, engine, warmstart
+from pyro_softmix import _moves, accelerate, engine, stopping, warmstart
 from pyro_softmix._split import merge_and_split, pull_back, split_component, split_scores
 from pyro_softmix.engine import prepare
 from pyro_softmix.warmstart import grown_start, one_component_fit, tempered_grown_start
@@ -125,6 +125,108 @@ def test_a_component_left_at_infinity_is_moved_back_to_the_optimum(seed, move, m
     with pytest.warns(psm.DivergenceWarning):
         stuck = psm.fit_em(x, counts=d.counts, num_components=3, init=start)
     assert stuck.diverging == (0,) and stuck.loglik < ref.loglik - 100
+
+
+def test_a_run_that_no_move_lifts_gets_the_fallback_start_once(monkeypatch):
+    """The vertex start above with both moves handing their start back unchanged: its run ends
+    with the atom at infinity, and ``finish`` asks its fallback (here the truth) for one more
+    start, once, and keeps its run, at the optimum EM reaches from the truth."""
+    from scipy.spatial import ConvexHull
+
+    d = psm.simulate(num_points=400, num_features=3, num_components=3, num_obs=100_000,
+                     atom_norm=5.0, seed=0, dtype=torch.float64)
+    x = d.features
+    hull = torch.as_tensor(ConvexHull(x.numpy()).vertices)
+    vertex = x[int(hull[d.counts[hull].argmax()])] - x.mean(0)
+    atoms = d.atoms.clone()
+    atoms[0] = 60 * vertex / vertex.norm()
+    ref = psm.fit_em(x, counts=d.counts, num_components=3, init={"weights": d.weights,
+                                                                  "atoms": d.atoms})
+    monkeypatch.setattr(_moves, "pull_back", _unchanged)
+    monkeypatch.setattr(_moves, "merge_and_split", _unchanged)
+    setup = prepare(x, d.counts, None, None, 3, torch.float64, None, None)
+    truth = (setup.design.atoms_to_z(d.atoms), d.weights.log())
+    asked, runs, real = [], [], _moves.run
+    monkeypatch.setattr(_moves, "run", lambda *a, **k: runs.append(real(*a, **k)) or runs[-1])
+    done = _moves.finish(setup.problem, setup.design.atoms_to_z(atoms)[None], d.weights.log()[None],
+                         1000, 1e-10, fallback=lambda: asked.append(1) or (*truth, "the truth"))
+    assert asked == [1]  # once, though the two moves were both tried
+    assert done.moves == ("the truth",) and done.converged and done.diverging == ()
+    assert abs(done.history[-1] - ref.loglik) <= 1e-9 * abs(ref.loglik)
+    ridge = runs[0]  # the vertex start's own run, with its atom at infinity
+    assert ridge.diverging == (0,) and ridge.history[-1] < ref.loglik - 100
+    without = _moves.finish(setup.problem, setup.design.atoms_to_z(atoms)[None],
+                            d.weights.log()[None], 1000, 1e-10)
+    assert without.diverging == (0,) and not without.moves
+
+
+def test_a_run_on_a_ridge_stops_once_its_bound_is_below_a_finished_runs_end(three, monkeypatch):
+    """``finish``'s decisions, with EM replaced by scripted runs (tagged by their atoms): the
+    second start, seen on a ridge after every cycle t with objective -50 + t / 10 and bound
+    objective + 100 / t, tries both moves and the fallback at its first cycle only (their runs
+    end below its bound), goes on at t = 2 (bound 0.2, above the first start's end, -10) and
+    stops at t = 3 (bound -16.4); the first start's run is kept."""
+    problem = _setup(three, 3).problem
+    tags, cycles = [], []
+
+    def scripted(prob, atoms, log_w, max_iter, tol, bar, accelerate, on_update, on_ridge):
+        tag = int(atoms[0, 0])
+        tags.append(tag)
+        history = {1: [-20.0, -10.0], 3: [-60.0, -55.0], 4: [-60.0, -30.0]}.get(tag, [-60.0])
+        st = prob.start(atoms, log_w)
+        for t in range(1, 50 if tag == 2 else 0):
+            history.append(-50 + t / 10)
+            cycles.append(t)
+            if on_ridge(st, (0,), history[-1], history[-1] + 100 / t):
+                break
+        return _run_of(st, history)
+
+    def _run_of(st, history):
+        return accelerate.Run(st, history, [[1.0] * 3] * len(history), True, 0.0)
+
+    def tagged(tag):
+        return torch.full((3, problem.z.shape[1]), float(tag), dtype=torch.float64)
+
+    monkeypatch.setattr(_moves, "run", scripted)
+    monkeypatch.setattr(_moves, "atoms_at_infinity", lambda *a: ())
+    for name in ("merge_and_split", "pull_back"):
+        monkeypatch.setattr(_moves, name, lambda prob, st, k, name=name: (tagged(3), st.log_weights, name))
+    log_w = torch.full((2, 3), -math.log(3), dtype=torch.float64)
+    done = _moves.finish(problem, torch.stack([tagged(1), tagged(2)]), log_w, 100, 1e-10,
+                         fallback=lambda: (tagged(4), log_w[0], "fallback"))
+    assert tags == [1, 2, 3, 3, 4] and cycles == [1, 2, 3]
+    assert done.history == [-20.0, -10.0] and done.moves == ()
+
+
+def test_a_run_passes_on_the_bound_within_its_budget(monkeypatch):
+    """``run`` gives ``on_ridge`` the objective plus the smaller of the stopping rule's gap and
+    :func:`~pyro_softmix.stopping.budget_gain` of its history and the updates left."""
+    from scipy.spatial import ConvexHull
+
+    x = torch.randn(200, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    counts = torch.ones(200, dtype=torch.float64)
+    vertices = ConvexHull(x.numpy()).vertices
+    counts[int(vertices[0])], counts[int(vertices[1])] = 1000.0, 300.0  # atoms go out to them
+    problem = prepare(x, counts, None, None, 2, torch.float64, None, None).problem
+    asked, seen, history = [], [], []
+    monkeypatch.setattr(accelerate, "budget_gain",
+                        lambda h, left: asked.append((len(h) - 1, left)) or 0.125)
+    z = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    accelerate.run(problem, z, torch.full((2,), -math.log(2), dtype=torch.float64), 100, 1e-10,
+                   on_update=lambda st, h: history.append(len(h) - 1),
+                   on_ridge=lambda st, ridge, obj, bound: seen.append(bound - obj) and False)
+    assert seen and seen[0] == 0.125  # the rule's gap is larger there
+    assert all(left == 100 - it for it, left in asked) and asked[0][0] in history
+
+
+def test_budget_gain_extrapolates_the_mean_rate_of_the_last_updates():
+    history = [float(v) for v in range(-100, 0, 2)]  # gains of 2 per update
+    assert stopping.budget_gain(history, 10) == pytest.approx(20.0)
+    history[-stopping.BUDGET_WINDOW - 1] = history[-1] - 5.0  # 5 over the window
+    assert stopping.budget_gain(history, 40) == pytest.approx(40 * 5.0 / stopping.BUDGET_WINDOW)
+    assert stopping.budget_gain([-3.0, -1.0, -2.0], 7) == pytest.approx(7 * 0.5)  # window 2
+    assert stopping.budget_gain([-1.0, -2.0], 7) == 0.0  # fell: no gain
+    assert stopping.budget_gain([-1.0], 7) == math.inf  # no update yet
 
 
 def test_split_scores_are_weighted_kl_divergences():
