@@ -44,18 +44,18 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
     runs, moves_left = [], problem.num_components - 1 if problem.penalty is None else 0
     spare = [fallback] if fallback is not None else []
 
-    def escape(st, ridge, objective, bound, floor, moves, on_update, first) -> bool:
-        """The moves from ``st`` (objective ``objective``, estimated to reach ``bound``), a run
-        made by ``moves`` from one that had reached ``floor``, tried where this is the ``first``
-        time it is seen on its ridge; True to stop that run. The bound tightens as the run goes
-        on, so a run on its ridge is asked again after every cycle whether it can still reach
-        what the finished runs reached."""
+    def escape(st, ridge, objective, bound, within, floor, moves, on_update, first) -> bool:
+        """The moves from ``st`` (objective ``objective``, estimated to reach ``bound``, and
+        ``within`` in its budget of updates), a run made by ``moves`` from one that had reached
+        ``floor``, tried where this is the ``first`` time it is seen on its ridge; True to stop
+        that run. The bounds tighten as the run goes on, so a run on its ridge is asked again
+        after every cycle whether it can still reach what the finished runs reached."""
         nonlocal moves_left
         margin = ESCAPE_MARGIN * abs(objective)
         if bound < floor or objective <= floor + margin:
             return True  # a moved run no better than where it was made: abandoned
         if not first:
-            return max(run.history[-1] for run in runs) > bound + margin if runs else False
+            return max(run.history[-1] for run in runs) > within + margin if runs else False
         if objective >= -objective_noise(problem, objective, tol):
             return False  # a log-likelihood is at most 0: nothing left to gain
         k = max(ridge, key=lambda c: float(st.atoms[c].norm()))
@@ -85,8 +85,8 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
         moves."""
         calls = []  # (ridge, whether it stopped the run) of each call
 
-        def on_ridge(st, ridge, objective, bound):
-            stop = escape(st, ridge, objective, bound, floor, moves, on_update, not calls)
+        def on_ridge(st, ridge, objective, bound, within):
+            stop = escape(st, ridge, objective, bound, within, floor, moves, on_update, not calls)
             calls.append((ridge, stop))
             return stop
 
@@ -101,7 +101,7 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
             if max(done.norms[-1]) >= DIVERGENCE_NORM:  # the checks ran E-steps in its buffers
                 done.state = prob.start(done.state.atoms, done.state.log_weights)
             if done.diverging and hook is not None and not calls:
-                on_ridge(done.state, done.diverging, done.history[-1], done.history[-1])
+                on_ridge(done.state, done.diverging, *[done.history[-1]] * 3)
         return done
 
     for i, (a, w) in enumerate(zip(starts_z, starts_w, strict=True)):

@@ -456,11 +456,12 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
     :func:`hessian_free` says so), which converge quadratically; if no Newton step is
     accepted EM goes on and Newton is tried again after a growing number of iterations.
     ``on_update(state, history)``, if given, is called after every cycle and every phase of
-    Newton steps (for checkpoints). ``on_ridge(state, components, objective, bound)``, if
-    given, is called after every cycle in which some atoms are seen running off to infinity
+    Newton steps (for checkpoints). ``on_ridge(state, components, objective, bound, within)``,
+    if given, is called after every cycle in which some atoms are seen running off to infinity
     along a flat ridge (:func:`~pyro_softmix.stopping.find_diverging`), with ``bound`` the
-    objective this run is estimated to reach (within ``max_iter`` where its gains shrink:
-    :func:`~pyro_softmix.stopping.budget_gain`); it returns True to stop this run there.
+    objective this run is estimated to reach and ``within`` the smaller estimate of what it
+    reaches in the updates left, where its gains shrink
+    (:func:`~pyro_softmix.stopping.budget_gain`); it returns True to stop this run there.
     Returns a :class:`Run`; the workspace then holds the final softmax.
     """
     st = problem.start(atoms, log_weights)
@@ -492,8 +493,8 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
         gap = rule.gap(history[-1])
         if on_ridge is not None and max(norms[-1]) >= DIVERGENCE_NORM:
             ridge = find_diverging(norms, history, problem.workspace.q)
-            reach = min(gap, budget_gain(history, max_iter - it))
-            if ridge and on_ridge(st, ridge, history[-1], history[-1] + reach):
+            within = history[-1] + min(gap, budget_gain(history, max_iter - it))
+            if ridge and on_ridge(st, ridge, history[-1], history[-1] + gap, within):
                 break
         if use_newton and it >= next_newton and gap <= NEWTON_SWITCH * abs(history[-1]):
             st, objs, step_norms, converged, failed, newton_gap = _precise_newton(

@@ -162,10 +162,11 @@ def test_a_run_that_no_move_lifts_gets_the_fallback_start_once(monkeypatch):
 
 def test_a_run_on_a_ridge_stops_once_its_bound_is_below_a_finished_runs_end(three, monkeypatch):
     """``finish``'s decisions, with EM replaced by scripted runs (tagged by their atoms): the
-    second start, seen on a ridge after every cycle t with objective -50 + t / 10 and bound
-    objective + 100 / t, tries both moves and the fallback at its first cycle only (their runs
-    end below its bound), goes on at t = 2 (bound 0.2, above the first start's end, -10) and
-    stops at t = 3 (bound -16.4); the first start's run is kept."""
+    second start, seen on a ridge after every cycle t with objective -50 + t / 10, estimated
+    to reach objective + 100 / t in its budget of updates (and the stopping rule's bound
+    infinite), tries both moves and the fallback at its first cycle only, goes on at t = 2
+    (0.2, above the first start's end, -10) and stops at t = 3 (-16.4); the first start's run
+    is kept."""
     problem = _setup(three, 3).problem
     tags, cycles = [], []
 
@@ -177,7 +178,7 @@ def test_a_run_on_a_ridge_stops_once_its_bound_is_below_a_finished_runs_end(thre
         for t in range(1, 50 if tag == 2 else 0):
             history.append(-50 + t / 10)
             cycles.append(t)
-            if on_ridge(st, (0,), history[-1], history[-1] + 100 / t):
+            if on_ridge(st, (0,), history[-1], math.inf, history[-1] + 100 / t):
                 break
         return _run_of(st, history)
 
@@ -214,8 +215,9 @@ def test_a_run_passes_on_the_bound_within_its_budget(monkeypatch):
     z = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     accelerate.run(problem, z, torch.full((2,), -math.log(2), dtype=torch.float64), 100, 1e-10,
                    on_update=lambda st, h: history.append(len(h) - 1),
-                   on_ridge=lambda st, ridge, obj, bound: seen.append(bound - obj) and False)
-    assert seen and seen[0] == 0.125  # the rule's gap is larger there
+                   on_ridge=lambda st, ridge, obj, bound, within: seen.append(
+                       (bound - obj, within - obj)) and False)
+    assert seen and seen[0][1] == 0.125 < seen[0][0]  # the rule's gap is larger there
     assert all(left == 100 - it for it, left in asked) and asked[0][0] in history
 
 
