@@ -62,8 +62,8 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
             grown from the one-component fit by splits, raced; see
             :func:`~pyro_softmix.warm_start`; where the moves away from an atom at infinity do
             not lift a run, the start of ``"tempered"`` grown alone is run beside it, and a fit
-            that still ends unconverged after moves is run once more from it, the higher of the
-            two kept), ``"tempered"`` (as ``"auto"``, one random start
+            that ends unconverged after moves without having tried it is run once more from it,
+            the higher of the two kept), ``"tempered"`` (as ``"auto"``, one random start
             replaced by one grown on the counts raised to the power 0.5: for components that put
             most of their mass on a few points, such as a language model's contexts), one of the
             moment methods ``"projection"``, ``"tensor"``, ``"subspace"``, ``"random"``, or a

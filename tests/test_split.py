@@ -463,6 +463,38 @@ def test_a_refit_that_ends_lower_is_not_kept(three, monkeypatch):
     assert fit.loglik == pytest.approx(seen["first"], rel=1e-12)
 
 
+def test_auto_hands_finish_the_tempered_start_and_a_fit_that_tried_it_is_not_refit(
+        three, monkeypatch):
+    """``fit_em`` gives ``finish`` the tempered start as its fallback for ``init="auto"`` only
+    (not for other inits, K = 1 or under a prior), made when asked; a fit whose ``finish``
+    asked for it is not run again from it, even when it ends unconverged after moves."""
+    from pyro_softmix import em
+    real, given, made = em.finish, [], []
+
+    def fake(problem, starts_z, starts_w, max_iter, *args):
+        given.append(args[-1])
+        done = real(problem, starts_z, starts_w, max_iter, *args)
+        if args[-1] is not None:
+            made.append(args[-1]())
+            done.converged, done.moves = False, ("a move",)
+        return done
+
+    monkeypatch.setattr(em, "finish", fake)
+    with pytest.warns(psm.ConvergenceWarning):
+        psm.fit_em(three.features, three.counts, num_components=3, seed=0)
+    assert len(given) == 1 and len(made) == 1  # asked once, no refit
+    setup = _setup(three, 3)
+    atoms, log_w, spent = tempered_grown_start(setup.problem, one_component_fit(setup)[0], 1000)
+    assert torch.allclose(made[0][0], atoms, rtol=0, atol=1e-12)
+    assert torch.allclose(made[0][1], log_w, rtol=0, atol=1e-12)
+    assert made[0][2] == f"a run from the start grown on tempered counts ({spent} iterations)"
+    given.clear()
+    psm.fit_em(three.features, three.counts, num_components=3, seed=0, init="random")
+    psm.fit_em(three.features, three.counts, num_components=1, seed=0)
+    psm.fit_em(three.features, three.counts, num_components=3, seed=0, prior_scale=10.0)
+    assert given == [None, None, None]
+
+
 def test_no_refit_without_a_trap(three, monkeypatch):
     seen = []
     monkeypatch.setattr(psm.em, "tempered_grown_start", lambda *a: seen.append(1))
