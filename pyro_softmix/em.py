@@ -165,8 +165,9 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
     if checkpoint is not None:
         every = check_positive_float(checkpoint_every, "checkpoint_every", allow_zero=True)
         saver = Checkpoint(checkpoint, every, setup, start_time)
-    auto, used = isinstance(init, str) and init == "auto", []
-    auto = auto and setup.num_components > 1 and setup.problem.penalty is None
+    auto = (isinstance(init, str) and init == "auto" and setup.num_components > 1
+            and setup.problem.penalty is None)  # (no atom runs off to infinity under a prior)
+    used = []
     fallback = _tempered_start(setup, max_iter, used) if auto else None
     run = _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver, fallback)
     label += _then(run.moves)
@@ -228,12 +229,10 @@ def _refit_tempered(setup, run, label, max_iter, tol, progress, accelerate, save
     """One more run, from the start grown on tempered counts
     (:func:`~pyro_softmix.warmstart.tempered_grown_start`), for a run that :func:`_trapped`
     finds trapped; returns the run kept (the new one where it ends higher) and its label."""
-    atoms, log_w, spent = tempered_grown_start(setup.problem, one_component_fit(setup)[0],
-                                               max_iter)
+    atoms, log_w, made = _tempered_start(setup, max_iter, [])()
     other = _finish(setup, atoms[None], log_w[None], max_iter, tol, progress, accelerate, saver)
     if other.history[-1] > run.history[-1]:
-        return other, (f"{label}; not converged, so a run from the start grown on tempered "
-                       f"counts ({spent} iterations){_then(other.moves)}")
+        return other, f"{label}; not converged, so {made}{_then(other.moves)}"
     run.state = setup.problem.start(run.state.atoms, run.state.log_weights)  # its buffers back
     return run, f"{label}; a run from the start grown on tempered counts ended lower"
 
