@@ -15,9 +15,9 @@ from .stopping import DIVERGENCE_NORM, atoms_at_infinity, next_run, objective_no
 
 __all__ = ["finish"]
 
-#: A run made by a move away from an atom at infinity (:func:`finish`) counts only when it ends this much
-#: (relative) above the run it was made from: closer, the two reach the same optimum, or the
-#: same supremum at infinity.
+#: A run made by a move away from an atom at infinity (:func:`finish`) counts only when it ends
+#: this much (relative) above the run it was made from: closer, the two reach the same optimum,
+#: or the same supremum at infinity.
 ESCAPE_MARGIN = 1e-6
 
 

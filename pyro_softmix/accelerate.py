@@ -535,7 +535,8 @@ class Run:
     norms: list[list[float]]
     converged: bool
     gap: float
-    #: The moves away from atoms at infinity that led to this run (:func:`finish`), if any.
+    #: The moves away from atoms at infinity that led to this run, if any
+    #: (:func:`~pyro_softmix._moves.finish`).
     moves: tuple[str, ...] = ()
-    #: The components whose atoms go to infinity (:func:`finish` finds them).
+    #: The components whose atoms go to infinity (:func:`~pyro_softmix._moves.finish` finds them).
     diverging: tuple[int, ...] = ()

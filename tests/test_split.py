@@ -93,13 +93,9 @@ def _unchanged(problem, st, k):
     return st.atoms.clone(), st.log_weights.clone(), "none"
 
 
-@pytest.mark.parametrize("seed", [0, 3, 5])
-@pytest.mark.parametrize("move", ["merged into", "pulled back"])
-def test_a_component_left_at_infinity_is_moved_back_to_the_optimum(seed, move, monkeypatch):
-    """A start with one atom far out toward the hull vertex with the most draws: its component
-    holds that point alone and EM pushes it out forever (a spurious optimum at infinity, far
-    below the MLE). Either move alone (the other handing its start back unchanged) brings the
-    fit back to the optimum EM reaches from the truth; with neither, it stays out."""
+def _vertex_start(seed):
+    """Simulated data, the true atoms with atom 0 put 60 standard units out toward the hull
+    vertex with the most draws, and the fit from the truth."""
     from scipy.spatial import ConvexHull
 
     d = psm.simulate(num_points=400, num_features=3, num_components=3, num_obs=100_000,
@@ -109,9 +105,21 @@ def test_a_component_left_at_infinity_is_moved_back_to_the_optimum(seed, move, m
     vertex = x[int(hull[d.counts[hull].argmax()])] - x.mean(0)
     atoms = d.atoms.clone()
     atoms[0] = 60 * vertex / vertex.norm()
-    start = {"weights": d.weights, "atoms": atoms}
     ref = psm.fit_em(x, counts=d.counts, num_components=3, init={"weights": d.weights,
                                                                   "atoms": d.atoms})
+    return d, atoms, ref
+
+
+@pytest.mark.parametrize("seed", [0, 3, 5])
+@pytest.mark.parametrize("move", ["merged into", "pulled back"])
+def test_a_component_left_at_infinity_is_moved_back_to_the_optimum(seed, move, monkeypatch):
+    """A start with one atom far out toward the hull vertex with the most draws: its component
+    holds that point alone and EM pushes it out forever (a spurious optimum at infinity, far
+    below the MLE). Either move alone (the other handing its start back unchanged) brings the
+    fit back to the optimum EM reaches from the truth; with neither, it stays out."""
+    d, atoms, ref = _vertex_start(seed)
+    x = d.features
+    start = {"weights": d.weights, "atoms": atoms}
     monkeypatch.setattr(_moves, "pull_back" if move == "merged into" else "merge_and_split",
                         _unchanged)
     with warnings.catch_warnings():
@@ -131,17 +139,8 @@ def test_a_run_that_no_move_lifts_gets_the_fallback_start_once(monkeypatch):
     """The vertex start above with both moves handing their start back unchanged: its run ends
     with the atom at infinity, and ``finish`` asks its fallback (here the truth) for one more
     start, once, and keeps its run, at the optimum EM reaches from the truth."""
-    from scipy.spatial import ConvexHull
-
-    d = psm.simulate(num_points=400, num_features=3, num_components=3, num_obs=100_000,
-                     atom_norm=5.0, seed=0, dtype=torch.float64)
+    d, atoms, ref = _vertex_start(0)
     x = d.features
-    hull = torch.as_tensor(ConvexHull(x.numpy()).vertices)
-    vertex = x[int(hull[d.counts[hull].argmax()])] - x.mean(0)
-    atoms = d.atoms.clone()
-    atoms[0] = 60 * vertex / vertex.norm()
-    ref = psm.fit_em(x, counts=d.counts, num_components=3, init={"weights": d.weights,
-                                                                  "atoms": d.atoms})
     monkeypatch.setattr(_moves, "pull_back", _unchanged)
     monkeypatch.setattr(_moves, "merge_and_split", _unchanged)
     setup = prepare(x, d.counts, None, None, 3, torch.float64, None, None)
