@@ -100,8 +100,9 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
             done.diverging = atoms_at_infinity(prob, done.state, done.history, done.norms, tol)
             if max(done.norms[-1]) >= DIVERGENCE_NORM:  # the checks ran E-steps in its buffers
                 done.state = prob.start(done.state.atoms, done.state.log_weights)
-            if done.diverging and hook is not None and not calls:
-                on_ridge(done.state, done.diverging, *[done.history[-1]] * 3)
+            if done.diverging and hook is not None and not calls:  # ended there: no more to gain
+                end = done.history[-1]
+                on_ridge(done.state, done.diverging, end, end, end)
         return done
 
     for i, (a, w) in enumerate(zip(starts_z, starts_w, strict=True)):

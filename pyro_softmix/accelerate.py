@@ -493,8 +493,8 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
         gap = rule.gap(history[-1])
         if on_ridge is not None and max(norms[-1]) >= DIVERGENCE_NORM:
             ridge = find_diverging(norms, history, problem.workspace.q)
-            within = history[-1] + min(gap, budget_gain(history, max_iter - it))
-            if ridge and on_ridge(st, ridge, history[-1], history[-1] + gap, within):
+            if ridge and on_ridge(st, ridge, history[-1], history[-1] + gap,
+                                  history[-1] + min(gap, budget_gain(history, max_iter - it))):
                 break
         if use_newton and it >= next_newton and gap <= NEWTON_SWITCH * abs(history[-1]):
             st, objs, step_norms, converged, failed, newton_gap = _precise_newton(

@@ -165,13 +165,14 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
     if checkpoint is not None:
         every = check_positive_float(checkpoint_every, "checkpoint_every", allow_zero=True)
         saver = Checkpoint(checkpoint, every, setup, start_time)
-    auto = (isinstance(init, str) and init == "auto" and setup.num_components > 1
-            and setup.problem.penalty is None)  # (no atom runs off to infinity under a prior)
-    used = []
-    fallback = _tempered_start(setup, max_iter, used) if auto else None
+    # The tempered start rescues trapped "auto" fits (no atom runs off to infinity under a prior).
+    rescue = (isinstance(init, str) and init == "auto" and setup.num_components > 1
+              and setup.problem.penalty is None)
+    used = []  # the iterations the fallback's start took, once finish asked for it
+    fallback = _tempered_start(setup, max_iter, used) if rescue else None
     run = _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver, fallback)
     label += _then(run.moves)
-    if auto and not used and _trapped(run):
+    if rescue and not used and _trapped(run):
         run, label = _refit_tempered(setup, run, label, max_iter, tol, progress, accelerate,
                                      saver)
     converged, diverging = _verify(setup, run, tol, max_iter)
