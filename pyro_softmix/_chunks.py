@@ -92,6 +92,26 @@ def ordered_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ordered_sum(a * b)
 
 
+#: Largest output (entries) of a product that :func:`row_product` forms on one thread.
+PRODUCT_MAX_OUT = 2**14
+
+
+def row_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(m, n) ``a.T @ b`` for (c, m) and (c, n), with the same bits on any thread count.
+
+    MKL shares a float32 product with a small output and a long reduction (m n up to about
+    10^4, c of hundreds or thousands: the chunks of a Hessian over the rows) between its
+    threads along the rows, and its last bits then change with the thread count (seen on 3 and
+    4 threads); a batched product over fixed row blocks does too, where a block is a plain
+    product. So on a CPU an output of at most ``PRODUCT_MAX_OUT`` entries is formed on one
+    thread (at most a few milliseconds per chunk); larger ones, shared along m and n, are not.
+    """
+    if a.device.type == "cpu" and a.shape[1] * b.shape[1] <= PRODUCT_MAX_OUT:
+        with one_thread():
+            return a.T @ b
+    return a.T @ b
+
+
 @contextlib.contextmanager
 def one_thread():
     """Run the block on one thread: dense factorisations (MKL's Cholesky, eigh and QR of a few

@@ -8,11 +8,13 @@ import pyro_softmix as psm
 from pyro_softmix._chunks import (
     CHUNK_BYTES,
     MIN_ROWS,
+    PRODUCT_MAX_OUT,
     SPLIT_BLOCKS,
     SPLIT_ROWS,
     column_sums,
     ordered_dot,
     ordered_sum,
+    row_product,
     rows_per_chunk,
     thread_budget,
     weighted_sums,
@@ -159,6 +161,25 @@ def test_ordered_sums_are_the_sums_on_any_thread_count(n):
         plain = [_on_threads(t, lambda: (a.sum(), a @ b)) for t in (1, 2, 3)]
         assert any(not torch.equal(plain[0][0], o[0]) or not torch.equal(plain[0][1], o[1])
                    for o in plain[1:])
+
+
+def test_row_products_are_the_products_with_the_same_bits_on_any_thread_count():
+    """row_product(a, b) is a.T @ b to float32 rounding, with the same bits on 1, 2 and 3
+    threads, for the small outputs and long reductions of a Hessian's chunks, where torch's own
+    product varies (checked below); a large output is one product."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4000, 20, 20), (1500, 39, 39), (900, 39, 39), (2048, 12, 36), (9000, 100, 100)]
+    assert all(m * n <= PRODUCT_MAX_OUT for _, m, n in shapes)
+    varies = False
+    for c, m, n in shapes:
+        a, b = (torch.randn(c, d, generator=g, dtype=torch.float32) for d in (m, n))
+        outs = [_on_threads(t, lambda a=a, b=b: row_product(a, b)) for t in (1, 2, 3)]
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), (c, m, n)
+        torch.testing.assert_close(outs[0].double(), a.double().T @ b.double(), rtol=1e-4,
+                                   atol=1e-4 * c ** 0.5)
+        plain = [_on_threads(t, lambda a=a, b=b: a.T @ b) for t in (1, 2, 3)]
+        varies |= any(not torch.equal(plain[0], o) for o in plain[1:])
+    assert varies  # so that the test can fail
 
 
 @pytest.mark.parametrize("L, dtype", [(12, torch.float32), (60, torch.float32), (12, torch.float64)])
