@@ -13,7 +13,7 @@ from .accelerate import NEWTON_SWITCH, squarem_cycle
 from .engine import EMProblem
 from .stopping import StoppingRule, check_finite
 
-__all__ = ["RACE_HANDOVER", "RACE_SAME", "joined_leader", "race", "race_label"]
+__all__ = ["RACE_HALVE_AT", "RACE_HANDOVER", "RACE_SAME", "joined_leader", "race", "race_label"]
 
 #: The race behind ``init="auto"``: the starts run as one batch of SQUAREM cycles (plain EM
 #: without acceleration) until every start left is within ``RACE_HANDOVER`` (relative, Aitken) of
@@ -34,6 +34,12 @@ RACE_CHECK_EVERY = 2
 #: gap while the starts were still apart (SmolLM2, K = 2: all 4 starts after 8 iterations each,
 #: and each then ran its own finish).
 RACE_SPLIT = 0.1
+#: After this many iterations the race keeps the better half of the starts still in it (the
+#: higher objectives, at least one), once (successive halving). Where the race runs that long the
+#: starts are well separated and most head for one optimum; the weakly separated mixtures whose
+#: starts end in distinct optima a few nats apart are within the handover gap after 2 iterations
+#: and are all handed over before it (``docs/warmstarts.md``).
+RACE_HALVE_AT = 8
 
 
 def joined_leader(atoms: torch.Tensor, log_weights: torch.Tensor, lead: int) -> list[bool]:
@@ -52,8 +58,10 @@ def joined_leader(atoms: torch.Tensor, log_weights: torch.Tensor, lead: int) -> 
 def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
           max_iter: int, bar=None, accelerate: bool = True):
     """Race S starts (atoms (S, K, r), log_weights (S, K)) in one batch for at most about
-    ``max_iter`` iterations; see ``RACE_*``. With ``accelerate`` each check follows a SQUAREM
-    cycle (:func:`~pyro_softmix.accelerate.squarem_cycle`).
+    ``max_iter`` iterations; see ``RACE_*``. The starts that are clearly beaten or have joined
+    the leader are dropped at every check, and the worse half once, at ``RACE_HALVE_AT``. With
+    ``accelerate`` each check follows a SQUAREM cycle
+    (:func:`~pyro_softmix.accelerate.squarem_cycle`).
 
     Returns the survivors' atoms (S', K, r) and log-weights (S', K), best objective first, and
     the EM iterations spent (summed over starts).
@@ -62,7 +70,7 @@ def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
     spent, it = 0, 0
     step_max = [1.0] * s if accelerate else None
     rules = [StoppingRule(RACE_HANDOVER) for _ in range(s)]
-    factor = None
+    factor, halved = None, False
     while s > 1 and it < max_iter:
         batch = problem.with_starts(s)
         batch.factor = factor  # the survivors' preconditioner (Hessian-free M-steps)
@@ -84,6 +92,8 @@ def race(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor,
             joined = joined_leader(st.atoms.view(s, k, r), st.log_weights.view(s, k), lead)
             alive = [i for i in order
                      if i == lead or (obj[i] + bound[i] >= obj[lead] and not joined[i])]
+            if not halved and it >= RACE_HALVE_AT:
+                halved, alive = True, alive[:(len(alive) + 1) // 2]
             if len(alive) < s:
                 keep = alive
             tight = RACE_SPLIT if len(alive) > 1 and problem.hessian_free else 1.0

@@ -147,7 +147,7 @@ def test_the_float64_cg_finish_of_a_float32_fit_solves_with_float32_products(mon
     """On the float64 twin of a float32 problem, the loose CG solves multiply by the Hessian on
     the float32 design (to float32 rounding of the float64 products) and the tight solve that
     certifies convergence in float64; the fit reaches the optimum it reaches with float64
-    products throughout (1e-10 relative)."""
+    products throughout (its float64 objective to 1e-10 relative)."""
     from pyro_softmix import _marginal
 
     d = simulated(p=400, L=4, K=3, N=10**6, seed=3, norm=2.0)
@@ -175,7 +175,10 @@ def test_the_float64_cg_finish_of_a_float32_fit_solves_with_float32_products(mon
     assert fit.converged and False in kinds and True in kinds  # float32 loose, float64 tight
     monkeypatch.setattr(accelerate, "neg_hessian_times", lambda *a: spy(*a[:-1], None))
     ref = psm.fit_em(x32, counts=d.counts, num_components=3, seed=0, tol=1e-9)
-    assert ref.converged and fit.loglik == pytest.approx(ref.loglik, rel=1e-10)
+    # The float64 objectives of the finish (the fits' own loglik is a float32 E-step's,
+    # rounded at eps32 N |log pi|, about 0.1 nats here) and the atoms to float32 accuracy.
+    assert ref.converged and fit.history[-1] == pytest.approx(ref.history[-1], rel=1e-10)
+    torch.testing.assert_close(fit.atoms, ref.atoms, rtol=0, atol=1e-5)
 
 
 def test_convergence_is_claimed_only_from_a_tight_solve(monkeypatch):

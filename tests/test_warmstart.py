@@ -99,8 +99,12 @@ def test_every_method_is_seeded_reproducible_and_fits(method):
     assert a.atoms.shape == (2, 3) and abs(float(a.weights.sum()) - 1) < 1e-12
     assert math.isfinite(a.loglik)
     if method in ("subspace", "random", "auto"):
-        c = psm.warm_start(d.features, d.counts, num_components=2, method=method, seed=6)
-        assert not torch.equal(a.atoms, c.atoms)
+        # The seed draws the random starts; "auto"'s race may be won by its seed-free start
+        # grown by splits, so its single random start is compared there.
+        one = {"num_inits": 1} if method == "auto" else {}
+        a1, c = (psm.warm_start(d.features, d.counts, num_components=2, method=method, seed=s,
+                                **one) for s in (5, 6))
+        assert not torch.equal(a1.atoms, c.atoms)
     f1 = psm.fit_em(d.features, d.counts, num_components=2, init=method, seed=5)
     f2 = psm.fit_em(d.features, d.counts, num_components=2, init=method, seed=5)
     assert torch.equal(f1.atoms, f2.atoms) and f1.converged
@@ -146,6 +150,41 @@ def test_race_keeps_the_start_that_ends_best():
     fit = psm.fit_em(d.features, d.counts, num_components=3,
                      init={"weights": lw[0].exp(), "atoms": design.atoms_from_z(a[0])})
     assert abs(fit.loglik - ref.loglik) <= 1e-8 * abs(ref.loglik) and spent > 0
+
+
+def test_race_keeps_the_better_half_of_its_starts_after_the_halving_point(monkeypatch):
+    from pyro_softmix import _race
+
+    d = psm.simulate(num_points=2000, num_features=3, num_components=3, num_obs=100_000,
+                     atom_norm=3.0, seed=4, dtype=torch.float64)
+    z = psm.standardize(d.features).transform(d.features)
+    problem = EMProblem(z, d.counts, 3)
+    gen = torch.Generator().manual_seed(1)
+    # Starts close to the saddle where all atoms coincide: two are still far from their
+    # limits after RACE_HALVE_AT iterations, so the race is not over by then.
+    atoms = 0.05 * torch.randn(4, 3, 3, generator=gen, dtype=torch.float64)
+    log_w = torch.full((4, 3), -math.log(3), dtype=torch.float64)
+    # Each start alone, by plain EM for RACE_HALVE_AT iterations (the batch runs them side by side).
+    ends = []
+    for a, w in zip(atoms, log_w, strict=True):
+        one = problem.with_starts(1)
+        st = one.start(a, w)
+        for _ in range(_race.RACE_HALVE_AT):
+            st, _ = one.iterate(st)
+        ends.append(float(one.objective(st)[0]))
+    top = sorted(range(4), key=ends.__getitem__, reverse=True)
+    assert ends[top[1]] - ends[top[2]] > 1e-6 * abs(ends[top[0]])  # a clear half
+    kept, kept_w, _ = race(problem, atoms, log_w, max_iter=_race.RACE_HALVE_AT, accelerate=False)
+    assert kept.shape[0] == 2
+    for got, i in zip(kept, top[:2], strict=True):  # the better two, best first, as they ran
+        one = problem.with_starts(1)
+        st = one.start(atoms[i], log_w[i])
+        for _ in range(_race.RACE_HALVE_AT):
+            st, _ = one.iterate(st)
+        torch.testing.assert_close(got, st.atoms, rtol=1e-9, atol=1e-9)
+    # Without the halving, a race cut at the same point hands over its leader alone.
+    monkeypatch.setattr(_race, "RACE_HALVE_AT", 10**9)
+    assert race(problem, atoms, log_w, max_iter=8, accelerate=False)[0].shape[0] == 1
 
 
 def test_joined_matches_components_up_to_a_permutation():
