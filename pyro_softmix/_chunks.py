@@ -96,8 +96,10 @@ def ordered_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 PRODUCT_MAX_OUT = 2**14
 
 
-def row_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(m, n) ``a.T @ b`` for (c, m) and (c, n), with the same bits on any thread count.
+def row_product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """(m, n) ``a.T @ b`` for (c, m) and (c, n) (into ``out`` if given), with the same bits on
+    any thread count.
 
     MKL shares a float32 product with a small output and a long reduction (m n up to about
     10^4, c of hundreds or thousands: the chunks of a Hessian over the rows) between its
@@ -108,8 +110,8 @@ def row_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.device.type == "cpu" and a.shape[1] * b.shape[1] <= PRODUCT_MAX_OUT:
         with one_thread():
-            return a.T @ b
-    return a.T @ b
+            return torch.mm(a.T, b, out=out)
+    return torch.mm(a.T, b, out=out)
 
 
 @contextlib.contextmanager

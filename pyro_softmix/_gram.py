@@ -43,6 +43,7 @@ def weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int |
     chunk = buffer.shape[0] if buffer is not None else gram_chunk_rows(features, k, chunk_size)
     acc = features.new_zeros(r, k * r)
     cast = compute_dtype is not None and compute_dtype != features.dtype
+    product = features.new_empty(r, k * r, dtype=compute_dtype) if cast else None
     for s in range(0, p, chunk):
         zc = features[s:s + chunk]
         pc = probs[s:s + chunk]
@@ -52,7 +53,7 @@ def weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int |
         out = buffer[:c] if buffer is not None else None
         weighted = torch.mul(zc.unsqueeze(1), pc.unsqueeze(-1), out=out)
         if cast:
-            acc.add_(row_product(zc, weighted.view(c, k * r)))
+            acc.add_(row_product(zc, weighted.view(c, k * r), out=product))
         else:
             acc.addmm_(zc.T, weighted.view(c, k * r))
     return acc.view(r, k, r).transpose(0, 1).contiguous()

@@ -165,26 +165,23 @@ def test_race_keeps_the_better_half_of_its_starts_after_the_halving_point(monkey
     atoms = 0.05 * torch.randn(4, 3, 3, generator=gen, dtype=torch.float64)
     log_w = torch.full((4, 3), -math.log(3), dtype=torch.float64)
     # Each start alone, by plain EM for RACE_HALVE_AT iterations (the batch runs them side by side).
-    ends = []
+    cut, ends, alone = _race.RACE_HALVE_AT, [], []
     for a, w in zip(atoms, log_w, strict=True):
         one = problem.with_starts(1)
         st = one.start(a, w)
-        for _ in range(_race.RACE_HALVE_AT):
+        for _ in range(cut):
             st, _ = one.iterate(st)
         ends.append(float(one.objective(st)[0]))
+        alone.append(st.atoms)
     top = sorted(range(4), key=ends.__getitem__, reverse=True)
     assert ends[top[1]] - ends[top[2]] > 1e-6 * abs(ends[top[0]])  # a clear half
-    kept, kept_w, _ = race(problem, atoms, log_w, max_iter=_race.RACE_HALVE_AT, accelerate=False)
+    kept = race(problem, atoms, log_w, max_iter=cut, accelerate=False)[0]
     assert kept.shape[0] == 2
     for got, i in zip(kept, top[:2], strict=True):  # the better two, best first, as they ran
-        one = problem.with_starts(1)
-        st = one.start(atoms[i], log_w[i])
-        for _ in range(_race.RACE_HALVE_AT):
-            st, _ = one.iterate(st)
-        torch.testing.assert_close(got, st.atoms, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got, alone[i], rtol=1e-9, atol=1e-9)
     # Without the halving, a race cut at the same point hands over its leader alone.
     monkeypatch.setattr(_race, "RACE_HALVE_AT", 10**9)
-    assert race(problem, atoms, log_w, max_iter=8, accelerate=False)[0].shape[0] == 1
+    assert race(problem, atoms, log_w, max_iter=cut, accelerate=False)[0].shape[0] == 1
 
 
 def test_joined_matches_components_up_to_a_permutation():
