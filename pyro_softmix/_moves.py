@@ -37,7 +37,8 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
     to convergence beside it. Where neither lifts it above what it is estimated to reach,
     ``fallback`` (if given: a function returning a start's atoms (K, r), log-weights (K,) and a
     description) gives one more start, once per call, run to convergence beside it with K - 1
-    moves of its own. A run on a ridge stops where it cannot reach what a finished run reached,
+    moves of its own: at once where no move got above the run's objective, and otherwise only
+    if the run, going on, ends on its ridge above every other run. A run on a ridge stops where it cannot reach what a finished run reached,
     and a new run that finds itself on a ridge where it cannot reach the objective it was made
     from stops there.
     """
@@ -59,18 +60,28 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
         if objective >= -objective_noise(problem, objective, tol):
             return False  # a log-likelihood is at most 0: nothing left to gain
         k = max(ridge, key=lambda c: float(st.atoms[c].norm()))
+        reached = -math.inf
         for make in (merge_and_split, pull_back):
             if moves_left <= 0:
                 break
             moves_left -= 1
             atoms, log_w, move = make(problem, st, k)
-            if new_start(atoms, log_w, moves + (move,), objective, on_update) > bound + margin:
+            reached = max(reached, new_start(atoms, log_w, moves + (move,), objective, on_update))
+            if reached > bound + margin:
                 return True
-        if spare:  # one more start, not made from this run: no floor, moves of its own
-            atoms, log_w, move = spare.pop()()
-            moves_left = problem.num_components - 1
-            return new_start(atoms, log_w, (move,), -math.inf, on_update) > bound + margin
-        return False
+        if reached > objective + margin:  # a move lifted it, if not surely above its bound:
+            return False  # the fallback waits for this run's end (attempt)
+        return use_spare(bound + margin, on_update)
+
+    def use_spare(above, on_update) -> bool:
+        """Run the fallback's start (if not yet run), with moves of its own; whether it ended
+        ``above``."""
+        nonlocal moves_left
+        if not spare:
+            return False
+        atoms, log_w, move = spare.pop()()  # not made from this run: no floor
+        moves_left = problem.num_components - 1
+        return new_start(atoms, log_w, (move,), -math.inf, on_update) > above
 
     def new_start(atoms, log_w, moves, floor, on_update) -> float:
         """Run a new start (:func:`attempt`); the best objective that it and the runs made from
@@ -100,9 +111,12 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
             done.diverging = atoms_at_infinity(prob, done.state, done.history, done.norms, tol)
             if max(done.norms[-1]) >= DIVERGENCE_NORM:  # the checks ran E-steps in its buffers
                 done.state = prob.start(done.state.atoms, done.state.log_weights)
+            end = done.history[-1]
             if done.diverging and hook is not None and not calls:  # ended there: no more to gain
-                end = done.history[-1]
                 on_ridge(done.state, done.diverging, end, end, end)
+            elif done.diverging and calls and end > max(
+                    [run.history[-1] for run in runs[:-1]], default=-math.inf) + ESCAPE_MARGIN * abs(end):
+                use_spare(math.inf, on_update)  # ended on its ridge above the runs of its moves
         return done
 
     for i, (a, w) in enumerate(zip(starts_z, starts_w, strict=True)):

@@ -198,6 +198,51 @@ def test_a_run_on_a_ridge_stops_once_its_bound_is_below_a_finished_runs_end(thre
     assert done.history == [-20.0, -10.0] and done.moves == ()
 
 
+@pytest.mark.parametrize("moved_end, within_gain, stops_at, asked", [
+    (-40.0, lambda t: 100 / t, 12, False),  # caught up with: stopped at t = 12, no fallback
+    (-47.0, lambda t: 100.0, 49, True),  # never caught up with: ends above, then the fallback
+])
+def test_a_move_that_lifts_a_run_on_a_ridge_defers_the_fallback_to_its_end(
+        three, monkeypatch, moved_end, within_gain, stops_at, asked):
+    """One start, seen on a ridge after every cycle t with objective -50 + t / 10 (and an
+    infinite stopping-rule bound): both moves end at ``moved_end``, above its objective then
+    (-49.9) but not above its bound, so the fallback is not run at that first cycle. The run
+    goes on; it stops at the first t where its estimate in its budget, objective +
+    ``within_gain(t)``, falls below the moves' end, and then the moves' run is kept and the
+    fallback is never asked. Where it ends on its ridge above them (-45.1) the fallback is
+    asked then, and its run (-30) is kept."""
+    problem = _setup(three, 3).problem
+    tags, cycles = [], []
+
+    def scripted(prob, atoms, log_w, max_iter, tol, bar, fast, on_update, on_ridge):
+        tag = int(atoms[0, 0])
+        tags.append(tag)
+        history = {3: [-60.0, moved_end], 4: [-60.0, -30.0]}.get(tag, [-60.0])
+        st = prob.start(atoms, log_w)
+        for t in range(1, 50 if tag == 2 else 0):
+            history.append(-50 + t / 10)
+            cycles.append(t)
+            if on_ridge(st, (0,), history[-1], math.inf, history[-1] + within_gain(t)):
+                break
+        return accelerate.Run(st, history, [[1.0] * 3] * len(history), True, 0.0)
+
+    def tagged(tag):
+        return torch.full((3, problem.z.shape[1]), float(tag), dtype=torch.float64)
+
+    monkeypatch.setattr(_moves, "run", scripted)
+    monkeypatch.setattr(_moves, "atoms_at_infinity", lambda prob, st, *a: (0,) if st.atoms[0, 0] == 2 else ())
+    for name in ("merge_and_split", "pull_back"):
+        monkeypatch.setattr(_moves, name, lambda prob, st, k, name=name: (tagged(3), st.log_weights, name))
+    log_w = torch.full((1, 3), -math.log(3), dtype=torch.float64)
+    done = _moves.finish(problem, tagged(2)[None], log_w, 100, 1e-10,
+                         fallback=lambda: (tagged(4), log_w[0], "fallback"))
+    assert tags == [2, 3, 3] + [4] * asked and cycles == list(range(1, stops_at + 1))
+    if asked:
+        assert done.history == [-60.0, -30.0] and done.moves == ("fallback",)
+    else:
+        assert done.history == [-60.0, moved_end] and done.moves == ("merge_and_split",)
+
+
 def test_a_run_passes_on_the_bound_within_its_budget(monkeypatch):
     """``run`` gives ``on_ridge`` the objective plus the smaller of the stopping rule's gap and
     :func:`~pyro_softmix.stopping.budget_gain` of its history and the updates left."""
