@@ -38,9 +38,9 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
     ``fallback`` (if given: a function returning a start's atoms (K, r), log-weights (K,) and a
     description) gives one more start, once per call, run to convergence beside it with K - 1
     moves of its own: at once where no move got above the run's objective, and otherwise only
-    if the run, going on, ends on its ridge above every other run. A run on a ridge stops where it cannot reach what a finished run reached,
-    and a new run that finds itself on a ridge where it cannot reach the objective it was made
-    from stops there.
+    if the run, going on, ends on its ridge above every other run. A run on a ridge stops where
+    it cannot reach what a finished run reached, and a new run that finds itself on a ridge
+    where it cannot reach the objective it was made from stops there.
     """
     runs, moves_left = [], problem.num_components - 1 if problem.penalty is None else 0
     spare = [fallback] if fallback is not None else []
