@@ -65,6 +65,10 @@ HESSIAN_FREE_RANK = 16
 #: Largest float64 copy of a float32 design (bytes) made for the Newton finish (see
 #: :meth:`EMProblem.precise`); beyond it the finish runs in float32.
 PRECISE_MAX_BYTES = 2**32
+#: Up to this many components the E-step works a column at a time (:meth:`EMProblem.e_step`).
+#: Measured (p = 10^5, 4 starts): 1.3-2x faster E-steps for K = 2..4, slower from K = 6 on
+#: (float64) and K = 16 (float32).
+SMALL_K = 4
 
 
 class EMProblem:
@@ -177,11 +181,26 @@ class EMProblem:
         top, total = self.rows[:, :s], self.rows[:, s:]
         j3 = joint.view(-1, s, k)
         torch.amax(j3, 2, out=top)
-        j3.sub_(top[:, :, None]).exp_()
-        torch.sum(j3, 2, out=total)
+        # w = n_j alpha_k q_k(j) / pi_j. Up to SMALL_K components, a column at a time: torch's
+        # broadcasts and sums over a short last dimension were 1.3-2x slower, with the same bits.
+        cols = [j3[:, :, i] for i in range(k)] if k <= SMALL_K else None
+        if cols is None:
+            j3.sub_(top[:, :, None]).exp_()
+            torch.sum(j3, 2, out=total)
+        else:
+            for col in cols:
+                col.sub_(top)
+            joint.exp_()
+            total.copy_(cols[0])
+            for col in cols[1:]:
+                total.add_(col)
         log_pi = top.add_(total.log()).clamp_max_(0.0)  # (p, S); pi <= 1 despite rounding
-        # w = n_j alpha_k q_k(j) / pi_j
-        j3.mul_(total.reciprocal_().mul_(self.counts[:, None])[:, :, None])
+        scale = total.reciprocal_().mul_(self.counts[:, None])
+        if cols is None:
+            j3.mul_(scale[:, :, None])
+        else:
+            for col in cols:
+                col.mul_(scale)
         loglik = self.counts64 @ log_pi.to(torch.float64)
         self.weight_sums = column_sums(joint)
         return loglik, joint

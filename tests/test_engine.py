@@ -34,6 +34,42 @@ def test_em_gradient_is_the_loglik_gradient():
     assert torch.allclose(w.sum(0) - problem.total * log_w.exp(), gw, atol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_the_column_e_step_of_few_components_is_the_brute_force_e_step(monkeypatch, k, dtype):
+    """Up to ``engine.SMALL_K`` components the E-step works a column at a time; with 3 starts
+    its log-likelihoods, weights w = n_j alpha_k q_k(j) / pi_j and their column sums are the
+    brute-force ones (float64, from the definitions) and those of the broadcast path."""
+    from pyro_softmix import engine
+
+    gen = torch.Generator().manual_seed(k)
+    p, r, s = 300, 4, 3
+    z = torch.randn(p, r, generator=gen, dtype=dtype)
+    counts = torch.randint(0, 20, (p,), generator=gen).to(dtype)
+    atoms = torch.randn(s * k, r, generator=gen, dtype=dtype) * 3
+    log_w = torch.randn(s, k, generator=gen, dtype=dtype).log_softmax(1).reshape(-1)
+    problem = EMProblem(z, counts, k, None, s)
+    logits = problem.logits(atoms)
+    seen = []
+    for small in (engine.SMALL_K, 0):  # the column path (k <= 4), then the broadcast path
+        monkeypatch.setattr(engine, "SMALL_K", small)
+        loglik, w = problem.e_step(logits, problem.normalise(logits), log_w)
+        seen.append((loglik.clone(), w.clone(), problem.weight_sums.clone()))
+    z64, a64 = z.double(), atoms.double().view(s, k, r)
+    log_q = torch.log_softmax(torch.einsum("pr,skr->psk", z64, a64), dim=0)
+    joint = log_q + log_w.double().view(s, k)
+    log_pi = torch.logsumexp(joint, 2)
+    want_w = counts.double()[:, None, None] * (joint - log_pi[:, :, None]).exp()
+    want = (counts.double() @ log_pi, want_w.reshape(p, s * k), want_w.reshape(p, -1).sum(0))
+    eps = torch.finfo(dtype).eps
+    for got in seen:
+        torch.testing.assert_close(got[0], want[0], rtol=200 * eps, atol=0)
+        torch.testing.assert_close(got[1].double(), want[1], rtol=200 * eps, atol=200 * eps)
+        torch.testing.assert_close(got[2].double(), want[2], rtol=200 * eps, atol=0)
+    for a, b in zip(seen[0], seen[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps)
+
+
 @pytest.mark.parametrize("rank, shared", [(40, 2), (64, 3)])
 def test_reused_covariances_at_large_rank_reach_the_same_mle(monkeypatch, rank, shared):
     """Explicit M-steps from r = 32 on share one covariance between consecutive M-steps
