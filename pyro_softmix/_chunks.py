@@ -87,6 +87,40 @@ def column_sums(x: torch.Tensor) -> torch.Tensor:
     return x.sum(0) if x.shape[1] > 1 else ordered_sum(x[:, 0])[None]
 
 
+#: :func:`column_max` folds rows in halves down to this many, where a row of the (p, K) input
+#: takes at most ``FOLD_MAX_ROW_BYTES`` and not a multiple of ``FOLD_FAST_ROW_BYTES``.
+FOLD_ROWS = 64
+FOLD_MAX_ROW_BYTES = 256
+FOLD_FAST_ROW_BYTES = 128
+
+
+def column_max(x: torch.Tensor) -> torch.Tensor:
+    """(K,) maxima over dim 0 of a (p, K) tensor: ``x.amax(0)``, exactly.
+
+    On a CPU (torch 2.13) that reduction was slow unless a row's bytes were a multiple of 128:
+    at p = 10^5, 0.26 ms per column (3.1 ms for K = 12, float64). Folding the rows in halves
+    by elementwise maxima reads them once (0.25 ms for K = 12), and a maximum is exact, so
+    the result is the same. Wide rows (more than 256 bytes) and other devices keep ``amax``.
+    """
+    p, k = x.shape
+    row = k * x.element_size()
+    if (x.device.type != "cpu" or k == 1 or p <= 2 * FOLD_ROWS or row > FOLD_MAX_ROW_BYTES
+            or row % FOLD_FAST_ROW_BYTES == 0):
+        return x.amax(0)
+    half = p // 2
+    y = torch.maximum(x[:half], x[half:2 * half])
+    if p % 2:
+        torch.maximum(y[0], x[p - 1], out=y[0])
+    while y.shape[0] > FOLD_ROWS:
+        n = y.shape[0]
+        half = n // 2
+        torch.maximum(y[:half], y[half:2 * half], out=y[:half])
+        if n % 2:
+            torch.maximum(y[0], y[n - 1], out=y[0])
+        y = y[:half]
+    return y.amax(0)
+
+
 def ordered_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a . b for 1-D tensors (in their common dtype), by :func:`ordered_sum`."""
     return ordered_sum(a * b)

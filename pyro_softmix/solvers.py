@@ -26,7 +26,7 @@ import torch
 
 from ._cg import cholesky_apply, factor_hessians, stale_newton
 from ._checks import as_tensor, check_offset, check_positive_float, check_positive_int
-from ._chunks import column_sums, one_thread, weighted_sums
+from ._chunks import column_max, column_sums, one_thread, weighted_sums
 from ._gram import gram_chunk_rows, weighted_cov, weighted_gram
 
 #: Armijo's sufficient-increase constant: a step s along d is accepted when
@@ -45,7 +45,7 @@ def offset_logits(features: torch.Tensor, atoms: torch.Tensor, offset: torch.Ten
 
 def column_logsumexp(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """logsumexp over dim 0 of (p, K) logits; leaves softmax(logits, 0) in ``scratch``."""
-    top = logits.amax(0)
+    top = column_max(logits)
     torch.sub(logits, top, out=scratch).exp_()
     total = column_sums(scratch)
     scratch.div_(total)

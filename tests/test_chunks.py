@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """One chunk budget per device, honoured by every chunked loop, the Newton Hessian included."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from pyro_softmix._chunks import (
     PRODUCT_MAX_OUT,
     SPLIT_BLOCKS,
     SPLIT_ROWS,
+    column_max,
     column_sums,
     ordered_dot,
     ordered_sum,
@@ -161,6 +164,37 @@ def test_ordered_sums_are_the_sums_on_any_thread_count(n):
         plain = [_on_threads(t, lambda: (a.sum(), a @ b)) for t in (1, 2, 3)]
         assert any(not torch.equal(plain[0][0], o[0]) or not torch.equal(plain[0][1], o[1])
                    for o in plain[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("p", [1, 129, 130, 1_001, 65_537])
+@pytest.mark.parametrize("k", [1, 3, 12, 16, 48])
+def test_column_max_is_amax(p, k, dtype, monkeypatch):
+    """column_max folds rows in halves for narrow rows (3 and 12 columns here; 16 float64 and
+    48 float64 columns keep amax) and is exactly x.amax(0), for odd and even row counts, with
+    the maximum in the last row, and with NaN and -inf entries (NaN propagates as in amax). A
+    fold that skipped the last row of an odd count, or a half, fails; so does one that folded
+    but dropped rows beyond FOLD_ROWS (checked by moving the maximum to every position)."""
+    from pyro_softmix import _chunks
+
+    called = []
+    real = torch.maximum
+    monkeypatch.setattr(_chunks.torch, "maximum", lambda *a, **kw: called.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(p * k)
+    x = torch.randn(p, k, generator=g, dtype=dtype)
+    assert torch.equal(column_max(x), x.amax(0))
+    row = k * x.element_size()
+    folds = p > 2 * _chunks.FOLD_ROWS and k > 1 and row <= 256 and row % 128
+    assert bool(called) == bool(folds)
+    for i in sorted({0, p // 2, p - 1, max(p - 2, 0)}):
+        y = x.clone()
+        y[i, k - 1] = 100.0
+        if p > 1:
+            y[(i + 1) % p, 0] = -math.inf
+        assert torch.equal(column_max(y), y.amax(0)) and column_max(y)[k - 1] == 100.0
+    y = x.clone()
+    y[p - 1, 0] = math.nan
+    assert torch.equal(column_max(y).isnan(), y.amax(0).isnan()) and column_max(y)[0].isnan()
 
 
 def test_row_products_are_the_products_with_the_same_bits_on_any_thread_count():
