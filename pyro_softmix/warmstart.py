@@ -436,8 +436,7 @@ def _mixture_spread(z: torch.Tensor, dist2: torch.Tensor, atoms: torch.Tensor,
     s, k, r = atoms.shape
     pi = offset_logits(z, atoms.reshape(s * k, r), offset)
     column_logsumexp(pi, pi)  # (the softmax, in place)
-    pi = pi.view(-1, s, k).mean(2)  # (p, S)
-    return float((dist2 @ pi).mean())
+    return float((dist2 @ pi).view(s, k).mean(1).mean())  # (each start's mixture: the mean)
 
 
 #: Bisection steps for the calibrated scale: sigma to within 3% (ample for a random start).
