@@ -107,17 +107,13 @@ def column_max(x: torch.Tensor) -> torch.Tensor:
     if (x.device.type != "cpu" or k == 1 or p <= 2 * FOLD_ROWS or row > FOLD_MAX_ROW_BYTES
             or row % FOLD_FAST_ROW_BYTES == 0):
         return x.amax(0)
-    half = p // 2
-    y = torch.maximum(x[:half], x[half:2 * half])
-    if p % 2:
-        torch.maximum(y[0], x[p - 1], out=y[0])
-    while y.shape[0] > FOLD_ROWS:
-        n = y.shape[0]
-        half = n // 2
-        torch.maximum(y[:half], y[half:2 * half], out=y[:half])
+    y = x
+    while y.shape[0] > FOLD_ROWS:  # the first fold into a new half, the others in place
+        n, half = y.shape[0], y.shape[0] // 2
+        top = torch.maximum(y[:half], y[half:2 * half], out=None if y is x else y[:half])
         if n % 2:
-            torch.maximum(y[0], y[n - 1], out=y[0])
-        y = y[:half]
+            torch.maximum(top[0], y[n - 1], out=top[0])
+        y = top
     return y.amax(0)
 
 
