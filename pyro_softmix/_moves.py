@@ -112,11 +112,12 @@ def finish(problem: EMProblem, starts_z: torch.Tensor, starts_w: torch.Tensor, m
             if max(done.norms[-1]) >= DIVERGENCE_NORM:  # the checks ran E-steps in its buffers
                 done.state = prob.start(done.state.atoms, done.state.log_weights)
             end = done.history[-1]
+            ahead = end > max((run.history[-1] for run in runs[:-1]), default=-math.inf) + (
+                ESCAPE_MARGIN * abs(end))
             if done.diverging and hook is not None and not calls:  # ended there: no more to gain
                 on_ridge(done.state, done.diverging, end, end, end)
-            elif done.diverging and calls and end > max(
-                    [run.history[-1] for run in runs[:-1]], default=-math.inf) + ESCAPE_MARGIN * abs(end):
-                use_spare(math.inf, on_update)  # ended on its ridge above the runs of its moves
+            elif done.diverging and calls and ahead:  # on its ridge, above the runs of its moves
+                use_spare(math.inf, on_update)
         return done
 
     for i, (a, w) in enumerate(zip(starts_z, starts_w, strict=True)):
