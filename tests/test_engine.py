@@ -63,9 +63,10 @@ def test_the_column_e_step_of_few_components_is_the_brute_force_e_step(monkeypat
     want = (counts.double() @ log_pi, want_w.reshape(p, s * k), want_w.reshape(p, -1).sum(0))
     eps = torch.finfo(dtype).eps
     for got in seen:
-        torch.testing.assert_close(got[0], want[0], rtol=200 * eps, atol=0)
-        torch.testing.assert_close(got[1].double(), want[1], rtol=200 * eps, atol=200 * eps)
-        torch.testing.assert_close(got[2].double(), want[2], rtol=200 * eps, atol=0)
+        # (measured: at most 1, 23 and 10 eps; w's rounding grows with |logit| up to about 20)
+        torch.testing.assert_close(got[0], want[0], rtol=16 * eps, atol=0)
+        torch.testing.assert_close(got[1].double(), want[1], rtol=64 * eps, atol=64 * eps)
+        torch.testing.assert_close(got[2].double(), want[2], rtol=32 * eps, atol=0)
     for a, b in zip(seen[0], seen[1], strict=True):
         torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps)
 
