@@ -154,34 +154,46 @@ def test_the_m_steps_hessian_vector_products_give_the_newton_step(l2):
 
 def test_heavy_cov_is_the_covariance_of_the_heavy_rows():
     """The preconditioner's covariances: by brute force over the rows with q_jk >= tail / p
-    (renormalised) plus the left-out mass times the identity, in chunks; with tail 0 every
-    row's (weighted_cov); within the bound that the left-out mass allows,
+    (renormalised) plus the left-out mass times the identity, in chunks, for a column with at
+    most HEAVY_DENSE of its rows kept; over all rows for one with more, in float32 products
+    summed in float64 (and with tail 0:
+    weighted_cov); within the bound that the left-out mass allows,
     9 tail max_j |z_j - m_k|^2 (law of total covariance, and the identity's share); and
     positive definite for a column on one row (whose kept rows' covariance is 0)."""
-    from pyro_softmix._gram import heavy_cov
+    from pyro_softmix._gram import HEAVY_DENSE, heavy_cov
 
     gen = torch.Generator().manual_seed(0)
     p = 400
     z = torch.randn(p, 4, generator=gen, dtype=torch.float64)
-    scale = torch.tensor([[0.1], [1.5], [4.0]], dtype=torch.float64)
-    q = torch.softmax(z @ (scale * torch.randn(3, 4, generator=gen, dtype=torch.float64)).T, 0)
-    tail = 0.05
+    scale = torch.tensor([[0.1], [0.8], [2.5], [4.0]], dtype=torch.float64)
+    q = torch.softmax(z @ (scale * torch.randn(4, 4, generator=gen, dtype=torch.float64)).T, 0)
+    tail = 0.1
+    kept = (q >= tail / p).sum(0)
+    dense = kept > HEAVY_DENSE * p
+    assert dense.tolist() == [True, True, False, False]  # both paths, one column each side
     brute = []
-    for k in range(3):
-        keep = q[:, k] >= tail / p
+    for k in range(4):
+        keep = q[:, k] >= tail / p if not dense[k] else torch.ones(p, dtype=torch.bool)
         w = q[keep, k] / q[keep, k].sum()
         m = w @ z[keep]
         brute.append(sum(wj * torch.outer(zj - m, zj - m) for wj, zj in zip(w, z[keep], strict=True))
                      + float(q[~keep, k].sum()) * torch.eye(4, dtype=torch.float64))
     got = heavy_cov(z, q, tail, chunk_size=7)
-    torch.testing.assert_close(got, torch.stack(brute), rtol=1e-12, atol=1e-14)
-    assert int((q[:, 2] >= tail / p).sum()) < p // 4  # the peaked column keeps few rows
+    brute = torch.stack(brute)
+    # The gathered rows' products in float64; all rows' products in float32, summed in float64.
+    torch.testing.assert_close(got[2:], brute[2:], rtol=1e-12, atol=1e-14)
+    f32 = dict(rtol=0.0, atol=16 * torch.finfo(torch.float32).eps * float(brute.abs().max()))
+    torch.testing.assert_close(got[:2], brute[:2], **f32)
+    assert float((got[:2] - brute[:2]).abs().max()) > 1e-12  # float32 products
+    torch.testing.assert_close(heavy_cov(z, q[:, 2:], tail), got[2:], rtol=1e-12, atol=1e-14)
+    assert int(kept[3]) < p // 4  # the peaked column keeps few rows
     full = weighted_cov(z, q, q.T @ z)
-    torch.testing.assert_close(heavy_cov(z, q, 0.0), full, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(heavy_cov(z, q, 0.0), full, **f32)
+    torch.testing.assert_close(weighted_cov(z, q, q.T @ z, compute_dtype=torch.float32), full, **f32)
     radius = ((z[None] - (q.T @ z)[:, None]) ** 2).sum(-1).amax(1)  # (K,) max |z_j - m_k|^2
     error = torch.linalg.matrix_norm(got - full, ord=2)
     assert bool((error <= 9 * tail * radius).all())
-    assert bool((error > 0).all())  # rows were left out
+    assert bool((error[~dense] > 0).all())  # rows were left out
     peaked = torch.full((p, 1), 1e-5 / (p - 1), dtype=torch.float64)
     peaked[0] = 1 - 1e-5
     assert float(torch.linalg.eigvalsh(heavy_cov(z, peaked, tail))[0].min()) >= 0.5e-5
