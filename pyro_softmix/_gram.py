@@ -18,10 +18,11 @@ HEAVY_DENSE = 0.5
 
 
 def gram_chunk_rows(features: torch.Tensor, num_components: int,
-                    chunk_size: int | None = None) -> int:
-    """Rows per chunk of the (chunk, K, r) temporary of :func:`weighted_gram` (the one
-    budget of :mod:`pyro_softmix._chunks`)."""
-    row_bytes = num_components * features.shape[1] * features.element_size()
+                    chunk_size: int | None = None, dtype: torch.dtype | None = None) -> int:
+    """Rows per chunk of the (chunk, K, r) temporaries of :func:`weighted_gram` and
+    :func:`weighted_cov`, in ``dtype`` (default: the features'), under the one budget of
+    :mod:`pyro_softmix._chunks`."""
+    row_bytes = num_components * features.shape[1] * (dtype or features.dtype).itemsize
     return rows_per_chunk(features.shape[0], row_bytes, features.device, chunk_size)
 
 
@@ -86,8 +87,7 @@ def weighted_cov(features: torch.Tensor, probs: torch.Tensor, mean: torch.Tensor
     k = probs.shape[1]
     dtype = compute_dtype or features.dtype
     if buffers is None:
-        chunk = rows_per_chunk(p, k * r * torch.finfo(dtype).bits // 8, features.device,
-                               chunk_size)
+        chunk = gram_chunk_rows(features, k, chunk_size, dtype)
         buffers = (features.new_empty(chunk, k, r, dtype=dtype),
                    features.new_empty(chunk, k, r, dtype=dtype))
     centred_all, weighted_all = buffers

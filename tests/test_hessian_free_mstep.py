@@ -155,9 +155,9 @@ def test_the_m_steps_hessian_vector_products_give_the_newton_step(l2):
 def test_heavy_cov_is_the_covariance_of_the_heavy_rows():
     """The preconditioner's covariances: by brute force over the rows with q_jk >= tail / p
     (renormalised) plus the left-out mass times the identity, in chunks, for a column with at
-    most HEAVY_DENSE of its rows kept; over all rows for one with more, in float32 products
-    summed in float64 (and with tail 0:
-    weighted_cov); within the bound that the left-out mass allows,
+    most HEAVY_DENSE of its rows kept; over all rows, in float32 products summed in float64,
+    for one with more (and so for every column with tail 0: weighted_cov); within the bound
+    that the left-out mass allows,
     9 tail max_j |z_j - m_k|^2 (law of total covariance, and the identity's share); and
     positive definite for a column on one row (whose kept rows' covariance is 0)."""
     from pyro_softmix._gram import HEAVY_DENSE, heavy_cov
