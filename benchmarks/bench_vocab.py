@@ -11,10 +11,11 @@ are drawn by :func:`pyro_softmix.simulate` at norm ``--atom-norm`` in standardis
 weights are a seeded softmax of Gaussians, and N tokens are drawn from the mixture (a second N
 as held-out data).
 Per case and dtype, ``fit_em`` with its defaults, timed from the call: seconds, convergence and
-warnings, training log-likelihood against the truth's, held-out log-likelihood per token against
-the truth's (beside the MLE's expected excess with D free parameters, +D/2 nats in training and
--D/(2N) per held-out token: Wilks, and Akaike's argument for AIC), a single softmax's and the
-add-one unigram's, weight error and the total variation
+warnings, training log-likelihood against the truth's (both in float64 on the features: a
+float32 fit's own ``loglik`` is that of its float32 design, about eps32 N |logit| off), held-out
+log-likelihood per token against the truth's (beside the MLE's expected excess with D free
+parameters, +D/2 nats in training and -D/(2N) per held-out token: Wilks, and Akaike's argument
+for AIC), a single softmax's and the add-one unigram's, weight error and the total variation
 between fitted and true next-token distributions (components matched), and the peak resident
 memory of the process. A float32 fit is then continued in float64 (``init=fit``, off the clock):
 its gain, updates and the change in the components say whether it ended at a float64 optimum.
@@ -234,7 +235,7 @@ def main() -> None:
         rows.append(row)
         ho = row["heldout_per_token"]
         print(f"{k:>2} {num_obs:>9.0e} {name:>8} {row['seconds']:7.1f} "
-              f"{str(row['converged']):>5} {row['n_iter']:>5} {row['loglik'] - row['truth_loglik']:15.2f} "
+              f"{str(row['converged']):>5} {row['n_iter']:>5} {row['loglik64'] - row['truth_loglik']:15.2f} "
               f"{ho['fit'] - ho['truth']:23.2e} {ho['single'] - ho['truth']:9.3f} "
               f"{ho['unigram'] - ho['truth']:9.3f} {row['weight_error']:8.1e} "
               f"{row['tv_max']:7.1e}", flush=True)

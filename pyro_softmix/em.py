@@ -19,6 +19,8 @@ import torch
 from ._checks import check_positive_float, check_positive_int, check_seed, keyword_options, warn_user
 from ._chunks import thread_budget
 from ._moves import finish
+from .accelerate import Run
+from .accelerate import run as run_em
 from .design import IdentifiabilityWarning
 from .engine import prepare
 from .membership import check_group_features, fit_membership
@@ -80,6 +82,9 @@ def fit_em(features, counts=None, tokens=None, *, num_components: int = 3, init:
             gradients and so stay accurate in float32; a slow stretch does not stop EM early.
         device: where to compute (default: the features' device).
         dtype: ``torch.float32`` or ``torch.float64`` (default: the features' floating dtype).
+            A float64 fit of a large design (``engine.FLOAT32_SEARCH_BYTES``) searches in
+            float32, then goes on in float64 from where that search ends (docs: EM,
+            precision).
         seed: for the random starts: an int, a ``torch.Generator``, or None (default:
             drawn from torch's global random state). The same seed gives the same fit.
         progress: show a progress bar (default: only when stderr is a terminal).
@@ -159,7 +164,11 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
         features, counts, tokens, groups, num_components=num_components, init=init,
         num_inits=num_inits, max_iter=max_iter, dtype=dtype, device=device, seed=seed,
         progress=progress, chunk_size=chunk_size, prior_scale=prior_scale, accelerate=accelerate,
-        offset=offset, group_features=group_features)
+        offset=offset, group_features=group_features, float32_search=True)
+    search = setup.search or setup  # the float32 twin of a large float64 design
+    search_tol = default_tol(search.dtype) if tol is None else tol
+    if search is not setup:  # it finds the optimum; its last digits are found in float64
+        search_tol = max(search_tol, default_tol(search.dtype))
     tol = default_tol(setup.dtype) if tol is None else tol
     saver = None
     if checkpoint is not None:
@@ -169,12 +178,15 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
     rescue = (isinstance(init, str) and init == "auto" and setup.num_components > 1
               and setup.problem.penalty is None)
     used = []  # the iterations the fallback's start took, once finish asked for it
-    fallback = _tempered_start(setup, max_iter, used) if rescue else None
-    run = _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver, fallback)
+    fallback = _tempered_start(search, max_iter, used) if rescue else None
+    run = _finish(search, starts_z, starts_w, max_iter, search_tol, progress, accelerate, saver,
+                  fallback)
     label += _then(run.moves)
     if rescue and not used and _trapped(run):
-        run, label = _refit_tempered(setup, run, label, max_iter, tol, progress, accelerate,
-                                     saver)
+        run, label = _refit_tempered(search, run, label, max_iter, search_tol, progress,
+                                     accelerate, saver)
+    if search is not setup:
+        run, label = _widen(setup, search, run, label, max_iter, tol)
     converged, diverging = _verify(setup, run, tol, max_iter)
     if setup.group_features is not None:
         atoms, gamma, log_shares, more, converged = fit_membership(
@@ -189,6 +201,35 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
     if saver is not None:
         save_atomically(fit, saver.path)
     return fit
+
+
+def _widen(setup, search, run, label: str, max_iter: int, tol: float):
+    """A run made on ``search``, the float32 twin of ``setup``'s float64 design
+    (``engine.FLOAT32_SEARCH_BYTES``), carried to that design: where it converged with every
+    atom finite, EM and Newton steps from its end to ``tol`` there (its history then goes on
+    with theirs); else its end, its last objective evaluated there. Returns the run and its
+    label."""
+    problem = setup.problem
+    centre = search.centre  # the trivial fit: search's one-component fit, in float64
+    if centre is not None and setup.centre is None:
+        setup.centre = centre.double()
+        log_w = centre.new_full((setup.num_components,), -math.log(setup.num_components))
+        setup.reference = float(problem.objective(problem.start(
+            setup.centre.expand(setup.num_components, -1).contiguous(), log_w.double()))[0])
+    atoms = run.state.atoms.double()
+    log_w = torch.log_softmax(run.state.log_weights.double(), 0)
+    spent = len(run.history) - 1
+    if run.converged and not run.diverging and spent < max_iter:
+        more = run_em(problem, atoms, log_w, max_iter - spent, tol)
+        more.history = run.history[:-1] + more.history
+        more.norms = run.norms[:-1] + more.norms
+        more.moves = run.moves
+        return more, f"{label}; searched in float32, then {len(more.history) - 1 - spent} " \
+                     "float64 updates"
+    state = problem.start(atoms, log_w)
+    history = run.history[:-1] + [float(problem.objective(state)[0])]
+    return Run(state, history, run.norms, run.converged, run.gap, run.moves, run.diverging), \
+        f"{label}; searched in float32"
 
 
 def _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver,
@@ -314,9 +355,11 @@ def _warn_coinciding(atoms: torch.Tensor) -> None:
 
 def prepare_fit(features, counts, tokens, groups, *, num_components, init, num_inits, max_iter,
                 dtype, device, seed, progress, chunk_size, prior_scale=None, accelerate=True,
-                offset=None, group_features=None):
+                offset=None, group_features=None, float32_search=False):
     """What every EM fit does before its final runs (:func:`fit_em`, :class:`~pyro_softmix.EM`):
-    check the options and the data, standardise, build the engine, and choose the starts.
+    check the options and the data, standardise, build the engine, and choose the starts
+    (with ``float32_search``, on :meth:`~pyro_softmix.engine.Setup.float32_twin` where there is
+    one, kept as ``setup.search``: the starts are then in float32).
 
     Returns ``(setup, starts_z, starts_w, label)``: the :class:`~pyro_softmix.engine.Setup`,
     the starts' atoms (S, K, r) and log-weights (S, K), best first, and the start's label.
@@ -332,6 +375,8 @@ def prepare_fit(features, counts, tokens, groups, *, num_components, init, num_i
                     prior_scale, offset)
     num_groups = None if setup.group_labels is None else int(setup.group_labels.shape[0])
     setup.group_features = check_group_features(group_features, num_groups)
-    starts_z, starts_w, label = choose_start(setup, init, num_inits, max_iter, seed, progress,
-                                             accelerate)
+    if float32_search and accelerate:
+        setup.search = setup.float32_twin()
+    starts_z, starts_w, label = choose_start(setup.search or setup, init, num_inits, max_iter,
+                                             seed, progress, accelerate)
     return setup, starts_z, starts_w, label
