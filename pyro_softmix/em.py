@@ -210,12 +210,8 @@ def _widen(setup, search, run, label: str, max_iter: int, tol: float):
     with theirs); else its end, its last objective evaluated there. Returns the run and its
     label."""
     problem = setup.problem
-    centre = search.centre  # the trivial fit: search's one-component fit, in float64
-    if centre is not None and setup.centre is None:
-        setup.centre = centre.double()
-        log_w = centre.new_full((setup.num_components,), -math.log(setup.num_components))
-        setup.reference = float(problem.objective(problem.start(
-            setup.centre.expand(setup.num_components, -1).contiguous(), log_w.double()))[0])
+    if search.centre is not None:  # the trivial fit (for _verify): the search's, in float64
+        one_component_fit(setup, search.centre)
     atoms = run.state.atoms.double()
     log_w = torch.log_softmax(run.state.log_weights.double(), 0)
     spent = len(run.history) - 1

@@ -69,8 +69,9 @@ PRECISE_MAX_BYTES = 2**32
 #: ``fit_em`` (``accelerate=True``, ungrouped data) makes its starts and runs EM on the design
 #: rounded to float32 (:meth:`Setup.float32_twin`): exactly the fit of float32 features, float64
 #: Newton finish included. It then goes on from that fit's end on the float64 design to its own
-#: tolerance. SmolLM2 (p = 49,152, r = 576, K = 4, N = 10^6): 2.5x faster, and float32 and
-#: float64 features end at one optimum. Below this size float32 products gain little (0.9-1.5x).
+#: tolerance. SmolLM2 (p = 49,152, r = 576, K = 4, N = 10^6): 2.4-2.7x faster, and float32
+#: and float64 features end at one optimum. Below this size the float32 products gained
+#: 0.85-1.5x (bench_speed's regimes).
 FLOAT32_SEARCH_BYTES = 2**26
 #: Up to this many components the E-step works a column at a time (:meth:`EMProblem.e_step`).
 #: Measured (p = 10^5, 4 starts): 1.3-2x faster E-steps for K = 2..4, slower from K = 6 on
