@@ -67,9 +67,10 @@ HESSIAN_FREE_RANK = 16
 PRECISE_MAX_BYTES = 2**32
 #: From this size (bytes) of a float64 standardised design on, up to ``PRECISE_MAX_BYTES``,
 #: ``fit_em`` (``accelerate=True``, ungrouped data) makes its starts and runs EM on the design
-#: rounded to float32 (:meth:`Setup.float32_twin`): exactly the fit of float32 features, float64
-#: Newton finish included. It then goes on from that fit's end on the float64 design to its own
-#: tolerance. SmolLM2 (p = 49,152, r = 576, K = 4, N = 10^6): 2.4-2.7x faster, and float32
+#: rounded to float32 (:meth:`Setup.float32_twin`): a float32 fit, float64 Newton finish
+#: included (step for step that of the features passed as float32, where they are float32
+#: numbers). It then goes on from that fit's end on the float64 design to its own tolerance.
+#: SmolLM2 (p = 49,152, r = 576, K = 4, N = 10^6): 2.4-2.7x faster, and float32
 #: and float64 features end at one optimum. Below this size the float32 products gained
 #: 0.85-1.5x (bench_speed's regimes).
 FLOAT32_SEARCH_BYTES = 2**26
