@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,7 +20,6 @@ import torch
 from ._checks import check_positive_float, check_positive_int, check_seed, keyword_options, warn_user
 from ._chunks import thread_budget
 from ._moves import finish
-from .accelerate import Run
 from .accelerate import run as run_em
 from .design import IdentifiabilityWarning
 from .engine import prepare
@@ -165,11 +165,10 @@ def _fit(start_time, features, counts, tokens, groups, num_components, init, num
         num_inits=num_inits, max_iter=max_iter, dtype=dtype, device=device, seed=seed,
         progress=progress, chunk_size=chunk_size, prior_scale=prior_scale, accelerate=accelerate,
         offset=offset, group_features=group_features, float32_search=True)
-    search = setup.search or setup  # the float32 twin of a large float64 design
-    search_tol = default_tol(search.dtype) if tol is None else tol
-    if search is not setup:  # it finds the optimum; its last digits are found in float64
-        search_tol = max(search_tol, default_tol(search.dtype))
     tol = default_tol(setup.dtype) if tol is None else tol
+    search = setup.search or setup  # the float32 twin of a large float64 design
+    # The search finds the optimum, to float32's tolerance; its last digits come in float64.
+    search_tol = tol if search is setup else max(tol, default_tol(search.dtype))
     saver = None
     if checkpoint is not None:
         every = check_positive_float(checkpoint_every, "checkpoint_every", allow_zero=True)
@@ -211,7 +210,7 @@ def _widen(setup, search, run, label: str, max_iter: int, tol: float):
     label."""
     problem = setup.problem
     if search.centre is not None:  # the trivial fit (for _verify): the search's, in float64
-        one_component_fit(setup, search.centre)
+        one_component_fit(setup, search.centre.to(problem.z))
     atoms = run.state.atoms.double()
     log_w = torch.log_softmax(run.state.log_weights.double(), 0)
     spent = len(run.history) - 1
@@ -224,8 +223,7 @@ def _widen(setup, search, run, label: str, max_iter: int, tol: float):
                      "float64 updates"
     state = problem.start(atoms, log_w)
     history = run.history[:-1] + [float(problem.objective(state)[0])]
-    return Run(state, history, run.norms, run.converged, run.gap, run.moves, run.diverging), \
-        f"{label}; searched in float32"
+    return replace(run, state=state, history=history), f"{label}; searched in float32"
 
 
 def _finish(setup, starts_z, starts_w, max_iter, tol, progress, accelerate, saver,

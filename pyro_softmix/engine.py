@@ -149,14 +149,18 @@ class EMProblem:
         if self.z.dtype == torch.float64 or self.z.numel() * 8 > PRECISE_MAX_BYTES:
             return self
         if self._precise is None:
-            wide = None if self.penalty is None else self.penalty.double()
-            offset = None if self.offset is None else self.offset.double()
             if "z" not in self._wide:
                 self._wide["z"] = self.z.double()
-            self._precise = EMProblem(self._wide["z"], self.counts64, self.num_components,
-                                      self.chunk_size, self.num_starts, wide, offset)
+            self._precise = self.retyped(self._wide["z"])
             self._precise.support, self._precise.narrow_z = self.support, self.z
         return self._precise
+
+    def retyped(self, z: torch.Tensor) -> EMProblem:
+        """This problem (counts, components, starts, chunks, prior, offset) on ``z``, a copy
+        of its design in another dtype; the prior and the offset follow z's dtype."""
+        penalty = None if self.penalty is None else self.penalty.to(z)
+        return EMProblem(z, self.counts64, self.num_components, self.chunk_size,
+                         self.num_starts, penalty, self.offset)  # (the offset: cast there)
 
     def _heavy_cov(self, probs: torch.Tensor) -> torch.Tensor:
         """Covariances of z under the columns of ``probs`` for a preconditioner, from the rows
@@ -424,13 +428,8 @@ class Setup:
         if (problem.z.dtype != torch.float64 or type(problem) is not EMProblem
                 or not FLOAT32_SEARCH_BYTES <= size <= PRECISE_MAX_BYTES):
             return None
-        twin = EMProblem(problem.z.float(), problem.counts64, problem.num_components,
-                         problem.chunk_size, 1, _narrow(problem.penalty), _narrow(problem.offset))
-        return replace(self, problem=twin, dtype=torch.float32, centre=None, reference=None)
-
-
-def _narrow(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.float()
+        return replace(self, problem=problem.retyped(problem.z.float()), dtype=torch.float32,
+                       centre=None, reference=None)
 
 
 def prepare(features, counts, tokens, groups, num_components, dtype, device, chunk_size,

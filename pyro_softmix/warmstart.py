@@ -382,12 +382,12 @@ def one_component_fit(setup: Setup, centre: torch.Tensor | None = None
     coordinates, and the objective of a K-component mixture with every atom at t_1 (the
     one-component log-likelihood, less the prior's penalty of K such atoms). Computed once per
     set-up and kept on it; where ``centre`` is given (t_1 found on the design in another
-    dtype), only the objective."""
+    dtype, here in this one's), only the objective."""
     if setup.centre is None:
         problem, k = setup.problem, setup.num_components
-        mom = None if centre is not None else standardised_moments(
-            setup.z, problem.counts64, setup.design, problem.chunk_size, problem.offset)
-        centre = _tilted_centre(mom) if centre is None else centre.to(setup.z)
+        if centre is None:
+            centre = _tilted_centre(standardised_moments(
+                setup.z, problem.counts64, setup.design, problem.chunk_size, problem.offset))
         log_w = torch.full((k,), -math.log(k), dtype=centre.dtype, device=centre.device)
         st = problem.start(centre.expand(k, -1).contiguous(), log_w)
         setup.centre, setup.reference = centre, float(problem.objective(st)[0])

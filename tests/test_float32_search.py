@@ -84,13 +84,14 @@ def test_search_is_chosen_by_size_dtype_and_options(monkeypatch, case):
     limit = _size(x64) + (1 if case == "below" else 0)
     monkeypatch.setattr(engine, "FLOAT32_SEARCH_BYTES", limit)
     kwargs = dict(num_components=2, seed=0, max_iter=50)
+    x, data = (x32 if case == "float32" else x64), (counts, None, None)
     if case == "grouped":
         tokens = torch.multinomial(counts / counts.sum(), 2000, replacement=True,
                                    generator=torch.Generator().manual_seed(0))
-        fit = psm.fit_em(x64, tokens=tokens, groups=torch.arange(2000) % 5, **kwargs)
-    else:
-        fit = psm.fit_em(x32 if case == "float32" else x64, counts=counts,
-                         accelerate=case != "plain EM", **kwargs)
+        data = (None, tokens, torch.arange(2000) % 5)
+    fit = psm.fit_em(x, counts=data[0], tokens=data[1], groups=data[2],
+                     accelerate=case != "plain EM", **kwargs)
     assert "float32" not in fit.init
-    setup = engine.prepare(x64, counts, None, None, 2, None, None, None)
-    assert (setup.float32_twin() is None) == (case == "below")
+    # The set-up has a twin in all but the first three cases; plain EM does not use it.
+    setup = engine.prepare(x, *data, 2, None, None, None)
+    assert (setup.float32_twin() is None) == (case != "plain EM")
