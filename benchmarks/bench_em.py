@@ -212,19 +212,26 @@ def bench_hessian_free(p, L, K, device, dtype, repeats, seed=0):
 
 def _large_l(device, dtype, repeats) -> list[dict]:
     print(f"{'p':>7} {'L':>5} {'K':>3} {'fwd ms':>7} {'bwd ms':>7} {'passes':>7} "
-          f"{'floor ms':>9} {'iter ms':>8} {'ratio':>6} {'/floor':>7} {'explicit ms':>12} "
-          f"{'speed-up':>9}")
+          f"{'floor ms':>9} {'iter ms':>8} {'ms/pass':>8} {'ratio':>6} {'/floor':>7} "
+          f"{'explicit ms':>12} {'speed-up':>9}")
     rows = []
     for p, L, K in LARGE_L:
         row = bench_hessian_free(p, L, K, device, dtype, repeats)
+        row["per_pass_s"] = row["iter_s"] / max(1, row["forward_passes"] + row["backward_passes"])
         rows.append(row)
         bwd = row["backward_s"]
         print(f"{p:>7} {L:>5} {K:>3} {1e3 * row['product_s']:7.2f} "
               f"{1e3 * bwd if bwd else math.nan:7.2f} "
               f"{row['forward_passes']:>3d}+{row['backward_passes']:<3d} "
-              f"{1e3 * row['floor_s']:9.2f} {1e3 * row['iter_s']:8.2f} {row['ratio']:6.2f} "
+              f"{1e3 * row['floor_s']:9.2f} {1e3 * row['iter_s']:8.2f} "
+              f"{1e3 * row['per_pass_s']:8.2f} {row['ratio']:6.2f} "
               f"{row['ratio_floor']:7.2f} {1e3 * row['explicit_s']:12.2f} "
               f"{row['speedup']:9.2f}", flush=True)
+    first, last = rows[0], rows[-1]
+    print(f"L {first['L']} -> {last['L']} ({last['L'] / first['L']:g}x): iteration "
+          f"{last['iter_s'] / first['iter_s']:.1f}x, per pass "
+          f"{last['per_pass_s'] / first['per_pass_s']:.1f}x, forward product "
+          f"{last['product_s'] / first['product_s']:.1f}x")
     return rows
 
 
