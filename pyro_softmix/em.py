@@ -209,8 +209,6 @@ def _widen(setup, search, run, label: str, max_iter: int, tol: float):
     with theirs); else its end, its last objective evaluated there. Returns the run and its
     label."""
     problem = setup.problem
-    if search.centre is not None:  # the trivial fit (for _verify): the search's, in float64
-        one_component_fit(setup, search.centre.to(problem.z))
     atoms = run.state.atoms.double()
     log_w = torch.log_softmax(run.state.log_weights.double(), 0)
     spent = len(run.history) - 1

@@ -407,8 +407,8 @@ class Setup:
     #: Covariates of the groups (G, d), float64, for class shares softmax(Gamma c_g) (None: one
     #: set of weights for all groups; see :mod:`pyro_softmix.membership`).
     group_features: torch.Tensor | None = None
-    #: The set-up on which ``fit_em`` makes its starts and runs EM (:meth:`float32_twin`), or
-    #: None: on this one.
+    #: The set-up on which ``fit_em`` makes its starts, runs EM and finds the one-component
+    #: fit (:meth:`float32_twin`), or None: this one.
     search: Setup | None = None
 
     @property

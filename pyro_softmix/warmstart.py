@@ -376,16 +376,16 @@ def _tilted_centre(mom: LatentMoments) -> torch.Tensor:
     return res.atoms[0]
 
 
-def one_component_fit(setup: Setup, centre: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, float]:
+def one_component_fit(setup: Setup) -> tuple[torch.Tensor, float]:
     """The trivial fit every fit must beat: the one-component MLE t_1 (r,) in standardised
     coordinates, and the objective of a K-component mixture with every atom at t_1 (the
     one-component log-likelihood, less the prior's penalty of K such atoms). Computed once per
-    set-up and kept on it; where ``centre`` is given (t_1 found on the design in another
-    dtype, here in this one's), only the objective."""
+    set-up and kept on it; one that searches in float32 (``setup.search``) takes t_1 from there."""
     if setup.centre is None:
         problem, k = setup.problem, setup.num_components
-        if centre is None:
+        if setup.search is not None:
+            centre = one_component_fit(setup.search)[0].to(problem.z)
+        else:
             centre = _tilted_centre(standardised_moments(
                 setup.z, problem.counts64, setup.design, problem.chunk_size, problem.offset))
         log_w = torch.full((k,), -math.log(k), dtype=centre.dtype, device=centre.device)

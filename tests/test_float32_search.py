@@ -2,6 +2,8 @@
 """A float64 fit of a large design searches in float32 (``engine.FLOAT32_SEARCH_BYTES``): it is
 the float32 fit of the rounded design, then carried to the float64 optimum."""
 
+import math
+
 import pytest
 import torch
 
@@ -95,3 +97,23 @@ def test_search_is_chosen_by_size_dtype_and_options(monkeypatch, case):
     # The set-up has a twin in all but the first three cases; plain EM does not use it.
     setup = engine.prepare(x, *data, 2, None, None, None)
     assert (setup.float32_twin() is None) == (case != "plain EM")
+
+
+def test_the_float64_set_up_takes_its_one_component_fit_from_the_search(monkeypatch):
+    """The trivial fit of _verify, for any start: t_1 found once, on the float32 search, and its
+    objective on the float64 design."""
+    from pyro_softmix.em import prepare_fit
+    from pyro_softmix.warmstart import one_component_fit
+
+    x64, _, counts = _data()
+    monkeypatch.setattr(engine, "FLOAT32_SEARCH_BYTES", 0)
+    setup, *_ = prepare_fit(x64, counts, None, None, num_components=3, init="random",
+                            num_inits=None, max_iter=10, dtype=None, device=None, seed=0,
+                            progress=False, chunk_size=None, float32_search=True)
+    assert setup.search is not None and setup.search.centre is None  # not asked yet
+    centre, reference = one_component_fit(setup)
+    assert centre.dtype == torch.float64
+    assert torch.equal(centre, setup.search.centre.double())
+    st = setup.problem.start(centre.expand(3, -1).contiguous(),
+                             torch.full((3,), -math.log(3), dtype=torch.float64))
+    assert reference == float(setup.problem.objective(st)[0])
