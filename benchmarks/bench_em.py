@@ -205,6 +205,7 @@ def bench_hessian_free(p, L, K, device, dtype, repeats, seed=0):
     return {"p": p, "L": L, "K": K, "product_s": t_product,
             "backward_s": alone.get(("backward", K)), "forward_passes": n_fwd,
             "backward_passes": len(passes) - n_fwd, "floor_s": floor, "iter_s": t_iter,
+            "per_pass_s": t_iter / len(passes) if passes else math.nan,
             "ratio": t_iter / (len(passes) * t_product) if passes else math.nan,
             "ratio_floor": t_iter / floor if passes else math.nan,
             "explicit_s": t_explicit, "speedup": t_explicit / t_iter}
@@ -217,7 +218,6 @@ def _large_l(device, dtype, repeats) -> list[dict]:
     rows = []
     for p, L, K in LARGE_L:
         row = bench_hessian_free(p, L, K, device, dtype, repeats)
-        row["per_pass_s"] = row["iter_s"] / max(1, row["forward_passes"] + row["backward_passes"])
         rows.append(row)
         bwd = row["backward_s"]
         print(f"{p:>7} {L:>5} {K:>3} {1e3 * row['product_s']:7.2f} "
