@@ -32,34 +32,18 @@ def rows_per_chunk(num_rows: int, row_bytes: int, device: torch.device | str,
     return max(1, min(int(chunk_size), num_rows))
 
 
-#: Rows per block of :func:`weighted_sums` (at least), and its blocks at most.
-SPLIT_ROWS = 4096
+#: :func:`row_product` sums over at most ``SPLIT_BLOCKS`` fixed blocks of rows, each of at
+#: least ``SPLIT_ROWS`` rows, and more than two only while their outputs take at most
+#: ``SPLIT_OUT_BYTES``.
+SPLIT_ROWS = 64
 SPLIT_BLOCKS = 16
+SPLIT_OUT_BYTES = 2**22
 
 
 def weighted_sums(weights: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """(K, r) ``weights.T @ z`` for (p, K) weights and (p, r) features: K weighted sums over
-    the rows.
-
-    On a CPU this product (a reduction over the long dimension p) ran on one thread (torch
-    2.13 with MKL, float32: 6.8 ms at p = 20,000, r = 1,024, K = 4, against 1.8 ms for the
-    forward product z @ atoms.T). From 2 ``SPLIT_ROWS`` rows on it runs as one batched product
-    over equal row blocks (p // ``SPLIT_ROWS`` of them, at most ``SPLIT_BLOCKS``), summed in
-    order: on 2 cores 1.2-2x faster than one product across p = 5,000..400,000,
-    r = 5..1,024, K = 4..64, float32 and float64, and as fast on one thread. The blocks
-    depend on p alone, so the sums add in the same order whatever the thread count.
-    """
-    p = z.shape[0]
-    blocks = min(SPLIT_BLOCKS, p // SPLIT_ROWS)
-    if z.device.type != "cpu" or blocks < 2 or not z.is_contiguous():
-        return weights.T @ z
-    rows = p // blocks
-    head = blocks * rows
-    out = torch.bmm(weights[:head].reshape(blocks, rows, -1).transpose(1, 2),
-                    z[:head].view(blocks, rows, -1)).sum(0)
-    if head < p:
-        out.addmm_(weights[head:].T, z[head:])
-    return out
+    the rows (:func:`row_product`)."""
+    return row_product(weights, z)
 
 
 def ordered_sum(x: torch.Tensor) -> torch.Tensor:
@@ -122,41 +106,69 @@ def ordered_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ordered_sum(a * b)
 
 
-#: Largest output (entries) of a product that :func:`row_product` forms on one thread.
-PRODUCT_MAX_OUT = 2**14
-
-
 def row_product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
                 ) -> torch.Tensor:
-    """(m, n) ``a.T @ b`` for (c, m) and (c, n) (into ``out`` if given), with the same bits on
-    any thread count.
+    """(m, n) ``a.T @ b`` for (c, m) and (c, n) (into ``out`` if given): a sum over the c rows,
+    added in an order that depends on c alone, so with the same bits on any thread count.
 
-    MKL shares a float32 product with a small output and a long reduction (m n up to about
-    10^4, c of hundreds or thousands: the chunks of a Hessian over the rows) between its
-    threads along the rows, and its last bits then change with the thread count (seen on 3 and
-    4 threads); a batched product over fixed row blocks does too, where a block is a plain
-    product. So on a CPU an output of at most ``PRODUCT_MAX_OUT`` entries is formed on one
-    thread (at most a few milliseconds per chunk); larger ones, shared along m and n, are not.
+    MKL shares a product between its threads in parts that depend on the thread count and on
+    the CPU, and where it cuts the sum over the rows, its last bits change with both (float32
+    and float64; on AVX-512 CPUs from a few hundred rows, small and large outputs alike). So
+    on a CPU the rows are cut into fixed blocks (their number depends on the shapes alone:
+    see ``SPLIT_*``; the rows left over are added on one thread), multiplied as one batched
+    product on at most as many threads as blocks (:func:`batch_threads`) and summed in order.
+    That is as fast as one product on one thread, and 1.2-2x faster on 2 cores (weighted sums
+    at p = 5,000..400,000, r = 5..1,024, K = 4..64, float32 and float64). Fewer than two
+    blocks' rows: one product on one thread.
+
+    Example:
+        >>> a, b = torch.ones(10_000, 2), torch.ones(10_000, 3)
+        >>> row_product(a, b).tolist()[0]
+        [10000.0, 10000.0, 10000.0]
     """
-    if a.device.type == "cpu" and a.shape[1] * b.shape[1] <= PRODUCT_MAX_OUT:
+    c, m, n = a.shape[0], a.shape[1], b.shape[1]
+    if a.device.type != "cpu":
+        return torch.mm(a.T, b, out=out)
+    fit = max(2, SPLIT_OUT_BYTES // max(1, m * n * a.element_size()))
+    blocks = min(SPLIT_BLOCKS, c // SPLIT_ROWS, fit)
+    if blocks < 2:
         with one_thread():
             return torch.mm(a.T, b, out=out)
-    return torch.mm(a.T, b, out=out)
+    rows = c // blocks
+    head = blocks * rows
+    with batch_threads(blocks):
+        total = torch.bmm(a[:head].reshape(blocks, rows, m).transpose(1, 2),
+                          b[:head].reshape(blocks, rows, n)).sum(0)
+    if head < c:
+        with one_thread():
+            total.addmm_(a[head:].T, b[head:])
+    if out is None:
+        return total
+    return out.copy_(total)
 
 
 @contextlib.contextmanager
-def one_thread():
-    """Run the block on one thread: dense factorisations (MKL's Cholesky, eigh and QR of a few
-    hundred rows) give other last bits on another thread count, which a float32 fit can turn
-    into another path. They are small beside a pass over the data."""
+def batch_threads(batch: int):
+    """Run the block on at most ``batch`` threads: a batched product of ``batch`` independent
+    products then has the bits it has on one thread (MKL gives each product one thread; with
+    more threads than products it cuts some products' sums, and their last bits change with
+    the thread count: seen on AVX-512 CPUs, float32 and float64)."""
     before = torch.get_num_threads()
-    if before > 1:
-        torch.set_num_threads(1)
+    if before > batch:
+        torch.set_num_threads(max(1, batch))
     try:
         yield
     finally:
-        if before > 1:
+        if before > batch:
             torch.set_num_threads(before)
+
+
+def one_thread():
+    """Run the block on one thread (``with one_thread():``): dense factorisations (MKL's
+    Cholesky, eigh and QR of a few hundred rows) give other last bits on another thread count,
+    which a float32 fit can turn into another path. They are small beside a pass over the
+    data."""
+    return batch_threads(1)
 
 
 #: Problems with fewer multiply-adds per pass over the data than this (p r K for a softmax

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._chunks import column_sums, ordered_sum, row_product, rows_per_chunk, weighted_sums
+from ._chunks import batch_threads, column_sums, ordered_sum, row_product, rows_per_chunk, weighted_sums
 
 __all__ = ["HEAVY_DENSE", "PRECONDITIONER_TAIL", "gram_chunk_rows", "heavy_cov", "weighted_cov",
            "weighted_gram"]
@@ -47,7 +47,7 @@ def weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int |
     chunk = buffer.shape[0] if buffer is not None else gram_chunk_rows(features, k, chunk_size)
     acc = features.new_zeros(r, k * r)
     cast = compute_dtype is not None and compute_dtype != features.dtype
-    product = features.new_empty(r, k * r, dtype=compute_dtype) if cast else None
+    product = features.new_empty(r, k * r, dtype=compute_dtype or features.dtype)
     for s in range(0, p, chunk):
         zc = features[s:s + chunk]
         pc = probs[s:s + chunk]
@@ -56,10 +56,7 @@ def weighted_gram(features: torch.Tensor, probs: torch.Tensor, chunk_size: int |
         c = zc.shape[0]
         out = buffer[:c] if buffer is not None else None
         weighted = torch.mul(zc.unsqueeze(1), pc.unsqueeze(-1), out=out)
-        if cast:
-            acc.add_(row_product(zc, weighted.view(c, k * r), out=product))
-        else:
-            acc.addmm_(zc.T, weighted.view(c, k * r))
+        acc.add_(row_product(zc, weighted.view(c, k * r), out=product))
     return acc.view(r, k, r).transpose(0, 1).contiguous()
 
 
@@ -100,7 +97,11 @@ def weighted_cov(features: torch.Tensor, probs: torch.Tensor, mean: torch.Tensor
         centred = torch.sub(zc.unsqueeze(1), mean, out=centred_all[:c])  # (c, K, r)
         weighted = torch.mul(centred, probs[s:s + chunk].to(dtype).unsqueeze(-1),
                              out=weighted_all[:c])
-        acc += torch.bmm(centred.permute(1, 2, 0), weighted.transpose(0, 1))
+        if k == 1:  # (the same bits on any thread count: see row_product)
+            acc[0] += row_product(centred[:, 0], weighted[:, 0])
+        else:
+            with batch_threads(k):
+                acc += torch.bmm(centred.permute(1, 2, 0), weighted.transpose(0, 1))
     return acc.to(features.dtype)
 
 
@@ -145,11 +146,11 @@ def heavy_cov(features: torch.Tensor, probs: torch.Tensor, tail: float = PRECOND
         w = w / kept.clamp_min(torch.finfo(w.dtype).tiny)
         mean = features.new_zeros(r)
         for s in range(0, idx.numel(), chunk):
-            mean.addmv_(features[idx[s:s + chunk]].T, w[s:s + chunk])
+            mean += row_product(features[idx[s:s + chunk]], w[s:s + chunk, None])[:, 0]
         acc = torch.zeros(r, r, dtype=torch.float64, device=features.device)
         for s in range(0, idx.numel(), chunk):
             centred = features[idx[s:s + chunk]] - mean
-            acc += (centred.T @ (centred * w[s:s + chunk, None])).double()
+            acc += row_product(centred, centred * w[s:s + chunk, None]).double()
         acc.diagonal().add_((ordered_sum(col) - kept).clamp_min(0.0).double())
         out[c] = acc.to(features.dtype)
     return out

@@ -106,7 +106,7 @@ def marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: 
     support = torch.nonzero(counts > 0).squeeze(1) if support is None else support
     chunk = rows(support.shape[0], dim * z.element_size())
     buffer = z.new_empty(chunk, dim, dtype=btype)
-    product = z.new_empty(dim, dim, dtype=btype) if mixed else None
+    product = z.new_empty(dim, dim, dtype=btype)
     mean = mean_q.to(btype)
     weights = alpha.to(btype)
     for s in range(0, support.shape[0], chunk):
@@ -118,10 +118,7 @@ def marginal_hessian(z: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, w: 
         b_t = b[:, :k * r].view(c, k, r)
         torch.sub(z[idx].to(btype)[:, None, :], mean, out=b_t).mul_(scaled[:, :, None])
         torch.mul(weights, root_n, out=b[:, k * r:]).neg_().add_(scaled)
-        if mixed:
-            h.sub_(row_product(b, b, out=product))
-        else:
-            h.addmm_(b.T, b, alpha=-1.0)
+        h.sub_(row_product(b, b, out=product))
     return h.double()[:-1, :-1]  # eta_K is fixed
 
 

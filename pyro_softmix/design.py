@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_features, warn_user
-from ._chunks import column_sums, one_thread, rows_per_chunk
+from ._chunks import column_sums, one_thread, row_product, rows_per_chunk
 
 
 class IdentifiabilityWarning(UserWarning):
@@ -151,7 +151,7 @@ def standardize(features, *, warn: bool = True, chunk_size: int | None = None) -
     cov = torch.zeros(L, L, dtype=torch.float64, device=x.device)
     for s in range(0, p, chunk):
         xc = x[s:s + chunk].to(torch.float64) / unit - mean
-        cov += xc.T @ xc
+        cov += row_product(xc, xc)
     cov /= p
     std = cov.diagonal().clamp_min(0).sqrt()
     rms = (std**2 + mean**2).sqrt()

@@ -435,7 +435,7 @@ def fit_softmax_regression(features, weights, init=None, *, l2: float = 0.0,
         if converged or bool((info.step == 0).all()):
             break
     # Report the gradient at the returned atoms (ws.q holds their softmax).
-    grad = w.T @ z - column_sums(w)[:, None] * (ws.q.T @ z) - l2 * t
+    grad = weighted_sums(w, z) - column_sums(w)[:, None] * weighted_sums(ws.q, z) - l2 * t
     converged = converged or bool((grad.norm(dim=-1) <= tol * scale).all())
     return SoftmaxRegressionResult(atoms=t, objective=info.objective, grad_norm=grad.norm(dim=-1),
                                    num_steps=steps, converged=converged)

@@ -10,7 +10,6 @@ import pyro_softmix as psm
 from pyro_softmix._chunks import (
     CHUNK_BYTES,
     MIN_ROWS,
-    PRODUCT_MAX_OUT,
     SPLIT_BLOCKS,
     SPLIT_ROWS,
     column_max,
@@ -124,12 +123,12 @@ def _on_threads(threads, fn):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("rows", [2 * SPLIT_ROWS - 1, 2 * SPLIT_ROWS, 3 * SPLIT_ROWS + 2,
-                                  SPLIT_BLOCKS * SPLIT_ROWS + 5])
+@pytest.mark.parametrize("rows", [SPLIT_BLOCKS * SPLIT_ROWS - 1, SPLIT_BLOCKS * SPLIT_ROWS,
+                                  SPLIT_BLOCKS * SPLIT_ROWS + 5, 3 * SPLIT_BLOCKS * SPLIT_ROWS + 2])
 def test_weighted_sums_in_row_blocks_are_the_product_on_any_thread_count(rows):
     """weights.T @ z, run as row blocks (the rows left over included): the same sums, in
     float64 to rounding, for non-contiguous features too, and bit for bit the same numbers on
-    1, 2 and 3 threads (float32, where the order of the additions shows)."""
+    1 to 4 threads (float32, where the order of the additions shows)."""
     g = torch.Generator().manual_seed(rows)
     w = torch.rand(rows, 3, generator=g, dtype=torch.float64)
     for z in (torch.randn(rows, 7, generator=g, dtype=torch.float64),
@@ -139,7 +138,7 @@ def test_weighted_sums_in_row_blocks_are_the_product_on_any_thread_count(rows):
             got = _on_threads(threads, lambda z=z: weighted_sums(w, z))
             torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12)
     w32, z32 = w.float(), torch.randn(rows, 40, generator=g, dtype=torch.float32)
-    outs = [_on_threads(t, lambda: weighted_sums(w32, z32)) for t in (1, 2, 3)]
+    outs = [_on_threads(t, lambda: weighted_sums(w32, z32)) for t in (1, 2, 3, 4)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
@@ -199,19 +198,22 @@ def test_column_max_is_amax(p, k, dtype, monkeypatch):
 
 
 def test_row_products_are_the_products_with_the_same_bits_on_any_thread_count():
-    """row_product(a, b) is a.T @ b to float32 rounding, with the same bits on 1, 2 and 3
-    threads, for the small outputs and long reductions of a Hessian's chunks, where torch's own
-    product varies (checked below); a large output is one product."""
+    """row_product(a, b) is a.T @ b to float32 rounding (also written into ``out``), with the
+    same bits on 1, 2 and 3 threads, where torch's own product varies (checked below): small
+    outputs over long sums (a Hessian's chunks), a weighted sum of rows, sums over more rows
+    than two blocks, large outputs over many rows, and a large output over few rows."""
     g = torch.Generator().manual_seed(0)
-    shapes = [(4000, 20, 20), (1500, 39, 39), (900, 39, 39), (2048, 12, 36), (9000, 100, 100)]
-    assert all(m * n <= PRODUCT_MAX_OUT for _, m, n in shapes)
+    shapes = [(4000, 20, 20), (1500, 39, 39), (900, 39, 39), (2048, 12, 36), (9000, 100, 100),
+              (9000, 1, 3), (20_001, 4, 64), (2000, 200, 200), (9000, 300, 300), (300, 200, 200)]
     varies = False
-    for c, m, n in shapes:
+    for c, m, n in shapes:  # small outputs; long sums in blocks; a large output over few rows
         a, b = (torch.randn(c, d, generator=g, dtype=torch.float32) for d in (m, n))
         outs = [_on_threads(t, lambda a=a, b=b: row_product(a, b)) for t in (1, 2, 3)]
         assert all(torch.equal(outs[0], o) for o in outs[1:]), (c, m, n)
         torch.testing.assert_close(outs[0].double(), a.double().T @ b.double(), rtol=1e-4,
                                    atol=1e-4 * c ** 0.5)
+        buffer = torch.empty(m, n, dtype=torch.float32)
+        assert row_product(a, b, out=buffer) is buffer and torch.equal(buffer, outs[0])
         plain = [_on_threads(t, lambda a=a, b=b: a.T @ b) for t in (1, 2, 3)]
         varies |= any(not torch.equal(plain[0], o) for o in plain[1:])
     assert varies  # so that the test can fail
