@@ -315,7 +315,7 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
             "init='tempered' for peaked components, num_inits=, or init= with atoms near the "
             "expected ones, such as known contexts' hidden states) or "
             "the MLE is at infinity; refit with prior_scale= for a MAP estimate", DivergenceWarning)
-    _warn_coinciding(state.atoms)
+    _warn_coinciding(state.atoms[[k for k in range(state.atoms.shape[0]) if k not in diverging]])
     return converged, diverging
 
 

@@ -62,14 +62,17 @@ ACTIVE_MASS = 1e-12
 FACE_TEST_SIZE = 2_000_000
 
 
-def on_a_face(z: torch.Tensor, probs: torch.Tensor) -> bool:
+def on_a_face(z: torch.Tensor, probs: torch.Tensor, floor: float = 0.0) -> bool:
     """Whether the support points that carry a component's mass (softmax ``probs`` (p,)) lie
     on a face of the convex hull of the standardised design ``z`` (p, r): some direction u has
     them all at one height z.u and every other point below it. (Then pushing the atom out
     along u raises the likelihood forever: the component is at infinity.) A single point is
     always such a face (the atom's direction exposes it); for several points this is a linear
-    program, solved only for p r <= FACE_TEST_SIZE (else False)."""
-    active = (probs >= ACTIVE_MASS * probs.max()).nonzero().flatten()
+    program, solved only for p r <= FACE_TEST_SIZE (else False). The points that carry the
+    mass are those with at least ``ACTIVE_MASS`` of the largest probability and at least
+    ``floor``."""
+    top = float(probs.max())
+    active = (probs >= min(top, max(ACTIVE_MASS * top, floor))).nonzero().flatten()
     if active.numel() == 1:
         return True
     p, r = z.shape
@@ -188,7 +191,12 @@ def atoms_at_infinity(problem, state, history: list[float],
                            objective_noise(problem, history[-1], tol)))
     probs = problem.logits(state.atoms[long])
     column_logsumexp(probs, probs)  # (their softmax, in place)
-    face |= {k for k, col in zip(long, probs.T, strict=True) if on_a_face(problem.z, col)}
+    # A point whose share of component k is below tol |objective| / (N alpha_k) changes the
+    # objective by less than the stopping rule resolves: the run stops before it empties.
+    floors = (tol * abs(history[-1]) / (float(problem.counts64.sum())
+                                        * state.log_weights[long].exp().double().clamp_min(1e-300)))
+    face |= {k for k, col, floor in zip(long, probs.T, floors.tolist(), strict=True)
+             if on_a_face(problem.z, col, floor)}
     return tuple(sorted(set(path) | face))
 
 

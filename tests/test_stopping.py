@@ -385,3 +385,24 @@ def test_distinct_components_raise_no_coincidence_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", psm.IdentifiabilityWarning)
         psm.fit_em(data.features, counts=data.counts, num_components=3, seed=0)
+
+
+def test_points_below_the_resolved_mass_do_not_count_in_the_face_test():
+    """A component on the edge of a square (two corners, half its mass each) is on a face of
+    the hull; a leak of 1e-11 onto the centre, above ACTIVE_MASS but below what the stopping
+    rule resolves (``floor``), does not take it off the face; a leak above the floor does."""
+    from pyro_softmix.stopping import ACTIVE_MASS, on_a_face
+
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0], [0.0, 0.0]])
+    probs = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0])
+    assert on_a_face(z, probs)
+    leak = probs.clone()
+    leak[4] = 1e-11
+    assert leak[4] >= ACTIVE_MASS * leak.max()
+    assert not on_a_face(z, leak)  # the centre is not on the edge's face
+    assert on_a_face(z, leak, floor=1e-9)
+    assert not on_a_face(z, leak, floor=1e-12)
+    corners = torch.tensor([0.6, 0.0, 0.0, 0.4, 0.0])  # a diagonal: no face holds both
+    assert not on_a_face(z, corners, floor=1e-9)
+    assert on_a_face(z, corners, floor=0.5)  # one point is a face
+    assert on_a_face(z, corners * 0.5, floor=0.9)  # a floor above all: the largest point stays
