@@ -508,6 +508,7 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
                 on_update(st, history)
             if converged:
                 break
+            newton_gap = None  # EM goes on: the phase's estimate no longer applies
             if failed:  # EM goes on; try again after a growing number of iterations
                 next_newton, backoff = it + 2 * backoff, 2 * backoff
             rule.reset()  # increments from before the Newton steps no longer apply
