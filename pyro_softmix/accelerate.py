@@ -237,6 +237,8 @@ CG_TOL = 0.05
 #: Trust radius of a Newton-CG step (z coordinates, all atoms and weight logits together), EM's
 #: M-step radius: far from the optimum CG otherwise follows flat or negatively curved directions
 #: to steps (measured: length 116 on SmolLM2, K = 4) that no line search can shorten enough.
+#: Within a phase the radius follows the steps: the length of the last accepted step where the
+#: line search shortened it, twice the last radius (at most this) after a full step.
 CG_RADIUS = EM_MAX_STEP
 #: Where a step's decrement is within the tolerance, the system is solved again to this relative
 #: residual (at most CERTIFY_MAX_STEPS iterations) before convergence is claimed.
@@ -258,8 +260,9 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
     weight logits, factored once per call (K covariances, what one EM M-step forms). The
     preconditioned system is then governed by the fraction of information the latent
     assignments hide, which is what makes EM slow. Each solve stops at a residual of
-    ``CG_TOL``, after ``CG_MAX_STEPS`` iterations, or at the trust radius ``CG_RADIUS``
-    (:func:`_pcg`); steps are Armijo-damped, so the objective never decreases. On the float64
+    ``CG_TOL``, after ``CG_MAX_STEPS`` iterations, or at the trust radius (:func:`_pcg`;
+    ``CG_RADIUS``, then following the accepted steps); steps are Armijo-damped, so the
+    objective never decreases. On the float64
     twin of a float32 problem these loose solves multiply on the float32 design.
 
     Convergence is claimed only from a tight solve (residual ``CERTIFY_TOL``, float64
@@ -275,6 +278,7 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
     noise = 64 * torch.finfo(z.dtype).eps * abs(obj)
     pen = None if problem.penalty is None else problem.penalty.to(z.dtype)
     objs, norms, gap, precondition = [], [], math.inf, None
+    radius = CG_RADIUS
     for _ in range(max_steps):
         grad, pieces = marginal_gradient(z, problem.workspace.q, st.w, st.log_weights)
         check_finite([float(grad.abs().max())], "the gradient of the Newton finish")
@@ -284,7 +288,7 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
             precondition = em_preconditioner(problem, st, pieces, pen)
 
         neg_hess_times = neg_hessian_times(problem, st, pieces, pen, problem.narrow_z)
-        direction, solved, bounded = _pcg(neg_hess_times, grad, precondition, CG_RADIUS)
+        direction, solved, bounded = _pcg(neg_hess_times, grad, precondition, radius)
         decrement = float(grad @ direction)
         gap = decrement / 2 / (1 - CG_TOL) ** 2
         # A solve cut at the trust radius (or at a flat direction) says the model's maximum is
@@ -308,11 +312,13 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
                 # off along a ridge, each full-Hessian step 2.5-16 s and 150-200 nats.)
                 out = newton_finish(problem, st, obj, tol, max_steps - len(objs))
                 return (out[0], objs + out[1], norms + out[2]) + out[3:]
-        accepted, _ = _newton_line_search(problem, st, direction, obj, decrement, noise)
+        accepted, step = _newton_line_search(problem, st, direction, obj, decrement, noise)
         if accepted is None:
             st = problem.start(st.atoms, st.log_weights)
             return st, objs, norms, False, True, gap
         st, obj = accepted, _record(problem, accepted, objs, norms)
+        length = step * float(direction.norm())
+        radius = min(CG_RADIUS, 2 * radius) if step >= 1 else max(length, 1e-3 * CG_RADIUS)
     return st, objs, norms, False, False, gap
 
 

@@ -87,6 +87,41 @@ def test_newton_cg_reaches_the_explicit_newton_optimum_monotonically(prior_scale
     assert torch.allclose(a_cg, a_exact, atol=1e-5) and torch.allclose(w_cg, w_exact, atol=1e-6)
 
 
+def test_newton_cg_trust_radius_follows_the_accepted_steps(monkeypatch):
+    """Far from the optimum each CG solve is bounded by the length of the last accepted step
+    where the line search shortened it, and by twice the last radius (at most CG_RADIUS)
+    where it took the full step; the path still rises to the explicit Newton optimum."""
+    problem, _, ref, design = _near_optimum(seed=1)
+    st = problem.start(design.atoms_to_z(ref.atoms) * 0.2, ref.weights.log())
+    start = float(problem.objective(st)[0])
+    radii, steps = [], []
+    pcg, search = accelerate._pcg, accelerate._newton_line_search
+
+    def spy_pcg(matvec, rhs, precondition, radius=float("inf"), rel_tol=accelerate.CG_TOL,
+                max_steps=accelerate.CG_MAX_STEPS):
+        if rel_tol == accelerate.CG_TOL:  # the loose solves that make the steps
+            radii.append(radius)
+        return pcg(matvec, rhs, precondition, radius, rel_tol, max_steps)
+
+    def spy_search(prob, state, direction, obj, decrement, noise):
+        accepted, step = search(prob, state, direction, obj, decrement, noise)
+        steps.append((step, float(direction.norm())))
+        return accepted, step
+
+    monkeypatch.setattr(accelerate, "_pcg", spy_pcg)
+    monkeypatch.setattr(accelerate, "_newton_line_search", spy_search)
+    end, objs, _, converged, failed, _ = accelerate.newton_cg_finish(problem, st, start, 1e-14, 80)
+    assert converged and not failed
+    path = [start] + objs
+    assert all(b >= a for a, b in zip(path, path[1:], strict=False))
+    assert path[-1] == pytest.approx(ref.history[-1], rel=1e-10, abs=0)
+    assert radii[0] == accelerate.CG_RADIUS and any(step < 1 for step, _ in steps)
+    for (step, length), radius, after in zip(steps, radii, radii[1:], strict=False):
+        expected = (min(accelerate.CG_RADIUS, 2 * radius) if step >= 1
+                    else max(step * length, 1e-3 * accelerate.CG_RADIUS))
+        assert after == pytest.approx(expected, rel=1e-12)
+
+
 def test_the_newton_finish_is_chosen_by_size(monkeypatch):
     """The full Hessian where |support| D <= HESSIAN_FREE_RATIO p, Newton-CG just above, and
     Newton-CG beyond MAX_NEWTON_PARAMS whatever the ratio (the grown start's smaller
