@@ -132,7 +132,9 @@ class LatentMoments:
         """
         v = _unit_rows(self._vectors(directions, "directions"), "directions")
         s = self.z @ v.mT if v.dim() == 2 else self.z @ v  # (p, B) or (p,)
-        return torch.einsum("j,mj...->...m", self.pihat, hermite(s, max_order))
+        he = hermite(s, max_order).movedim(1, 0)  # (p, M + 1) or (p, M + 1, B)
+        sums = row_product(self.pihat[:, None], he.reshape(he.shape[0], -1))[0]
+        return sums.view(he.shape[1:]).movedim(0, -1)
 
     def mixed(self, direction, max_order: int) -> torch.Tensor:
         """Mixed moments B_m = sum_j pihat_j He_m(z_j . v) P z_j, m = 0..max_order.

@@ -66,3 +66,29 @@ def test_m3_basis_matches_pointwise_contractions():
     direct = mom.m3(u.T[idx[:, 0]], u.T[idx[:, 1]], u.T[idx[:, 2]]).view(3, 3, 3)
     assert torch.allclose(t, direct, atol=1e-12)
     assert torch.allclose(t, t.permute(1, 0, 2)) and torch.allclose(t, t.permute(2, 1, 0))
+
+
+def test_one_dimensional_moments_are_the_weighted_sums_with_the_same_bits_on_any_thread_count():
+    """along() is sum_j pihat_j He_m(z_j . v) (float64, to rounding) for one and for several
+    directions, and in float32 it has the same bits on 1, 2 and 3 threads (a sum over 9,000
+    rows, which MKL's own product cuts by thread on some CPUs)."""
+    d = psm.simulate(num_points=9000, num_features=6, num_components=3, num_obs=10**5, seed=0,
+                     dtype=torch.float64)
+    mom = psm.latent_moments(d.features, d.counts)
+    v = torch.randn(5, mom.z.shape[1], generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    u = v / v.norm(dim=1, keepdim=True)
+    he = hermite(mom.z @ u.T, 4)  # (5 orders, p, 5 directions)
+    exact = (mom.pihat[None, :, None] * he).sum(1).T  # no matrix product
+    torch.testing.assert_close(mom.along(v, 4), exact, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mom.along(v[2], 4), exact[2], rtol=1e-12, atol=1e-12)
+    low = psm.latent_moments(d.features.float(), d.counts)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(low.along(v.float(), 4))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
