@@ -191,7 +191,7 @@ def nuts_runs():
         pyro.set_rng_seed(0)
         sm = psm.SoftmaxMixtureModel(d.features, k, prior_scale=2.0)
         sm.fit_em(counts=d.counts, seed=0, prior_scale=2.0)
-        sm.fit_mcmc(num_samples=30, warmup_steps=40, seed=0, max_tree_depth=5)
+        sm.fit_mcmc(num_samples=30, warmup_steps=60, seed=0, max_tree_depth=5)
         runs[k] = sm
     return d, runs
 
@@ -209,7 +209,7 @@ def test_arviz_loo_and_compare_on_real_nuts_draws_match_a_direct_computation(nut
     datas = {}
     for k, sm in runs.items():
         samples = sm.mcmc.get_samples()["weights"]
-        assert torch.unique(samples, dim=0).shape[0] >= 10  # the chain moves (30 draws)
+        assert torch.unique(samples, dim=0).shape[0] > 25  # the chain moves: 30 draws
         datas[k] = sm.to_arviz(units="draws")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ 0.x: an import-time FutureWarning
