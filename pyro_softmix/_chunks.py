@@ -41,8 +41,10 @@ SPLIT_OUT_BYTES = 2**22
 
 
 def weighted_sums(weights: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(K, r) ``weights.T @ z`` for (p, K) weights and (p, r) features: K weighted sums over
-    the rows (:func:`row_product`)."""
+    """(K, r) ``weights.T @ z`` for (p, K) weights and (p, r) features, K weighted sums over
+    the rows (:func:`row_product`); (r,) for (p,) weights."""
+    if weights.dim() == 1:
+        return row_product(weights[:, None], z)[0]
     return row_product(weights, z)
 
 
@@ -137,14 +139,13 @@ def row_product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = Non
     rows = c // blocks
     head = blocks * rows
     with batch_threads(blocks):
-        total = torch.bmm(a[:head].reshape(blocks, rows, m).transpose(1, 2),
-                          b[:head].reshape(blocks, rows, n)).sum(0)
+        parts = torch.bmm(a[:head].reshape(blocks, rows, m).transpose(1, 2),
+                          b[:head].reshape(blocks, rows, n))
+    total = torch.sum(parts, 0, out=out)
     if head < c:
         with one_thread():
             total.addmm_(a[head:].T, b[head:])
-    if out is None:
-        return total
-    return out.copy_(total)
+    return total
 
 
 @contextlib.contextmanager

@@ -146,7 +146,7 @@ def heavy_cov(features: torch.Tensor, probs: torch.Tensor, tail: float = PRECOND
         w = w / kept.clamp_min(torch.finfo(w.dtype).tiny)
         mean = features.new_zeros(r)
         for s in range(0, idx.numel(), chunk):
-            mean += row_product(features[idx[s:s + chunk]], w[s:s + chunk, None])[:, 0]
+            mean += weighted_sums(w[s:s + chunk], features[idx[s:s + chunk]])
         acc = torch.zeros(r, r, dtype=torch.float64, device=features.device)
         for s in range(0, idx.numel(), chunk):
             centred = features[idx[s:s + chunk]] - mean

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ._chunks import column_sums, one_thread, ordered_dot, ordered_sum, row_product
+from ._chunks import column_sums, one_thread, ordered_dot, ordered_sum, weighted_sums
 from ._gram import weighted_cov
 from .engine import EMProblem
 
@@ -51,7 +51,7 @@ def split_component(z: torch.Tensor, w: torch.Tensor, log_q: torch.Tensor, atoms
     ``chunk_size`` rows per chunk of the residual covariance."""
     share = w[:, k].double() / ordered_sum(w[:, k].double()).clamp_min(1e-300)
     q = log_q[:, k].double().exp()
-    mean = row_product(q.to(z)[:, None], z)[0]
+    mean = weighted_sums(q.to(z), z)
     resid = weighted_cov(z, (share - q)[:, None].to(z), mean[None],
                          chunk_size=chunk_size).double()[0]
     with one_thread():
@@ -94,7 +94,7 @@ def merge_and_split(problem: EMProblem, state, k: int) -> tuple[torch.Tensor, to
     """
     w = state.w.double()
     r = w / problem.counts64.clamp_min(1e-300)[:, None]  # the posteriors r_jm
-    inner = row_product(w[:, k, None], r)[0]  # (K,) sum_j n_j r_jk r_jm
+    inner = weighted_sums(w[:, k], r)  # (K,) sum_j n_j r_jk r_jm
     cosine = inner / (inner[k] * column_sums(w * r)).sqrt().clamp_min(1e-300)
     cosine[k] = -math.inf
     partner = int(cosine.argmax())

@@ -317,8 +317,8 @@ def newton_cg_finish(problem: EMProblem, st: EMState, obj: float, tol: float, ma
             st = problem.start(st.atoms, st.log_weights)
             return st, objs, norms, False, True, gap
         st, obj = accepted, _record(problem, accepted, objs, norms)
-        length = step * float(direction.norm())
-        radius = min(CG_RADIUS, 2 * radius) if step >= 1 else max(length, 1e-3 * CG_RADIUS)
+        radius = (min(CG_RADIUS, 2 * radius) if step >= 1
+                  else max(step * float(direction.norm()), 1e-3 * CG_RADIUS))
     return st, objs, norms, False, False, gap
 
 

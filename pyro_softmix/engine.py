@@ -34,7 +34,7 @@ from ._checks import (
     resolve_device,
     resolve_dtype,
 )
-from ._chunks import column_sums, ordered_sum, row_product, rows_per_chunk
+from ._chunks import column_sums, ordered_sum, rows_per_chunk, weighted_sums
 from ._gram import heavy_cov
 from ._logprob import group_log_joint
 from .design import Design, feature_scales, standardize
@@ -214,7 +214,7 @@ class EMProblem:
         else:
             for col in cols:
                 col.mul_(scale)
-        loglik = row_product(self.counts64[:, None], log_pi.to(torch.float64))[0]
+        loglik = weighted_sums(self.counts64, log_pi.to(torch.float64))
         self.weight_sums = column_sums(joint)
         return loglik, joint
 
@@ -295,7 +295,7 @@ class EMProblem:
         g_t = torch.zeros(w.shape[1], self.z.shape[1], dtype=torch.float64, device=w.device)
         for i in range(0, w.shape[0], rows):
             resid = w[i:i + rows].double() - q[i:i + rows].double() * total_w
-            g_t += row_product(resid, self.z[i:i + rows].double())
+            g_t += weighted_sums(resid, self.z[i:i + rows].double())
         if self.penalty is not None:
             g_t = g_t - atoms.double() @ self.penalty.double()
         g_eta = self.weight_sums.double() - self.weight_total * log_weights.double().exp()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import as_tensor, check_counts, check_features, resolve_device, resolve_dtype
-from ._chunks import ordered_sum, row_product
+from ._chunks import ordered_sum, weighted_sums
 from ._gram import weighted_gram
 from .design import Design, standardize
 
@@ -100,7 +100,7 @@ class LatentMoments:
         batch = a.shape[:-1]
         a, b, c = (v.reshape(-1, v.shape[-1]) for v in (a, b, c))
         za, zb, zc = self.z @ a.T, self.z @ b.T, self.z @ c.T  # (p, B)
-        raw = row_product(self.pihat[:, None], za * zb * zc)[0]
+        raw = weighted_sums(self.pihat, za * zb * zc)
         m1 = self.m1
         corr = (a @ m1) * (b * c).sum(-1) + (b @ m1) * (a * c).sum(-1) + (c @ m1) * (a * b).sum(-1)
         return (raw - corr).reshape(batch)
@@ -133,7 +133,7 @@ class LatentMoments:
         v = _unit_rows(self._vectors(directions, "directions"), "directions")
         s = self.z @ v.mT if v.dim() == 2 else self.z @ v  # (p, B) or (p,)
         he = hermite(s, max_order).movedim(1, 0)  # (p, M + 1) or (p, M + 1, B)
-        sums = row_product(self.pihat[:, None], he.reshape(he.shape[0], -1))[0]
+        sums = weighted_sums(self.pihat, he.reshape(he.shape[0], -1))
         return sums.view(he.shape[1:]).movedim(0, -1)
 
     def mixed(self, direction, max_order: int) -> torch.Tensor:
@@ -148,7 +148,7 @@ class LatentMoments:
         v = _unit_rows(self._vectors(direction, "direction"), "direction")
         s = self.z @ v
         perp = self.z - s[:, None] * v
-        return row_product(hermite(s, max_order).T * self.pihat[:, None], perp)
+        return weighted_sums(hermite(s, max_order).T * self.pihat[:, None], perp)
 
 
 def latent_moments(features, counts=None, tokens=None, *, design: Design | None = None,
@@ -187,5 +187,5 @@ def standardised_moments(z: torch.Tensor, counts: torch.Tensor, design: Design,
     """M1 (and M2 when first read) from standardised features z (p, r) and float64 counts (p,)
     on z's device (``offset``: the engine's (p,) offset, kept for the starts)."""
     pihat = (counts / ordered_sum(counts)).to(z.dtype)
-    return LatentMoments(m1=row_product(pihat[:, None], z)[0], m2=None, design=design, z=z, pihat=pihat,
+    return LatentMoments(m1=weighted_sums(pihat, z), m2=None, design=design, z=z, pihat=pihat,
                          chunk_size=chunk_size, offset=offset)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ._checks import check_positive_int, keyword_options, make_generator, warn_user
-from ._chunks import one_thread, ordered_dot, row_product
+from ._chunks import one_thread, ordered_dot, weighted_sums
 from ._race import RACE_HANDOVER, RACE_SAME, joined_leader, race, race_label  # noqa: F401
 from ._split import split_worst
 from .accelerate import run
@@ -438,7 +438,7 @@ def _mixture_spread(z: torch.Tensor, dist2: torch.Tensor, atoms: torch.Tensor,
     s, k, r = atoms.shape
     pi = offset_logits(z, atoms.reshape(s * k, r), offset)
     column_logsumexp(pi, pi)  # (the softmax, in place)
-    return float(row_product(dist2[:, None], pi)[0].view(s, k).mean(1).mean())  # (mixtures)
+    return float(weighted_sums(dist2, pi).view(s, k).mean(1).mean())  # (each start's mixture)
 
 
 #: Bisection steps for the calibrated scale: sigma to within 3% (ample for a random start).

@@ -128,7 +128,8 @@ def _on_threads(threads, fn):
 def test_weighted_sums_in_row_blocks_are_the_product_on_any_thread_count(rows):
     """weights.T @ z, run as row blocks (the rows left over included): the same sums, in
     float64 to rounding, for non-contiguous features too, and bit for bit the same numbers on
-    1 to 4 threads (float32, where the order of the additions shows)."""
+    1 to 4 threads (float32, where the order of the additions shows); (p,) weights give the
+    row of their column."""
     g = torch.Generator().manual_seed(rows)
     w = torch.rand(rows, 3, generator=g, dtype=torch.float64)
     for z in (torch.randn(rows, 7, generator=g, dtype=torch.float64),
@@ -137,6 +138,9 @@ def test_weighted_sums_in_row_blocks_are_the_product_on_any_thread_count(rows):
         for threads in (1, 2, 3):
             got = _on_threads(threads, lambda z=z: weighted_sums(w, z))
             torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12)
+        one = weighted_sums(w[:, 1], z)  # (p,) weights: one row
+        assert one.shape == exact[1].shape
+        torch.testing.assert_close(one, exact[1], rtol=1e-12, atol=1e-12)
     w32, z32 = w.float(), torch.randn(rows, 40, generator=g, dtype=torch.float32)
     outs = [_on_threads(t, lambda: weighted_sums(w32, z32)) for t in (1, 2, 3, 4)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
