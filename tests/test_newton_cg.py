@@ -174,7 +174,7 @@ def test_the_float64_finish_renormalises_float32_weights():
     log_w = fit.weights.log().float() + 2e-6  # weights summing to 1 + 2e-6: 20 nats at N = 1e7
     st = problem.start(atoms, log_w)
     out = accelerate._precise_newton(problem, st, float(problem.objective(st)[0]), 1e-9, 10)
-    _, _, _, converged, failed, _ = out
+    _, _, _, converged, failed, _, _ = out
     assert converged and not failed
 
 
