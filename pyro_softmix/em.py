@@ -292,17 +292,19 @@ def _verify(setup, run, tol: float, max_iter: int) -> tuple[bool, tuple[int, ...
     if converged:
         _, reference = one_component_fit(setup)
         gradient = problem.relative_gradient(state.atoms, state.log_weights)
-        why = []
+        why, advice = [], []
         if objective < reference - noise:
             why.append(f"its objective {objective:.10g} is below a one-component fit's "
                        f"({reference:.10g})")
+            advice.append("the start was poor: refit with init='auto' (or more num_inits)")
         if gradient > GRADIENT_TOL:
             why.append(f"the objective's gradient is not zero there (relative norm "
                        f"{gradient:.2e} > {GRADIENT_TOL:g})")
+            advice.append("EM stopped early: continue with init=fit and a smaller tol")
         if why:
             converged = False
-            warn_user(f"EM's stopping rule was met, but not at a maximum: {'; '.join(why)}. The "
-                 "start was poor: refit with init='auto' (or more num_inits)", ConvergenceWarning)
+            warn_user(f"EM's stopping rule was met, but not at a maximum: {'; '.join(why)}; "
+                      f"{'; '.join(advice)}", ConvergenceWarning)
     diverging = run.diverging  # (none under a prior: the objective is then coercive)
     if diverging:
         lengths = state.atoms.norm(dim=1).tolist()
