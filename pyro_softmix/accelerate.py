@@ -509,11 +509,12 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
         if on_update is not None:
             on_update(st, history)
         rule.record([g[0] for g in step_gains], cycle=num_steps == 2 and accelerate)
+        stop = rule.converged(history[-1])
         # A log-likelihood (less a penalty) is at most 0: at 0 nothing is left to gain.
-        if history[-1] >= 0.0 or (rule.converged(history[-1]) and not polish):
+        if history[-1] >= 0.0 or (stop and not polish):
             converged = True
             break
-        if rule.converged(history[-1]):
+        if stop:
             # A float32 run stopped by EM's rule, which reads float32 gains: they round at
             # about eps32 N |logit|. Newton steps in float64 take the iterate to the optimum
             # of the float32 design (a few steps where EM has converged to float32 accuracy).
