@@ -478,7 +478,6 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
     step_max = [1.0] if accelerate else None
     converged, it = False, 0
     use_newton = accelerate and problem.newton_capable and problem.num_starts == 1
-    polish = use_newton and problem.precise() is not problem
     next_newton, backoff, newton_gap = 0, 1, None
 
     def newton_phase(max_steps: int) -> tuple[bool, bool, float, float]:
@@ -509,12 +508,14 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
         if on_update is not None:
             on_update(st, history)
         rule.record([g[0] for g in step_gains], cycle=num_steps == 2 and accelerate)
-        stop = rule.converged(history[-1])
         # A log-likelihood (less a penalty) is at most 0: at 0 nothing is left to gain.
-        if history[-1] >= 0.0 or (stop and not polish):
+        if history[-1] >= 0.0:
             converged = True
             break
-        if stop:
+        if rule.converged(history[-1]):
+            if not use_newton or problem.precise() is problem:  # float64, or no room for a twin
+                converged = True
+                break
             # A float32 run stopped by EM's rule, which reads float32 gains: they round at
             # about eps32 N |logit|. Newton steps in float64 take the iterate to the optimum
             # of the float32 design (a few steps where EM has converged to float32 accuracy).
