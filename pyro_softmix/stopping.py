@@ -193,8 +193,8 @@ def atoms_at_infinity(problem, state, history: list[float],
     column_logsumexp(probs, probs)  # (their softmax, in place)
     # A point whose share of component k is below tol |objective| / (N alpha_k) changes the
     # objective by less than the stopping rule resolves: the run stops before it empties.
-    floors = (tol * abs(history[-1]) / (float(problem.counts64.sum())
-                                        * state.log_weights[long].exp().double().clamp_min(1e-300)))
+    floors = tol * abs(history[-1]) / (
+        problem.total * state.log_weights[long].exp().double().clamp_min(1e-300))
     face |= {k for k, col, floor in zip(long, probs.T, floors.tolist(), strict=True)
              if on_a_face(problem.z, col, floor)}
     return tuple(sorted(set(path) | face))
