@@ -134,14 +134,14 @@ def case(x: torch.Tensor, h: torch.Tensor, k: int, num_obs: int, dtype: torch.dt
                   ("unigram", unigram)]}
     row = {"K": k, "N": num_obs, "dtype": str(dtype).replace("torch.", ""), "seed": seed,
            "seconds": seconds, "converged": fit.converged, "n_iter": fit.n_iter,
-            "init": fit.init, "warnings": [str(w.message)[:160] for w in caught],
-            "loglik": fit.loglik, "loglik64": float(counts @ log_pi),
-            "truth_loglik": float(counts @ probs.log()),
-            "num_params": fit.num_params,
-            "heldout_per_token": per_token,
-            "weight_error": float((fitted_w[perm] - weights).abs().max()),
-            "tv_max": float(tv.max()),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+           "init": fit.init, "warnings": [str(w.message)[:160] for w in caught],
+           "loglik": fit.loglik, "loglik64": float(counts @ log_pi),
+           "truth_loglik": float(counts @ probs.log()),
+           "num_params": fit.num_params,
+           "heldout_per_token": per_token,
+           "weight_error": float((fitted_w[perm] - weights).abs().max()),
+           "tv_max": float(tv.max()),
+           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if dtype != torch.float64:
         row["float64_check"] = float64_check(x64, counts, fit, row["loglik64"], fitted_q, perm)
     return row, counts

@@ -480,33 +480,33 @@ def run(problem: EMProblem, atoms: torch.Tensor, log_weights: torch.Tensor, max_
     use_newton = accelerate and problem.newton_capable and problem.num_starts == 1
     next_newton, backoff, newton_gap = 0, 1, None
 
-    def newton_phase(max_steps: int) -> tuple[bool, bool, float, float]:
-        """Newton steps from ``st`` (:func:`_precise_newton`), recorded as updates: whether
-        they converged, failed, their gap estimate and what they gained (in float64)."""
-        nonlocal st, it
-        st, objs, step_norms, done, failed, phase_gap, begin = _precise_newton(
-            problem, st, history[-1], tol, max_steps)
+    def record(objs: list[float], step_norms: list) -> None:
+        """Count the updates that led to ``st`` (their objectives and atoms' norms), and show
+        them (the progress bar, ``on_update``)."""
+        nonlocal it
         it += len(objs)
         history.extend(objs)
         norms.extend(step_norms)
-        if bar is not None and objs:
+        if objs and bar is not None:
             bar.update(len(objs))
-        if on_update is not None and objs:
+            bar.set_postfix(loglik=f"{history[-1]:.8g}", refresh=False)
+        if objs and on_update is not None:
             on_update(st, history)
+
+    def newton_phase(max_steps: int) -> tuple[bool, bool, float, float]:
+        """Newton steps from ``st`` (:func:`_precise_newton`), recorded as updates: whether
+        they converged, failed, their gap estimate and what they gained (in float64)."""
+        nonlocal st
+        st, objs, step_norms, done, failed, phase_gap, begin = _precise_newton(
+            problem, st, history[-1], tol, max_steps)
+        record(objs, step_norms)
         return done, failed, phase_gap, objs[-1] - begin if objs else 0.0
 
     while it < max_iter:
         num_steps = 2 if accelerate and max_iter - it >= 2 else 1
         st, objs, step_gains, step_norms = squarem_cycle(problem, st, num_steps, step_max)
-        it += num_steps
         check_finite([o[0] for o in objs] + [g[0] for g in step_gains], "the EM objective")
-        history.extend(o[0] for o in objs)
-        norms.extend(step_norms)
-        if bar is not None:
-            bar.update(num_steps)
-            bar.set_postfix(loglik=f"{history[-1]:.8g}", refresh=False)
-        if on_update is not None:
-            on_update(st, history)
+        record([o[0] for o in objs], step_norms)
         rule.record([g[0] for g in step_gains], cycle=num_steps == 2 and accelerate)
         # A log-likelihood (less a penalty) is at most 0: at 0 nothing is left to gain.
         if history[-1] >= 0.0:
